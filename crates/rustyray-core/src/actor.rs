@@ -1,0 +1,891 @@
+//! Actors — Ray's actor manager (creation, restarts, death) and the
+//! actor-side task receiver (ordering and concurrency).
+//!
+//! # Design
+//!
+//! An actor is an [`ActorState`] in the runtime's [`ActorTable`] plus a
+//! driver task on the async executor that owns the actor's mailbox. Calls
+//! enter the mailbox in submission order; the driver takes them in that
+//! order, waits for each call's reference arguments, takes one of
+//! `max_concurrency` permits and dispatches the call: sync methods and the
+//! constructor to the worker-thread pool, async methods to the executor.
+//! With one permit (the default for sync actors) calls run one at a time in
+//! submission order; async actors (1000 permits by default) interleave at
+//! their awaits.
+//!
+//! The instance lives in a `tokio::sync::RwLock`: `&self` methods share it,
+//! `&mut self` methods get it alone, so concurrent calls stay safe Rust.
+//!
+//! # Life
+//!
+//! `Pending` until the constructor ran, then `Alive`. A method that panics
+//! crashes the actor, as a dying worker process does in Ray: with restarts
+//! left the constructor runs again on the original arguments and the
+//! crashing call is retried `max_task_retries` times; otherwise the actor is
+//! `Dead` and every later call fails with [`Error::ActorDied`]. `kill`, the
+//! last handle going (unless detached) and shutdown also end it. Death
+//! returns the actor's resources and closes its mailbox; the driver fails
+//! whatever is still queued.
+
+use crate::codec::{DecodeScope, EncodeScope};
+use crate::context::{self, TaskContext};
+use crate::error::{Error, Result, TaskFailure};
+use crate::ids::ActorId;
+use crate::object_ref::{Arg, RawRef};
+use crate::options::{resource_request, ActorOptions};
+use crate::registry::{ActorEntry, Instance, MethodBody, MethodEntry};
+use crate::resources::{ResourceSet, CPU};
+use crate::runtime::{ref_ids, CatchUnwind, Inner, Outcome, Ray, Work};
+use crate::store::Peek;
+use crate::task::{Target, TaskSpec, TaskState};
+use parking_lot::Mutex;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::collections::HashMap;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::sync::{mpsc, Notify, Semaphore};
+
+/// Ray's default concurrency for async actors.
+const ASYNC_ACTOR_CONCURRENCY: u32 = 1000;
+
+/// The runtime's actors, by id and by name.
+#[derive(Debug, Default)]
+pub(crate) struct ActorTable {
+    actors: Mutex<HashMap<ActorId, Arc<ActorState>>>,
+    names: Mutex<HashMap<String, ActorId>>,
+}
+
+enum Status {
+    Pending,
+    Alive,
+    Restarting,
+    Dead(Error),
+}
+
+struct Life {
+    status: Status,
+    instance: Option<Instance>,
+    restarts_left: i32,
+    running: Vec<Arc<TaskState>>,
+    resources_held: bool,
+}
+
+enum Mail {
+    Call(ActorCall),
+    Stop,
+}
+
+struct ActorCall {
+    state: Arc<TaskState>,
+    method: &'static MethodEntry,
+    args: Vec<Arg>,
+}
+
+/// One actor's shared state.
+pub(crate) struct ActorState {
+    pub(crate) id: ActorId,
+    pub(crate) class: &'static ActorEntry,
+    name: Option<String>,
+    detached: bool,
+    placement: ResourceSet,
+    lifetime: ResourceSet,
+    max_concurrency: u32,
+    max_task_retries: i32,
+    ctor_args: Vec<Arg>,
+    life: Mutex<Life>,
+    mailbox: Mutex<Option<mpsc::UnboundedSender<Mail>>>,
+    created: Notify,
+    handles: AtomicUsize,
+}
+
+impl std::fmt::Debug for ActorState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActorState")
+            .field("id", &self.id)
+            .field("class", &self.class.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ActorState {
+    pub(crate) fn placement_request(&self) -> &ResourceSet {
+        &self.placement
+    }
+
+    fn died(&self, reason: impl Into<String>, cause: Option<Error>) -> Error {
+        Error::ActorDied {
+            class: self.class.name.to_owned(),
+            actor_id: self.id,
+            reason: reason.into(),
+            cause: cause.map(Box::new),
+        }
+    }
+
+    fn dead_error(&self) -> Option<Error> {
+        match &self.life.lock().status {
+            Status::Dead(e) => Some(e.clone()),
+            _ => None,
+        }
+    }
+
+    fn instance(&self) -> Result<Instance> {
+        let life = self.life.lock();
+        match (&life.status, &life.instance) {
+            (Status::Dead(e), _) => Err(e.clone()),
+            (_, Some(i)) => Ok(i.clone()),
+            (_, None) => Err(self.died("the actor has no instance", None)),
+        }
+    }
+
+    /// Runs the constructor on the calling (pool) thread.
+    fn construct(self: &Arc<Self>, rt: &Arc<Inner>) -> Result<Instance> {
+        let spec = TaskSpec {
+            id: rt.ids.task(),
+            target: Target::Constructor(self.class),
+            args: self.ctor_args.clone(),
+        };
+        let args = rt.resolve_args(&spec, 1)?;
+        let state = TaskState::new(spec.id);
+        let ctx = TaskContext::new(rt.clone(), state, ResourceSet::new(), false);
+        let construct = self.class.construct;
+        let outcome = context::with_sync(ctx, || {
+            std::panic::catch_unwind(AssertUnwindSafe(|| construct(args)))
+        });
+        let fail = |failure, message| {
+            Err(self.died(
+                "its constructor failed",
+                Some(Error::Task {
+                    function: self.class.name.to_owned(),
+                    task_id: spec.id,
+                    failure,
+                    message,
+                    attempts: 1,
+                    cause: None,
+                }),
+            ))
+        };
+        match outcome {
+            Ok(Ok(inst)) => Ok(inst),
+            Ok(Err(crate::registry::InvokeError::User(m))) => fail(TaskFailure::Returned, m),
+            Ok(Err(crate::registry::InvokeError::System(e))) => {
+                Err(self.died("its constructor failed", Some(e)))
+            }
+            Err(p) => fail(TaskFailure::Panicked, crate::runtime::panic_message(p.as_ref())),
+        }
+    }
+
+    /// Marks the actor dead (once): returns its resources, drops its name,
+    /// closes its mailbox and fails its running calls.
+    fn die(self: &Arc<Self>, rt: &Arc<Inner>, err: Error) {
+        let (running, release) = {
+            let mut life = self.life.lock();
+            if matches!(life.status, Status::Dead(_)) {
+                return;
+            }
+            life.status = Status::Dead(err.clone());
+            life.instance = None;
+            let release = std::mem::replace(&mut life.resources_held, false);
+            (std::mem::take(&mut life.running), release)
+        };
+        tracing::debug!(actor = %self.id, class = self.class.name, error = %err, "actor died");
+        self.mailbox.lock().take();
+        for call in running {
+            call.mark_cancelled();
+            if let crate::task::Phase::Running(Some(h)) = &*call.phase.lock() {
+                h.abort();
+            }
+            rt.store.complete(call.id.return_object(), Err(err.clone()));
+        }
+        if let Some(name) = &self.name {
+            let mut names = rt.actors.names.lock();
+            if names.get(name) == Some(&self.id) {
+                names.remove(name);
+            }
+        }
+        rt.actors.actors.lock().remove(&self.id);
+        if release {
+            rt.release(&self.lifetime);
+        }
+        // Wake a driver still waiting for the constructor.
+        self.created.notify_one();
+    }
+
+    /// Handles a crash (a method panicked, or `kill` with restart):
+    /// restarts the actor if it may, else kills it. Runs the constructor
+    /// on the calling thread, which must be a pool thread. Returns whether
+    /// the actor is alive again.
+    fn crashed(self: &Arc<Self>, rt: &Arc<Inner>, reason: String) -> bool {
+        {
+            let mut life = self.life.lock();
+            match life.status {
+                Status::Dead(_) => return false,
+                _ if life.restarts_left == 0 => {
+                    drop(life);
+                    self.die(rt, self.died(reason, None));
+                    return false;
+                }
+                _ => {}
+            }
+            if life.restarts_left > 0 {
+                life.restarts_left -= 1;
+            }
+            life.status = Status::Restarting;
+            life.instance = None;
+        }
+        tracing::debug!(actor = %self.id, %reason, "restarting actor");
+        match self.construct(rt) {
+            Ok(inst) => {
+                let mut life = self.life.lock();
+                if matches!(life.status, Status::Restarting) {
+                    life.status = Status::Alive;
+                    life.instance = Some(inst);
+                    return true;
+                }
+                false
+            }
+            Err(e) => {
+                self.die(rt, e);
+                false
+            }
+        }
+    }
+
+    fn submit(self: &Arc<Self>, rt: &Arc<Inner>, call: ActorCall) {
+        let refused = {
+            let mailbox = self.mailbox.lock();
+            match mailbox.as_ref() {
+                Some(tx) => match tx.send(Mail::Call(call)) {
+                    Ok(()) => None,
+                    Err(mpsc::error::SendError(Mail::Call(c))) => Some(c),
+                    Err(mpsc::error::SendError(Mail::Stop)) => None,
+                },
+                None => Some(call),
+            }
+        };
+        if let Some(call) = refused {
+            let err = self
+                .dead_error()
+                .unwrap_or_else(|| self.died("its mailbox is closed", None));
+            fail_call(rt, &call, err);
+        }
+    }
+}
+
+fn fail_call(rt: &Arc<Inner>, call: &ActorCall, err: Error) {
+    rt.store.complete(call.state.id.return_object(), Err(err));
+    call.state.finish();
+    rt.forget_task(call.state.id);
+}
+
+/// Starts a placed actor: runs its constructor on the pool.
+pub(crate) fn start_actor(rt: &Arc<Inner>, actor: Arc<ActorState>) {
+    let rt2 = rt.clone();
+    let job = Box::new(move || {
+        let rt = rt2;
+        {
+            let mut life = actor.life.lock();
+            if matches!(life.status, Status::Dead(_)) {
+                drop(life);
+                rt.release(&actor.placement);
+                return;
+            }
+            life.resources_held = true;
+        }
+        // Keep the lifetime resources; lend back the rest of the placement.
+        let mut extra = actor.placement.clone();
+        extra.sub(&actor.lifetime);
+        rt.release(&extra);
+        match actor.construct(&rt) {
+            Ok(inst) => {
+                let mut life = actor.life.lock();
+                if matches!(life.status, Status::Pending) {
+                    life.status = Status::Alive;
+                    life.instance = Some(inst);
+                }
+            }
+            Err(e) => actor.die(&rt, e),
+        }
+        actor.created.notify_one();
+    });
+    let _ = rt.pool.execute(job);
+}
+
+/// The actor could not be placed.
+pub(crate) fn creation_failed(rt: &Arc<Inner>, actor: &Arc<ActorState>, err: Error) {
+    let e = actor.died("it could not be placed", Some(err));
+    actor.die(rt, e);
+}
+
+/// Kills every actor (runtime shutdown).
+pub(crate) fn shut_down_all(rt: &Arc<Inner>) {
+    let all: Vec<_> = rt.actors.actors.lock().drain().map(|(_, a)| a).collect();
+    for a in all {
+        let e = a.died("the runtime shut down", Some(Error::Shutdown));
+        a.die(rt, e);
+    }
+}
+
+/// Waits until an object is complete.
+struct Complete<'a> {
+    rt: &'a Inner,
+    id: crate::ids::ObjectId,
+}
+
+impl Future for Complete<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        match self.rt.store.peek(self.id, Some(cx.waker())) {
+            Ok(Peek::Pending) => Poll::Pending,
+            _ => Poll::Ready(()),
+        }
+    }
+}
+
+/// The actor's driver: takes calls in order and dispatches them.
+async fn drive(rt: Arc<Inner>, actor: Arc<ActorState>, mut rx: mpsc::UnboundedReceiver<Mail>) {
+    loop {
+        if !matches!(actor.life.lock().status, Status::Pending) {
+            break;
+        }
+        actor.created.notified().await;
+    }
+    let permits = Arc::new(Semaphore::new(actor.max_concurrency as usize));
+    while let Some(mail) = rx.recv().await {
+        let call = match mail {
+            Mail::Call(c) => c,
+            Mail::Stop => break,
+        };
+        if let Some(e) = actor.dead_error() {
+            fail_call(&rt, &call, e);
+            continue;
+        }
+        for id in ref_ids(&call.args) {
+            Complete { rt: &rt, id }.await;
+        }
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        if let Some(e) = actor.dead_error() {
+            fail_call(&rt, &call, e);
+            continue;
+        }
+        if !call.state.start() {
+            rt.forget_task(call.state.id);
+            continue;
+        }
+        actor.life.lock().running.push(call.state.clone());
+        dispatch(&rt, &actor, call, permit);
+    }
+    // Out of scope (or dead): let running calls finish, then end.
+    let _all = permits.acquire_many(actor.max_concurrency).await;
+    let e = actor.died("all handles to it were dropped", None);
+    actor.die(&rt, e);
+    rx.close();
+    while let Ok(mail) = rx.try_recv() {
+        if let Mail::Call(call) = mail {
+            let e = actor
+                .dead_error()
+                .unwrap_or_else(|| actor.died("it was stopped", None));
+            fail_call(&rt, &call, e);
+        }
+    }
+}
+
+/// Ends a call: forgets it and frees its permit. Runs on every path,
+/// abort included.
+struct CallGuard {
+    rt: Arc<Inner>,
+    actor: Arc<ActorState>,
+    state: Arc<TaskState>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        let id = self.state.id;
+        self.actor.life.lock().running.retain(|s| s.id != id);
+        // A call dropped before completing was cancelled or killed; its
+        // object already says so unless this is the first word.
+        self.rt
+            .store
+            .complete(id.return_object(), Err(Error::TaskCancelled(id)));
+        self.state.finish();
+        self.rt.forget_task(id);
+    }
+}
+
+/// Completes a call's object from its outcome.
+fn complete_call(rt: &Arc<Inner>, actor: &ActorState, call: &ActorCall, attempts: u32, outcome: Outcome) {
+    let id = call.state.id;
+    let task_error = |failure, message| Error::Task {
+        function: call.method.name.to_owned(),
+        task_id: id,
+        failure,
+        message,
+        attempts,
+        cause: None,
+    };
+    let result = if call.state.is_cancelled() {
+        Err(actor.dead_error().unwrap_or(Error::TaskCancelled(id)))
+    } else {
+        match outcome {
+            Outcome::Value(v) => rt.admit(v),
+            Outcome::Returned(m) => Err(task_error(TaskFailure::Returned, m)),
+            Outcome::Panicked(m) => Err(actor.dead_error().unwrap_or_else(|| {
+                actor.died("a method panicked", Some(task_error(TaskFailure::Panicked, m)))
+            })),
+            Outcome::Failed(e) => Err(e),
+        }
+    };
+    rt.store.complete(id.return_object(), result);
+}
+
+fn dispatch(
+    rt: &Arc<Inner>,
+    actor: &Arc<ActorState>,
+    call: ActorCall,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let guard = CallGuard {
+        rt: rt.clone(),
+        actor: actor.clone(),
+        state: call.state.clone(),
+        _permit: permit,
+    };
+    let spec = TaskSpec {
+        id: call.state.id,
+        target: Target::Method(actor.id, call.method),
+        args: call.args.clone(),
+    };
+    match call.method.body {
+        MethodBody::Sync(f) => {
+            let rt2 = rt.clone();
+            let actor = actor.clone();
+            let job = Box::new(move || {
+                let rt = rt2;
+                let _guard = guard;
+                let mut retries_left = actor.max_task_retries;
+                let mut attempt = 1;
+                loop {
+                    let outcome = match actor
+                        .instance()
+                        .and_then(|inst| Ok((inst, rt.resolve_args(&spec, attempt)?)))
+                    {
+                        Ok((inst, args)) => {
+                            let ctx =
+                                TaskContext::new(rt.clone(), call.state.clone(), ResourceSet::new(), false);
+                            Outcome::from_invoke(context::with_sync(ctx, || {
+                                std::panic::catch_unwind(AssertUnwindSafe(|| f(&inst, args)))
+                            }))
+                        }
+                        Err(e) => Outcome::Failed(e),
+                    };
+                    if let Outcome::Panicked(msg) = &outcome {
+                        let alive = actor.crashed(&rt, format!("{} panicked: {msg}", call.method.name));
+                        if alive && retries_left != 0 && !call.state.is_cancelled() {
+                            retries_left -= i32::from(retries_left > 0);
+                            attempt += 1;
+                            continue;
+                        }
+                    }
+                    complete_call(&rt, &actor, &call, attempt, outcome);
+                    break;
+                }
+            });
+            let _ = rt.pool.execute(job);
+        }
+        MethodBody::Async(f) => {
+            let rt2 = rt.clone();
+            let actor = actor.clone();
+            let state = call.state.clone();
+            let fut = async move {
+                let rt = rt2;
+                let _guard = guard;
+                let mut retries_left = actor.max_task_retries;
+                let mut attempt = 1;
+                loop {
+                    let outcome = match actor
+                        .instance()
+                        .and_then(|inst| Ok((inst, rt.resolve_args(&spec, attempt)?)))
+                    {
+                        Ok((inst, args)) => {
+                            let ctx =
+                                TaskContext::new(rt.clone(), call.state.clone(), ResourceSet::new(), true);
+                            Outcome::from_invoke(context::with_async(ctx, CatchUnwind(f(inst, args))).await)
+                        }
+                        Err(e) => Outcome::Failed(e),
+                    };
+                    if let Outcome::Panicked(msg) = &outcome {
+                        let reason = format!("{} panicked: {msg}", call.method.name);
+                        let alive = on_pool(&rt, {
+                            let (rt, actor) = (rt.clone(), actor.clone());
+                            move || actor.crashed(&rt, reason)
+                        })
+                        .await
+                        .unwrap_or(false);
+                        if alive && retries_left != 0 && !call.state.is_cancelled() {
+                            retries_left -= i32::from(retries_left > 0);
+                            attempt += 1;
+                            continue;
+                        }
+                    }
+                    complete_call(&rt, &actor, &call, attempt, outcome);
+                    break;
+                }
+            };
+            let h = rt.handle.spawn(fut);
+            state.set_abort(h.abort_handle());
+        }
+    }
+}
+
+/// Runs `f` on the worker pool and awaits its result.
+async fn on_pool<R: Send + 'static>(rt: &Arc<Inner>, f: impl FnOnce() -> R + Send + 'static) -> Option<R> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    rt.pool
+        .execute(Box::new(move || {
+            let _ = tx.send(f());
+        }))
+        .ok()?;
+    rx.await.ok()
+}
+
+// ----- handles ---------------------------------------------------------
+
+struct HandleInner {
+    actor: Arc<ActorState>,
+    ray: Ray,
+}
+
+impl Drop for HandleInner {
+    fn drop(&mut self) {
+        if self.actor.handles.fetch_sub(1, Ordering::AcqRel) == 1 && !self.actor.detached {
+            if let Some(tx) = self.actor.mailbox.lock().as_ref() {
+                let _ = tx.send(Mail::Stop);
+            }
+        }
+    }
+}
+
+/// An untyped actor handle. Clones share one count on the actor; the actor
+/// ends (after its queued calls) when the last handle goes, unless it is
+/// detached.
+#[derive(Clone)]
+pub struct RawActor(Arc<HandleInner>);
+
+impl std::fmt::Debug for RawActor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RawActor({}, {:?})", self.0.actor.class.name, self.0.actor.id)
+    }
+}
+
+impl RawActor {
+    fn new(actor: Arc<ActorState>, rt: &Arc<Inner>) -> Self {
+        actor.handles.fetch_add(1, Ordering::AcqRel);
+        RawActor(Arc::new(HandleInner {
+            actor,
+            ray: Ray::non_owning(rt.clone()),
+        }))
+    }
+
+    /// The actor's id.
+    pub fn id(&self) -> ActorId {
+        self.0.actor.id
+    }
+
+    /// The actor's registered class name.
+    pub fn class_name(&self) -> &'static str {
+        self.0.actor.class.name
+    }
+
+    /// The runtime the actor lives in.
+    pub fn ray(&self) -> &Ray {
+        &self.0.ray
+    }
+
+    /// Submits a method call. Calls from one handle (and from all handles
+    /// of one process) run in submission order.
+    pub fn call(&self, method: &'static MethodEntry, args: Vec<Arg>) -> Result<RawRef> {
+        let actor = &self.0.actor;
+        if method.class != actor.class.name {
+            return Err(Error::invalid(format!(
+                "{} is not a method of {}",
+                method.name, actor.class.name
+            )));
+        }
+        let rt = self.0.ray.inner();
+        let (state, ret) = rt.new_task()?;
+        actor.submit(rt, ActorCall { state, method, args });
+        Ok(ret)
+    }
+}
+
+impl Serialize for RawActor {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        EncodeScope::note(|| self.0.clone());
+        self.0.actor.id.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawActor {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let id = ActorId::deserialize(d)?;
+        let rt = DecodeScope::runtime().ok_or_else(|| {
+            serde::de::Error::custom("an actor handle can only be decoded by a RustyRay runtime")
+        })?;
+        let actor = rt.actors.actors.lock().get(&id).cloned();
+        match actor {
+            Some(a) => Ok(RawActor::new(a, &rt)),
+            None => Err(serde::de::Error::custom(format!("actor {id} no longer exists"))),
+        }
+    }
+}
+
+/// A Rust type usable as an actor class. Implemented by
+/// `#[rustyray::actor]`.
+pub trait ActorClass: Send + Sync + Sized + 'static {
+    /// The generated typed method stubs, reached through
+    /// [`ActorHandle`]'s `Deref`.
+    type Stub: ActorStub;
+    /// The class's registry entry.
+    fn entry() -> &'static ActorEntry;
+}
+
+/// Typed method stubs over a [`RawActor`]. Implemented by
+/// `#[rustyray::actor]`.
+pub trait ActorStub: Clone + Send + Sync + 'static {
+    /// Wraps a raw handle.
+    fn from_raw(raw: RawActor) -> Self;
+    /// The raw handle.
+    fn raw(&self) -> &RawActor;
+}
+
+/// A typed handle on an actor of class `A` (Ray's `ActorHandle`). Its
+/// methods (generated from the class's `impl`) submit calls and return
+/// [`crate::ObjectRef`]s. Clone + Send + Sync + serde: pass it to tasks and
+/// other actors.
+pub struct ActorHandle<A: ActorClass> {
+    stub: A::Stub,
+    _a: PhantomData<fn() -> A>,
+}
+
+impl<A: ActorClass> ActorHandle<A> {
+    /// Wraps a raw handle, checking its class.
+    pub fn from_raw(raw: RawActor) -> Result<Self> {
+        if raw.class_name() != A::entry().name {
+            return Err(Error::TypeMismatch {
+                expected: A::entry().name.to_owned(),
+                found: raw.class_name().to_owned(),
+            });
+        }
+        Ok(ActorHandle {
+            stub: A::Stub::from_raw(raw),
+            _a: PhantomData,
+        })
+    }
+
+    /// The untyped handle.
+    pub fn raw(&self) -> &RawActor {
+        self.stub.raw()
+    }
+
+    /// The actor's id.
+    pub fn id(&self) -> ActorId {
+        self.raw().id()
+    }
+}
+
+impl<A: ActorClass> std::ops::Deref for ActorHandle<A> {
+    type Target = A::Stub;
+    fn deref(&self) -> &A::Stub {
+        &self.stub
+    }
+}
+
+impl<A: ActorClass> Clone for ActorHandle<A> {
+    fn clone(&self) -> Self {
+        ActorHandle {
+            stub: self.stub.clone(),
+            _a: PhantomData,
+        }
+    }
+}
+
+impl<A: ActorClass> std::fmt::Debug for ActorHandle<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ActorHandle<{}>({})", A::entry().name, self.id())
+    }
+}
+
+impl<A: ActorClass> Serialize for ActorHandle<A> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.raw().serialize(s)
+    }
+}
+
+impl<'de, A: ActorClass> Deserialize<'de> for ActorHandle<A> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let raw = RawActor::deserialize(d)?;
+        ActorHandle::from_raw(raw).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Creates an actor of class `A` (what `A::remote` and
+/// `A::options().remote` call).
+pub fn create_actor<A: ActorClass>(ray: &Ray, opts: &ActorOptions, args: Vec<Arg>) -> Result<ActorHandle<A>> {
+    let raw = create_raw(ray, A::entry(), opts, args)?;
+    ActorHandle::from_raw(raw)
+}
+
+fn create_raw(
+    ray: &Ray,
+    class: &'static ActorEntry,
+    opts: &ActorOptions,
+    args: Vec<Arg>,
+) -> Result<RawActor> {
+    let rt = ray.inner();
+    rt.check_open()?;
+    let d = &class.options;
+    let explicit_cpus = opts.num_cpus.or(d.num_cpus);
+    let lifetime = resource_request(
+        explicit_cpus.unwrap_or(0.0),
+        opts.num_gpus.unwrap_or(d.num_gpus),
+        d.resources,
+        &opts.resources,
+    )?;
+    let mut placement = lifetime.clone();
+    if explicit_cpus.is_none() {
+        // Ray's default: one CPU to be placed, none held while alive.
+        placement.set(CPU, 1.0)?;
+    }
+    let max_concurrency = opts
+        .max_concurrency
+        .or(d.max_concurrency)
+        .unwrap_or(if class.is_async {
+            ASYNC_ACTOR_CONCURRENCY
+        } else {
+            1
+        })
+        .max(1);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let actor = Arc::new(ActorState {
+        id: rt.ids.actor(),
+        class,
+        name: opts.name.clone(),
+        detached: opts.detached,
+        placement,
+        lifetime,
+        max_concurrency,
+        max_task_retries: opts.max_task_retries.unwrap_or(d.max_task_retries),
+        ctor_args: args,
+        life: Mutex::new(Life {
+            status: Status::Pending,
+            instance: None,
+            restarts_left: opts.max_restarts.or(d.max_retries).unwrap_or(0),
+            running: Vec::new(),
+            resources_held: false,
+        }),
+        mailbox: Mutex::new(Some(tx)),
+        created: Notify::new(),
+        handles: AtomicUsize::new(0),
+    });
+    if let Some(name) = &opts.name {
+        let mut names = rt.actors.names.lock();
+        if let Some(existing) = names.get(name) {
+            let existing = rt.actors.actors.lock().get(existing).cloned();
+            if let Some(existing) = existing {
+                if opts.get_if_exists {
+                    return Ok(RawActor::new(existing, rt));
+                }
+                return Err(Error::invalid(format!(
+                    "the actor name {name:?} is already taken"
+                )));
+            }
+        }
+        names.insert(name.clone(), actor.id);
+    }
+    rt.actors.actors.lock().insert(actor.id, actor.clone());
+    let handle = RawActor::new(actor.clone(), rt);
+    rt.handle.spawn(drive(rt.clone(), actor.clone(), rx));
+    let deps = ref_ids(&actor.ctor_args);
+    rt.when_ready(&deps, Work::Actor(actor));
+    Ok(handle)
+}
+
+impl Ray {
+    /// Looks up a named actor (Ray's `ray.get_actor`).
+    pub fn get_actor<A: ActorClass>(&self, name: &str) -> Result<ActorHandle<A>> {
+        let rt = self.inner();
+        let id = rt.actors.names.lock().get(name).copied();
+        let actor = id.and_then(|id| rt.actors.actors.lock().get(&id).cloned());
+        match actor {
+            Some(a) => ActorHandle::from_raw(RawActor::new(a, rt)),
+            None => Err(Error::ActorNotFound {
+                name: name.to_owned(),
+            }),
+        }
+    }
+
+    /// Kills an actor (Ray's `ray.kill` with `no_restart=True`): queued and
+    /// running calls fail with [`Error::ActorDied`], and so do later ones.
+    pub fn kill<A: ActorClass>(&self, handle: &ActorHandle<A>) -> Result<()> {
+        self.kill_raw(handle.raw(), true)
+    }
+
+    /// Kills an actor; with `no_restart == false` and restarts left, the
+    /// actor is restarted instead, as if it had crashed.
+    pub fn kill_raw(&self, handle: &RawActor, no_restart: bool) -> Result<()> {
+        let rt = self.inner();
+        let actor = handle.0.actor.clone();
+        if no_restart {
+            let e = actor.died("it was killed", None);
+            actor.die(rt, e);
+            return Ok(());
+        }
+        let running = std::mem::take(&mut actor.life.lock().running);
+        for call in running {
+            call.mark_cancelled();
+            if let crate::task::Phase::Running(Some(h)) = &*call.phase.lock() {
+                h.abort();
+            }
+            rt.store.complete(
+                call.id.return_object(),
+                Err(actor.died("it was killed and restarted", None)),
+            );
+        }
+        let rt2 = rt.clone();
+        rt.pool
+            .execute(Box::new(move || {
+                actor.crashed(&rt2, "it was killed".to_owned());
+            }))
+            .map_err(|_| Error::Shutdown)
+    }
+}
+
+/// Helpers for generated code: the instance of a sync or async method.
+pub fn instance_of<A: Send + Sync + 'static>(inst: &Instance) -> Result<&tokio::sync::RwLock<A>> {
+    inst.downcast_ref::<tokio::sync::RwLock<A>>()
+        .ok_or_else(|| Error::TypeMismatch {
+            expected: std::any::type_name::<A>().to_owned(),
+            found: "an instance of another class".to_owned(),
+        })
+}
+
+/// The instance of an async method, owned by its future.
+pub fn instance_arc<A: Send + Sync + 'static>(inst: Instance) -> Result<Arc<tokio::sync::RwLock<A>>> {
+    inst.downcast::<tokio::sync::RwLock<A>>()
+        .map_err(|_| Error::TypeMismatch {
+            expected: std::any::type_name::<A>().to_owned(),
+            found: "an instance of another class".to_owned(),
+        })
+}
+
+/// Wraps a freshly constructed instance.
+pub fn new_instance<A: Send + Sync + 'static>(a: A) -> Instance {
+    Arc::new(tokio::sync::RwLock::new(a))
+}

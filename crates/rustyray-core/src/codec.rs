@@ -1,0 +1,297 @@
+//! Values and their bytes — Ray's serialization layer.
+//!
+//! Inside one process a value travels as an `Arc<dyn Any>` and is never
+//! encoded; across processes (and in the runtime's "serialize everything"
+//! mode, which proves that every path has a bytes form) it travels as
+//! postcard bytes. Both forms live behind [`Value`], and the typed surface
+//! converts at the edge: [`Value::local`] erases a `T`, [`Value::take`] gets
+//! it back and reports a type mismatch as an error.
+//!
+//! # Nested references
+//!
+//! A value may contain `ObjectRef`s and actor handles. In the local form the
+//! value owns them, so they stay alive exactly as long as the value. When a
+//! value is encoded, every nested reference that is serialized is collected
+//! (see [`EncodeScope`]) and kept alive beside the bytes; when bytes are
+//! decoded, the references are rebuilt against the runtime named by the
+//! [`DecodeScope`] in force. Both scopes are thread-local and last for one
+//! encode or decode call, so no state outlives a call or leaks across
+//! runtimes.
+
+use crate::error::{Error, Result};
+use crate::runtime::Inner;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::any::Any;
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::sync::Arc;
+
+/// Something that must stay alive as long as an encoded value mentions it:
+/// a reference-counted object reference or actor handle.
+pub(crate) type KeepAlive = Arc<dyn Any + Send + Sync>;
+
+/// The bound every value passed to or returned from a remote function, and
+/// every object, satisfies.
+pub trait Data: Serialize + DeserializeOwned + Send + Sync + 'static {}
+impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Data for T {}
+
+type EncodeFn = fn(&(dyn Any + Send + Sync)) -> Result<Vec<u8>>;
+type SizeFn = fn(&(dyn Any + Send + Sync)) -> Result<usize>;
+
+/// An erased value: a task argument, a return value or an object.
+/// Cloning is a reference-count increment.
+#[derive(Clone)]
+pub struct Value(Arc<ValueInner>);
+
+struct ValueInner {
+    repr: Repr,
+    /// References mentioned by `Repr::Encoded` bytes, kept alive with them
+    /// (never read: holding them is the point).
+    _nested: Vec<KeepAlive>,
+}
+
+enum Repr {
+    Local {
+        any: Arc<dyn Any + Send + Sync>,
+        type_name: &'static str,
+        encode: EncodeFn,
+        size: SizeFn,
+    },
+    Encoded {
+        bytes: Vec<u8>,
+        type_name: Cow<'static, str>,
+    },
+}
+
+impl std::fmt::Debug for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0.repr {
+            Repr::Local { type_name, .. } => write!(f, "Value::Local({type_name})"),
+            Repr::Encoded { bytes, type_name } => {
+                write!(f, "Value::Encoded({type_name}, {} bytes)", bytes.len())
+            }
+        }
+    }
+}
+
+fn encode_any<T: Data>(any: &(dyn Any + Send + Sync)) -> Result<Vec<u8>> {
+    match any.downcast_ref::<T>() {
+        Some(v) => postcard::to_allocvec(v).map_err(Error::serialization),
+        None => Err(Error::serialization("value does not have its recorded type")),
+    }
+}
+
+fn size_any<T: Data>(any: &(dyn Any + Send + Sync)) -> Result<usize> {
+    match any.downcast_ref::<T>() {
+        Some(v) => postcard::serialize_with_flavor::<T, postcard::ser_flavors::Size, usize>(
+            v,
+            postcard::ser_flavors::Size::default(),
+        )
+        .map_err(Error::serialization),
+        None => Err(Error::serialization("value does not have its recorded type")),
+    }
+}
+
+impl Value {
+    /// Erases a value without encoding it.
+    pub fn local<T: Data>(value: T) -> Self {
+        Value(Arc::new(ValueInner {
+            repr: Repr::Local {
+                any: Arc::new(value),
+                type_name: std::any::type_name::<T>(),
+                encode: encode_any::<T>,
+                size: size_any::<T>,
+            },
+            _nested: Vec::new(),
+        }))
+    }
+
+    /// Encodes a typed value straight to bytes, collecting the references
+    /// it mentions.
+    pub fn encode<T: Data>(value: &T) -> Result<Self> {
+        let (bytes, nested) = EncodeScope::run(|| postcard::to_allocvec(value))?;
+        Ok(Value(Arc::new(ValueInner {
+            repr: Repr::Encoded {
+                bytes,
+                type_name: Cow::Borrowed(std::any::type_name::<T>()),
+            },
+            _nested: nested,
+        })))
+    }
+
+    /// Wraps bytes received from elsewhere. `nested` keeps alive whatever
+    /// the bytes mention.
+    pub fn from_bytes(bytes: Vec<u8>, type_name: impl Into<Cow<'static, str>>) -> Self {
+        Value(Arc::new(ValueInner {
+            repr: Repr::Encoded {
+                bytes,
+                type_name: type_name.into(),
+            },
+            _nested: Vec::new(),
+        }))
+    }
+
+    /// The bytes form of this value: itself if already encoded, else a new
+    /// encoded value.
+    pub fn to_encoded(&self) -> Result<Value> {
+        match &self.0.repr {
+            Repr::Encoded { .. } => Ok(self.clone()),
+            Repr::Local {
+                any,
+                type_name,
+                encode,
+                ..
+            } => {
+                let (bytes, nested) = EncodeScope::run(|| encode(&**any))?;
+                Ok(Value(Arc::new(ValueInner {
+                    repr: Repr::Encoded {
+                        bytes,
+                        type_name: Cow::Borrowed(type_name),
+                    },
+                    _nested: nested,
+                })))
+            }
+        }
+    }
+
+    /// Whether this value is in bytes form.
+    pub fn is_encoded(&self) -> bool {
+        matches!(self.0.repr, Repr::Encoded { .. })
+    }
+
+    /// The encoded bytes, when in bytes form.
+    pub fn bytes(&self) -> Option<&[u8]> {
+        match &self.0.repr {
+            Repr::Encoded { bytes, .. } => Some(bytes),
+            Repr::Local { .. } => None,
+        }
+    }
+
+    /// The Rust type name the value was created with.
+    pub fn type_name(&self) -> &str {
+        match &self.0.repr {
+            Repr::Local { type_name, .. } => type_name,
+            Repr::Encoded { type_name, .. } => type_name,
+        }
+    }
+
+    /// The value's size in bytes: its encoded length, computed without
+    /// allocating for a local value.
+    pub fn size(&self) -> Result<usize> {
+        match &self.0.repr {
+            Repr::Local { any, size, .. } => size(&**any),
+            Repr::Encoded { bytes, .. } => Ok(bytes.len()),
+        }
+    }
+
+    fn check_type<T: 'static>(&self) -> Result<()> {
+        let expected = std::any::type_name::<T>();
+        if self.type_name() == expected {
+            Ok(())
+        } else {
+            Err(Error::TypeMismatch {
+                expected: expected.to_owned(),
+                found: self.type_name().to_owned(),
+            })
+        }
+    }
+
+    /// Gets the typed value back. A local value that nobody else holds is
+    /// moved out; a shared one is copied through its bytes form, as Ray
+    /// copies every argument it deserializes.
+    pub(crate) fn take<T: Data>(self, rt: &Arc<Inner>) -> Result<T> {
+        self.check_type::<T>()?;
+        let inner = match Arc::try_unwrap(self.0) {
+            Ok(inner) => inner,
+            Err(shared) => return Value(shared).copy_out(rt),
+        };
+        match inner.repr {
+            Repr::Local { any, .. } => match any.downcast::<T>() {
+                Ok(arc) => match Arc::try_unwrap(arc) {
+                    Ok(v) => Ok(v),
+                    Err(arc) => copy_typed(&*arc, rt),
+                },
+                Err(_) => Err(Error::TypeMismatch {
+                    expected: std::any::type_name::<T>().to_owned(),
+                    found: "a value of another type".to_owned(),
+                }),
+            },
+            Repr::Encoded { bytes, .. } => decode(&bytes, rt),
+        }
+    }
+
+    fn copy_out<T: Data>(&self, rt: &Arc<Inner>) -> Result<T> {
+        match &self.0.repr {
+            Repr::Local { any, .. } => match any.downcast_ref::<T>() {
+                Some(v) => copy_typed(v, rt),
+                None => Err(Error::TypeMismatch {
+                    expected: std::any::type_name::<T>().to_owned(),
+                    found: "a value of another type".to_owned(),
+                }),
+            },
+            Repr::Encoded { bytes, .. } => decode(bytes, rt),
+        }
+    }
+}
+
+/// Copies a value through its bytes form, rebuilding nested references.
+fn copy_typed<T: Data>(value: &T, rt: &Arc<Inner>) -> Result<T> {
+    let (bytes, _nested) = EncodeScope::run(|| postcard::to_allocvec(value))?;
+    decode(&bytes, rt)
+}
+
+/// Decodes bytes as a `T`, rebuilding nested references against `rt`.
+pub(crate) fn decode<T: Data>(bytes: &[u8], rt: &Arc<Inner>) -> Result<T> {
+    DecodeScope::run(rt, || postcard::from_bytes(bytes)).map_err(Error::serialization)
+}
+
+thread_local! {
+    static ENCODE: RefCell<Option<Vec<KeepAlive>>> = const { RefCell::new(None) };
+    static DECODE: RefCell<Option<Arc<Inner>>> = const { RefCell::new(None) };
+}
+
+/// The scope of one encode call: nested references serialized inside it
+/// are collected so the bytes can keep them alive.
+#[derive(Debug)]
+pub(crate) struct EncodeScope;
+
+impl EncodeScope {
+    fn run<E: std::fmt::Display>(
+        f: impl FnOnce() -> std::result::Result<Vec<u8>, E>,
+    ) -> Result<(Vec<u8>, Vec<KeepAlive>)> {
+        let saved = ENCODE.with(|c| c.borrow_mut().replace(Vec::new()));
+        let out = f();
+        let nested = ENCODE.with(|c| std::mem::replace(&mut *c.borrow_mut(), saved));
+        let bytes = out.map_err(Error::serialization)?;
+        Ok((bytes, nested.unwrap_or_default()))
+    }
+
+    /// Records a reference serialized inside the current encode call.
+    pub(crate) fn note(keep: impl FnOnce() -> KeepAlive) {
+        ENCODE.with(|c| {
+            if let Some(list) = c.borrow_mut().as_mut() {
+                list.push(keep());
+            }
+        });
+    }
+}
+
+/// The scope of one decode call: names the runtime nested references are
+/// rebuilt against.
+#[derive(Debug)]
+pub(crate) struct DecodeScope;
+
+impl DecodeScope {
+    fn run<R>(rt: &Arc<Inner>, f: impl FnOnce() -> R) -> R {
+        let saved = DECODE.with(|c| c.borrow_mut().replace(rt.clone()));
+        let out = f();
+        DECODE.with(|c| *c.borrow_mut() = saved);
+        out
+    }
+
+    /// The runtime of the decode call in progress, if any.
+    pub(crate) fn runtime() -> Option<Arc<Inner>> {
+        DECODE.with(|c| c.borrow().clone())
+    }
+}

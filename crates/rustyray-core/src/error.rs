@@ -1,0 +1,158 @@
+//! The one public error type, mirroring Ray's exception kinds
+//! (`RayTaskError`, `RayActorError`, `ObjectLostError`, `OwnerDiedError`,
+//! `GetTimeoutError`, `TaskCancelledError`, `WorkerCrashedError`,
+//! `OutOfMemoryError`, `ObjectStoreFullError`, `RaySystemError`, ...).
+//!
+//! Errors are values: an object that failed stores its error and hands a
+//! clone to every reader, and errors cross process boundaries as bytes, so
+//! [`Error`] is `Clone` and serde-serializable and keeps its variant.
+
+use crate::ids::{ActorId, ObjectId, TaskId};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// The result type of every fallible RustyRay call.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a task attempt failed, as recorded in [`Error::Task`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskFailure {
+    /// The function returned `Err`; the message is its `Display`.
+    Returned,
+    /// The function panicked; the message is the panic payload.
+    Panicked,
+    /// An argument of the task failed; the cause is that argument's error.
+    DependencyFailed,
+}
+
+/// Every error RustyRay reports. Variants mirror Ray's error kinds.
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Error {
+    /// A task or actor method failed (Ray's `RayTaskError`).
+    #[error("task {function} ({task_id}) failed after {attempts} attempt(s): {message}")]
+    Task {
+        /// The registered name of the function or method.
+        function: String,
+        /// The task that failed.
+        task_id: TaskId,
+        /// How it failed.
+        failure: TaskFailure,
+        /// The error's `Display`, or the panic message.
+        message: String,
+        /// How many attempts were made, retries included.
+        attempts: u32,
+        /// The error this one was caused by, if any (e.g. a failed argument).
+        #[source]
+        cause: Option<Box<Error>>,
+    },
+    /// The actor is dead: killed, crashed beyond its restarts, or failed to
+    /// construct (Ray's `ActorDiedError`).
+    #[error("actor {class} ({actor_id}) died: {reason}")]
+    ActorDied {
+        /// The actor's registered class name.
+        class: String,
+        /// The actor.
+        actor_id: ActorId,
+        /// Why it died.
+        reason: String,
+        /// The error that killed it, if any.
+        #[source]
+        cause: Option<Box<Error>>,
+    },
+    /// No actor is registered under this name (Ray's `ValueError` from
+    /// `ray.get_actor`).
+    #[error("no actor named {name:?} exists")]
+    ActorNotFound {
+        /// The name that was looked up.
+        name: String,
+    },
+    /// The object's value is gone and cannot be rebuilt (Ray's
+    /// `ObjectLostError`).
+    #[error("object {0} was lost")]
+    ObjectLost(ObjectId),
+    /// The process that owned the object died (Ray's `OwnerDiedError`).
+    #[error("the owner of object {0} died")]
+    OwnerDied(ObjectId),
+    /// `get` did not see the object before its timeout (Ray's
+    /// `GetTimeoutError`).
+    #[error("get timed out after {timeout:?} waiting for object {object_id}")]
+    GetTimeout {
+        /// The first object that was not ready.
+        object_id: ObjectId,
+        /// The timeout that expired.
+        timeout: Duration,
+    },
+    /// The task was cancelled before it produced a value (Ray's
+    /// `TaskCancelledError`).
+    #[error("task {0} was cancelled")]
+    TaskCancelled(TaskId),
+    /// The worker running the task died (Ray's `WorkerCrashedError`).
+    #[error("the worker running task {task_id} crashed: {reason}")]
+    WorkerCrashed {
+        /// The task that was running.
+        task_id: TaskId,
+        /// What is known about the crash.
+        reason: String,
+    },
+    /// The node ran out of memory (Ray's `OutOfMemoryError`).
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+    /// The object store could not make room for an object in time (Ray's
+    /// `ObjectStoreFullError`).
+    #[error(
+        "object store full: {needed} bytes needed, {used} of {capacity} bytes in use by referenced objects"
+    )]
+    ObjectStoreFull {
+        /// Size of the object that did not fit.
+        needed: u64,
+        /// Bytes held by live objects.
+        used: u64,
+        /// The store's capacity.
+        capacity: u64,
+    },
+    /// A value could not be encoded or decoded.
+    #[error("serialization failed: {0}")]
+    Serialization(String),
+    /// A value was read as a different type than it was stored with.
+    #[error("type mismatch: expected {expected}, found {found}")]
+    TypeMismatch {
+        /// The type the reader asked for.
+        expected: String,
+        /// The type the value was stored with.
+        found: String,
+    },
+    /// A caller passed something the runtime cannot accept.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// No node can ever satisfy the resource request (Ray's
+    /// `TaskUnschedulableError`).
+    #[error("{what} can never be scheduled: it requests {requested}, the cluster has {available}")]
+    Unschedulable {
+        /// The task or actor.
+        what: String,
+        /// The resource request.
+        requested: String,
+        /// The cluster's total resources.
+        available: String,
+    },
+    /// No function or actor class is registered under this name.
+    #[error("no remote function or actor named {0:?} is registered in this executable")]
+    UnknownFunction(String),
+    /// Two registrations share one name.
+    #[error("the name {0:?} is registered twice")]
+    DuplicateRegistration(String),
+    /// The runtime has shut down (or is shutting down).
+    #[error("the runtime has shut down")]
+    Shutdown,
+}
+
+impl Error {
+    pub(crate) fn serialization(e: impl std::fmt::Display) -> Self {
+        Error::Serialization(e.to_string())
+    }
+
+    pub(crate) fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidArgument(msg.into())
+    }
+}

@@ -1,0 +1,103 @@
+//! The core of RustyRay: ownership, the object store, the scheduler, and
+//! task and actor execution — Ray's core worker and raylet, embedded.
+//!
+//! Users reach this crate through the `rustyray` facade, whose macros
+//! generate the typed stubs that call into it. The main types:
+//!
+//! * [`Ray`] — a runtime handle: `put`, `get`, `wait`, `cancel`, `kill`,
+//!   `get_actor`, `shutdown`;
+//! * [`ObjectRef<T>`] — a typed reference to an object, awaitable;
+//! * [`ActorHandle<A>`] — a typed handle on an actor;
+//! * [`Error`] — every failure, with Ray's kinds;
+//! * [`registry`] — the link-time registry of functions and actors.
+//!
+//! ```
+//! let ray = rustyray_core::init_with(rustyray_core::Config::new().num_cpus(2.0))?;
+//! let r = ray.put(41_i64)?;
+//! assert_eq!(ray.get(&r)? + 1, 42);
+//! # Ok::<(), rustyray_core::Error>(())
+//! ```
+//!
+//! Module map (Ray's names in parentheses): [`store`](crate::StoreStats)
+//! (memory store + reference counter), `scheduler` (local task manager),
+//! `pool` (worker pool), `actor` (actor manager + actor task receiver),
+//! `task` (task specification + task manager), `codec` (serialization),
+//! `context` (runtime context).
+
+#![forbid(unsafe_code)]
+
+mod actor;
+mod codec;
+mod context;
+mod error;
+mod ids;
+mod object_ref;
+mod options;
+mod pool;
+pub mod registry;
+mod resources;
+mod runtime;
+mod scheduler;
+mod store;
+mod task;
+
+pub use actor::{create_actor, ActorClass, ActorHandle, ActorStub, RawActor};
+pub use codec::{Data, Value};
+pub use error::{Error, Result, TaskFailure};
+pub use ids::{ActorId, ObjectId, TaskId};
+pub use object_ref::{Arg, GetFuture, IntoArg, ObjectRef, RawRef};
+pub use options::{
+    ActorOptions, ActorOptionsBuilder, CancelOptions, TaskOptions, TaskOptionsBuilder, DEFAULT_MAX_RETRIES,
+};
+pub use resources::{detect_gpus, ResourceSet, CPU, GPU};
+pub use runtime::{current, init, init_with, is_cancelled, Config, Ray};
+pub use store::StoreStats;
+pub use task::ArgList;
+
+/// What the macros' generated code calls. Not a stable API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::actor::{instance_arc, instance_of, new_instance};
+    pub use crate::registry::{
+        ActorEntry, BoxFuture, DeclaredOptions, FunctionBody, FunctionEntry, Instance, InvokeError,
+        InvokeResult, MethodBody, MethodEntry, ACTOR_CLASSES, ACTOR_METHODS, REMOTE_FUNCTIONS,
+    };
+    pub use linkme;
+    pub use tokio::sync::RwLock;
+
+    use crate::{Arg, Data, ObjectRef, Ray, Result, TaskOptions, Value};
+
+    /// Wraps a function's plain return value.
+    pub fn output<T: Data>(v: T) -> InvokeResult {
+        Ok(Value::local(v))
+    }
+
+    /// Wraps a function's `Result` return value: `Err` becomes a task
+    /// error carrying its `Display`.
+    pub fn fallible<T: Data, E: std::fmt::Display>(r: std::result::Result<T, E>) -> InvokeResult {
+        match r {
+            Ok(v) => Ok(Value::local(v)),
+            Err(e) => Err(InvokeError::User(e.to_string())),
+        }
+    }
+
+    /// Wraps a constructor's `Result`.
+    pub fn fallible_instance<A: Send + Sync + 'static, E: std::fmt::Display>(
+        r: std::result::Result<A, E>,
+    ) -> std::result::Result<crate::registry::Instance, InvokeError> {
+        match r {
+            Ok(a) => Ok(new_instance(a)),
+            Err(e) => Err(InvokeError::User(e.to_string())),
+        }
+    }
+
+    /// Submits a function task.
+    pub fn submit<R>(
+        ray: &Ray,
+        entry: &'static FunctionEntry,
+        opts: &TaskOptions,
+        args: Vec<Arg>,
+    ) -> Result<ObjectRef<R>> {
+        Ok(ray.inner().submit_task(entry, args, opts)?.typed())
+    }
+}

@@ -1,0 +1,149 @@
+//! The worker-thread pool that runs sync user code — the embedded
+//! equivalent of Ray's worker pool.
+//!
+//! Sync tasks, sync actor methods and constructors run here, never on the
+//! async executor's threads. The pool is elastic: a job that finds no idle
+//! thread gets a new one, so a task blocked in `get` (which has lent its
+//! CPU back) never starves the tasks it waits for; threads beyond the
+//! minimum leave after a spell of idleness. The scheduler, not the pool,
+//! bounds how many tasks run at once.
+//!
+//! Shutdown closes the queue, wakes every idle thread and joins every
+//! thread the pool ever started.
+
+use parking_lot::{Condvar, Mutex};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+const IDLE_EXIT: Duration = Duration::from_secs(30);
+
+struct State {
+    jobs: VecDeque<Job>,
+    idle: usize,
+    live: usize,
+    closed: bool,
+    handles: Vec<JoinHandle<()>>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    cv: Condvar,
+    name: String,
+    min_threads: usize,
+}
+
+/// An elastic pool of named worker threads.
+pub(crate) struct Pool {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.shared.state.lock();
+        f.debug_struct("Pool")
+            .field("live", &s.live)
+            .field("idle", &s.idle)
+            .finish()
+    }
+}
+
+impl Pool {
+    pub(crate) fn new(name: String, min_threads: usize) -> Self {
+        Pool {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    jobs: VecDeque::new(),
+                    idle: 0,
+                    live: 0,
+                    closed: false,
+                    handles: Vec::new(),
+                }),
+                cv: Condvar::new(),
+                name,
+                min_threads,
+            }),
+        }
+    }
+
+    /// Runs `job` on a pool thread. Hands the job back if the pool is
+    /// closed.
+    pub(crate) fn execute(&self, job: Job) -> Result<(), Job> {
+        let mut s = self.shared.state.lock();
+        if s.closed {
+            return Err(job);
+        }
+        s.jobs.push_back(job);
+        if s.jobs.len() > s.idle {
+            s.live += 1;
+            let shared = self.shared.clone();
+            let spawned = std::thread::Builder::new()
+                .name(self.shared.name.clone())
+                .spawn(move || worker(shared));
+            match spawned {
+                Ok(h) => {
+                    s.handles.retain(|h| !h.is_finished());
+                    s.handles.push(h);
+                }
+                Err(e) => {
+                    // Out of threads: the queued job waits for a busy thread.
+                    s.live -= 1;
+                    tracing::error!(error = %e, "could not start a worker thread");
+                }
+            }
+        } else {
+            self.shared.cv.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Threads alive now.
+    pub(crate) fn live_threads(&self) -> usize {
+        self.shared.state.lock().live
+    }
+
+    /// Closes the pool, drops queued jobs and joins every thread except the
+    /// calling one (when shutdown is started from a pool thread).
+    pub(crate) fn shut_down(&self) {
+        let (handles, jobs) = {
+            let mut s = self.shared.state.lock();
+            s.closed = true;
+            (std::mem::take(&mut s.handles), std::mem::take(&mut s.jobs))
+        };
+        self.shared.cv.notify_all();
+        drop(jobs);
+        let me = std::thread::current().id();
+        for h in handles {
+            if h.thread().id() != me {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+fn worker(shared: Arc<Shared>) {
+    let mut s = shared.state.lock();
+    loop {
+        if let Some(job) = s.jobs.pop_front() {
+            drop(s);
+            // Jobs catch the user's panics themselves; this keeps the
+            // pool's accounting right should one slip through.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+            s = shared.state.lock();
+            continue;
+        }
+        if s.closed {
+            break;
+        }
+        s.idle += 1;
+        let timed_out = shared.cv.wait_for(&mut s, IDLE_EXIT).timed_out();
+        s.idle -= 1;
+        if timed_out && s.jobs.is_empty() && s.live > shared.min_threads {
+            break;
+        }
+    }
+    s.live -= 1;
+}

@@ -1,0 +1,243 @@
+//! The link-time registry of remote functions, actor classes and actor
+//! methods — what Ray's function manager does by pickling, done at link
+//! time.
+//!
+//! `#[rustyray::remote]` and `#[rustyray::actor]` add one entry each to the
+//! distributed slices below. The slices are immutable and identical in every
+//! process started from one executable, so a task can name its function by a
+//! stable string and any process can run it. Each runtime builds its own
+//! name index at `init` and reports unknown or duplicate names as errors.
+
+use crate::codec::Value;
+use crate::error::{Error, Result};
+use crate::task::ArgList;
+use std::any::Any;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+/// A boxed, sendable future.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Why one invocation produced no value.
+#[derive(Debug)]
+pub enum InvokeError {
+    /// The user's code returned `Err`; the message is its `Display`.
+    User(String),
+    /// The runtime could not run the code (e.g. an argument of the wrong
+    /// type). Never retried.
+    System(Error),
+}
+
+impl From<Error> for InvokeError {
+    fn from(e: Error) -> Self {
+        InvokeError::System(e)
+    }
+}
+
+/// What one invocation of a registered function or method returns.
+pub type InvokeResult = std::result::Result<Value, InvokeError>;
+
+/// How a remote function runs.
+#[derive(Clone, Copy)]
+pub enum FunctionBody {
+    /// A plain function: runs on a worker thread.
+    Sync(fn(ArgList) -> InvokeResult),
+    /// An `async fn`: runs on the runtime's async executor.
+    Async(fn(ArgList) -> BoxFuture<InvokeResult>),
+}
+
+impl std::fmt::Debug for FunctionBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FunctionBody::Sync(_) => "Sync",
+            FunctionBody::Async(_) => "Async",
+        })
+    }
+}
+
+/// Default options declared on a function or actor by its attribute.
+#[derive(Debug, Clone, Copy)]
+pub struct DeclaredOptions {
+    /// CPUs per call (tasks) or held for the actor's lifetime (actors);
+    /// `None` means the default (1 for tasks, see actors).
+    pub num_cpus: Option<f64>,
+    /// GPUs requested.
+    pub num_gpus: f64,
+    /// Custom resources requested.
+    pub resources: &'static [(&'static str, f64)],
+    /// Retries for tasks; restarts for actors. `None` keeps the default.
+    pub max_retries: Option<i32>,
+    /// Whether `Err` returns are retried (tasks).
+    pub retry_exceptions: bool,
+    /// How many calls run at once (actors). `None` keeps the default.
+    pub max_concurrency: Option<u32>,
+    /// Retries of a failed call on a restarted actor (actors).
+    pub max_task_retries: i32,
+}
+
+impl DeclaredOptions {
+    /// No declared options.
+    pub const DEFAULT: DeclaredOptions = DeclaredOptions {
+        num_cpus: None,
+        num_gpus: 0.0,
+        resources: &[],
+        max_retries: None,
+        retry_exceptions: false,
+        max_concurrency: None,
+        max_task_retries: 0,
+    };
+}
+
+/// One registered remote function.
+#[derive(Debug)]
+pub struct FunctionEntry {
+    /// The stable name: `module::path::function`.
+    pub name: &'static str,
+    /// The body, erased.
+    pub body: FunctionBody,
+    /// Options from the attribute.
+    pub options: DeclaredOptions,
+}
+
+/// An erased actor instance, shared by the calls that run on it.
+pub type Instance = Arc<dyn Any + Send + Sync>;
+
+/// How an actor method runs.
+#[derive(Clone, Copy)]
+pub enum MethodBody {
+    /// A plain method: runs on a worker thread.
+    Sync(fn(&Instance, ArgList) -> InvokeResult),
+    /// An `async fn` method: runs on the async executor.
+    Async(fn(Instance, ArgList) -> BoxFuture<InvokeResult>),
+}
+
+impl std::fmt::Debug for MethodBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MethodBody::Sync(_) => "Sync",
+            MethodBody::Async(_) => "Async",
+        })
+    }
+}
+
+/// One registered actor method.
+#[derive(Debug)]
+pub struct MethodEntry {
+    /// The stable name: `module::path::Class::method`.
+    pub name: &'static str,
+    /// The class this method belongs to (its `ActorEntry::name`).
+    pub class: &'static str,
+    /// The body, erased.
+    pub body: MethodBody,
+}
+
+/// One registered actor class.
+#[derive(Debug)]
+pub struct ActorEntry {
+    /// The stable name: `module::path::Class`.
+    pub name: &'static str,
+    /// Runs the constructor (on a worker thread).
+    pub construct: fn(ArgList) -> std::result::Result<Instance, InvokeError>,
+    /// Whether any method is `async`: such actors default to a
+    /// concurrency of 1000 and interleave calls at their awaits.
+    pub is_async: bool,
+    /// Options from the attribute.
+    pub options: DeclaredOptions,
+}
+
+/// Every remote function in the executable.
+#[linkme::distributed_slice]
+pub static REMOTE_FUNCTIONS: [FunctionEntry];
+
+/// Every actor class in the executable.
+#[linkme::distributed_slice]
+pub static ACTOR_CLASSES: [ActorEntry];
+
+/// Every actor method in the executable.
+#[linkme::distributed_slice]
+pub static ACTOR_METHODS: [MethodEntry];
+
+/// A name index over the registry, built once per runtime.
+#[derive(Debug)]
+pub struct Registry {
+    functions: HashMap<&'static str, &'static FunctionEntry>,
+    classes: HashMap<&'static str, &'static ActorEntry>,
+    methods: HashMap<&'static str, &'static MethodEntry>,
+}
+
+impl Registry {
+    /// Indexes the executable's registry, rejecting duplicate names.
+    pub fn build() -> Result<Self> {
+        Self::from_slices(&REMOTE_FUNCTIONS, &ACTOR_CLASSES, &ACTOR_METHODS)
+    }
+
+    /// Indexes the given entries, rejecting duplicate names.
+    pub fn from_slices(
+        functions: &'static [FunctionEntry],
+        classes: &'static [ActorEntry],
+        methods: &'static [MethodEntry],
+    ) -> Result<Self> {
+        fn index<T>(
+            items: &'static [T],
+            name: impl Fn(&T) -> &'static str,
+        ) -> Result<HashMap<&'static str, &'static T>> {
+            let mut map = HashMap::with_capacity(items.len());
+            for item in items {
+                if map.insert(name(item), item).is_some() {
+                    return Err(Error::DuplicateRegistration(name(item).to_owned()));
+                }
+            }
+            Ok(map)
+        }
+        let reg = Registry {
+            functions: index(functions, |f| f.name)?,
+            classes: index(classes, |c| c.name)?,
+            methods: index(methods, |m| m.name)?,
+        };
+        if let Some(name) = reg.functions.keys().find(|n| reg.classes.contains_key(*n)) {
+            return Err(Error::DuplicateRegistration((*name).to_owned()));
+        }
+        Ok(reg)
+    }
+
+    /// The function registered as `name`.
+    pub fn function(&self, name: &str) -> Result<&'static FunctionEntry> {
+        self.functions
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::UnknownFunction(name.to_owned()))
+    }
+
+    /// The actor class registered as `name`.
+    pub fn class(&self, name: &str) -> Result<&'static ActorEntry> {
+        self.classes
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::UnknownFunction(name.to_owned()))
+    }
+
+    /// The actor method registered as `name`.
+    pub fn method(&self, name: &str) -> Result<&'static MethodEntry> {
+        self.methods
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::UnknownFunction(name.to_owned()))
+    }
+
+    /// How many functions, classes and methods are registered.
+    pub fn len(&self) -> usize {
+        self.functions.len() + self.classes.len() + self.methods.len()
+    }
+
+    /// Whether nothing is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The names of every registered function.
+    pub fn function_names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.functions.keys().copied()
+    }
+}

@@ -1,0 +1,1045 @@
+//! The embedded runtime: the owner ("core worker") and a one-node
+//! scheduler in the user's process.
+//!
+//! [`Ray`] is the user's handle. Everything mutable hangs off its [`Inner`]:
+//! the ownership table and store, the scheduler, the task table (for
+//! cancellation), the worker-thread pool for sync code, the async executor,
+//! and the actor table. Several runtimes in one process share nothing.
+//!
+//! # Task life
+//!
+//! `submit` registers the return object (pending) and the task state, then
+//! waits for the task's reference arguments: one waker per task counts the
+//! outstanding ones and enqueues the task with the scheduler when the count
+//! reaches zero. The scheduler starts the task when its resources fit; sync
+//! bodies run on the pool, async ones on the executor. `finish_task`
+//! returns the resources, retries per the task's options, or completes the
+//! return object, which wakes the dependents.
+//!
+//! # Shutdown
+//!
+//! Ordered, and run by [`Ray::shutdown`] or by dropping the last handle
+//! returned by `init`: stop intake, drop queued work, cancel running tasks,
+//! stop actors, fail pending objects (waking every blocked reader) and free
+//! the store, join the pool's threads, and shut the executor down, joining
+//! its threads.
+
+use crate::actor::{self, ActorState, ActorTable};
+use crate::codec::{Data, Value};
+use crate::context::{self, Blocked, TaskContext};
+use crate::error::{Error, Result, TaskFailure};
+use crate::ids::{IdGen, ObjectId, TaskId};
+use crate::object_ref::{Arg, ObjectRef, RawRef};
+use crate::options::{CancelOptions, TaskOptions, DEFAULT_MAX_RETRIES};
+use crate::pool::Pool;
+use crate::registry::{BoxFuture, FunctionBody, FunctionEntry, InvokeError, Registry};
+use crate::resources::{self, ResourceSet};
+use crate::scheduler::{Rejected, Schedulable, Scheduler};
+use crate::store::{Peek, Store, StoreStats, ThreadWaker};
+use crate::task::{ArgList, Phase, Target, TaskSpec, TaskState};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+/// How a runtime is set up. `Config::default()` gives Ray's defaults for
+/// one machine.
+#[derive(Debug, Clone)]
+pub struct Config {
+    num_cpus: Option<f64>,
+    num_gpus: Option<f64>,
+    resources: Vec<(String, f64)>,
+    object_store_memory: Option<u64>,
+    object_store_full_timeout: Duration,
+    serialize_everything: bool,
+    async_threads: Option<usize>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            num_cpus: None,
+            num_gpus: None,
+            resources: Vec::new(),
+            object_store_memory: None,
+            object_store_full_timeout: Duration::from_secs(10),
+            serialize_everything: false,
+            async_threads: None,
+        }
+    }
+}
+
+impl Config {
+    /// A configuration with every default.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// CPUs the node offers (default: the machine's available cores).
+    pub fn num_cpus(mut self, n: f64) -> Self {
+        self.num_cpus = Some(n);
+        self
+    }
+
+    /// GPUs the node offers (default: detected, see
+    /// [`resources::detect_gpus`]).
+    pub fn num_gpus(mut self, n: f64) -> Self {
+        self.num_gpus = Some(n);
+        self
+    }
+
+    /// A custom resource the node offers.
+    pub fn resource(mut self, name: impl Into<String>, amount: f64) -> Self {
+        self.resources.push((name.into(), amount));
+        self
+    }
+
+    /// The object store's capacity in bytes (default: 30% of the machine's
+    /// memory, as in Ray).
+    pub fn object_store_memory(mut self, bytes: u64) -> Self {
+        self.object_store_memory = Some(bytes);
+        self
+    }
+
+    /// How long a `put` (or a task's result) waits for room in a full store
+    /// before failing with `ObjectStoreFull` (default 10 s).
+    pub fn object_store_full_timeout(mut self, t: Duration) -> Self {
+        self.object_store_full_timeout = t;
+        self
+    }
+
+    /// Sends every task, actor call, argument, result and object through
+    /// its bytes form, as worker processes will: specs are encoded and
+    /// decoded by registry name, values are stored encoded. Slower; proves
+    /// that every path has a bytes form.
+    pub fn serialize_everything(mut self, yes: bool) -> Self {
+        self.serialize_everything = yes;
+        self
+    }
+
+    /// Threads of the async executor (default: min(num_cpus, 4), at least 1).
+    pub fn async_threads(mut self, n: usize) -> Self {
+        self.async_threads = Some(n.max(1));
+        self
+    }
+}
+
+fn default_store_memory() -> u64 {
+    let total_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(8 * 1024 * 1024);
+    total_kib * 1024 * 3 / 10
+}
+
+/// Work the scheduler holds.
+pub(crate) enum Work {
+    Task(Box<TaskRun>),
+    Actor(Arc<ActorState>),
+}
+
+impl Schedulable for Work {
+    fn request(&self) -> &ResourceSet {
+        match self {
+            Work::Task(t) => &t.request,
+            Work::Actor(a) => a.placement_request(),
+        }
+    }
+}
+
+/// A function task on its way through the scheduler.
+#[derive(Debug)]
+pub(crate) struct TaskRun {
+    spec: TaskSpec,
+    entry: &'static FunctionEntry,
+    state: Arc<TaskState>,
+    request: ResourceSet,
+    max_retries: i32,
+    retry_exceptions: bool,
+    attempt: u32,
+}
+
+/// How one attempt ended.
+pub(crate) enum Outcome {
+    Value(Value),
+    Returned(String),
+    Panicked(String),
+    Failed(Error),
+}
+
+impl Outcome {
+    pub(crate) fn from_invoke(r: std::thread::Result<std::result::Result<Value, InvokeError>>) -> Self {
+        match r {
+            Ok(Ok(v)) => Outcome::Value(v),
+            Ok(Err(InvokeError::User(msg))) => Outcome::Returned(msg),
+            Ok(Err(InvokeError::System(e))) => Outcome::Failed(e),
+            Err(p) => Outcome::Panicked(panic_message(p.as_ref())),
+        }
+    }
+}
+
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_owned()
+    }
+}
+
+/// Polls a boxed future, turning a panic into `Err(message)`.
+pub(crate) struct CatchUnwind<T>(pub(crate) BoxFuture<T>);
+
+impl<T> Future for CatchUnwind<T> {
+    type Output = std::thread::Result<T>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.0.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Err(p) => Poll::Ready(Err(p)),
+        }
+    }
+}
+
+/// The runtime's state. Reached through [`Ray`], through references and
+/// handles, and through the running task's context.
+pub(crate) struct Inner {
+    pub(crate) ids: IdGen,
+    pub(crate) store: Store,
+    pub(crate) registry: Registry,
+    pub(crate) sched: Scheduler<Work>,
+    tasks: Mutex<HashMap<TaskId, Arc<TaskState>>>,
+    pub(crate) pool: Pool,
+    executor: Mutex<Option<tokio::runtime::Runtime>>,
+    pub(crate) handle: tokio::runtime::Handle,
+    pub(crate) actors: ActorTable,
+    shut_down: AtomicBool,
+    bytes_mode: bool,
+    thread_prefix: String,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("owner", &format_args!("{:016x}", self.ids.owner()))
+            .field("store", &self.store)
+            .field("sched", &self.sched)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Shuts the runtime down when the last handle returned by `init` goes.
+#[derive(Debug)]
+struct OwnerGuard(Arc<Inner>);
+
+impl Drop for OwnerGuard {
+    fn drop(&mut self) {
+        self.0.shutdown_now();
+    }
+}
+
+/// A handle on a runtime: the user's entry point (Ray's `ray` module).
+///
+/// Clones share the runtime. The runtime shuts down on [`Ray::shutdown`] or
+/// when the last clone of the handle returned by [`init`] is dropped; the
+/// handle [`current`] gives inside a task does not keep it up.
+#[derive(Clone, Debug)]
+pub struct Ray {
+    inner: Arc<Inner>,
+    _owner: Option<Arc<OwnerGuard>>,
+}
+
+/// Starts an embedded runtime with the default [`Config`].
+pub fn init() -> Result<Ray> {
+    init_with(Config::default())
+}
+
+/// Starts an embedded runtime.
+pub fn init_with(config: Config) -> Result<Ray> {
+    let inner = Inner::start(config)?;
+    Ok(Ray {
+        _owner: Some(Arc::new(OwnerGuard(inner.clone()))),
+        inner,
+    })
+}
+
+/// The runtime running the current task or actor call.
+pub fn current() -> Result<Ray> {
+    context::current()
+        .map(|c| Ray::non_owning(c.rt.clone()))
+        .ok_or_else(|| Error::invalid("rustyray::current() called outside a task or actor call"))
+}
+
+/// Whether the current task has been cancelled: sync tasks check this to
+/// stop early. False outside a task.
+pub fn is_cancelled() -> bool {
+    context::current().is_some_and(|c| c.task.is_cancelled())
+}
+
+/// Waits for the dependencies of one piece of work, then enqueues it.
+struct DepWaiter {
+    remaining: AtomicUsize,
+    work: Mutex<Option<Work>>,
+    rt: Arc<Inner>,
+}
+
+impl DepWaiter {
+    fn done_one(&self) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Some(w) = self.work.lock().take() {
+                self.rt.enqueue(w);
+            }
+        }
+    }
+}
+
+impl Wake for DepWaiter {
+    fn wake(self: Arc<Self>) {
+        self.done_one();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.done_one();
+    }
+}
+
+impl Inner {
+    fn start(config: Config) -> Result<Arc<Inner>> {
+        let registry = Registry::build()?;
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let num_cpus = config.num_cpus.unwrap_or(cores as f64);
+        let num_gpus = config
+            .num_gpus
+            .unwrap_or_else(|| f64::from(resources::detect_gpus()));
+        let mut total = ResourceSet::new();
+        total.set(resources::CPU, num_cpus)?;
+        total.set(resources::GPU, num_gpus)?;
+        for (n, v) in &config.resources {
+            total.set(n, *v)?;
+        }
+        let ids = IdGen::new();
+        let thread_prefix = format!("rr{:06x}", ids.owner() & 0xff_ffff);
+        let async_threads = config
+            .async_threads
+            .unwrap_or_else(|| (num_cpus.ceil() as usize).clamp(1, 4));
+        let name = format!("{thread_prefix}-a");
+        let executor = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(async_threads)
+            .max_blocking_threads(async_threads.max(4))
+            .thread_name(name)
+            .enable_time()
+            .build()
+            .map_err(|e| Error::invalid(format!("cannot start the async executor: {e}")))?;
+        let min_threads = (num_cpus.ceil() as usize).max(1);
+        Ok(Arc::new(Inner {
+            store: Store::new(
+                config.object_store_memory.unwrap_or_else(default_store_memory),
+                config.object_store_full_timeout,
+            ),
+            registry,
+            sched: Scheduler::new(total),
+            tasks: Mutex::new(HashMap::new()),
+            pool: Pool::new(format!("{thread_prefix}-w"), min_threads),
+            handle: executor.handle().clone(),
+            executor: Mutex::new(Some(executor)),
+            actors: ActorTable::default(),
+            shut_down: AtomicBool::new(false),
+            bytes_mode: config.serialize_everything,
+            thread_prefix,
+            ids,
+        }))
+    }
+
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.shut_down.load(Ordering::Acquire) {
+            Err(Error::Shutdown)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Erases a value for this runtime: local, or encoded when everything
+    /// goes through bytes.
+    pub(crate) fn make_value<T: Data>(&self, v: T) -> Result<Value> {
+        if self.bytes_mode {
+            Value::encode(&v)
+        } else {
+            Ok(Value::local(v))
+        }
+    }
+
+    /// Makes room for a value about to enter the store.
+    pub(crate) fn admit(&self, v: Value) -> Result<(Value, u64)> {
+        let v = if self.bytes_mode { v.to_encoded()? } else { v };
+        let size = v.size()? as u64;
+        self.store.reserve(size)?;
+        Ok((v, size))
+    }
+
+    // ----- submission -------------------------------------------------
+
+    /// Registers a task's state and return object; links it to the task
+    /// submitting it, for recursive cancellation.
+    pub(crate) fn new_task(self: &Arc<Self>) -> Result<(Arc<TaskState>, RawRef)> {
+        self.check_open()?;
+        let id = self.ids.task();
+        self.store.create_pending(id.return_object())?;
+        let ret = RawRef::adopt(id.return_object(), self.clone());
+        let state = TaskState::new(id);
+        if let Some(parent) = context::current() {
+            if Arc::ptr_eq(&parent.rt, self) {
+                parent.task.add_child(&state);
+            }
+        }
+        self.tasks.lock().insert(id, state.clone());
+        Ok((state, ret))
+    }
+
+    pub(crate) fn forget_task(&self, id: TaskId) {
+        self.tasks.lock().remove(&id);
+    }
+
+    /// Submits a function task.
+    pub(crate) fn submit_task(
+        self: &Arc<Self>,
+        entry: &'static FunctionEntry,
+        args: Vec<Arg>,
+        opts: &TaskOptions,
+    ) -> Result<RawRef> {
+        let request = opts.request(&entry.options)?;
+        let (state, ret) = self.new_task()?;
+        let run = TaskRun {
+            spec: TaskSpec {
+                id: state.id,
+                target: Target::Function(entry),
+                args,
+            },
+            entry,
+            state,
+            request,
+            max_retries: opts
+                .max_retries
+                .or(entry.options.max_retries)
+                .unwrap_or(DEFAULT_MAX_RETRIES),
+            retry_exceptions: opts.retry_exceptions.unwrap_or(entry.options.retry_exceptions),
+            attempt: 1,
+        };
+        let deps = ref_ids(&run.spec.args);
+        self.when_ready(&deps, Work::Task(Box::new(run)));
+        Ok(ret)
+    }
+
+    /// Enqueues `work` once every object in `deps` is complete.
+    pub(crate) fn when_ready(self: &Arc<Self>, deps: &[ObjectId], work: Work) {
+        if deps.iter().all(|d| self.store.is_complete(*d)) {
+            self.enqueue(work);
+            return;
+        }
+        let waiter = Arc::new(DepWaiter {
+            remaining: AtomicUsize::new(1),
+            work: Mutex::new(Some(work)),
+            rt: self.clone(),
+        });
+        let waker = Waker::from(waiter.clone());
+        for d in deps {
+            waiter.remaining.fetch_add(1, Ordering::AcqRel);
+            match self.store.peek(*d, Some(&waker)) {
+                Ok(Peek::Pending) => {}
+                _ => waiter.done_one(),
+            }
+        }
+        waiter.done_one();
+    }
+
+    /// Hands work to the scheduler and starts what may run.
+    pub(crate) fn enqueue(self: &Arc<Self>, work: Work) {
+        match self.sched.submit(work) {
+            Ok(start) => self.start_all(start),
+            Err(Rejected::Infeasible(w)) => {
+                let err = Error::Unschedulable {
+                    what: match &w {
+                        Work::Task(t) => format!("task {}", t.entry.name),
+                        Work::Actor(a) => format!("actor {}", a.class.name),
+                    },
+                    requested: w.request().to_string(),
+                    available: self.sched.total().to_string(),
+                };
+                self.fail_work(w, err);
+            }
+            Err(Rejected::Closed(w)) => self.fail_work(w, Error::Shutdown),
+        }
+    }
+
+    fn fail_work(self: &Arc<Self>, w: Work, err: Error) {
+        match w {
+            Work::Task(t) => {
+                self.store.complete(t.state.id.return_object(), Err(err));
+                t.state.finish();
+                self.forget_task(t.state.id);
+            }
+            Work::Actor(a) => actor::creation_failed(self, &a, err),
+        }
+    }
+
+    pub(crate) fn start_all(self: &Arc<Self>, work: Vec<Work>) {
+        for w in work {
+            match w {
+                Work::Task(t) => self.start_task(t),
+                Work::Actor(a) => actor::start_actor(self, a),
+            }
+        }
+    }
+
+    /// Returns resources to the scheduler and starts what now fits.
+    pub(crate) fn release(self: &Arc<Self>, res: &ResourceSet) {
+        let start = self.sched.release(res);
+        self.start_all(start);
+    }
+
+    /// A blocked task lends its CPU back.
+    pub(crate) fn lend_back(self: &Arc<Self>, cpu: &ResourceSet) {
+        self.release(cpu);
+    }
+
+    /// A blocked task takes its CPU back.
+    pub(crate) fn take_back(&self, cpu: &ResourceSet) {
+        self.sched.take(cpu);
+    }
+
+    // ----- execution --------------------------------------------------
+
+    fn start_task(self: &Arc<Self>, run: Box<TaskRun>) {
+        if !run.state.start() {
+            // Cancelled while waiting: its object already says so.
+            self.forget_task(run.state.id);
+            self.release(&run.request);
+            return;
+        }
+        match run.entry.body {
+            FunctionBody::Sync(f) => {
+                let rt = self.clone();
+                let job = Box::new(move || {
+                    let outcome = match rt.resolve_args(&run.spec, run.attempt) {
+                        Ok(args) => {
+                            let ctx = TaskContext::new(
+                                rt.clone(),
+                                run.state.clone(),
+                                run.request.cpu_only(),
+                                false,
+                            );
+                            Outcome::from_invoke(context::with_sync(ctx, || {
+                                std::panic::catch_unwind(AssertUnwindSafe(|| f(args)))
+                            }))
+                        }
+                        Err(e) => Outcome::Failed(e),
+                    };
+                    rt.finish_task(run, outcome);
+                });
+                // A closed pool means shutdown, which fails the object.
+                let _ = self.pool.execute(job);
+            }
+            FunctionBody::Async(f) => {
+                let rt = self.clone();
+                let state = run.state.clone();
+                let fut = async move {
+                    let mut guard = AsyncTaskGuard {
+                        rt: rt.clone(),
+                        run: Some(run),
+                    };
+                    let outcome = match guard.run.as_ref().map(|r| rt.resolve_args(&r.spec, r.attempt)) {
+                        Some(Ok(args)) => {
+                            let (state, cpu) = match guard.run.as_ref() {
+                                Some(r) => (r.state.clone(), r.request.cpu_only()),
+                                None => return,
+                            };
+                            let ctx = TaskContext::new(rt.clone(), state, cpu, true);
+                            Outcome::from_invoke(context::with_async(ctx, CatchUnwind(f(args))).await)
+                        }
+                        Some(Err(e)) => Outcome::Failed(e),
+                        None => return,
+                    };
+                    if let Some(run) = guard.run.take() {
+                        rt.finish_task(run, outcome);
+                    }
+                };
+                let h = self.handle.spawn(fut);
+                state.set_abort(h.abort_handle());
+            }
+        }
+    }
+
+    /// Produces the argument list of one attempt: through the bytes form
+    /// when configured, with reference arguments replaced by their values.
+    pub(crate) fn resolve_args(self: &Arc<Self>, spec: &TaskSpec, attempt: u32) -> Result<ArgList> {
+        let decoded;
+        let spec = if self.bytes_mode {
+            let bytes = spec.to_bytes()?;
+            decoded = TaskSpec::from_bytes(&bytes, self, &self.registry)?;
+            &decoded
+        } else {
+            spec
+        };
+        let name = spec.target.name();
+        let mut values = Vec::with_capacity(spec.args.len());
+        for (i, a) in spec.args.iter().enumerate() {
+            values.push(match a {
+                Arg::Value(v) => v.clone(),
+                Arg::Ref(r) => match self.store.peek(r.id(), None)? {
+                    Peek::Ready(v) => v,
+                    Peek::Failed(cause) => {
+                        return Err(Error::Task {
+                            function: name.to_owned(),
+                            task_id: spec.id,
+                            failure: TaskFailure::DependencyFailed,
+                            message: format!("argument {i} failed: {cause}"),
+                            attempts: attempt,
+                            cause: Some(Box::new(cause)),
+                        })
+                    }
+                    Peek::Pending => {
+                        return Err(Error::invalid(format!(
+                            "{name}: argument {i} was not ready when the task started"
+                        )))
+                    }
+                },
+            });
+        }
+        Ok(ArgList::new(values, self.clone(), name))
+    }
+
+    /// Ends one attempt: returns resources, then retries or completes the
+    /// return object.
+    pub(crate) fn finish_task(self: &Arc<Self>, mut run: Box<TaskRun>, outcome: Outcome) {
+        let cancelled = run.state.is_cancelled();
+        let attempts_left = run.max_retries < 0 || i64::from(run.attempt) <= i64::from(run.max_retries);
+        let retry = !cancelled
+            && attempts_left
+            && self.check_open().is_ok()
+            && match &outcome {
+                Outcome::Panicked(_) => true,
+                Outcome::Returned(_) => run.retry_exceptions,
+                _ => false,
+            };
+        let start = self.sched.release(&run.request);
+        if retry {
+            tracing::debug!(task = %run.state.id, attempt = run.attempt, "retrying task");
+            run.attempt += 1;
+            run.state.back_to_waiting();
+            self.enqueue(Work::Task(run));
+            self.start_all(start);
+            return;
+        }
+        let id = run.state.id;
+        let task_error = |failure, message| Error::Task {
+            function: run.entry.name.to_owned(),
+            task_id: id,
+            failure,
+            message,
+            attempts: run.attempt,
+            cause: None,
+        };
+        let result = if cancelled {
+            Err(Error::TaskCancelled(id))
+        } else {
+            match outcome {
+                Outcome::Value(v) => self.admit(v),
+                Outcome::Returned(msg) => Err(task_error(TaskFailure::Returned, msg)),
+                Outcome::Panicked(msg) => Err(task_error(TaskFailure::Panicked, msg)),
+                Outcome::Failed(e) => Err(e),
+            }
+        };
+        self.store.complete(id.return_object(), result);
+        run.state.finish();
+        self.forget_task(id);
+        drop(run);
+        self.start_all(start);
+    }
+
+    // ----- objects ----------------------------------------------------
+
+    pub(crate) fn put_value(self: &Arc<Self>, v: Value) -> Result<RawRef> {
+        self.check_open()?;
+        let (v, size) = self.admit(v)?;
+        let id = self.ids.object();
+        self.store.insert_ready(id, v, size)?;
+        Ok(RawRef::adopt(id, self.clone()))
+    }
+
+    fn check_ref(self: &Arc<Self>, raw: &RawRef) -> Result<()> {
+        if Arc::ptr_eq(raw.runtime(), self) {
+            Ok(())
+        } else {
+            Err(Error::invalid(format!(
+                "object {} belongs to another runtime",
+                raw.id()
+            )))
+        }
+    }
+
+    /// Waits for an object's value, lending the current task's CPU back
+    /// while it blocks.
+    pub(crate) fn get_value(
+        self: &Arc<Self>,
+        raw: &RawRef,
+        deadline: Option<(Instant, Duration)>,
+    ) -> Result<Value> {
+        self.check_ref(raw)?;
+        let id = raw.id();
+        match self.store.peek(id, None)? {
+            Peek::Ready(v) => return Ok(v),
+            Peek::Failed(e) => return Err(e),
+            Peek::Pending => {}
+        }
+        let block = || {
+            let _blocked = Blocked::enter();
+            let waker = ThreadWaker::current();
+            loop {
+                match self.store.peek(id, Some(&waker))? {
+                    Peek::Ready(v) => return Ok(v),
+                    Peek::Failed(e) => return Err(e),
+                    Peek::Pending => {}
+                }
+                match deadline {
+                    None => std::thread::park(),
+                    Some((at, timeout)) => {
+                        let now = Instant::now();
+                        if now >= at {
+                            self.store.forget_waker(id, &waker);
+                            return Err(Error::GetTimeout {
+                                object_id: id,
+                                timeout,
+                            });
+                        }
+                        std::thread::park_timeout(at - now);
+                    }
+                }
+            }
+        };
+        match context::current() {
+            Some(ctx) if ctx.is_async() => tokio::task::block_in_place(block),
+            _ => block(),
+        }
+    }
+
+    /// Ray's `wait`: the first `num_returns` complete objects (in input
+    /// order) and the rest, once enough are complete or the timeout passes.
+    pub(crate) fn wait_raw(
+        self: &Arc<Self>,
+        refs: &[RawRef],
+        num_returns: usize,
+        timeout: Option<Duration>,
+    ) -> Result<(Vec<usize>, Vec<usize>)> {
+        if num_returns == 0 || num_returns > refs.len() {
+            return Err(Error::invalid(format!(
+                "num_returns must be between 1 and the number of refs ({}), got {num_returns}",
+                refs.len()
+            )));
+        }
+        let mut seen = std::collections::HashSet::with_capacity(refs.len());
+        for r in refs {
+            self.check_ref(r)?;
+            if !seen.insert(r.id()) {
+                return Err(Error::invalid(format!(
+                    "wait requires unique refs; {} appears twice",
+                    r.id()
+                )));
+            }
+        }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let split = |waker: Option<&Waker>| -> Result<Option<(Vec<usize>, Vec<usize>)>> {
+            let mut ready = Vec::new();
+            let mut rest = Vec::new();
+            for (i, r) in refs.iter().enumerate() {
+                let done = !matches!(self.store.peek(r.id(), waker)?, Peek::Pending);
+                if done && ready.len() < num_returns {
+                    ready.push(i);
+                } else {
+                    rest.push(i);
+                }
+            }
+            Ok((ready.len() == num_returns).then_some((ready, rest)))
+        };
+        if let Some(out) = split(None)? {
+            return Ok(out);
+        }
+        let run = || {
+            let _blocked = Blocked::enter();
+            let waker = ThreadWaker::current();
+            loop {
+                if let Some(out) = split(Some(&waker))? {
+                    return Ok(out);
+                }
+                match deadline {
+                    None => std::thread::park(),
+                    Some(at) => {
+                        let now = Instant::now();
+                        if now >= at {
+                            for r in refs {
+                                self.store.forget_waker(r.id(), &waker);
+                            }
+                            let mut ready = Vec::new();
+                            let mut rest = Vec::new();
+                            for (i, r) in refs.iter().enumerate() {
+                                if self.store.is_complete(r.id()) && ready.len() < num_returns {
+                                    ready.push(i);
+                                } else {
+                                    rest.push(i);
+                                }
+                            }
+                            return Ok((ready, rest));
+                        }
+                        std::thread::park_timeout(at - now);
+                    }
+                }
+            }
+        };
+        match context::current() {
+            Some(ctx) if ctx.is_async() => tokio::task::block_in_place(run),
+            _ => run(),
+        }
+    }
+
+    // ----- cancellation -----------------------------------------------
+
+    pub(crate) fn cancel(self: &Arc<Self>, id: ObjectId, opts: CancelOptions) -> Result<()> {
+        let state = self.tasks.lock().get(&id.task()).cloned();
+        if let Some(state) = state {
+            self.cancel_state(&state, opts.recursive);
+        }
+        Ok(())
+    }
+
+    fn cancel_state(self: &Arc<Self>, state: &Arc<TaskState>, recursive: bool) {
+        if state.mark_cancelled() {
+            return;
+        }
+        if let Phase::Running(Some(h)) = &*state.phase.lock() {
+            h.abort();
+        }
+        self.store
+            .complete(state.id.return_object(), Err(Error::TaskCancelled(state.id)));
+        if recursive {
+            for child in state.children() {
+                self.cancel_state(&child, true);
+            }
+        }
+    }
+
+    // ----- shutdown ---------------------------------------------------
+
+    fn shutdown_now(self: &Arc<Self>) {
+        if self.shut_down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::debug!(runtime = %self.thread_prefix, "shutting down");
+        // 1. Drop queued work.
+        let queued = self.sched.close();
+        drop(queued);
+        // 2. Cancel running tasks.
+        let running: Vec<_> = self.tasks.lock().drain().map(|(_, s)| s).collect();
+        for s in &running {
+            s.mark_cancelled();
+            if let Phase::Running(Some(h)) = &*s.phase.lock() {
+                h.abort();
+            }
+        }
+        drop(running);
+        // 3. Stop actors.
+        actor::shut_down_all(self);
+        // 4. Fail pending objects, wake readers, free values.
+        self.store.shut_down();
+        // 5. Join the pool's threads.
+        self.pool.shut_down();
+        // 6. Stop the executor and join its threads.
+        if let Some(exec) = self.executor.lock().take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                exec.shutdown_background();
+            } else {
+                exec.shutdown_timeout(Duration::from_secs(10));
+            }
+        }
+        // Values completed while stopping are freed too.
+        self.store.shut_down();
+        actor::shut_down_all(self);
+    }
+}
+
+/// Finishes an async task that is dropped before it completes (aborted by
+/// `cancel`, or dropped at shutdown).
+struct AsyncTaskGuard {
+    rt: Arc<Inner>,
+    run: Option<Box<TaskRun>>,
+}
+
+impl Drop for AsyncTaskGuard {
+    fn drop(&mut self) {
+        if let Some(run) = self.run.take() {
+            let id = run.state.id;
+            self.rt
+                .finish_task(run, Outcome::Failed(Error::TaskCancelled(id)));
+        }
+    }
+}
+
+pub(crate) fn ref_ids(args: &[Arg]) -> Vec<ObjectId> {
+    let mut ids: Vec<ObjectId> = args
+        .iter()
+        .filter_map(|a| match a {
+            Arg::Ref(r) => Some(r.id()),
+            Arg::Value(_) => None,
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+impl Ray {
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
+    /// A handle that does not keep the runtime up.
+    pub(crate) fn non_owning(inner: Arc<Inner>) -> Ray {
+        Ray { inner, _owner: None }
+    }
+
+    /// Stores a value and returns a reference to it (Ray's `ray.put`).
+    /// Waits for room when the store is full; fails with
+    /// [`Error::ObjectStoreFull`] after the configured timeout.
+    pub fn put<T: Data>(&self, value: T) -> Result<ObjectRef<T>> {
+        let v = self.inner.make_value(value)?;
+        Ok(self.inner.put_value(v)?.typed())
+    }
+
+    /// Waits for an object and returns a copy of its value (Ray's
+    /// `ray.get`). Inside a task, the task's CPU is lent back while it
+    /// waits.
+    pub fn get<T: Data>(&self, r: &ObjectRef<T>) -> Result<T> {
+        self.inner.get_value(r.raw(), None)?.take(&self.inner)
+    }
+
+    /// `get` with a timeout: [`Error::GetTimeout`] if the object is not
+    /// ready in time.
+    pub fn get_timeout<T: Data>(&self, r: &ObjectRef<T>, timeout: Duration) -> Result<T> {
+        self.inner
+            .get_value(r.raw(), Some((Instant::now() + timeout, timeout)))?
+            .take(&self.inner)
+    }
+
+    /// Gets several objects, in order. Fails with the first error.
+    pub fn get_many<T: Data>(&self, refs: &[ObjectRef<T>]) -> Result<Vec<T>> {
+        refs.iter().map(|r| self.get(r)).collect()
+    }
+
+    /// `get_many` with one timeout for all.
+    pub fn get_many_timeout<T: Data>(&self, refs: &[ObjectRef<T>], timeout: Duration) -> Result<Vec<T>> {
+        let at = Instant::now() + timeout;
+        refs.iter()
+            .map(|r| {
+                self.inner
+                    .get_value(r.raw(), Some((at, timeout)))?
+                    .take(&self.inner)
+            })
+            .collect()
+    }
+
+    /// Ray's `ray.wait`: returns `(ready, not_ready)` once `num_returns`
+    /// of `refs` are complete (values or errors) or `timeout` passes. Both
+    /// lists keep the input order; `ready` holds at most `num_returns`.
+    /// `refs` must be unique and `1 <= num_returns <= refs.len()`.
+    pub fn wait<T>(
+        &self,
+        refs: &[ObjectRef<T>],
+        num_returns: usize,
+        timeout: Option<Duration>,
+    ) -> Result<(Vec<ObjectRef<T>>, Vec<ObjectRef<T>>)> {
+        let raws: Vec<RawRef> = refs.iter().map(|r| r.raw().clone()).collect();
+        let (ready, rest) = self.inner.wait_raw(&raws, num_returns, timeout)?;
+        Ok((
+            ready.into_iter().map(|i| refs[i].clone()).collect(),
+            rest.into_iter().map(|i| refs[i].clone()).collect(),
+        ))
+    }
+
+    /// Cancels the task that produces `r` and, recursively, the tasks it
+    /// submitted (Ray's `ray.cancel` with its defaults). Queued tasks never
+    /// run, running async tasks are aborted at their next await, running
+    /// sync tasks see [`is_cancelled`]; `get` then fails with
+    /// [`Error::TaskCancelled`]. Finished tasks and `put` objects are not
+    /// affected.
+    pub fn cancel<T>(&self, r: &ObjectRef<T>) -> Result<()> {
+        self.cancel_with(r, CancelOptions::default())
+    }
+
+    /// `cancel` with explicit [`CancelOptions`].
+    pub fn cancel_with<T>(&self, r: &ObjectRef<T>, opts: CancelOptions) -> Result<()> {
+        self.inner.check_ref(r.raw())?;
+        self.inner.cancel(r.id(), opts)
+    }
+
+    /// Counters of the object store.
+    pub fn store_stats(&self) -> StoreStats {
+        self.inner.store.stats()
+    }
+
+    /// The node's total resources.
+    pub fn cluster_resources(&self) -> ResourceSet {
+        self.inner.sched.total().clone()
+    }
+
+    /// The resources not held by running tasks and actors.
+    pub fn available_resources(&self) -> ResourceSet {
+        self.inner.sched.available()
+    }
+
+    /// The registry index this runtime uses.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// Threads of the worker pool alive now.
+    pub fn pool_threads(&self) -> usize {
+        self.inner.pool.live_threads()
+    }
+
+    /// The prefix of every thread this runtime starts (`rrXXXXXX-w` for
+    /// workers, `rrXXXXXX-a` for the async executor).
+    pub fn thread_prefix(&self) -> &str {
+        &self.inner.thread_prefix
+    }
+
+    /// Whether values go through their bytes form (see
+    /// [`Config::serialize_everything`]).
+    pub fn serializes_everything(&self) -> bool {
+        self.inner.bytes_mode
+    }
+
+    /// Shuts the runtime down (see the module docs for the order). Later
+    /// calls on this runtime fail with [`Error::Shutdown`]. Cannot be called
+    /// from inside a task.
+    pub fn shutdown(&self) -> Result<()> {
+        if context::current().is_some() {
+            return Err(Error::invalid(
+                "shutdown cannot be called from inside a task or actor call",
+            ));
+        }
+        self.inner.shutdown_now();
+        Ok(())
+    }
+
+    /// Whether the runtime has shut down.
+    pub fn is_shut_down(&self) -> bool {
+        self.inner.check_open().is_err()
+    }
+}

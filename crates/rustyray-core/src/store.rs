@@ -1,0 +1,367 @@
+//! The in-process object store and ownership table — Ray's
+//! `CoreWorkerMemoryStore` together with its `ReferenceCounter`.
+//!
+//! # Design
+//!
+//! Each object has one [`Entry`] in one of a fixed number of shards (a
+//! `Mutex<HashMap>` each, chosen by the id's counter bits). An entry holds:
+//!
+//! * `state`: `Pending` (with the wakers of everyone waiting for it),
+//!   `Ready` (the value and its size) or `Failed` (the error);
+//! * `refs`: how many live reference handles name the object. Every
+//!   `ObjectRef` clone shares one handle; handles are created by `put`, by
+//!   task submission (the return object), and by decoding bytes that mention
+//!   the object. A pending task's arguments and values nested in other
+//!   objects hold handles too, which is how they keep their objects alive.
+//!
+//! Invariants: an entry exists exactly while `refs > 0`; a state leaves
+//! `Pending` once and never returns to it (the first completion wins, so a
+//! cancelled task's late result is ignored); `used` is the sum of the sizes
+//! of `Ready` entries plus reservations in flight.
+//!
+//! Locking: a shard lock is held only for map operations. Wakers are woken
+//! and removed values dropped after the lock is released, because dropping
+//! a value can release nested references and re-enter the store.
+
+use crate::codec::Value;
+use crate::error::{Error, Result};
+use crate::ids::ObjectId;
+use parking_lot::{Condvar, Mutex};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+const SHARDS: usize = 32;
+
+/// Counters describing the store's contents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreStats {
+    /// Objects with a value in the store.
+    pub num_objects: u64,
+    /// Bytes held by those values (their encoded size).
+    pub bytes_used: u64,
+    /// Objects known to the ownership table, pending ones included.
+    pub num_entries: u64,
+    /// The store's capacity in bytes.
+    pub capacity: u64,
+}
+
+enum State {
+    Pending(Vec<Waker>),
+    Ready(Value, u64),
+    Failed(Error),
+}
+
+struct Entry {
+    state: State,
+    refs: u32,
+}
+
+/// The result of looking at an object without waiting.
+pub(crate) enum Peek {
+    Ready(Value),
+    Failed(Error),
+    Pending,
+}
+
+pub(crate) struct Store {
+    shards: Box<[Mutex<HashMap<ObjectId, Entry>>]>,
+    ready: AtomicU64,
+    entries: AtomicU64,
+    used: AtomicU64,
+    capacity: u64,
+    full_timeout: Duration,
+    space: Mutex<()>,
+    space_cv: Condvar,
+    space_waiters: AtomicUsize,
+    shut_down: AtomicBool,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("stats", &self.stats()).finish()
+    }
+}
+
+impl Store {
+    pub(crate) fn new(capacity: u64, full_timeout: Duration) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            ready: AtomicU64::new(0),
+            entries: AtomicU64::new(0),
+            used: AtomicU64::new(0),
+            capacity,
+            full_timeout,
+            space: Mutex::new(()),
+            space_cv: Condvar::new(),
+            space_waiters: AtomicUsize::new(0),
+            shut_down: AtomicBool::new(false),
+        }
+    }
+
+    fn shard(&self, id: ObjectId) -> &Mutex<HashMap<ObjectId, Entry>> {
+        &self.shards[(id.as_u128() as usize) % SHARDS]
+    }
+
+    fn missing(&self, id: ObjectId) -> Error {
+        if self.shut_down.load(Ordering::Acquire) {
+            Error::Shutdown
+        } else {
+            Error::ObjectLost(id)
+        }
+    }
+
+    pub(crate) fn stats(&self) -> StoreStats {
+        StoreStats {
+            num_objects: self.ready.load(Ordering::Relaxed),
+            bytes_used: self.used.load(Ordering::Relaxed),
+            num_entries: self.entries.load(Ordering::Relaxed),
+            capacity: self.capacity,
+        }
+    }
+
+    /// Registers a pending object with one reference (its first handle).
+    pub(crate) fn create_pending(&self, id: ObjectId) -> Result<()> {
+        if self.shut_down.load(Ordering::Acquire) {
+            return Err(Error::Shutdown);
+        }
+        let prev = self.shard(id).lock().insert(
+            id,
+            Entry {
+                state: State::Pending(Vec::new()),
+                refs: 1,
+            },
+        );
+        debug_assert!(prev.is_none(), "object {id:?} created twice");
+        self.entries.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reserves room for `size` bytes, waiting up to the store's full
+    /// timeout for referenced objects to be freed.
+    pub(crate) fn reserve(&self, size: u64) -> Result<()> {
+        let full = |used| Error::ObjectStoreFull {
+            needed: size,
+            used,
+            capacity: self.capacity,
+        };
+        if size > self.capacity {
+            return Err(full(self.used.load(Ordering::Relaxed)));
+        }
+        let try_reserve = || {
+            self.used
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                    (used + size <= self.capacity).then_some(used + size)
+                })
+                .is_ok()
+        };
+        if try_reserve() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.full_timeout;
+        let mut guard = self.space.lock();
+        self.space_waiters.fetch_add(1, Ordering::AcqRel);
+        let result = loop {
+            if try_reserve() {
+                break Ok(());
+            }
+            if self.shut_down.load(Ordering::Acquire) {
+                break Err(Error::Shutdown);
+            }
+            if self.space_cv.wait_until(&mut guard, deadline).timed_out() && !try_reserve() {
+                break Err(full(self.used.load(Ordering::Relaxed)));
+            }
+        };
+        self.space_waiters.fetch_sub(1, Ordering::AcqRel);
+        result
+    }
+
+    fn unreserve(&self, size: u64) {
+        self.used.fetch_sub(size, Ordering::AcqRel);
+        if self.space_waiters.load(Ordering::Acquire) > 0 {
+            let _guard = self.space.lock();
+            self.space_cv.notify_all();
+        }
+    }
+
+    /// Stores a new object (a `put`) with one reference. Room must have
+    /// been reserved for `size` bytes.
+    pub(crate) fn insert_ready(&self, id: ObjectId, value: Value, size: u64) -> Result<()> {
+        if self.shut_down.load(Ordering::Acquire) {
+            self.unreserve(size);
+            return Err(Error::Shutdown);
+        }
+        self.shard(id).lock().insert(
+            id,
+            Entry {
+                state: State::Ready(value, size),
+                refs: 1,
+            },
+        );
+        self.entries.fetch_add(1, Ordering::Relaxed);
+        self.ready.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Completes a pending object with a value (room reserved for `size`
+    /// bytes) or an error. A completion for an object that is no longer
+    /// referenced, or already complete, is dropped.
+    pub(crate) fn complete(&self, id: ObjectId, outcome: Result<(Value, u64)>) {
+        let mut discard = None;
+        let wakers = {
+            let mut shard = self.shard(id).lock();
+            match shard.get_mut(&id) {
+                Some(entry) if matches!(entry.state, State::Pending(_)) => {
+                    let new = match outcome {
+                        Ok((value, size)) => {
+                            self.ready.fetch_add(1, Ordering::Relaxed);
+                            State::Ready(value, size)
+                        }
+                        Err(e) => State::Failed(e),
+                    };
+                    match std::mem::replace(&mut entry.state, new) {
+                        State::Pending(w) => w,
+                        _ => Vec::new(),
+                    }
+                }
+                _ => {
+                    discard = Some(outcome);
+                    Vec::new()
+                }
+            }
+        };
+        if let Some(Ok((_, size))) = &discard {
+            self.unreserve(*size);
+        }
+        drop(discard);
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    /// Adds a reference to an object that is known to exist.
+    pub(crate) fn add_ref(&self, id: ObjectId) -> Result<()> {
+        match self.shard(id).lock().get_mut(&id) {
+            Some(entry) => {
+                entry.refs += 1;
+                Ok(())
+            }
+            None => Err(self.missing(id)),
+        }
+    }
+
+    /// Drops a reference; frees the object when it was the last.
+    pub(crate) fn release(&self, id: ObjectId) {
+        let removed = {
+            let mut shard = self.shard(id).lock();
+            match shard.get_mut(&id) {
+                Some(entry) if entry.refs > 1 => {
+                    entry.refs -= 1;
+                    None
+                }
+                Some(_) => shard.remove(&id),
+                None => None,
+            }
+        };
+        if let Some(entry) = removed {
+            self.entries.fetch_sub(1, Ordering::Relaxed);
+            match entry.state {
+                State::Ready(value, size) => {
+                    self.ready.fetch_sub(1, Ordering::Relaxed);
+                    self.unreserve(size);
+                    drop(value);
+                }
+                State::Pending(wakers) => wakers.into_iter().for_each(Waker::wake),
+                State::Failed(_) => {}
+            }
+        }
+    }
+
+    /// Looks at an object; when pending and `waker` is given, registers it
+    /// to be woken on completion.
+    pub(crate) fn peek(&self, id: ObjectId, waker: Option<&Waker>) -> Result<Peek> {
+        let mut shard = self.shard(id).lock();
+        match shard.get_mut(&id) {
+            Some(entry) => Ok(match &mut entry.state {
+                State::Ready(v, _) => Peek::Ready(v.clone()),
+                State::Failed(e) => Peek::Failed(e.clone()),
+                State::Pending(wakers) => {
+                    if let Some(w) = waker {
+                        if !wakers.iter().any(|x| x.will_wake(w)) {
+                            wakers.push(w.clone());
+                        }
+                    }
+                    Peek::Pending
+                }
+            }),
+            None => Err(self.missing(id)),
+        }
+    }
+
+    /// Polls an object for its value.
+    pub(crate) fn poll_value(&self, id: ObjectId, cx: &mut Context<'_>) -> Poll<Result<Value>> {
+        match self.peek(id, Some(cx.waker())) {
+            Ok(Peek::Ready(v)) => Poll::Ready(Ok(v)),
+            Ok(Peek::Failed(e)) | Err(e) => Poll::Ready(Err(e)),
+            Ok(Peek::Pending) => Poll::Pending,
+        }
+    }
+
+    /// Removes a waker registered by `peek`, e.g. after a timed-out wait.
+    pub(crate) fn forget_waker(&self, id: ObjectId, waker: &Waker) {
+        if let Some(entry) = self.shard(id).lock().get_mut(&id) {
+            if let State::Pending(wakers) = &mut entry.state {
+                wakers.retain(|w| !w.will_wake(waker));
+            }
+        }
+    }
+
+    /// Whether the object is complete (ready or failed).
+    pub(crate) fn is_complete(&self, id: ObjectId) -> bool {
+        !matches!(self.peek(id, None), Ok(Peek::Pending))
+    }
+
+    /// Fails every pending object, frees every value and refuses new
+    /// objects. Wakes every waiter, so blocked readers see `Shutdown`.
+    pub(crate) fn shut_down(&self) {
+        self.shut_down.store(true, Ordering::Release);
+        for shard in self.shards.iter() {
+            let drained: Vec<Entry> = shard.lock().drain().map(|(_, e)| e).collect();
+            for entry in drained {
+                self.entries.fetch_sub(1, Ordering::Relaxed);
+                match entry.state {
+                    State::Pending(wakers) => wakers.into_iter().for_each(Waker::wake),
+                    State::Ready(value, size) => {
+                        self.ready.fetch_sub(1, Ordering::Relaxed);
+                        self.unreserve(size);
+                        drop(value);
+                    }
+                    State::Failed(_) => {}
+                }
+            }
+        }
+        let _guard = self.space.lock();
+        self.space_cv.notify_all();
+    }
+}
+
+/// Wakes a parked thread: the waker of blocking `get` and `wait` calls.
+pub(crate) struct ThreadWaker(std::thread::Thread);
+
+impl ThreadWaker {
+    pub(crate) fn current() -> Waker {
+        Waker::from(Arc::new(ThreadWaker(std::thread::current())))
+    }
+}
+
+impl Wake for ThreadWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}

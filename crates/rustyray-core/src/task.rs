@@ -1,0 +1,254 @@
+//! Task specifications, their bytes form, and per-task state — Ray's
+//! `TaskSpecification` and the owner's task manager entry.
+//!
+//! A [`TaskSpec`] says what to run (a function, an actor constructor or an
+//! actor method, by registry entry) and with which arguments. It always has
+//! a bytes form ([`TaskSpec::to_bytes`] / [`TaskSpec::from_bytes`]) in which
+//! functions are named by their registry name and arguments are encoded
+//! values or object ids; the embedded runtime skips it unless configured to
+//! serialize everything, and worker processes will use it as their wire
+//! format.
+
+use crate::codec::{Data, Value};
+use crate::error::{Error, Result};
+use crate::ids::{ActorId, TaskId};
+use crate::object_ref::{Arg, RawRef};
+use crate::registry::{ActorEntry, FunctionEntry, MethodEntry, Registry};
+use crate::runtime::Inner;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+
+/// What a task runs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Target {
+    Function(&'static FunctionEntry),
+    Constructor(&'static ActorEntry),
+    Method(ActorId, &'static MethodEntry),
+}
+
+impl Target {
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Target::Function(f) => f.name,
+            Target::Constructor(c) => c.name,
+            Target::Method(_, m) => m.name,
+        }
+    }
+}
+
+/// A task: what to run and its arguments.
+#[derive(Debug)]
+pub(crate) struct TaskSpec {
+    pub(crate) id: TaskId,
+    pub(crate) target: Target,
+    pub(crate) args: Vec<Arg>,
+}
+
+#[derive(Serialize, Deserialize)]
+enum WireTarget {
+    Function(String),
+    Constructor(String),
+    Method(ActorId, String),
+}
+
+#[derive(Serialize, Deserialize)]
+enum WireArg {
+    Value { type_name: String, bytes: Vec<u8> },
+    Ref(RawRef),
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireSpec {
+    id: TaskId,
+    target: WireTarget,
+    args: Vec<WireArg>,
+}
+
+impl TaskSpec {
+    /// Encodes the spec: registry names for code, bytes for values, ids for
+    /// references. The returned value keeps the references alive.
+    pub(crate) fn to_bytes(&self) -> Result<Value> {
+        let target = match self.target {
+            Target::Function(f) => WireTarget::Function(f.name.to_owned()),
+            Target::Constructor(c) => WireTarget::Constructor(c.name.to_owned()),
+            Target::Method(a, m) => WireTarget::Method(a, m.name.to_owned()),
+        };
+        let mut args = Vec::with_capacity(self.args.len());
+        for a in &self.args {
+            args.push(match a {
+                Arg::Value(v) => {
+                    let enc = v.to_encoded()?;
+                    WireArg::Value {
+                        type_name: enc.type_name().to_owned(),
+                        bytes: enc.bytes().map(<[u8]>::to_vec).unwrap_or_default(),
+                    }
+                }
+                Arg::Ref(r) => WireArg::Ref(r.clone()),
+            });
+        }
+        Value::encode(&WireSpec {
+            id: self.id,
+            target,
+            args,
+        })
+    }
+
+    /// Decodes a spec, resolving names through `registry`.
+    pub(crate) fn from_bytes(bytes: &Value, rt: &Arc<Inner>, registry: &Registry) -> Result<Self> {
+        let raw = bytes
+            .bytes()
+            .ok_or_else(|| Error::serialization("a task spec must be in bytes form"))?;
+        let wire: WireSpec = crate::codec::decode(raw, rt)?;
+        let target = match wire.target {
+            WireTarget::Function(n) => Target::Function(registry.function(&n)?),
+            WireTarget::Constructor(n) => Target::Constructor(registry.class(&n)?),
+            WireTarget::Method(a, n) => Target::Method(a, registry.method(&n)?),
+        };
+        let args = wire
+            .args
+            .into_iter()
+            .map(|a| match a {
+                WireArg::Value { type_name, bytes } => Arg::Value(Value::from_bytes(bytes, type_name)),
+                WireArg::Ref(r) => Arg::Ref(r),
+            })
+            .collect();
+        Ok(TaskSpec {
+            id: wire.id,
+            target,
+            args,
+        })
+    }
+}
+
+/// The resolved arguments of one invocation, handed to the registered
+/// function, which takes them out by position and type.
+#[derive(Debug)]
+pub struct ArgList {
+    values: Vec<Option<Value>>,
+    rt: Arc<Inner>,
+    function: &'static str,
+}
+
+impl ArgList {
+    pub(crate) fn new(values: Vec<Value>, rt: Arc<Inner>, function: &'static str) -> Self {
+        ArgList {
+            values: values.into_iter().map(Some).collect(),
+            rt,
+            function,
+        }
+    }
+
+    /// Checks the number of arguments.
+    pub fn expect_len(&self, n: usize) -> Result<()> {
+        if self.values.len() == n {
+            Ok(())
+        } else {
+            Err(Error::invalid(format!(
+                "{} takes {n} argument(s), {} given",
+                self.function,
+                self.values.len()
+            )))
+        }
+    }
+
+    /// Takes argument `index` as a `T`.
+    pub fn take<T: Data>(&mut self, index: usize) -> Result<T> {
+        let v = self
+            .values
+            .get_mut(index)
+            .and_then(Option::take)
+            .ok_or_else(|| Error::invalid(format!("{}: argument {index} is missing", self.function)))?;
+        v.take(&self.rt).map_err(|e| match e {
+            Error::TypeMismatch { expected, found } => Error::invalid(format!(
+                "{}: argument {index} has type {found}, expected {expected}",
+                self.function
+            )),
+            other => other,
+        })
+    }
+}
+
+/// Where a task is in its life, for cancellation.
+#[derive(Debug)]
+pub(crate) enum Phase {
+    /// Waiting for dependencies, resources or its actor.
+    Waiting,
+    /// Running; async tasks can be aborted.
+    Running(Option<tokio::task::AbortHandle>),
+    /// Finished, failed or cancelled.
+    Done,
+}
+
+/// The owner's record of one task (or actor call): its cancellation flag,
+/// phase and children.
+#[derive(Debug)]
+pub(crate) struct TaskState {
+    pub(crate) id: TaskId,
+    cancelled: AtomicBool,
+    pub(crate) phase: Mutex<Phase>,
+    children: Mutex<Vec<Weak<TaskState>>>,
+}
+
+impl TaskState {
+    pub(crate) fn new(id: TaskId) -> Arc<Self> {
+        Arc::new(TaskState {
+            id,
+            cancelled: AtomicBool::new(false),
+            phase: Mutex::new(Phase::Waiting),
+            children: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+
+    /// Sets the flag; returns whether it was already set.
+    pub(crate) fn mark_cancelled(&self) -> bool {
+        self.cancelled.swap(true, Ordering::AcqRel)
+    }
+
+    pub(crate) fn add_child(&self, child: &Arc<TaskState>) {
+        let mut c = self.children.lock();
+        c.retain(|w| w.strong_count() > 0);
+        c.push(Arc::downgrade(child));
+    }
+
+    pub(crate) fn children(&self) -> Vec<Arc<TaskState>> {
+        self.children.lock().iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// Moves to `Running`, unless cancelled first. Returns false when the
+    /// task must not run.
+    pub(crate) fn start(&self) -> bool {
+        let mut p = self.phase.lock();
+        if self.is_cancelled() {
+            *p = Phase::Done;
+            return false;
+        }
+        *p = Phase::Running(None);
+        true
+    }
+
+    /// Records the abort handle of a running async task; aborts at once if
+    /// a cancel came in between.
+    pub(crate) fn set_abort(&self, h: tokio::task::AbortHandle) {
+        let mut p = self.phase.lock();
+        if self.is_cancelled() {
+            h.abort();
+        }
+        if let Phase::Running(slot) = &mut *p {
+            *slot = Some(h);
+        }
+    }
+
+    pub(crate) fn finish(&self) {
+        *self.phase.lock() = Phase::Done;
+    }
+
+    pub(crate) fn back_to_waiting(&self) {
+        *self.phase.lock() = Phase::Waiting;
+    }
+}

@@ -1,0 +1,353 @@
+//! `#[actor]` on a struct (the class and its stub type) and on its `impl`
+//! block (constructor, methods and registry entries).
+
+use crate::common::{ident, output, params, parse_options, result_ok_type};
+use proc_macro2::TokenStream;
+use quote::quote;
+use syn::spanned::Spanned;
+use syn::{Error, FnArg, ImplItem, ImplItemFn, Item, ItemImpl, ItemStruct, ReturnType, Type};
+
+pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
+    match syn::parse2::<Item>(item)? {
+        Item::Struct(s) => {
+            if !attr.is_empty() {
+                return Err(Error::new(
+                    attr.span(),
+                    "actor options go on the impl block: #[rustyray::actor(max_restarts = 1)] impl ...",
+                ));
+            }
+            expand_struct(s)
+        }
+        Item::Impl(i) => expand_impl(attr, i),
+        other => Err(Error::new(
+            other.span(),
+            "#[rustyray::actor] goes on a struct and on its impl block",
+        )),
+    }
+}
+
+fn stub_name(class: &syn::Ident) -> syn::Ident {
+    ident(&format!("{class}Stub"))
+}
+
+fn expand_struct(s: ItemStruct) -> syn::Result<TokenStream> {
+    if !s.generics.params.is_empty() || s.generics.where_clause.is_some() {
+        return Err(Error::new(
+            s.generics.span(),
+            "an actor cannot be generic: the registry needs one concrete class per name",
+        ));
+    }
+    let name = &s.ident;
+    let vis = &s.vis;
+    let stub = stub_name(name);
+    let doc = format!("Typed method stubs of the [`{name}`] actor, reached through `ActorHandle<{name}>`.");
+    Ok(quote! {
+        #s
+
+        #[doc = #doc]
+        #[derive(Clone, Debug)]
+        #vis struct #stub {
+            raw: ::rustyray::RawActor,
+        }
+
+        impl ::rustyray::ActorStub for #stub {
+            fn from_raw(raw: ::rustyray::RawActor) -> Self {
+                Self { raw }
+            }
+            fn raw(&self) -> &::rustyray::RawActor {
+                &self.raw
+            }
+        }
+    })
+}
+
+fn returns_self(f: &ImplItemFn, class: &syn::Ident) -> Option<bool> {
+    let ReturnType::Type(_, ty) = &f.sig.output else {
+        return None;
+    };
+    let is_self = |t: &Type| match t {
+        Type::Path(p) => p.path.is_ident("Self") || p.path.is_ident(class),
+        _ => false,
+    };
+    if is_self(ty) {
+        return Some(false);
+    }
+    result_ok_type(ty).filter(is_self).map(|_| true)
+}
+
+fn expand_impl(attr: TokenStream, imp: ItemImpl) -> syn::Result<TokenStream> {
+    let opts = parse_options(
+        attr,
+        &[
+            "num_cpus",
+            "num_gpus",
+            "max_restarts",
+            "max_task_retries",
+            "max_concurrency",
+            "resource",
+        ],
+    )?;
+    if !imp.generics.params.is_empty() || imp.generics.where_clause.is_some() {
+        return Err(Error::new(
+            imp.generics.span(),
+            "an actor cannot be generic: the registry needs one concrete class per name",
+        ));
+    }
+    if let Some((_, path, _)) = &imp.trait_ {
+        return Err(Error::new(
+            path.span(),
+            "#[rustyray::actor] goes on the inherent impl block (`impl Name { .. }`), not a trait impl",
+        ));
+    }
+    let class = match &*imp.self_ty {
+        Type::Path(p) if p.qself.is_none() && p.path.get_ident().is_some() => p
+            .path
+            .get_ident()
+            .cloned()
+            .ok_or_else(|| Error::new(p.span(), "expected a type name"))?,
+        other => {
+            return Err(Error::new(
+                other.span(),
+                "#[rustyray::actor] needs a plain, non-generic struct name here",
+            ))
+        }
+    };
+    let stub = stub_name(&class);
+    let class_entry = ident(&format!("__RUSTYRAY_CLASS_{class}"));
+    let options_ty = ident(&format!("__RustyRayActorOptions_{class}"));
+    let ctor_fn = ident(&format!("__rustyray_construct_{class}"));
+
+    let mut ctor = None;
+    let mut methods = Vec::new();
+    for item in &imp.items {
+        let ImplItem::Fn(f) = item else { continue };
+        match f.sig.inputs.first() {
+            Some(FnArg::Receiver(r)) => {
+                if r.reference.is_none() {
+                    return Err(Error::new(
+                        r.span(),
+                        "an actor method takes `&self` or `&mut self`; the actor keeps its state between calls",
+                    ));
+                }
+                methods.push((f, r.mutability.is_some()));
+            }
+            _ if f.sig.ident == "new" => {
+                let fallible = returns_self(f, &class).ok_or_else(|| {
+                    Error::new(
+                        f.sig.output.span(),
+                        "the actor constructor `new` must return `Self` (or `Result<Self, E>`)",
+                    )
+                })?;
+                if f.sig.asyncness.is_some() {
+                    return Err(Error::new(
+                        f.sig.span(),
+                        "the actor constructor `new` cannot be async",
+                    ));
+                }
+                ctor = Some((f, fallible));
+            }
+            _ => {}
+        }
+    }
+    let Some((ctor, ctor_fallible)) = ctor else {
+        return Err(Error::new(
+            imp.self_ty.span(),
+            "an actor impl block needs a constructor: `fn new(..) -> Self`",
+        ));
+    };
+    let cp = params(&ctor.sig, "actor constructor")?;
+    let is_async = methods.iter().any(|(f, _)| f.sig.asyncness.is_some());
+    let declared = opts.declared();
+
+    let (cnames, ctypes) = (&cp.names, &cp.types);
+    let cn = cnames.len();
+    let cidx = 0..cn;
+    let make = if ctor_fallible {
+        quote!(::rustyray::__private::fallible_instance::<#class, _>(#class::new(#(#cnames),*)))
+    } else {
+        quote!(::core::result::Result::Ok(::rustyray::__private::new_instance::<#class>(#class::new(#(#cnames),*))))
+    };
+
+    let mut generated = Vec::new();
+    let mut stubs = Vec::new();
+    for (f, mutable) in &methods {
+        let mname = &f.sig.ident;
+        let p = params(&f.sig, "actor method")?;
+        let out = output(&f.sig, "actor method")?;
+        let entry = ident(&format!("__RUSTYRAY_METHOD_{class}_{mname}"));
+        let invoke = ident(&format!("__rustyray_method_{class}_{mname}"));
+        let (names, types) = (&p.names, &p.types);
+        let n = names.len();
+        let idx = 0..n;
+        let out_ty = &out.ty;
+        let wrap = if out.fallible {
+            quote!(::rustyray::__private::fallible)
+        } else {
+            quote!(::rustyray::__private::output)
+        };
+        let (body, kind) = if f.sig.asyncness.is_some() {
+            let lock = if *mutable { quote!(write) } else { quote!(read) };
+            let borrow = if *mutable {
+                quote!(&mut *guard)
+            } else {
+                quote!(&*guard)
+            };
+            (
+                quote! {
+                    fn #invoke(
+                        inst: ::rustyray::__private::Instance,
+                        mut args: ::rustyray::ArgList,
+                    ) -> ::rustyray::__private::BoxFuture<::rustyray::__private::InvokeResult> {
+                        ::std::boxed::Box::pin(async move {
+                            args.expect_len(#n)?;
+                            #( let #names: #types = args.take(#idx)?; )*
+                            let cell = ::rustyray::__private::instance_arc::<#class>(inst)?;
+                            #[allow(unused_mut)]
+                            let mut guard = cell.#lock().await;
+                            let out = #class::#mname(#borrow, #(#names),*).await;
+                            ::core::mem::drop(guard);
+                            #wrap(out)
+                        })
+                    }
+                },
+                quote!(::rustyray::__private::MethodBody::Async(#invoke)),
+            )
+        } else {
+            let lock = if *mutable {
+                quote!(blocking_write)
+            } else {
+                quote!(blocking_read)
+            };
+            let borrow = if *mutable {
+                quote!(&mut *guard)
+            } else {
+                quote!(&*guard)
+            };
+            (
+                quote! {
+                    fn #invoke(
+                        inst: &::rustyray::__private::Instance,
+                        mut args: ::rustyray::ArgList,
+                    ) -> ::rustyray::__private::InvokeResult {
+                        args.expect_len(#n)?;
+                        #( let #names: #types = args.take(#idx)?; )*
+                        let cell = ::rustyray::__private::instance_of::<#class>(inst)?;
+                        #[allow(unused_mut)]
+                        let mut guard = cell.#lock();
+                        let out = #class::#mname(#borrow, #(#names),*);
+                        ::core::mem::drop(guard);
+                        #wrap(out)
+                    }
+                },
+                quote!(::rustyray::__private::MethodBody::Sync(#invoke)),
+            )
+        };
+        generated.push(quote! {
+            #[doc(hidden)]
+            #[allow(non_upper_case_globals)]
+            #[::rustyray::__private::linkme::distributed_slice(::rustyray::__private::ACTOR_METHODS)]
+            #[linkme(crate = ::rustyray::__private::linkme)]
+            static #entry: ::rustyray::__private::MethodEntry = ::rustyray::__private::MethodEntry {
+                name: ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#class), "::", ::core::stringify!(#mname)),
+                class: ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#class)),
+                body: #kind,
+            };
+
+            #[doc(hidden)]
+            #[allow(non_snake_case)]
+            #body
+        });
+        let doc = format!("Calls [`{class}::{mname}`] on the actor; returns a reference to its result.");
+        stubs.push(quote! {
+            #[doc = #doc]
+            #[allow(clippy::too_many_arguments)]
+            pub fn #mname(
+                &self,
+                #( #names: impl ::rustyray::IntoArg<#types> ),*
+            ) -> ::rustyray::Result<::rustyray::ObjectRef<#out_ty>> {
+                let ray = self.raw.ray();
+                let args = ::std::vec![#( ::rustyray::IntoArg::<#types>::into_arg(#names, ray)? ),*];
+                ::core::result::Result::Ok(self.raw.call(&#entry, args)?.typed())
+            }
+        });
+    }
+
+    Ok(quote! {
+        #imp
+
+        #[doc(hidden)]
+        #[allow(non_upper_case_globals)]
+        #[::rustyray::__private::linkme::distributed_slice(::rustyray::__private::ACTOR_CLASSES)]
+        #[linkme(crate = ::rustyray::__private::linkme)]
+        static #class_entry: ::rustyray::__private::ActorEntry = ::rustyray::__private::ActorEntry {
+            name: ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#class)),
+            construct: #ctor_fn,
+            is_async: #is_async,
+            options: #declared,
+        };
+
+        #[doc(hidden)]
+        #[allow(non_snake_case)]
+        fn #ctor_fn(
+            mut args: ::rustyray::ArgList,
+        ) -> ::core::result::Result<::rustyray::__private::Instance, ::rustyray::__private::InvokeError> {
+            args.expect_len(#cn)?;
+            #( let #cnames: #ctypes = args.take(#cidx)?; )*
+            #make
+        }
+
+        #(#generated)*
+
+        impl ::rustyray::ActorClass for #class {
+            type Stub = #stub;
+            fn entry() -> &'static ::rustyray::__private::ActorEntry {
+                &#class_entry
+            }
+        }
+
+        impl #stub {
+            #(#stubs)*
+        }
+
+        #[doc(hidden)]
+        #[allow(non_camel_case_types)]
+        #[derive(Debug, Clone)]
+        pub struct #options_ty(::rustyray::ActorOptions);
+
+        impl ::rustyray::ActorOptionsBuilder for #options_ty {
+            fn actor_options(&mut self) -> &mut ::rustyray::ActorOptions {
+                &mut self.0
+            }
+        }
+
+        impl #options_ty {
+            /// Creates the actor with these options.
+            #[allow(clippy::too_many_arguments)]
+            pub fn remote(
+                &self,
+                ray: &::rustyray::Ray,
+                #( #cnames: impl ::rustyray::IntoArg<#ctypes> ),*
+            ) -> ::rustyray::Result<::rustyray::ActorHandle<#class>> {
+                let args = ::std::vec![#( ::rustyray::IntoArg::<#ctypes>::into_arg(#cnames, ray)? ),*];
+                ::rustyray::create_actor::<#class>(ray, &self.0, args)
+            }
+        }
+
+        impl #class {
+            /// Creates the actor; constructor arguments may be values or
+            /// `ObjectRef`s.
+            #[allow(clippy::too_many_arguments)]
+            pub fn remote(
+                ray: &::rustyray::Ray,
+                #( #cnames: impl ::rustyray::IntoArg<#ctypes> ),*
+            ) -> ::rustyray::Result<::rustyray::ActorHandle<#class>> {
+                Self::options().remote(ray, #(#cnames),*)
+            }
+
+            /// Creation options (`name`, `max_restarts`, `max_concurrency`, ...).
+            pub fn options() -> #options_ty {
+                #options_ty(::core::default::Default::default())
+            }
+        }
+    })
+}

@@ -1,0 +1,249 @@
+//! Parsing shared by the macros: attribute options and signatures.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote};
+use syn::parse::Parser;
+use syn::spanned::Spanned;
+use syn::{Error, Expr, FnArg, GenericArgument, Ident, Lit, Pat, PathArguments, ReturnType, Signature, Type};
+
+/// Options given in the attribute.
+#[derive(Default)]
+pub(crate) struct AttrOptions {
+    pub(crate) num_cpus: Option<f64>,
+    pub(crate) num_gpus: Option<f64>,
+    pub(crate) max_retries: Option<i32>,
+    pub(crate) retry_exceptions: Option<bool>,
+    pub(crate) max_concurrency: Option<u32>,
+    pub(crate) max_task_retries: Option<i32>,
+    pub(crate) resources: Vec<(String, f64)>,
+}
+
+fn number(e: &Expr) -> syn::Result<f64> {
+    match e {
+        Expr::Lit(l) => match &l.lit {
+            Lit::Float(f) => f.base10_parse(),
+            Lit::Int(i) => i.base10_parse::<i64>().map(|v| v as f64),
+            other => Err(Error::new(other.span(), "expected a number")),
+        },
+        Expr::Unary(u) if matches!(u.op, syn::UnOp::Neg(_)) => Ok(-number(&u.expr)?),
+        other => Err(Error::new(other.span(), "expected a number")),
+    }
+}
+
+fn boolean(e: &Expr) -> syn::Result<bool> {
+    match e {
+        Expr::Lit(l) => match &l.lit {
+            Lit::Bool(b) => Ok(b.value),
+            other => Err(Error::new(other.span(), "expected true or false")),
+        },
+        other => Err(Error::new(other.span(), "expected true or false")),
+    }
+}
+
+/// Parses `key = value, ...`; `allowed` lists the keys this item accepts.
+pub(crate) fn parse_options(attr: TokenStream, allowed: &[&str]) -> syn::Result<AttrOptions> {
+    let mut o = AttrOptions::default();
+    let parser = syn::meta::parser(|meta| {
+        let key = meta.path.get_ident().map(Ident::to_string).unwrap_or_default();
+        if !allowed.contains(&key.as_str()) {
+            return Err(meta.error(format!(
+                "unknown option `{key}`; expected one of: {}",
+                allowed.join(", ")
+            )));
+        }
+        let value: Expr = meta.value()?.parse()?;
+        match key.as_str() {
+            "num_cpus" => o.num_cpus = Some(number(&value)?),
+            "num_gpus" => o.num_gpus = Some(number(&value)?),
+            "max_retries" | "max_restarts" => o.max_retries = Some(number(&value)? as i32),
+            "retry_exceptions" => o.retry_exceptions = Some(boolean(&value)?),
+            "max_concurrency" => o.max_concurrency = Some(number(&value)? as u32),
+            "max_task_retries" => o.max_task_retries = Some(number(&value)? as i32),
+            "resource" => match &value {
+                Expr::Tuple(t) if t.elems.len() == 2 => {
+                    let name = match &t.elems[0] {
+                        Expr::Lit(l) => match &l.lit {
+                            Lit::Str(s) => s.value(),
+                            other => return Err(Error::new(other.span(), "expected a resource name string")),
+                        },
+                        other => return Err(Error::new(other.span(), "expected a resource name string")),
+                    };
+                    o.resources.push((name, number(&t.elems[1])?));
+                }
+                other => return Err(Error::new(other.span(), "expected (\"name\", amount)")),
+            },
+            _ => unreachable!("checked against `allowed` above"),
+        }
+        Ok(())
+    });
+    parser.parse2(attr)?;
+    Ok(o)
+}
+
+impl AttrOptions {
+    /// The `DeclaredOptions` value these options describe.
+    pub(crate) fn declared(&self) -> TokenStream {
+        let opt_f = |v: Option<f64>| match v {
+            Some(v) => quote!(::core::option::Option::Some(#v)),
+            None => quote!(::core::option::Option::None),
+        };
+        let num_cpus = opt_f(self.num_cpus);
+        let num_gpus = self.num_gpus.unwrap_or(0.0);
+        let max_retries = match self.max_retries {
+            Some(v) => quote!(::core::option::Option::Some(#v)),
+            None => quote!(::core::option::Option::None),
+        };
+        let retry_exceptions = self.retry_exceptions.unwrap_or(false);
+        let max_concurrency = match self.max_concurrency {
+            Some(v) => quote!(::core::option::Option::Some(#v)),
+            None => quote!(::core::option::Option::None),
+        };
+        let max_task_retries = self.max_task_retries.unwrap_or(0);
+        let res = self.resources.iter().map(|(n, v)| quote!((#n, #v)));
+        quote! {
+            ::rustyray::__private::DeclaredOptions {
+                num_cpus: #num_cpus,
+                num_gpus: #num_gpus,
+                resources: &[#(#res),*],
+                max_retries: #max_retries,
+                retry_exceptions: #retry_exceptions,
+                max_concurrency: #max_concurrency,
+                max_task_retries: #max_task_retries,
+            }
+        }
+    }
+}
+
+/// The typed parameters of a remote signature (after any receiver).
+pub(crate) struct Params {
+    pub(crate) names: Vec<Ident>,
+    pub(crate) types: Vec<Type>,
+}
+
+/// Checks that a signature can be remote and collects its parameters.
+/// `what` names the item in messages ("remote function", "actor method").
+pub(crate) fn params(sig: &Signature, what: &str) -> syn::Result<Params> {
+    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+        return Err(Error::new(
+            sig.generics.span(),
+            format!("a {what} cannot be generic: the registry needs one concrete function per name"),
+        ));
+    }
+    if let Some(c) = &sig.constness {
+        return Err(Error::new(c.span(), format!("a {what} cannot be `const`")));
+    }
+    if let Some(u) = &sig.unsafety {
+        return Err(Error::new(u.span(), format!("a {what} cannot be `unsafe`")));
+    }
+    if let Some(a) = &sig.abi {
+        return Err(Error::new(
+            a.span(),
+            format!("a {what} cannot have an `extern` ABI"),
+        ));
+    }
+    if let Some(v) = &sig.variadic {
+        return Err(Error::new(v.span(), format!("a {what} cannot be variadic")));
+    }
+    let mut names = Vec::new();
+    let mut types = Vec::new();
+    for (i, input) in sig.inputs.iter().enumerate() {
+        match input {
+            FnArg::Receiver(_) => continue,
+            FnArg::Typed(pt) => {
+                if !matches!(&*pt.pat, Pat::Ident(_) | Pat::Wild(_)) {
+                    return Err(Error::new(
+                        pt.pat.span(),
+                        format!("a {what} takes plain named parameters (`name: Type`), not patterns"),
+                    ));
+                }
+                check_owned(&pt.ty, what, "parameter")?;
+                names.push(format_ident!("__arg{}", i));
+                types.push((*pt.ty).clone());
+            }
+        }
+    }
+    Ok(Params { names, types })
+}
+
+/// Rejects references, `impl Trait` and other types that cannot cross a
+/// process boundary.
+pub(crate) fn check_owned(ty: &Type, what: &str, role: &str) -> syn::Result<()> {
+    match ty {
+        Type::Reference(r) => Err(Error::new(
+            r.span(),
+            format!(
+                "a {what} {role} must be an owned type (Serialize + DeserializeOwned + Send + Sync + 'static), not a reference"
+            ),
+        )),
+        Type::ImplTrait(t) => Err(Error::new(
+            t.span(),
+            format!("a {what} {role} cannot be `impl Trait`: its type must be concrete to be encoded"),
+        )),
+        Type::TraitObject(t) => Err(Error::new(
+            t.span(),
+            format!("a {what} {role} cannot be a trait object: its type must be concrete to be encoded"),
+        )),
+        Type::Ptr(p) => Err(Error::new(
+            p.span(),
+            format!("a {what} {role} cannot be a raw pointer"),
+        )),
+        Type::BareFn(f) => Err(Error::new(
+            f.span(),
+            format!("a {what} {role} cannot be a function pointer: code does not travel as data"),
+        )),
+        Type::Paren(p) => check_owned(&p.elem, what, role),
+        Type::Group(g) => check_owned(&g.elem, what, role),
+        _ => Ok(()),
+    }
+}
+
+/// What a remote signature returns.
+pub(crate) struct Output {
+    /// The type of the object the call produces.
+    pub(crate) ty: Type,
+    /// Whether the function returns a `Result` whose `Err` is a task error.
+    pub(crate) fallible: bool,
+}
+
+/// Reads the return type: `T`, `()`, or `Result<T, E>` (also a
+/// one-parameter `Result<T>` alias).
+pub(crate) fn output(sig: &Signature, what: &str) -> syn::Result<Output> {
+    let ty = match &sig.output {
+        ReturnType::Default => {
+            return Ok(Output {
+                ty: syn::parse_quote!(()),
+                fallible: false,
+            })
+        }
+        ReturnType::Type(_, t) => (**t).clone(),
+    };
+    check_owned(&ty, what, "return type")?;
+    if let Some(ok) = result_ok_type(&ty) {
+        return Ok(Output {
+            ty: ok,
+            fallible: true,
+        });
+    }
+    Ok(Output { ty, fallible: false })
+}
+
+/// `T` when `ty` is spelled `...Result<T, ..>`.
+pub(crate) fn result_ok_type(ty: &Type) -> Option<Type> {
+    let Type::Path(p) = ty else { return None };
+    let last = p.path.segments.last()?;
+    if last.ident != "Result" {
+        return None;
+    }
+    let PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
+    match args.args.first()? {
+        GenericArgument::Type(t) => Some(t.clone()),
+        _ => None,
+    }
+}
+
+/// An identifier built from parts, at the call site.
+pub(crate) fn ident(parts: &str) -> Ident {
+    Ident::new(parts, Span::call_site())
+}

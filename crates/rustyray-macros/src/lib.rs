@@ -1,0 +1,38 @@
+//! Procedural macros of RustyRay: `#[remote]` turns a function into a
+//! remote function, `#[actor]` turns a struct and its `impl` block into an
+//! actor class. Both register the code in the link-time registry under a
+//! stable name (`module::path::item`) and generate typed stubs; see the
+//! `rustyray` crate for how they are used.
+
+use proc_macro::TokenStream;
+
+mod actor;
+mod common;
+mod remote;
+
+/// Makes a function remote: `f::remote(&ray, args..)` submits it as a task
+/// and returns an `ObjectRef` of its result; `f::options()` sets per-call
+/// options. The function itself stays callable.
+///
+/// Attribute options: `num_cpus`, `num_gpus`, `max_retries`,
+/// `retry_exceptions`, `resource = ("name", amount)` (repeatable).
+#[proc_macro_attribute]
+pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
+    remote::expand(attr.into(), item.into())
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
+}
+
+/// Makes a struct an actor class (on the struct) and its methods remote
+/// (on its `impl` block, which must have a `fn new(..) -> Self`
+/// constructor).
+///
+/// Attribute options on the `impl`: `num_cpus`, `num_gpus`,
+/// `max_restarts`, `max_task_retries`, `max_concurrency`,
+/// `resource = ("name", amount)`.
+#[proc_macro_attribute]
+pub fn actor(attr: TokenStream, item: TokenStream) -> TokenStream {
+    actor::expand(attr.into(), item.into())
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
+}

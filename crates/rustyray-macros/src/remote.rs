@@ -1,0 +1,152 @@
+//! `#[remote]` on a function.
+
+use crate::common::{ident, output, params, parse_options};
+use proc_macro2::TokenStream;
+use quote::quote;
+use syn::spanned::Spanned;
+use syn::{Error, FnArg, ItemFn};
+
+pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
+    let opts = parse_options(
+        attr,
+        &[
+            "num_cpus",
+            "num_gpus",
+            "max_retries",
+            "retry_exceptions",
+            "resource",
+        ],
+    )?;
+    let func: ItemFn = syn::parse2(item).map_err(|e| {
+        Error::new(
+            e.span(),
+            "#[rustyray::remote] goes on a function (for methods, use #[rustyray::actor] on the impl block)",
+        )
+    })?;
+    let sig = &func.sig;
+    if let Some(FnArg::Receiver(r)) = sig.inputs.first() {
+        return Err(Error::new(
+            r.span(),
+            "a remote function cannot take `self`; to make methods remote, put #[rustyray::actor] on the struct and its impl block",
+        ));
+    }
+    let p = params(sig, "remote function")?;
+    let out = output(sig, "remote function")?;
+    let name = &sig.ident;
+    let vis = &func.vis;
+    let is_async = sig.asyncness.is_some();
+    let entry = ident(&format!("__RUSTYRAY_FN_{name}"));
+    let invoke = ident(&format!("__rustyray_invoke_{name}"));
+    let options_ty = ident(&format!("__RustyRayOptions_{name}"));
+    let declared = opts.declared();
+    let n = p.names.len();
+    let names = &p.names;
+    let types = &p.types;
+    let idx = 0..n;
+    let out_ty = &out.ty;
+    let wrap = if out.fallible {
+        quote!(::rustyray::__private::fallible)
+    } else {
+        quote!(::rustyray::__private::output)
+    };
+    let body = if is_async {
+        quote! {
+            fn #invoke(mut args: ::rustyray::ArgList)
+                -> ::rustyray::__private::BoxFuture<::rustyray::__private::InvokeResult>
+            {
+                ::std::boxed::Box::pin(async move {
+                    args.expect_len(#n)?;
+                    #( let #names: #types = args.take(#idx)?; )*
+                    #wrap(#name(#(#names),*).await)
+                })
+            }
+        }
+    } else {
+        quote! {
+            fn #invoke(mut args: ::rustyray::ArgList) -> ::rustyray::__private::InvokeResult {
+                args.expect_len(#n)?;
+                #( let #names: #types = args.take(#idx)?; )*
+                #wrap(#name(#(#names),*))
+            }
+        }
+    };
+    let kind = if is_async {
+        quote!(::rustyray::__private::FunctionBody::Async(#invoke))
+    } else {
+        quote!(::rustyray::__private::FunctionBody::Sync(#invoke))
+    };
+    let doc =
+        format!("Remote stub of [`{name}`](fn@{name}): `{name}::remote(&ray, ..)` submits it as a task.");
+    Ok(quote! {
+        #func
+
+        #[doc = #doc]
+        #[allow(non_camel_case_types)]
+        #vis struct #name {
+            _private: (),
+        }
+
+        #[doc(hidden)]
+        #[allow(non_upper_case_globals)]
+        #[::rustyray::__private::linkme::distributed_slice(::rustyray::__private::REMOTE_FUNCTIONS)]
+        #[linkme(crate = ::rustyray::__private::linkme)]
+        static #entry: ::rustyray::__private::FunctionEntry = ::rustyray::__private::FunctionEntry {
+            name: ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#name)),
+            body: #kind,
+            options: #declared,
+        };
+
+        #[doc(hidden)]
+        #[allow(non_snake_case)]
+        #body
+
+        #[doc(hidden)]
+        #[allow(non_camel_case_types)]
+        #[derive(Debug, Clone)]
+        #vis struct #options_ty(::rustyray::TaskOptions);
+
+        impl ::rustyray::TaskOptionsBuilder for #options_ty {
+            fn task_options(&mut self) -> &mut ::rustyray::TaskOptions {
+                &mut self.0
+            }
+        }
+
+        impl #options_ty {
+            /// Submits the task with these options.
+            #[allow(clippy::too_many_arguments)]
+            pub fn remote(
+                &self,
+                ray: &::rustyray::Ray,
+                #( #names: impl ::rustyray::IntoArg<#types> ),*
+            ) -> ::rustyray::Result<::rustyray::ObjectRef<#out_ty>> {
+                let args = ::std::vec![#( ::rustyray::IntoArg::<#types>::into_arg(#names, ray)? ),*];
+                ::rustyray::__private::submit(ray, &#entry, &self.0, args)
+            }
+        }
+
+        impl #name {
+            /// The name this function is registered under.
+            pub const NAME: &'static str = ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#name));
+
+            /// Submits the function as a task; arguments may be values or
+            /// `ObjectRef`s of the parameter types.
+            #[allow(clippy::too_many_arguments)]
+            pub fn remote(
+                ray: &::rustyray::Ray,
+                #( #names: impl ::rustyray::IntoArg<#types> ),*
+            ) -> ::rustyray::Result<::rustyray::ObjectRef<#out_ty>> {
+                Self::options().remote(ray, #(#names),*)
+            }
+
+            /// Per-call options (`num_cpus`, `max_retries`, `name`, ...).
+            pub fn options() -> #options_ty {
+                #options_ty(::core::default::Default::default())
+            }
+
+            /// The function's registry entry.
+            pub fn entry() -> &'static ::rustyray::__private::FunctionEntry {
+                &#entry
+            }
+        }
+    })
+}
