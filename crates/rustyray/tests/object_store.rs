@@ -1,0 +1,194 @@
+//! Objects: put/get, timeouts, wait semantics, ownership and freeing,
+//! the store's memory limit.
+
+mod common;
+use common::{both_modes, LONG};
+use rustyray::Config;
+use rustyray::prelude::*;
+use std::time::Duration;
+
+#[rustyray::remote]
+fn slow_echo(x: i64, gate: ObjectRef<()>) -> i64 {
+    let ray = rustyray::current().expect("inside a task");
+    ray.get(&gate).expect("gate");
+    x
+}
+
+#[rustyray::remote]
+fn blob(n: usize) -> Vec<u64> {
+    (0..n as u64).collect()
+}
+
+#[rustyray::remote]
+fn total(v: Vec<u64>) -> u64 {
+    v.iter().sum()
+}
+
+#[rustyray::remote]
+fn wrap(inner: Vec<ObjectRef<Vec<u64>>>) -> Vec<ObjectRef<Vec<u64>>> {
+    inner
+}
+
+#[rustyray::remote]
+fn fail() -> Result<i64, String> {
+    Err("nope".into())
+}
+
+
+both_modes! {
+    fn put_get_and_many(ray) {
+        let a = ray.put(String::from("hello"))?;
+        let b = ray.put(vec![1_u8, 2, 3])?;
+        assert_eq!(ray.get(&a)?, "hello");
+        assert_eq!(ray.get(&b)?, vec![1, 2, 3]);
+        let many: Vec<ObjectRef<i64>> = (0..10).map(|i| ray.put(i)).collect::<Result<_, _>>()?;
+        assert_eq!(ray.get_many(&many)?, (0..10).collect::<Vec<_>>());
+        let stats = ray.store_stats();
+        assert_eq!(stats.num_objects, 12);
+        assert!(stats.bytes_used > 0);
+        Ok(())
+    }
+}
+
+#[test]
+fn get_timeout_is_an_error() -> rustyray::Result<()> {
+    for bytes in [false, true] {
+        let ray = common::runtime(2.0, bytes);
+        let (latch, pending) = common::latch(&ray);
+        match ray.get_timeout(&pending, Duration::from_millis(50)) {
+            Err(Error::GetTimeout { object_id, .. }) => assert_eq!(object_id, pending.id()),
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        latch.open()?;
+        ray.get_timeout(&pending, LONG)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn wait_has_rays_semantics() -> rustyray::Result<()> {
+    for bytes in [false, true] {
+        let ray = common::runtime(2.0, bytes);
+        let (latch, gate) = common::latch(&ray);
+        let a = ray.put(1_i64)?;
+        let pend1 = slow_echo::remote(&ray, 2, gate.clone())?;
+        let b = ray.put(3_i64)?;
+        let refs = vec![pend1.clone(), a.clone(), b.clone()];
+
+        // Enough ready: returns at once, ready in input order, capped.
+        let (ready, rest) = ray.wait(&refs, 1, None)?;
+        assert_eq!(ready, vec![a.clone()]);
+        assert_eq!(rest, vec![pend1.clone(), b.clone()]);
+        let (ready, rest) = ray.wait(&refs, 2, Some(LONG))?;
+        assert_eq!(ready, vec![a.clone(), b.clone()]);
+        assert_eq!(rest, vec![pend1.clone()]);
+
+        // Not enough: the timeout returns what is ready.
+        let (ready, rest) = ray.wait(&refs, 3, Some(Duration::from_millis(30)))?;
+        assert_eq!(ready, vec![a.clone(), b.clone()]);
+        assert_eq!(rest, vec![pend1.clone()]);
+        let (ready, _) = ray.wait(&refs, 3, Some(Duration::ZERO))?;
+        assert_eq!(ready.len(), 2);
+
+        // Completion wakes a waiting `wait`.
+        latch.open()?;
+        let (ready, rest) = ray.wait(&refs, 3, None)?;
+        assert_eq!(ready, refs);
+        assert!(rest.is_empty());
+
+        // Errors count as ready.
+        let f = fail::remote(&ray)?;
+        let (ready, _) = ray.wait(std::slice::from_ref(&f), 1, Some(LONG))?;
+        assert_eq!(ready, vec![f]);
+
+        // Bad arguments.
+        assert!(matches!(ray.wait(&refs, 0, None), Err(Error::InvalidArgument(_))));
+        assert!(matches!(ray.wait(&refs, 4, None), Err(Error::InvalidArgument(_))));
+        assert!(matches!(ray.wait(&[a.clone(), a.clone()], 1, None), Err(Error::InvalidArgument(_))));
+    }
+    Ok(())
+}
+
+both_modes! {
+    fn store_returns_to_empty_after_a_large_workload(ray) {
+        {
+            let mut outs = Vec::new();
+            for i in 0..200 {
+                let b = blob::remote(ray, 100 + i)?;
+                let t = total::remote(ray, &b)?;
+                let p = ray.put(vec![i as u64; 50])?;
+                outs.push((b, t, p));
+            }
+            let nested = wrap::remote(ray, outs.iter().map(|(b, _, _)| b.clone()).collect::<Vec<_>>())?;
+            for (i, (_, t, p)) in outs.iter().enumerate() {
+                let n = 100 + i as u64;
+                assert_eq!(ray.get(t)?, n * (n - 1) / 2);
+                assert_eq!(ray.get(p)?.len(), 50);
+            }
+            let inner = ray.get(&nested)?;
+            assert_eq!(ray.get(&inner[3])?.len(), 103);
+            assert!(ray.store_stats().num_objects > 0);
+        }
+        // Every ref is gone: the store is empty.
+        let s = ray.store_stats();
+        assert_eq!((s.num_objects, s.bytes_used, s.num_entries), (0, 0, 0), "{s:?}");
+        Ok(())
+    }
+}
+
+both_modes! {
+    fn nested_ref_keeps_its_object_alive(ray) {
+        let inner = ray.put(vec![7_u64; 10])?;
+        let outer = ray.put(vec![inner.clone()])?;
+        let id = inner.id();
+        drop(inner);
+        // Still reachable through `outer`.
+        assert_eq!(ray.store_stats().num_objects, 2);
+        let got = ray.get(&outer)?;
+        assert_eq!(got[0].id(), id);
+        assert_eq!(ray.get(&got[0])?, vec![7; 10]);
+        drop(got);
+        drop(outer);
+        assert_eq!(ray.store_stats().num_objects, 0);
+        Ok(())
+    }
+}
+
+both_modes! {
+    fn pending_task_args_keep_objects_alive(ray) {
+        let (latch, gate) = common::latch(ray);
+        let x = ray.put(41_i64)?;
+        let r = slow_echo::remote(ray, &x, gate)?;
+        drop(x);
+        // The pending task holds x.
+        assert_eq!(ray.store_stats().num_objects, 1);
+        latch.open()?;
+        assert_eq!(ray.get(&r)?, 41);
+        Ok(())
+    }
+}
+
+#[test]
+fn put_beyond_the_limit_is_object_store_full() -> rustyray::Result<()> {
+    let ray = rustyray::init_with(
+        Config::new()
+            .num_cpus(1.0)
+            .object_store_memory(10_000)
+            .object_store_full_timeout(Duration::from_millis(20)),
+    )?;
+    let a = ray.put(vec![1_u8; 6_000])?;
+    match ray.put(vec![2_u8; 6_000]) {
+        Err(Error::ObjectStoreFull { needed, capacity, .. }) => {
+            assert!(needed >= 6_000);
+            assert_eq!(capacity, 10_000);
+        }
+        other => panic!("expected ObjectStoreFull, got {other:?}"),
+    }
+    // Freeing the first makes room.
+    drop(a);
+    let b = ray.put(vec![2_u8; 6_000])?;
+    assert_eq!(ray.get(&b)?.len(), 6_000);
+    // Larger than the whole store: fails at once.
+    assert!(matches!(ray.put(vec![0_u8; 20_000]), Err(Error::ObjectStoreFull { .. })));
+    Ok(())
+}

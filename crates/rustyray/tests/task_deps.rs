@@ -1,0 +1,182 @@
+//! Dependencies: tasks wait for their reference arguments, failures
+//! propagate with their cause, random DAGs match a sequential oracle, and
+//! nested tasks that block in `get` do not deadlock.
+
+mod common;
+use common::both_modes;
+use proptest::prelude::*;
+use rustyray::prelude::*;
+use rustyray::TaskFailure;
+
+#[rustyray::remote]
+fn add(a: i64, b: i64) -> i64 {
+    a.wrapping_add(b)
+}
+
+#[rustyray::remote]
+fn mul(a: i64, b: i64) -> i64 {
+    a.wrapping_mul(b)
+}
+
+#[rustyray::remote(max_retries = 0)]
+fn fail_with(msg: String) -> Result<i64, String> {
+    Err(msg)
+}
+
+#[rustyray::remote(num_cpus = 1.0)]
+fn fib(n: u32) -> u64 {
+    if n < 2 {
+        return u64::from(n);
+    }
+    let ray = rustyray::current().expect("inside a task");
+    let a = fib::remote(&ray, n - 1).expect("submit");
+    let b = fib::remote(&ray, n - 2).expect("submit");
+    ray.get(&a).expect("fib a") + ray.get(&b).expect("fib b")
+}
+
+#[rustyray::remote(num_cpus = 1.0)]
+async fn fib_async(n: u32) -> u64 {
+    if n < 2 {
+        return u64::from(n);
+    }
+    let ray = rustyray::current().expect("inside a task");
+    let a = fib_async::remote(&ray, n - 1).expect("submit");
+    let b = fib_async::remote(&ray, n - 2).expect("submit");
+    a.await.expect("fib a") + b.await.expect("fib b")
+}
+
+#[rustyray::remote]
+fn wait_then_sum(refs: Vec<ObjectRef<i64>>) -> i64 {
+    let ray = rustyray::current().expect("inside a task");
+    let (ready, _) = ray.wait(&refs, refs.len(), None).expect("wait");
+    ray.get_many(&ready).expect("get").iter().sum()
+}
+
+both_modes! {
+    fn failure_propagates_with_its_cause(ray) {
+        let bad = fail_with::remote(ray, "root cause".to_string())?;
+        let dependent = add::remote(ray, &bad, 1)?;
+        let grandchild = mul::remote(ray, 2, &dependent)?;
+        let err = ray.get(&grandchild).expect_err("must fail");
+        match &err {
+            Error::Task { function, failure: TaskFailure::DependencyFailed, .. } => {
+                assert!(function.ends_with("mul"), "{function}");
+            }
+            other => panic!("expected a dependency failure, got {other:?}"),
+        }
+        // Walk the chain down to the original error.
+        let mut chain = Vec::new();
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+        while let Some(e) = cur {
+            chain.push(e.to_string());
+            cur = e.source();
+        }
+        assert_eq!(chain.len(), 3, "{chain:#?}");
+        assert!(chain[2].contains("root cause"), "{chain:#?}");
+        Ok(())
+    }
+}
+
+#[test]
+fn nested_fib_completes_with_two_cpus() -> rustyray::Result<()> {
+    let ray = common::runtime(2.0, false);
+    let r = fib::remote(&ray, 20)?;
+    assert_eq!(ray.get(&r)?, 6765);
+    Ok(())
+}
+
+#[test]
+fn nested_fib_completes_through_bytes() -> rustyray::Result<()> {
+    let ray = common::runtime(2.0, true);
+    assert_eq!(ray.get(&fib::remote(&ray, 15)?)?, 610);
+    Ok(())
+}
+
+#[test]
+fn nested_async_fib_completes_with_two_cpus() -> rustyray::Result<()> {
+    let ray = common::runtime(2.0, false);
+    assert_eq!(ray.get(&fib_async::remote(&ray, 18)?)?, 2584);
+    Ok(())
+}
+
+#[test]
+fn a_task_blocked_in_wait_releases_its_cpu() -> rustyray::Result<()> {
+    let ray = common::runtime(1.0, false);
+    // One CPU: the waiting task must lend it to the tasks it waits for.
+    let refs: Vec<ObjectRef<i64>> = (0..4).map(|i| add::remote(&ray, i, 0)).collect::<Result<_, _>>()?;
+    let outer = wait_then_sum::remote(&ray, refs)?;
+    assert_eq!(ray.get(&outer)?, 6);
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+enum Operand {
+    Lit(i64),
+    Node(usize),
+}
+
+#[derive(Debug, Clone)]
+struct NodeSpec {
+    mul: bool,
+    a: Operand,
+    b: Operand,
+}
+
+fn dag() -> impl Strategy<Value = Vec<NodeSpec>> {
+    prop::collection::vec((any::<bool>(), any::<(bool, i64, prop::sample::Index)>(), any::<(bool, i64, prop::sample::Index)>()), 1..40)
+        .prop_map(|raw| {
+            raw.into_iter()
+                .enumerate()
+                .map(|(i, (mul, a, b))| {
+                    let operand = |(is_ref, lit, idx): (bool, i64, prop::sample::Index)| {
+                        if is_ref && i > 0 {
+                            Operand::Node(idx.index(i))
+                        } else {
+                            Operand::Lit(lit % 1000)
+                        }
+                    };
+                    NodeSpec { mul, a: operand(a), b: operand(b) }
+                })
+                .collect()
+        })
+}
+
+fn run_dag(ray: &Ray, nodes: &[NodeSpec]) -> rustyray::Result<Vec<i64>> {
+    let mut refs: Vec<ObjectRef<i64>> = Vec::new();
+    for n in nodes {
+        let r = match (&n.a, &n.b) {
+            (Operand::Lit(a), Operand::Lit(b)) => if n.mul { mul::remote(ray, *a, *b) } else { add::remote(ray, *a, *b) },
+            (Operand::Lit(a), Operand::Node(j)) => if n.mul { mul::remote(ray, *a, &refs[*j]) } else { add::remote(ray, *a, &refs[*j]) },
+            (Operand::Node(i), Operand::Lit(b)) => if n.mul { mul::remote(ray, &refs[*i], *b) } else { add::remote(ray, refs[*i].clone(), *b) },
+            (Operand::Node(i), Operand::Node(j)) => if n.mul { mul::remote(ray, &refs[*i], &refs[*j]) } else { add::remote(ray, &refs[*i], &refs[*j]) },
+        }?;
+        refs.push(r);
+    }
+    ray.get_many(&refs)
+}
+
+fn oracle(nodes: &[NodeSpec]) -> Vec<i64> {
+    let mut out: Vec<i64> = Vec::new();
+    for n in nodes {
+        let v = |o: &Operand| match o {
+            Operand::Lit(x) => *x,
+            Operand::Node(j) => out[*j],
+        };
+        let (a, b) = (v(&n.a), v(&n.b));
+        out.push(if n.mul { a.wrapping_mul(b) } else { a.wrapping_add(b) });
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    #[test]
+    fn random_dags_match_a_sequential_oracle(nodes in dag(), bytes in any::<bool>()) {
+        let ray = common::runtime(2.0, bytes);
+        let got = run_dag(&ray, &nodes).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(got, oracle(&nodes));
+        let s = ray.store_stats();
+        prop_assert!(s.num_objects <= nodes.len() as u64);
+    }
+}
