@@ -33,7 +33,8 @@ use crate::error::{Error, Result, TaskFailure};
 use crate::ids::ActorId;
 use crate::object_ref::{Arg, RawRef};
 use crate::options::{resource_request, ActorOptions};
-use crate::registry::{ActorEntry, Instance, MethodBody, MethodEntry};
+use crate::registry::{ActorEntry, ExclusiveGuard, Instance, MethodBody, MethodEntry, SharedGuard};
+use std::any::Any;
 use crate::resources::{ResourceSet, CPU};
 use crate::runtime::{ref_ids, CatchUnwind, Inner, Outcome, Ray, Work};
 use crate::store::Peek;
@@ -219,14 +220,14 @@ impl ActorState {
     /// restarts the actor if it may, else kills it. Runs the constructor
     /// on the calling thread, which must be a pool thread. Returns whether
     /// the actor is alive again.
-    fn crashed(self: &Arc<Self>, rt: &Arc<Inner>, reason: String) -> bool {
+    fn crashed(self: &Arc<Self>, rt: &Arc<Inner>, reason: String, cause: Option<Error>) -> bool {
         {
             let mut life = self.life.lock();
             match life.status {
                 Status::Dead(_) => return false,
                 _ if life.restarts_left == 0 => {
                     drop(life);
-                    self.die(rt, self.died(reason, None));
+                    self.die(rt, self.died(reason, cause));
                     return false;
                 }
                 _ => {}
@@ -346,6 +347,22 @@ impl Future for Complete<'_> {
     }
 }
 
+/// The instance, locked for one call.
+enum Held {
+    Shared(SharedGuard),
+    Exclusive(ExclusiveGuard),
+}
+
+/// Locks the instance for a call, in the order calls arrive: tokio's
+/// `RwLock` grants waiters first come, first served.
+async fn lock(inst: Instance, exclusive: bool) -> Held {
+    if exclusive {
+        Held::Exclusive(inst.write_owned().await)
+    } else {
+        Held::Shared(inst.read_owned().await)
+    }
+}
+
 /// The actor's driver: takes calls in order and dispatches them.
 async fn drive(rt: Arc<Inner>, actor: Arc<ActorState>, mut rx: mpsc::UnboundedReceiver<Mail>) {
     loop {
@@ -370,16 +387,23 @@ async fn drive(rt: Arc<Inner>, actor: Arc<ActorState>, mut rx: mpsc::UnboundedRe
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
-        if let Some(e) = actor.dead_error() {
-            fail_call(&rt, &call, e);
-            continue;
-        }
+        let inst = match actor.instance() {
+            Ok(i) => i,
+            Err(e) => {
+                fail_call(&rt, &call, e);
+                continue;
+            }
+        };
+        // Taking the lock here, before the next call is looked at, is what
+        // orders calls: a `&mut self` call submitted before a `&self` one
+        // starts (and finishes) first.
+        let held = lock(inst, call.method.body.is_exclusive()).await;
         if !call.state.start() {
             rt.forget_task(call.state.id);
             continue;
         }
         actor.life.lock().running.push(call.state.clone());
-        dispatch(&rt, &actor, call, permit);
+        dispatch(&rt, &actor, call, permit, held);
     }
     // Out of scope (or dead): let running calls finish, then end.
     let _all = permits.acquire_many(actor.max_concurrency).await;
@@ -388,9 +412,7 @@ async fn drive(rt: Arc<Inner>, actor: Arc<ActorState>, mut rx: mpsc::UnboundedRe
     rx.close();
     while let Ok(mail) = rx.try_recv() {
         if let Mail::Call(call) = mail {
-            let e = actor
-                .dead_error()
-                .unwrap_or_else(|| actor.died("it was stopped", None));
+            let e = actor.dead_error().unwrap_or_else(|| actor.died("it was stopped", None));
             fail_call(&rt, &call, e);
         }
     }
@@ -411,9 +433,7 @@ impl Drop for CallGuard {
         self.actor.life.lock().running.retain(|s| s.id != id);
         // A call dropped before completing was cancelled or killed; its
         // object already says so unless this is the first word.
-        self.rt
-            .store
-            .complete(id.return_object(), Err(Error::TaskCancelled(id)));
+        self.rt.store.complete(id.return_object(), Err(Error::TaskCancelled(id)));
         self.state.finish();
         self.rt.forget_task(id);
     }
@@ -422,22 +442,17 @@ impl Drop for CallGuard {
 /// Completes a call's object from its outcome.
 fn complete_call(rt: &Arc<Inner>, actor: &ActorState, call: &ActorCall, attempts: u32, outcome: Outcome) {
     let id = call.state.id;
-    let task_error = |failure, message| Error::Task {
-        function: call.method.name.to_owned(),
-        task_id: id,
-        failure,
-        message,
-        attempts,
-        cause: None,
-    };
     let result = if call.state.is_cancelled() {
         Err(actor.dead_error().unwrap_or(Error::TaskCancelled(id)))
     } else {
         match outcome {
             Outcome::Value(v) => rt.admit(v),
-            Outcome::Returned(m) => Err(task_error(TaskFailure::Returned, m)),
+            Outcome::Returned(m) => Err(call_error(call, attempts, TaskFailure::Returned, m)),
             Outcome::Panicked(m) => Err(actor.dead_error().unwrap_or_else(|| {
-                actor.died("a method panicked", Some(task_error(TaskFailure::Panicked, m)))
+                actor.died(
+                    "a method panicked",
+                    Some(call_error(call, attempts, TaskFailure::Panicked, m)),
+                )
             })),
             Outcome::Failed(e) => Err(e),
         }
@@ -445,11 +460,55 @@ fn complete_call(rt: &Arc<Inner>, actor: &ActorState, call: &ActorCall, attempts
     rt.store.complete(id.return_object(), result);
 }
 
+fn call_error(call: &ActorCall, attempts: u32, failure: TaskFailure, message: String) -> Error {
+    Error::Task {
+        function: call.method.name.to_owned(),
+        task_id: call.state.id,
+        failure,
+        message,
+        attempts,
+        cause: None,
+    }
+}
+
+/// Runs one attempt of a sync method on the calling (pool) thread.
+fn run_sync(rt: &Arc<Inner>, call: &ActorCall, spec: &TaskSpec, attempt: u32, held: &mut Held) -> Outcome {
+    let args = match rt.resolve_args(spec, attempt) {
+        Ok(a) => a,
+        Err(e) => return Outcome::Failed(e),
+    };
+    let ctx = TaskContext::new(rt.clone(), call.state.clone(), ResourceSet::new(), false);
+    let body = call.method.body;
+    Outcome::from_invoke(context::with_sync(ctx, || {
+        std::panic::catch_unwind(AssertUnwindSafe(|| match (body, held) {
+            (MethodBody::SyncRef(f), Held::Shared(g)) => f(&***g, args),
+            (MethodBody::SyncMut(f), Held::Exclusive(g)) => f(&mut ***g, args),
+            _ => Err(Error::invalid("method body and instance lock disagree").into()),
+        }))
+    }))
+}
+
+/// Runs one attempt of an async method.
+async fn run_async(rt: &Arc<Inner>, call: &ActorCall, spec: &TaskSpec, attempt: u32, held: Held) -> Outcome {
+    let args = match rt.resolve_args(spec, attempt) {
+        Ok(a) => a,
+        Err(e) => return Outcome::Failed(e),
+    };
+    let fut = match (call.method.body, held) {
+        (MethodBody::AsyncRef(f), Held::Shared(g)) => f(g, args),
+        (MethodBody::AsyncMut(f), Held::Exclusive(g)) => f(g, args),
+        _ => return Outcome::Failed(Error::invalid("method body and instance lock disagree")),
+    };
+    let ctx = TaskContext::new(rt.clone(), call.state.clone(), ResourceSet::new(), true);
+    Outcome::from_invoke(context::with_async(ctx, CatchUnwind(fut)).await)
+}
+
 fn dispatch(
     rt: &Arc<Inner>,
     actor: &Arc<ActorState>,
     call: ActorCall,
     permit: tokio::sync::OwnedSemaphorePermit,
+    held: Held,
 ) {
     let guard = CallGuard {
         rt: rt.clone(),
@@ -462,85 +521,78 @@ fn dispatch(
         target: Target::Method(actor.id, call.method),
         args: call.args.clone(),
     };
-    match call.method.body {
-        MethodBody::Sync(f) => {
-            let rt2 = rt.clone();
-            let actor = actor.clone();
-            let job = Box::new(move || {
-                let rt = rt2;
-                let _guard = guard;
-                let mut retries_left = actor.max_task_retries;
-                let mut attempt = 1;
-                loop {
-                    let outcome = match actor
-                        .instance()
-                        .and_then(|inst| Ok((inst, rt.resolve_args(&spec, attempt)?)))
-                    {
-                        Ok((inst, args)) => {
-                            let ctx =
-                                TaskContext::new(rt.clone(), call.state.clone(), ResourceSet::new(), false);
-                            Outcome::from_invoke(context::with_sync(ctx, || {
-                                std::panic::catch_unwind(AssertUnwindSafe(|| f(&inst, args)))
-                            }))
-                        }
-                        Err(e) => Outcome::Failed(e),
+    let exclusive = call.method.body.is_exclusive();
+    let (rt, actor) = (rt.clone(), actor.clone());
+    if matches!(call.method.body, MethodBody::SyncRef(_) | MethodBody::SyncMut(_)) {
+        let pool = rt.clone();
+        let job = Box::new(move || {
+            let _guard = guard;
+            let mut held = held;
+            let mut retries_left = actor.max_task_retries;
+            let mut attempt = 1;
+            loop {
+                let outcome = run_sync(&rt, &call, &spec, attempt, &mut held);
+                if let Outcome::Panicked(msg) = &outcome {
+                    drop(held);
+                    let cause = call_error(&call, attempt, TaskFailure::Panicked, msg.clone());
+                    let reason = format!("{} panicked: {msg}", call.method.name);
+                    let alive = actor.crashed(&rt, reason, Some(cause));
+                    let retry = alive && retries_left != 0 && !call.state.is_cancelled();
+                    let relocked = match (retry, actor.instance()) {
+                        (true, Ok(inst)) => Some(rt.handle.block_on(lock(inst, exclusive))),
+                        _ => None,
                     };
-                    if let Outcome::Panicked(msg) = &outcome {
-                        let alive = actor.crashed(&rt, format!("{} panicked: {msg}", call.method.name));
-                        if alive && retries_left != 0 && !call.state.is_cancelled() {
-                            retries_left -= i32::from(retries_left > 0);
-                            attempt += 1;
-                            continue;
-                        }
+                    if let Some(h) = relocked {
+                        held = h;
+                        retries_left -= i32::from(retries_left > 0);
+                        attempt += 1;
+                        continue;
                     }
                     complete_call(&rt, &actor, &call, attempt, outcome);
                     break;
                 }
-            });
-            let _ = rt.pool.execute(job);
-        }
-        MethodBody::Async(f) => {
-            let rt2 = rt.clone();
-            let actor = actor.clone();
-            let state = call.state.clone();
-            let fut = async move {
-                let rt = rt2;
+                complete_call(&rt, &actor, &call, attempt, outcome);
+                break;
+            }
+        });
+        let _ = pool.pool.execute(job);
+    } else {
+        let state = call.state.clone();
+        let fut = {
+            let rt = rt.clone();
+            async move {
                 let _guard = guard;
+                let mut held = Some(held);
                 let mut retries_left = actor.max_task_retries;
                 let mut attempt = 1;
                 loop {
-                    let outcome = match actor
-                        .instance()
-                        .and_then(|inst| Ok((inst, rt.resolve_args(&spec, attempt)?)))
-                    {
-                        Ok((inst, args)) => {
-                            let ctx =
-                                TaskContext::new(rt.clone(), call.state.clone(), ResourceSet::new(), true);
-                            Outcome::from_invoke(context::with_async(ctx, CatchUnwind(f(inst, args))).await)
-                        }
-                        Err(e) => Outcome::Failed(e),
-                    };
+                    let Some(h) = held.take() else { break };
+                    let outcome = run_async(&rt, &call, &spec, attempt, h).await;
                     if let Outcome::Panicked(msg) = &outcome {
+                        let cause = call_error(&call, attempt, TaskFailure::Panicked, msg.clone());
                         let reason = format!("{} panicked: {msg}", call.method.name);
                         let alive = on_pool(&rt, {
                             let (rt, actor) = (rt.clone(), actor.clone());
-                            move || actor.crashed(&rt, reason)
+                            move || actor.crashed(&rt, reason, Some(cause))
                         })
                         .await
                         .unwrap_or(false);
                         if alive && retries_left != 0 && !call.state.is_cancelled() {
-                            retries_left -= i32::from(retries_left > 0);
-                            attempt += 1;
-                            continue;
+                            if let Ok(inst) = actor.instance() {
+                                held = Some(lock(inst, exclusive).await);
+                                retries_left -= i32::from(retries_left > 0);
+                                attempt += 1;
+                                continue;
+                            }
                         }
                     }
                     complete_call(&rt, &actor, &call, attempt, outcome);
                     break;
                 }
-            };
-            let h = rt.handle.spawn(fut);
-            state.set_abort(h.abort_handle());
-        }
+            }
+        };
+        let h = rt.handle.spawn(fut);
+        state.set_abort(h.abort_handle());
     }
 }
 
@@ -861,31 +913,30 @@ impl Ray {
         let rt2 = rt.clone();
         rt.pool
             .execute(Box::new(move || {
-                actor.crashed(&rt2, "it was killed".to_owned());
+                actor.crashed(&rt2, "it was killed".to_owned(), None);
             }))
             .map_err(|_| Error::Shutdown)
     }
 }
 
-/// Helpers for generated code: the instance of a sync or async method.
-pub fn instance_of<A: Send + Sync + 'static>(inst: &Instance) -> Result<&tokio::sync::RwLock<A>> {
-    inst.downcast_ref::<tokio::sync::RwLock<A>>()
-        .ok_or_else(|| Error::TypeMismatch {
-            expected: std::any::type_name::<A>().to_owned(),
-            found: "an instance of another class".to_owned(),
-        })
+/// For generated code: the actor's state as its class.
+pub fn instance_ref<A: 'static>(state: &(dyn Any + Send + Sync)) -> Result<&A> {
+    state.downcast_ref::<A>().ok_or_else(|| class_mismatch::<A>())
 }
 
-/// The instance of an async method, owned by its future.
-pub fn instance_arc<A: Send + Sync + 'static>(inst: Instance) -> Result<Arc<tokio::sync::RwLock<A>>> {
-    inst.downcast::<tokio::sync::RwLock<A>>()
-        .map_err(|_| Error::TypeMismatch {
-            expected: std::any::type_name::<A>().to_owned(),
-            found: "an instance of another class".to_owned(),
-        })
+/// For generated code: the actor's state as its class, mutably.
+pub fn instance_mut<A: 'static>(state: &mut (dyn Any + Send + Sync)) -> Result<&mut A> {
+    state.downcast_mut::<A>().ok_or_else(|| class_mismatch::<A>())
 }
 
-/// Wraps a freshly constructed instance.
+fn class_mismatch<A>() -> Error {
+    Error::TypeMismatch {
+        expected: std::any::type_name::<A>().to_owned(),
+        found: "an instance of another class".to_owned(),
+    }
+}
+
+/// For generated code: wraps a freshly constructed instance.
 pub fn new_instance<A: Send + Sync + 'static>(a: A) -> Instance {
-    Arc::new(tokio::sync::RwLock::new(a))
+    Arc::new(tokio::sync::RwLock::new(Box::new(a)))
 }

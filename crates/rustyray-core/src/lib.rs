@@ -39,6 +39,7 @@ mod resources;
 mod runtime;
 mod scheduler;
 mod store;
+mod sync;
 mod task;
 
 pub use actor::{create_actor, ActorClass, ActorHandle, ActorStub, RawActor};
@@ -57,13 +58,12 @@ pub use task::ArgList;
 /// What the macros' generated code calls. Not a stable API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::actor::{instance_arc, instance_of, new_instance};
+    pub use crate::actor::{instance_mut, instance_ref, new_instance};
     pub use crate::registry::{
-        ActorEntry, BoxFuture, DeclaredOptions, FunctionBody, FunctionEntry, Instance, InvokeError,
-        InvokeResult, MethodBody, MethodEntry, ACTOR_CLASSES, ACTOR_METHODS, REMOTE_FUNCTIONS,
+        ActorEntry, BoxFuture, DeclaredOptions, ExclusiveGuard, FunctionBody, FunctionEntry, Instance,
+        InvokeError, InvokeResult, MethodBody, SharedGuard, MethodEntry, ACTOR_CLASSES, ACTOR_METHODS, REMOTE_FUNCTIONS,
     };
     pub use linkme;
-    pub use tokio::sync::RwLock;
 
     use crate::{Arg, Data, ObjectRef, Ray, Result, TaskOptions, Value};
 

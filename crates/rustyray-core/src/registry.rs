@@ -101,23 +101,49 @@ pub struct FunctionEntry {
     pub options: DeclaredOptions,
 }
 
-/// An erased actor instance, shared by the calls that run on it.
-pub type Instance = Arc<dyn Any + Send + Sync>;
+/// An actor's state, erased.
+pub type State = Box<dyn Any + Send + Sync>;
+
+/// An erased actor instance, shared by the calls that run on it. The
+/// runtime takes its lock (shared for `&self` methods, exclusive for
+/// `&mut self` ones) in submission order before a call starts.
+pub type Instance = Arc<tokio::sync::RwLock<State>>;
+
+/// The instance as a `&self` async method holds it.
+pub type SharedGuard = tokio::sync::OwnedRwLockReadGuard<State>;
+
+/// The instance as a `&mut self` async method holds it.
+pub type ExclusiveGuard = tokio::sync::OwnedRwLockWriteGuard<State>;
 
 /// How an actor method runs.
 #[derive(Clone, Copy)]
 pub enum MethodBody {
-    /// A plain method: runs on a worker thread.
-    Sync(fn(&Instance, ArgList) -> InvokeResult),
-    /// An `async fn` method: runs on the async executor.
-    Async(fn(Instance, ArgList) -> BoxFuture<InvokeResult>),
+    /// A plain `&self` method: runs on a worker thread.
+    SyncRef(fn(&(dyn Any + Send + Sync), ArgList) -> InvokeResult),
+    /// A plain `&mut self` method: runs on a worker thread.
+    SyncMut(fn(&mut (dyn Any + Send + Sync), ArgList) -> InvokeResult),
+    /// An `async fn` taking `&self`: runs on the async executor and may
+    /// interleave with other `&self` calls at its awaits.
+    AsyncRef(fn(SharedGuard, ArgList) -> BoxFuture<InvokeResult>),
+    /// An `async fn` taking `&mut self`: runs on the async executor with
+    /// the instance to itself until it returns.
+    AsyncMut(fn(ExclusiveGuard, ArgList) -> BoxFuture<InvokeResult>),
+}
+
+impl MethodBody {
+    /// Whether the method needs the instance to itself.
+    pub fn is_exclusive(&self) -> bool {
+        matches!(self, MethodBody::SyncMut(_) | MethodBody::AsyncMut(_))
+    }
 }
 
 impl std::fmt::Debug for MethodBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            MethodBody::Sync(_) => "Sync",
-            MethodBody::Async(_) => "Async",
+            MethodBody::SyncRef(_) => "SyncRef",
+            MethodBody::SyncMut(_) => "SyncMut",
+            MethodBody::AsyncRef(_) => "AsyncRef",
+            MethodBody::AsyncMut(_) => "AsyncMut",
         })
     }
 }

@@ -26,9 +26,8 @@
 use crate::codec::Value;
 use crate::error::{Error, Result};
 use crate::ids::ObjectId;
-use parking_lot::{Condvar, Mutex};
+use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
@@ -365,3 +364,6 @@ impl Wake for ThreadWaker {
         self.0.unpark();
     }
 }
+
+#[cfg(all(test, feature = "shuttle"))]
+mod model_tests;

@@ -1,26 +1,27 @@
 //! `#[actor]` on a struct (the class and its stub type) and on its `impl`
 //! block (constructor, methods and registry entries).
 
-use crate::common::{ident, output, params, parse_options, result_ok_type};
+use crate::common::{
+    generics_error, ident, is_generic, output, params, parse_options, result_ok_type, take_args,
+};
 use proc_macro2::TokenStream;
 use quote::quote;
-use syn::spanned::Spanned;
-use syn::{Error, FnArg, ImplItem, ImplItemFn, Item, ItemImpl, ItemStruct, ReturnType, Type};
+use syn::{Error, FnArg, ImplItem, ImplItemFn, Item, ItemImpl, ItemStruct, ReturnType, Signature, Type};
 
 pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
     match syn::parse2::<Item>(item)? {
         Item::Struct(s) => {
             if !attr.is_empty() {
-                return Err(Error::new(
-                    attr.span(),
+                return Err(Error::new_spanned(
+                    attr,
                     "actor options go on the impl block: #[rustyray::actor(max_restarts = 1)] impl ...",
                 ));
             }
             expand_struct(s)
         }
         Item::Impl(i) => expand_impl(attr, i),
-        other => Err(Error::new(
-            other.span(),
+        other => Err(Error::new_spanned(
+            other,
             "#[rustyray::actor] goes on a struct and on its impl block",
         )),
     }
@@ -31,10 +32,10 @@ fn stub_name(class: &syn::Ident) -> syn::Ident {
 }
 
 fn expand_struct(s: ItemStruct) -> syn::Result<TokenStream> {
-    if !s.generics.params.is_empty() || s.generics.where_clause.is_some() {
-        return Err(Error::new(
-            s.generics.span(),
-            "an actor cannot be generic: the registry needs one concrete class per name",
+    if is_generic(&s.generics) {
+        return Err(generics_error(
+            &s.generics,
+            "an actor cannot be generic: the registry needs one concrete class per name".into(),
         ));
     }
     let name = &s.ident;
@@ -75,6 +76,16 @@ fn returns_self(f: &ImplItemFn, class: &syn::Ident) -> Option<bool> {
     result_ok_type(ty).filter(is_self).map(|_| true)
 }
 
+/// The error for a constructor `new` that does not return `Self`: at its
+/// return type, or at its signature when it returns nothing.
+fn not_returning_self(sig: &Signature) -> Error {
+    let message = "the actor constructor `new` must return `Self` (or `Result<Self, E>`)";
+    match &sig.output {
+        ReturnType::Type(_, ty) => Error::new_spanned(ty, message),
+        ReturnType::Default => Error::new_spanned(sig, message),
+    }
+}
+
 fn expand_impl(attr: TokenStream, imp: ItemImpl) -> syn::Result<TokenStream> {
     let opts = parse_options(
         attr,
@@ -87,15 +98,15 @@ fn expand_impl(attr: TokenStream, imp: ItemImpl) -> syn::Result<TokenStream> {
             "resource",
         ],
     )?;
-    if !imp.generics.params.is_empty() || imp.generics.where_clause.is_some() {
-        return Err(Error::new(
-            imp.generics.span(),
-            "an actor cannot be generic: the registry needs one concrete class per name",
+    if is_generic(&imp.generics) {
+        return Err(generics_error(
+            &imp.generics,
+            "an actor cannot be generic: the registry needs one concrete class per name".into(),
         ));
     }
     if let Some((_, path, _)) = &imp.trait_ {
-        return Err(Error::new(
-            path.span(),
+        return Err(Error::new_spanned(
+            path,
             "#[rustyray::actor] goes on the inherent impl block (`impl Name { .. }`), not a trait impl",
         ));
     }
@@ -104,10 +115,10 @@ fn expand_impl(attr: TokenStream, imp: ItemImpl) -> syn::Result<TokenStream> {
             .path
             .get_ident()
             .cloned()
-            .ok_or_else(|| Error::new(p.span(), "expected a type name"))?,
+            .ok_or_else(|| Error::new_spanned(p, "expected a type name"))?,
         other => {
-            return Err(Error::new(
-                other.span(),
+            return Err(Error::new_spanned(
+                other,
                 "#[rustyray::actor] needs a plain, non-generic struct name here",
             ))
         }
@@ -124,25 +135,17 @@ fn expand_impl(attr: TokenStream, imp: ItemImpl) -> syn::Result<TokenStream> {
         match f.sig.inputs.first() {
             Some(FnArg::Receiver(r)) => {
                 if r.reference.is_none() {
-                    return Err(Error::new(
-                        r.span(),
+                    return Err(Error::new_spanned(
+                        r,
                         "an actor method takes `&self` or `&mut self`; the actor keeps its state between calls",
                     ));
                 }
                 methods.push((f, r.mutability.is_some()));
             }
             _ if f.sig.ident == "new" => {
-                let fallible = returns_self(f, &class).ok_or_else(|| {
-                    Error::new(
-                        f.sig.output.span(),
-                        "the actor constructor `new` must return `Self` (or `Result<Self, E>`)",
-                    )
-                })?;
-                if f.sig.asyncness.is_some() {
-                    return Err(Error::new(
-                        f.sig.span(),
-                        "the actor constructor `new` cannot be async",
-                    ));
+                let fallible = returns_self(f, &class).ok_or_else(|| not_returning_self(&f.sig))?;
+                if let Some(a) = &f.sig.asyncness {
+                    return Err(Error::new_spanned(a, "the actor constructor `new` cannot be async"));
                 }
                 ctor = Some((f, fallible));
             }
@@ -150,8 +153,8 @@ fn expand_impl(attr: TokenStream, imp: ItemImpl) -> syn::Result<TokenStream> {
         }
     }
     let Some((ctor, ctor_fallible)) = ctor else {
-        return Err(Error::new(
-            imp.self_ty.span(),
+        return Err(Error::new_spanned(
+            &imp.self_ty,
             "an actor impl block needs a constructor: `fn new(..) -> Self`",
         ));
     };
@@ -161,7 +164,7 @@ fn expand_impl(attr: TokenStream, imp: ItemImpl) -> syn::Result<TokenStream> {
 
     let (cnames, ctypes) = (&cp.names, &cp.types);
     let cn = cnames.len();
-    let cidx = 0..cn;
+    let ctake_args = take_args(&cp);
     let make = if ctor_fallible {
         quote!(::rustyray::__private::fallible_instance::<#class, _>(#class::new(#(#cnames),*)))
     } else {
@@ -178,68 +181,65 @@ fn expand_impl(attr: TokenStream, imp: ItemImpl) -> syn::Result<TokenStream> {
         let invoke = ident(&format!("__rustyray_method_{class}_{mname}"));
         let (names, types) = (&p.names, &p.types);
         let n = names.len();
-        let idx = 0..n;
+        let take_args = take_args(&p);
         let out_ty = &out.ty;
-        let wrap = if out.fallible {
-            quote!(::rustyray::__private::fallible)
+        let wrap = out.wrap();
+        // The runtime locks the instance (shared for `&self`, exclusive
+        // for `&mut self`) in submission order and hands it over.
+        let (this, access) = if *mutable {
+            (
+                quote!(::rustyray::__private::instance_mut::<#class>(&mut **guard)?),
+                quote!(instance_mut),
+            )
         } else {
-            quote!(::rustyray::__private::output)
+            (
+                quote!(::rustyray::__private::instance_ref::<#class>(&**guard)?),
+                quote!(instance_ref),
+            )
         };
         let (body, kind) = if f.sig.asyncness.is_some() {
-            let lock = if *mutable { quote!(write) } else { quote!(read) };
-            let borrow = if *mutable {
-                quote!(&mut *guard)
+            let (guard_ty, variant) = if *mutable {
+                (quote!(ExclusiveGuard), quote!(AsyncMut))
             } else {
-                quote!(&*guard)
+                (quote!(SharedGuard), quote!(AsyncRef))
             };
             (
                 quote! {
                     fn #invoke(
-                        inst: ::rustyray::__private::Instance,
+                        #[allow(unused_mut)]
+                        mut guard: ::rustyray::__private::#guard_ty,
                         mut args: ::rustyray::ArgList,
                     ) -> ::rustyray::__private::BoxFuture<::rustyray::__private::InvokeResult> {
                         ::std::boxed::Box::pin(async move {
                             args.expect_len(#n)?;
-                            #( let #names: #types = args.take(#idx)?; )*
-                            let cell = ::rustyray::__private::instance_arc::<#class>(inst)?;
-                            #[allow(unused_mut)]
-                            let mut guard = cell.#lock().await;
-                            let out = #class::#mname(#borrow, #(#names),*).await;
-                            ::core::mem::drop(guard);
+                            #take_args
+                            let this = #this;
+                            let out = #class::#mname(this, #(#names),*).await;
                             #wrap(out)
                         })
                     }
                 },
-                quote!(::rustyray::__private::MethodBody::Async(#invoke)),
+                quote!(::rustyray::__private::MethodBody::#variant(#invoke)),
             )
         } else {
-            let lock = if *mutable {
-                quote!(blocking_write)
+            let (state_ty, variant) = if *mutable {
+                (quote!(&mut (dyn ::core::any::Any + Send + Sync)), quote!(SyncMut))
             } else {
-                quote!(blocking_read)
-            };
-            let borrow = if *mutable {
-                quote!(&mut *guard)
-            } else {
-                quote!(&*guard)
+                (quote!(&(dyn ::core::any::Any + Send + Sync)), quote!(SyncRef))
             };
             (
                 quote! {
                     fn #invoke(
-                        inst: &::rustyray::__private::Instance,
+                        state: #state_ty,
                         mut args: ::rustyray::ArgList,
                     ) -> ::rustyray::__private::InvokeResult {
                         args.expect_len(#n)?;
-                        #( let #names: #types = args.take(#idx)?; )*
-                        let cell = ::rustyray::__private::instance_of::<#class>(inst)?;
-                        #[allow(unused_mut)]
-                        let mut guard = cell.#lock();
-                        let out = #class::#mname(#borrow, #(#names),*);
-                        ::core::mem::drop(guard);
-                        #wrap(out)
+                        #take_args
+                        let this = ::rustyray::__private::#access::<#class>(state)?;
+                        #wrap(#class::#mname(this, #(#names),*))
                     }
                 },
-                quote!(::rustyray::__private::MethodBody::Sync(#invoke)),
+                quote!(::rustyray::__private::MethodBody::#variant(#invoke)),
             )
         };
         generated.push(quote! {
@@ -292,7 +292,7 @@ fn expand_impl(attr: TokenStream, imp: ItemImpl) -> syn::Result<TokenStream> {
             mut args: ::rustyray::ArgList,
         ) -> ::core::result::Result<::rustyray::__private::Instance, ::rustyray::__private::InvokeError> {
             args.expect_len(#cn)?;
-            #( let #cnames: #ctypes = args.take(#cidx)?; )*
+            #ctake_args
             #make
         }
 

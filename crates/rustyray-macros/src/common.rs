@@ -1,10 +1,12 @@
 //! Parsing shared by the macros: attribute options and signatures.
 
 use proc_macro2::{Span, TokenStream};
-use quote::{format_ident, quote};
+use quote::{format_ident, quote, quote_spanned};
 use syn::parse::Parser;
 use syn::spanned::Spanned;
-use syn::{Error, Expr, FnArg, GenericArgument, Ident, Lit, Pat, PathArguments, ReturnType, Signature, Type};
+use syn::{
+    Error, Expr, FnArg, GenericArgument, Generics, Ident, Lit, Pat, PathArguments, ReturnType, Signature, Type,
+};
 
 /// Options given in the attribute.
 #[derive(Default)]
@@ -23,54 +25,95 @@ fn number(e: &Expr) -> syn::Result<f64> {
         Expr::Lit(l) => match &l.lit {
             Lit::Float(f) => f.base10_parse(),
             Lit::Int(i) => i.base10_parse::<i64>().map(|v| v as f64),
-            other => Err(Error::new(other.span(), "expected a number")),
+            other => Err(Error::new_spanned(other, "expected a number")),
         },
         Expr::Unary(u) if matches!(u.op, syn::UnOp::Neg(_)) => Ok(-number(&u.expr)?),
-        other => Err(Error::new(other.span(), "expected a number")),
+        other => Err(Error::new_spanned(other, "expected a number")),
     }
+}
+
+/// An integer literal (possibly negated) that fits in `T`. Counts such as
+/// `max_retries` are integers; a fraction or an out-of-range value is an
+/// error rather than being silently truncated.
+fn integer<T: TryFrom<i64>>(e: &Expr) -> syn::Result<T> {
+    let v = match e {
+        Expr::Lit(l) => match &l.lit {
+            Lit::Int(i) => i.base10_parse::<i64>()?,
+            other => return Err(Error::new_spanned(other, "expected an integer")),
+        },
+        Expr::Unary(u) if matches!(u.op, syn::UnOp::Neg(_)) => integer::<i64>(&u.expr)?
+            .checked_neg()
+            .ok_or_else(|| Error::new_spanned(e, "integer out of range"))?,
+        other => return Err(Error::new_spanned(other, "expected an integer")),
+    };
+    T::try_from(v).map_err(|_| {
+        Error::new_spanned(
+            e,
+            format!(
+                "integer out of range for `{}`",
+                std::any::type_name::<T>()
+            ),
+        )
+    })
 }
 
 fn boolean(e: &Expr) -> syn::Result<bool> {
     match e {
         Expr::Lit(l) => match &l.lit {
             Lit::Bool(b) => Ok(b.value),
-            other => Err(Error::new(other.span(), "expected true or false")),
+            other => Err(Error::new_spanned(other, "expected true or false")),
         },
-        other => Err(Error::new(other.span(), "expected true or false")),
+        other => Err(Error::new_spanned(other, "expected true or false")),
     }
 }
 
 /// Parses `key = value, ...`; `allowed` lists the keys this item accepts.
+/// Every key but `resource` may be given once.
 pub(crate) fn parse_options(attr: TokenStream, allowed: &[&str]) -> syn::Result<AttrOptions> {
     let mut o = AttrOptions::default();
+    let mut seen: Vec<String> = Vec::new();
     let parser = syn::meta::parser(|meta| {
-        let key = meta.path.get_ident().map(Ident::to_string).unwrap_or_default();
+        let key = match meta.path.get_ident() {
+            Some(i) => i.to_string(),
+            None => {
+                return Err(Error::new_spanned(
+                    &meta.path,
+                    format!("expected an option name; expected one of: {}", allowed.join(", ")),
+                ))
+            }
+        };
         if !allowed.contains(&key.as_str()) {
             return Err(meta.error(format!(
                 "unknown option `{key}`; expected one of: {}",
                 allowed.join(", ")
             )));
         }
+        if key != "resource" {
+            if seen.contains(&key) {
+                return Err(meta.error(format!("option `{key}` is given more than once")));
+            }
+            seen.push(key.clone());
+        }
         let value: Expr = meta.value()?.parse()?;
         match key.as_str() {
             "num_cpus" => o.num_cpus = Some(number(&value)?),
             "num_gpus" => o.num_gpus = Some(number(&value)?),
-            "max_retries" | "max_restarts" => o.max_retries = Some(number(&value)? as i32),
+            "max_retries" | "max_restarts" => o.max_retries = Some(integer(&value)?),
             "retry_exceptions" => o.retry_exceptions = Some(boolean(&value)?),
-            "max_concurrency" => o.max_concurrency = Some(number(&value)? as u32),
-            "max_task_retries" => o.max_task_retries = Some(number(&value)? as i32),
+            "max_concurrency" => o.max_concurrency = Some(integer(&value)?),
+            "max_task_retries" => o.max_task_retries = Some(integer(&value)?),
             "resource" => match &value {
                 Expr::Tuple(t) if t.elems.len() == 2 => {
                     let name = match &t.elems[0] {
                         Expr::Lit(l) => match &l.lit {
                             Lit::Str(s) => s.value(),
-                            other => return Err(Error::new(other.span(), "expected a resource name string")),
+                            other => return Err(Error::new_spanned(other, "expected a resource name string")),
                         },
-                        other => return Err(Error::new(other.span(), "expected a resource name string")),
+                        other => return Err(Error::new_spanned(other, "expected a resource name string")),
                     };
                     o.resources.push((name, number(&t.elems[1])?));
                 }
-                other => return Err(Error::new(other.span(), "expected (\"name\", amount)")),
+                other => return Err(Error::new_spanned(other, "expected (\"name\", amount)")),
             },
             _ => unreachable!("checked against `allowed` above"),
         }
@@ -120,29 +163,43 @@ pub(crate) struct Params {
     pub(crate) types: Vec<Type>,
 }
 
+/// An error about generic parameters or a `where` clause, spanning all of
+/// them (`<T>`, or the `where` clause when there are no parameters).
+pub(crate) fn generics_error(generics: &Generics, message: String) -> Error {
+    match &generics.where_clause {
+        Some(w) if generics.params.is_empty() => Error::new_spanned(w, message),
+        _ => Error::new_spanned(generics, message),
+    }
+}
+
+/// Whether `generics` declares any parameter or `where` clause.
+pub(crate) fn is_generic(generics: &Generics) -> bool {
+    !generics.params.is_empty() || generics.where_clause.is_some()
+}
+
 /// Checks that a signature can be remote and collects its parameters.
 /// `what` names the item in messages ("remote function", "actor method").
+///
+/// Errors span the whole offending tokens (`&str`, `<T>`, `(a, b)`), so
+/// the compiler underlines all of them rather than their first token.
 pub(crate) fn params(sig: &Signature, what: &str) -> syn::Result<Params> {
-    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
-        return Err(Error::new(
-            sig.generics.span(),
+    if is_generic(&sig.generics) {
+        return Err(generics_error(
+            &sig.generics,
             format!("a {what} cannot be generic: the registry needs one concrete function per name"),
         ));
     }
     if let Some(c) = &sig.constness {
-        return Err(Error::new(c.span(), format!("a {what} cannot be `const`")));
+        return Err(Error::new_spanned(c, format!("a {what} cannot be `const`")));
     }
     if let Some(u) = &sig.unsafety {
-        return Err(Error::new(u.span(), format!("a {what} cannot be `unsafe`")));
+        return Err(Error::new_spanned(u, format!("a {what} cannot be `unsafe`")));
     }
     if let Some(a) = &sig.abi {
-        return Err(Error::new(
-            a.span(),
-            format!("a {what} cannot have an `extern` ABI"),
-        ));
+        return Err(Error::new_spanned(a, format!("a {what} cannot have an `extern` ABI")));
     }
     if let Some(v) = &sig.variadic {
-        return Err(Error::new(v.span(), format!("a {what} cannot be variadic")));
+        return Err(Error::new_spanned(v, format!("a {what} cannot be variadic")));
     }
     let mut names = Vec::new();
     let mut types = Vec::new();
@@ -151,8 +208,8 @@ pub(crate) fn params(sig: &Signature, what: &str) -> syn::Result<Params> {
             FnArg::Receiver(_) => continue,
             FnArg::Typed(pt) => {
                 if !matches!(&*pt.pat, Pat::Ident(_) | Pat::Wild(_)) {
-                    return Err(Error::new(
-                        pt.pat.span(),
+                    return Err(Error::new_spanned(
+                        &pt.pat,
                         format!("a {what} takes plain named parameters (`name: Type`), not patterns"),
                     ));
                 }
@@ -169,26 +226,23 @@ pub(crate) fn params(sig: &Signature, what: &str) -> syn::Result<Params> {
 /// process boundary.
 pub(crate) fn check_owned(ty: &Type, what: &str, role: &str) -> syn::Result<()> {
     match ty {
-        Type::Reference(r) => Err(Error::new(
-            r.span(),
+        Type::Reference(r) => Err(Error::new_spanned(
+            r,
             format!(
                 "a {what} {role} must be an owned type (Serialize + DeserializeOwned + Send + Sync + 'static), not a reference"
             ),
         )),
-        Type::ImplTrait(t) => Err(Error::new(
-            t.span(),
+        Type::ImplTrait(t) => Err(Error::new_spanned(
+            t,
             format!("a {what} {role} cannot be `impl Trait`: its type must be concrete to be encoded"),
         )),
-        Type::TraitObject(t) => Err(Error::new(
-            t.span(),
+        Type::TraitObject(t) => Err(Error::new_spanned(
+            t,
             format!("a {what} {role} cannot be a trait object: its type must be concrete to be encoded"),
         )),
-        Type::Ptr(p) => Err(Error::new(
-            p.span(),
-            format!("a {what} {role} cannot be a raw pointer"),
-        )),
-        Type::BareFn(f) => Err(Error::new(
-            f.span(),
+        Type::Ptr(p) => Err(Error::new_spanned(p, format!("a {what} {role} cannot be a raw pointer"))),
+        Type::BareFn(f) => Err(Error::new_spanned(
+            f,
             format!("a {what} {role} cannot be a function pointer: code does not travel as data"),
         )),
         Type::Paren(p) => check_owned(&p.elem, what, role),
@@ -205,6 +259,21 @@ pub(crate) struct Output {
     pub(crate) fallible: bool,
 }
 
+impl Output {
+    /// The path of the function that wraps the returned value into an
+    /// `InvokeResult`. It carries the span of the produced type, so a type
+    /// that is not `Data` is reported at that type in the signature rather
+    /// than at the attribute.
+    pub(crate) fn wrap(&self) -> TokenStream {
+        let span = self.ty.span();
+        if self.fallible {
+            quote_spanned!(span=> ::rustyray::__private::fallible)
+        } else {
+            quote_spanned!(span=> ::rustyray::__private::output)
+        }
+    }
+}
+
 /// Reads the return type: `T`, `()`, or `Result<T, E>` (also a
 /// one-parameter `Result<T>` alias).
 pub(crate) fn output(sig: &Signature, what: &str) -> syn::Result<Output> {
@@ -219,12 +288,27 @@ pub(crate) fn output(sig: &Signature, what: &str) -> syn::Result<Output> {
     };
     check_owned(&ty, what, "return type")?;
     if let Some(ok) = result_ok_type(&ty) {
+        check_owned(&ok, what, "return type")?;
         return Ok(Output {
             ty: ok,
             fallible: true,
         });
     }
     Ok(Output { ty, fallible: false })
+}
+
+/// The statements that decode the parameters from `args` (an
+/// `ArgList` in scope): `let name: Type = args.take(i)?;` for each.
+///
+/// `take` requires `Type: Data`; its name carries the span of the
+/// parameter's type, so a parameter type that is not `Data` is reported at
+/// that type in the signature rather than at the attribute.
+pub(crate) fn take_args(p: &Params) -> TokenStream {
+    let lets = p.names.iter().zip(&p.types).enumerate().map(|(i, (name, ty))| {
+        let take = Ident::new("take", ty.span());
+        quote!(let #name: #ty = args.#take(#i)?;)
+    });
+    quote!(#(#lets)*)
 }
 
 /// `T` when `ty` is spelled `...Result<T, ..>`.

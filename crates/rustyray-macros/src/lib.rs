@@ -18,8 +18,9 @@ mod remote;
 /// `retry_exceptions`, `resource = ("name", amount)` (repeatable).
 #[proc_macro_attribute]
 pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
-    remote::expand(attr.into(), item.into())
-        .unwrap_or_else(syn::Error::into_compile_error)
+    let item = proc_macro2::TokenStream::from(item);
+    remote::expand(attr.into(), item.clone())
+        .unwrap_or_else(|e| error_with_item(e, item))
         .into()
 }
 
@@ -32,7 +33,18 @@ pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
 /// `resource = ("name", amount)`.
 #[proc_macro_attribute]
 pub fn actor(attr: TokenStream, item: TokenStream) -> TokenStream {
-    actor::expand(attr.into(), item.into())
-        .unwrap_or_else(syn::Error::into_compile_error)
+    let item = proc_macro2::TokenStream::from(item);
+    actor::expand(attr.into(), item.clone())
+        .unwrap_or_else(|e| error_with_item(e, item))
         .into()
+}
+
+/// The output of a macro that rejected its item: the error, followed by the
+/// item unchanged. Keeping the item means the rest of the crate still sees
+/// the function or struct, so the user gets the macro's message alone
+/// rather than also one "cannot find" error per use of the item.
+fn error_with_item(e: syn::Error, item: proc_macro2::TokenStream) -> proc_macro2::TokenStream {
+    let mut out = e.into_compile_error();
+    out.extend(item);
+    out
 }

@@ -1,10 +1,9 @@
 //! `#[remote]` on a function.
 
-use crate::common::{ident, output, params, parse_options};
+use crate::common::{ident, output, params, parse_options, take_args};
 use proc_macro2::TokenStream;
 use quote::quote;
-use syn::spanned::Spanned;
-use syn::{Error, FnArg, ItemFn};
+use syn::{Error, FnArg, Item};
 
 pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
     let opts = parse_options(
@@ -17,17 +16,29 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
             "resource",
         ],
     )?;
-    let func: ItemFn = syn::parse2(item).map_err(|e| {
-        Error::new(
-            e.span(),
-            "#[rustyray::remote] goes on a function (for methods, use #[rustyray::actor] on the impl block)",
-        )
-    })?;
+    let func = match syn::parse2::<Item>(item)? {
+        Item::Fn(f) => f,
+        Item::Struct(s) => {
+            let (token, name) = (&s.struct_token, &s.ident);
+            return Err(not_a_function(
+                quote!(#token #name),
+                "; for a struct, use #[rustyray::actor] on the struct and on its impl block",
+            ))
+        }
+        Item::Impl(i) => {
+            let (token, self_ty) = (&i.impl_token, &i.self_ty);
+            return Err(not_a_function(
+                quote!(#token #self_ty),
+                "; for an impl block, use #[rustyray::actor] on it and on its struct",
+            ));
+        }
+        other => return Err(not_a_function(quote!(#other), "")),
+    };
     let sig = &func.sig;
     if let Some(FnArg::Receiver(r)) = sig.inputs.first() {
-        return Err(Error::new(
-            r.span(),
-            "a remote function cannot take `self`; to make methods remote, put #[rustyray::actor] on the struct and its impl block",
+        return Err(Error::new_spanned(
+            r,
+            "a remote function cannot take `self`; to make methods remote, put #[rustyray::actor] on the struct and on its impl block",
         ));
     }
     let p = params(sig, "remote function")?;
@@ -35,6 +46,7 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
     let name = &sig.ident;
     let vis = &func.vis;
     let is_async = sig.asyncness.is_some();
+    let take_args = take_args(&p);
     let entry = ident(&format!("__RUSTYRAY_FN_{name}"));
     let invoke = ident(&format!("__rustyray_invoke_{name}"));
     let options_ty = ident(&format!("__RustyRayOptions_{name}"));
@@ -42,13 +54,8 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
     let n = p.names.len();
     let names = &p.names;
     let types = &p.types;
-    let idx = 0..n;
     let out_ty = &out.ty;
-    let wrap = if out.fallible {
-        quote!(::rustyray::__private::fallible)
-    } else {
-        quote!(::rustyray::__private::output)
-    };
+    let wrap = out.wrap();
     let body = if is_async {
         quote! {
             fn #invoke(mut args: ::rustyray::ArgList)
@@ -56,7 +63,7 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
             {
                 ::std::boxed::Box::pin(async move {
                     args.expect_len(#n)?;
-                    #( let #names: #types = args.take(#idx)?; )*
+                    #take_args
                     #wrap(#name(#(#names),*).await)
                 })
             }
@@ -65,7 +72,7 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
         quote! {
             fn #invoke(mut args: ::rustyray::ArgList) -> ::rustyray::__private::InvokeResult {
                 args.expect_len(#n)?;
-                #( let #names: #types = args.take(#idx)?; )*
+                #take_args
                 #wrap(#name(#(#names),*))
             }
         }
@@ -149,4 +156,11 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
             }
         }
     })
+}
+
+/// The error for `#[remote]` on something other than a function, spanning
+/// `what` (the item's head, e.g. `struct Name`); `hint` says what to use
+/// instead.
+fn not_a_function(what: TokenStream, hint: &str) -> Error {
+    Error::new_spanned(what, format!("#[rustyray::remote] goes on a function{hint}"))
 }

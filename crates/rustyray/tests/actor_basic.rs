@@ -1,0 +1,342 @@
+//! Actors: construction, sync and async methods, ordering, concurrency,
+//! handles passed around, names, kill, restarts and retries.
+
+mod common;
+use common::{both_modes, LONG};
+use rustyray::prelude::*;
+use rustyray::ActorClass;
+use std::time::Duration;
+
+#[rustyray::actor]
+struct Counter {
+    n: i64,
+    log: Vec<i64>,
+}
+
+#[rustyray::actor]
+impl Counter {
+    fn new(start: i64) -> Self {
+        Counter { n: start, log: Vec::new() }
+    }
+
+    fn incr(&mut self, by: i64) -> i64 {
+        self.n += by;
+        self.log.push(by);
+        self.n
+    }
+
+    async fn read(&self) -> i64 {
+        self.n
+    }
+
+    fn log(&self) -> Vec<i64> {
+        self.log.clone()
+    }
+
+    fn fail(&self) -> Result<i64, String> {
+        Err(format!("refused at {}", self.n))
+    }
+
+    fn crash(&mut self) -> i64 {
+        panic!("crash at {}", self.n)
+    }
+}
+
+#[rustyray::remote]
+fn bump(c: ActorHandle<Counter>, by: i64) -> i64 {
+    let ray = rustyray::current().expect("inside a task");
+    ray.get(&c.incr(by).expect("call")).expect("incr")
+}
+
+both_modes! {
+    fn calls_run_in_submission_order(ray) {
+        let c = Counter::remote(ray, 10)?;
+        let refs: Vec<_> = (1..=50).map(|i| c.incr(i)).collect::<Result<_, _>>()?;
+        let values = ray.get_many(&refs)?;
+        let mut expect = 10;
+        for (i, v) in values.iter().enumerate() {
+            expect += i as i64 + 1;
+            assert_eq!(*v, expect);
+        }
+        assert_eq!(ray.get(&c.log()?)?, (1..=50).collect::<Vec<_>>());
+        assert_eq!(ray.get(&c.read()?)?, expect);
+        Ok(())
+    }
+}
+
+both_modes! {
+    fn refs_as_method_arguments(ray) {
+        let c = Counter::remote(ray, 0)?;
+        let five = ray.put(5_i64)?;
+        let r = c.incr(&five)?;
+        let r2 = c.incr(&r)?; // 5 + 5
+        assert_eq!(ray.get(&r2)?, 10);
+        Ok(())
+    }
+}
+
+both_modes! {
+    fn handles_travel_to_tasks(ray) {
+        let c = Counter::remote(ray, 0)?;
+        let a = bump::remote(ray, c.clone(), 3)?;
+        let b = bump::remote(ray, c.clone(), 4)?;
+        ray.get(&a)?;
+        ray.get(&b)?;
+        assert_eq!(ray.get(&c.read()?)?, 7);
+        Ok(())
+    }
+}
+
+both_modes! {
+    fn err_returns_do_not_kill_the_actor(ray) {
+        let c = Counter::remote(ray, 1)?;
+        assert!(matches!(ray.get(&c.fail()?), Err(Error::Task { .. })));
+        assert_eq!(ray.get(&c.incr(1)?)?, 2);
+        Ok(())
+    }
+}
+
+both_modes! {
+    fn named_actors(ray) {
+        let c = Counter::options().name("counter").remote(ray, 100)?;
+        let again: ActorHandle<Counter> = ray.get_actor("counter")?;
+        assert_eq!(again.id(), c.id());
+        ray.get(&again.incr(1)?)?;
+        assert_eq!(ray.get(&c.read()?)?, 101);
+        // Taken name.
+        assert!(matches!(Counter::options().name("counter").remote(ray, 0), Err(Error::InvalidArgument(_))));
+        // get_if_exists returns the existing actor.
+        let same = Counter::options().name("counter").get_if_exists(true).remote(ray, 0)?;
+        assert_eq!(same.id(), c.id());
+        assert!(matches!(ray.get_actor::<Counter>("nobody"), Err(Error::ActorNotFound { .. })));
+        // Wrong class.
+        assert!(matches!(ray.get_actor::<Echo>("counter"), Err(Error::TypeMismatch { .. })));
+        Ok(())
+    }
+}
+
+both_modes! {
+    fn kill_fails_later_calls(ray) {
+        let c = Counter::remote(ray, 0)?;
+        ray.get(&c.incr(1)?)?;
+        ray.kill(&c)?;
+        match ray.get(&c.incr(1)?) {
+            Err(Error::ActorDied { class, .. }) => assert_eq!(class, Counter::entry().name),
+            other => panic!("expected ActorDied, got {other:?}"),
+        }
+        Ok(())
+    }
+}
+
+both_modes! {
+    fn panic_without_restarts_kills_the_actor(ray) {
+        let c = Counter::remote(ray, 7)?;
+        match ray.get(&c.crash()?) {
+            Err(Error::ActorDied { cause: Some(cause), .. }) => {
+                assert!(cause.to_string().contains("crash at 7"), "{cause}");
+            }
+            other => panic!("expected ActorDied, got {other:?}"),
+        }
+        assert!(matches!(ray.get(&c.read()?), Err(Error::ActorDied { .. })));
+        Ok(())
+    }
+}
+
+both_modes! {
+    fn max_restarts_reruns_the_constructor(ray) {
+        let c = Counter::options().max_restarts(1).remote(ray, 7)?;
+        ray.get(&c.incr(5)?)?;
+        assert!(ray.get(&c.crash()?).is_err());
+        // Restarted from the constructor's arguments.
+        assert_eq!(ray.get(&c.read()?)?, 7);
+        // The second crash exhausts the restarts.
+        assert!(ray.get(&c.crash()?).is_err());
+        assert!(matches!(ray.get(&c.read()?), Err(Error::ActorDied { .. })));
+        Ok(())
+    }
+}
+
+#[rustyray::actor]
+struct Flaky {
+    calls: u32,
+}
+
+#[rustyray::actor]
+impl Flaky {
+    fn new(calls: u32) -> Self {
+        Flaky { calls }
+    }
+
+    /// Panics on the first call after every (re)start, whose count the
+    /// constructor argument cannot see; so a retry on the restarted actor
+    /// panics again unless state is kept elsewhere: here the constructor
+    /// starts at `calls`, and `work` panics while `calls == 0`.
+    fn work(&mut self) -> u32 {
+        self.calls += 1;
+        if self.calls == 1 {
+            panic!("first call fails");
+        }
+        self.calls
+    }
+}
+
+both_modes! {
+    fn max_task_retries_retries_the_crashed_call(ray) {
+        // Starts at 1: `work` succeeds at once.
+        let ok = Flaky::remote(ray, 1)?;
+        assert_eq!(ray.get(&ok.work()?)?, 2);
+        // Starts at 0: the first call panics, the actor restarts (at 0
+        // again) and the retried call panics again; with 2 restarts and 2
+        // retries the call fails for good after 3 attempts.
+        let f = Flaky::options().max_restarts(2).max_task_retries(2).remote(ray, 0)?;
+        assert!(ray.get(&f.work()?).is_err());
+        Ok(())
+    }
+}
+
+#[rustyray::actor]
+struct Echo {
+    gate_seen: u32,
+}
+
+#[rustyray::actor(max_concurrency = 4)]
+impl Echo {
+    fn new() -> Self {
+        Echo { gate_seen: 0 }
+    }
+
+    /// Blocks until `gate` is ready: with max_concurrency 4, other calls
+    /// run meanwhile.
+    fn wait_for(&self, gate: ObjectRef<()>) -> u32 {
+        let ray = rustyray::current().expect("inside a call");
+        ray.get(&gate).expect("gate");
+        1
+    }
+
+    fn ping(&self) -> u32 {
+        self.gate_seen
+    }
+}
+
+both_modes! {
+    fn threaded_actor_runs_calls_concurrently(ray) {
+        let (latch, gate) = common::latch(ray);
+        let e = Echo::remote(ray)?;
+        let blocked = e.wait_for(gate)?;
+        // ping completes while wait_for still runs.
+        assert_eq!(ray.get_timeout(&e.ping()?, LONG)?, 0);
+        assert!(!blocked.is_ready());
+        latch.open()?;
+        assert_eq!(ray.get(&blocked)?, 1);
+        Ok(())
+    }
+}
+
+#[rustyray::actor]
+struct AsyncBox {
+    value: tokio::sync::Mutex<Option<i64>>,
+    ready: tokio::sync::Notify,
+}
+
+#[rustyray::actor]
+impl AsyncBox {
+    fn new() -> Self {
+        AsyncBox { value: tokio::sync::Mutex::new(None), ready: tokio::sync::Notify::new() }
+    }
+
+    async fn take(&self) -> i64 {
+        loop {
+            let notified = self.ready.notified();
+            if let Some(v) = *self.value.lock().await {
+                return v;
+            }
+            notified.await;
+        }
+    }
+
+    async fn give(&self, v: i64) {
+        *self.value.lock().await = Some(v);
+        self.ready.notify_waiters();
+    }
+}
+
+both_modes! {
+    fn async_actor_interleaves_at_awaits(ray) {
+        let b = AsyncBox::remote(ray)?;
+        // `take` is submitted first and waits; `give` runs while it waits.
+        let t = b.take()?;
+        let g = b.give(42)?;
+        ray.get(&g)?;
+        assert_eq!(ray.get_timeout(&t, LONG)?, 42);
+        Ok(())
+    }
+}
+
+#[rustyray::actor]
+struct Failing;
+
+#[rustyray::actor]
+impl Failing {
+    fn new(ok: bool) -> Result<Self, String> {
+        if ok { Ok(Failing) } else { Err("no way".into()) }
+    }
+
+    fn hi(&self) -> u8 {
+        1
+    }
+}
+
+both_modes! {
+    fn constructor_errors_kill_the_actor(ray) {
+        let good = Failing::remote(ray, true)?;
+        assert_eq!(ray.get(&good.hi()?)?, 1);
+        let bad = Failing::remote(ray, false)?;
+        match ray.get(&bad.hi()?) {
+            Err(Error::ActorDied { cause: Some(c), .. }) => assert!(c.to_string().contains("no way"), "{c}"),
+            other => panic!("expected ActorDied, got {other:?}"),
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn actor_ends_when_its_last_handle_goes() -> rustyray::Result<()> {
+    let ray = common::runtime(2.0, false);
+    let c = Counter::options().name("scoped").remote(&ray, 0)?;
+    let last = c.incr(1)?;
+    drop(c);
+    // Queued calls still finish.
+    assert_eq!(ray.get(&last)?, 1);
+    // Then the actor goes, and its name with it.
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        match ray.get_actor::<Counter>("scoped") {
+            Err(Error::ActorNotFound { .. }) => break,
+            Ok(h) => {
+                drop(h);
+                assert!(std::time::Instant::now() < deadline, "actor never ended");
+                std::thread::yield_now();
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let _ = Duration::ZERO;
+    Ok(())
+}
+
+#[test]
+fn actor_with_cpus_holds_them_for_its_lifetime() -> rustyray::Result<()> {
+    let ray = common::runtime(2.0, false);
+    let c = Counter::options().num_cpus(1.5).remote(&ray, 0)?;
+    ray.get(&c.incr(1)?)?;
+    assert_eq!(ray.available_resources().get(rustyray::CPU), 0.5);
+    ray.kill(&c)?;
+    assert_eq!(ray.available_resources().get(rustyray::CPU), 2.0);
+    // Default actors hold no CPU once placed; num_cpus = 0 actors need none.
+    let d = Counter::remote(&ray, 0)?;
+    let z = Counter::options().num_cpus(0.0).remote(&ray, 0)?;
+    ray.get(&d.incr(1)?)?;
+    ray.get(&z.incr(1)?)?;
+    assert_eq!(ray.available_resources().get(rustyray::CPU), 2.0);
+    Ok(())
+}
