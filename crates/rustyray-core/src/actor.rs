@@ -34,13 +34,13 @@ use crate::ids::ActorId;
 use crate::object_ref::{Arg, RawRef};
 use crate::options::{resource_request, ActorOptions};
 use crate::registry::{ActorEntry, ExclusiveGuard, Instance, MethodBody, MethodEntry, SharedGuard};
-use std::any::Any;
 use crate::resources::{ResourceSet, CPU};
 use crate::runtime::{ref_ids, CatchUnwind, Inner, Outcome, Ray, Work};
 use crate::store::Peek;
 use crate::task::{Target, TaskSpec, TaskState};
 use parking_lot::Mutex;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::any::Any;
 use std::collections::HashMap;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -412,7 +412,9 @@ async fn drive(rt: Arc<Inner>, actor: Arc<ActorState>, mut rx: mpsc::UnboundedRe
     rx.close();
     while let Ok(mail) = rx.try_recv() {
         if let Mail::Call(call) = mail {
-            let e = actor.dead_error().unwrap_or_else(|| actor.died("it was stopped", None));
+            let e = actor
+                .dead_error()
+                .unwrap_or_else(|| actor.died("it was stopped", None));
             fail_call(&rt, &call, e);
         }
     }
@@ -433,7 +435,9 @@ impl Drop for CallGuard {
         self.actor.life.lock().running.retain(|s| s.id != id);
         // A call dropped before completing was cancelled or killed; its
         // object already says so unless this is the first word.
-        self.rt.store.complete(id.return_object(), Err(Error::TaskCancelled(id)));
+        self.rt
+            .store
+            .complete(id.return_object(), Err(Error::TaskCancelled(id)));
         self.state.finish();
         self.rt.forget_task(id);
     }

@@ -51,7 +51,7 @@ pub use options::{
     ActorOptions, ActorOptionsBuilder, CancelOptions, TaskOptions, TaskOptionsBuilder, DEFAULT_MAX_RETRIES,
 };
 pub use resources::{detect_gpus, ResourceSet, CPU, GPU};
-pub use runtime::{current, init, init_with, is_cancelled, Config, Ray};
+pub use runtime::{current, init, init_with, is_cancelled, Config, Ray, WaitResult};
 pub use store::StoreStats;
 pub use task::ArgList;
 
@@ -61,7 +61,8 @@ pub mod __private {
     pub use crate::actor::{instance_mut, instance_ref, new_instance};
     pub use crate::registry::{
         ActorEntry, BoxFuture, DeclaredOptions, ExclusiveGuard, FunctionBody, FunctionEntry, Instance,
-        InvokeError, InvokeResult, MethodBody, SharedGuard, MethodEntry, ACTOR_CLASSES, ACTOR_METHODS, REMOTE_FUNCTIONS,
+        InvokeError, InvokeResult, MethodBody, MethodEntry, SharedGuard, ACTOR_CLASSES, ACTOR_METHODS,
+        REMOTE_FUNCTIONS,
     };
     pub use linkme;
 

@@ -287,6 +287,9 @@ pub fn is_cancelled() -> bool {
     context::current().is_some_and(|c| c.task.is_cancelled())
 }
 
+/// What [`Ray::wait`] returns: `(ready, not_ready)`.
+pub type WaitResult<T> = (Vec<ObjectRef<T>>, Vec<ObjectRef<T>>);
+
 /// Waits for the dependencies of one piece of work, then enqueues it.
 struct DepWaiter {
     remaining: AtomicUsize,
@@ -963,7 +966,7 @@ impl Ray {
         refs: &[ObjectRef<T>],
         num_returns: usize,
         timeout: Option<Duration>,
-    ) -> Result<(Vec<ObjectRef<T>>, Vec<ObjectRef<T>>)> {
+    ) -> Result<WaitResult<T>> {
         let raws: Vec<RawRef> = refs.iter().map(|r| r.raw().clone()).collect();
         let (ready, rest) = self.inner.wait_raw(&raws, num_returns, timeout)?;
         Ok((

@@ -16,7 +16,10 @@ struct Counter {
 #[rustyray::actor]
 impl Counter {
     fn new(start: i64) -> Self {
-        Counter { n: start, log: Vec::new() }
+        Counter {
+            n: start,
+            log: Vec::new(),
+        }
     }
 
     fn incr(&mut self, by: i64) -> i64 {
@@ -241,7 +244,10 @@ struct AsyncBox {
 #[rustyray::actor]
 impl AsyncBox {
     fn new() -> Self {
-        AsyncBox { value: tokio::sync::Mutex::new(None), ready: tokio::sync::Notify::new() }
+        AsyncBox {
+            value: tokio::sync::Mutex::new(None),
+            ready: tokio::sync::Notify::new(),
+        }
     }
 
     async fn take(&self) -> i64 {
@@ -278,7 +284,11 @@ struct Failing;
 #[rustyray::actor]
 impl Failing {
     fn new(ok: bool) -> Result<Self, String> {
-        if ok { Ok(Failing) } else { Err("no way".into()) }
+        if ok {
+            Ok(Failing)
+        } else {
+            Err("no way".into())
+        }
     }
 
     fn hi(&self) -> u8 {

@@ -3,8 +3,8 @@
 
 mod common;
 use common::{both_modes, LONG};
-use rustyray::Config;
 use rustyray::prelude::*;
+use rustyray::Config;
 use std::time::Duration;
 
 #[rustyray::remote]
@@ -33,7 +33,6 @@ fn wrap(inner: Vec<ObjectRef<Vec<u64>>>) -> Vec<ObjectRef<Vec<u64>>> {
 fn fail() -> Result<i64, String> {
     Err("nope".into())
 }
-
 
 both_modes! {
     fn put_get_and_many(ray) {
@@ -104,7 +103,10 @@ fn wait_has_rays_semantics() -> rustyray::Result<()> {
         // Bad arguments.
         assert!(matches!(ray.wait(&refs, 0, None), Err(Error::InvalidArgument(_))));
         assert!(matches!(ray.wait(&refs, 4, None), Err(Error::InvalidArgument(_))));
-        assert!(matches!(ray.wait(&[a.clone(), a.clone()], 1, None), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            ray.wait(&[a.clone(), a.clone()], 1, None),
+            Err(Error::InvalidArgument(_))
+        ));
     }
     Ok(())
 }
@@ -189,6 +191,9 @@ fn put_beyond_the_limit_is_object_store_full() -> rustyray::Result<()> {
     let b = ray.put(vec![2_u8; 6_000])?;
     assert_eq!(ray.get(&b)?.len(), 6_000);
     // Larger than the whole store: fails at once.
-    assert!(matches!(ray.put(vec![0_u8; 20_000]), Err(Error::ObjectStoreFull { .. })));
+    assert!(matches!(
+        ray.put(vec![0_u8; 20_000]),
+        Err(Error::ObjectStoreFull { .. })
+    ));
     Ok(())
 }

@@ -49,8 +49,12 @@ impl Keeper {
 }
 
 fn exercise(ray: &Ray) -> rustyray::Result<()> {
-    let refs: Vec<_> = (0..50).map(|i| add::remote(ray, i, 1)).collect::<Result<_, _>>()?;
-    let arefs: Vec<_> = (0..50).map(|i| add_async::remote(ray, i, 1)).collect::<Result<_, _>>()?;
+    let refs: Vec<_> = (0..50)
+        .map(|i| add::remote(ray, i, 1))
+        .collect::<Result<_, _>>()?;
+    let arefs: Vec<_> = (0..50)
+        .map(|i| add_async::remote(ray, i, 1))
+        .collect::<Result<_, _>>()?;
     assert_eq!(ray.get_many(&refs)?, ray.get_many(&arefs)?);
     let k = Keeper::remote(ray)?;
     for _ in 0..10 {
@@ -88,7 +92,11 @@ fn dropping_the_last_handle_shuts_down() -> rustyray::Result<()> {
     let leftover = add::remote(&clone, 2, 2)?;
     let _ = clone.get(&leftover)?;
     drop(clone);
-    assert_eq!(threads_named(&prefix), 0, "threads of {prefix} outlived the last handle");
+    assert_eq!(
+        threads_named(&prefix),
+        0,
+        "threads of {prefix} outlived the last handle"
+    );
     Ok(())
 }
 

@@ -65,7 +65,9 @@ fn unit() {}
 #[rustyray::remote]
 fn sum_refs(refs: Vec<ObjectRef<i64>>) -> i64 {
     let ray = rustyray::current().expect("inside a task");
-    refs.iter().map(|r| ray.get(r).expect("nested ref readable")).sum()
+    refs.iter()
+        .map(|r| ray.get(r).expect("nested ref readable"))
+        .sum()
 }
 
 #[rustyray::remote]
@@ -183,7 +185,9 @@ async fn refs_can_be_awaited() -> rustyray::Result<()> {
     assert_eq!(x.await?, 42);
     let ray2 = ray.clone();
     // Blocking calls belong off the async threads; shutdown joins threads.
-    tokio::task::spawn_blocking(move || ray2.shutdown()).await.expect("join")?;
+    tokio::task::spawn_blocking(move || ray2.shutdown())
+        .await
+        .expect("join")?;
     Ok(())
 }
 
@@ -199,6 +203,9 @@ fn registry_is_populated_and_resolves_names() -> rustyray::Result<()> {
     assert!(!reg.is_empty());
     assert!(reg.function(add::NAME).is_ok());
     assert!(add::NAME.ends_with("task_basic::add"), "{}", add::NAME);
-    assert!(matches!(reg.function("no::such::fn"), Err(Error::UnknownFunction(_))));
+    assert!(matches!(
+        reg.function("no::such::fn"),
+        Err(Error::UnknownFunction(_))
+    ));
     Ok(())
 }

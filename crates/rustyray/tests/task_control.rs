@@ -92,7 +92,10 @@ fn running_sync_task_sees_the_flag() -> rustyray::Result<()> {
     // The task saw the flag and ended: its CPU comes back.
     let deadline = std::time::Instant::now() + LONG;
     while ray.available_resources().get(CPU) < 2.0 {
-        assert!(std::time::Instant::now() < deadline, "the cancelled task never ended");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cancelled task never ended"
+        );
         std::thread::yield_now();
     }
     Ok(())
@@ -109,7 +112,10 @@ fn running_async_task_is_aborted() -> rustyray::Result<()> {
     assert!(matches!(ray.get(&r), Err(Error::TaskCancelled(_))));
     let deadline = std::time::Instant::now() + LONG;
     while ray.available_resources().get(CPU) < 2.0 {
-        assert!(std::time::Instant::now() < deadline, "the aborted task kept its CPU");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the aborted task kept its CPU"
+        );
         std::thread::yield_now();
     }
     Ok(())
@@ -128,7 +134,13 @@ fn recursive_cancel_reaches_children() -> rustyray::Result<()> {
             }
             std::thread::yield_now();
         };
-        ray.cancel_with(&p, CancelOptions { force: false, recursive })?;
+        ray.cancel_with(
+            &p,
+            CancelOptions {
+                force: false,
+                recursive,
+            },
+        )?;
         assert!(matches!(ray.get(&p), Err(Error::TaskCancelled(_))));
         if recursive {
             assert!(matches!(ray.get(&child), Err(Error::TaskCancelled(_))));

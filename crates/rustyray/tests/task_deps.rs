@@ -103,7 +103,9 @@ fn nested_async_fib_completes_with_two_cpus() -> rustyray::Result<()> {
 fn a_task_blocked_in_wait_releases_its_cpu() -> rustyray::Result<()> {
     let ray = common::runtime(1.0, false);
     // One CPU: the waiting task must lend it to the tasks it waits for.
-    let refs: Vec<ObjectRef<i64>> = (0..4).map(|i| add::remote(&ray, i, 0)).collect::<Result<_, _>>()?;
+    let refs: Vec<ObjectRef<i64>> = (0..4)
+        .map(|i| add::remote(&ray, i, 0))
+        .collect::<Result<_, _>>()?;
     let outer = wait_then_sum::remote(&ray, refs)?;
     assert_eq!(ray.get(&outer)?, 6);
     Ok(())
@@ -123,32 +125,67 @@ struct NodeSpec {
 }
 
 fn dag() -> impl Strategy<Value = Vec<NodeSpec>> {
-    prop::collection::vec((any::<bool>(), any::<(bool, i64, prop::sample::Index)>(), any::<(bool, i64, prop::sample::Index)>()), 1..40)
-        .prop_map(|raw| {
-            raw.into_iter()
-                .enumerate()
-                .map(|(i, (mul, a, b))| {
-                    let operand = |(is_ref, lit, idx): (bool, i64, prop::sample::Index)| {
-                        if is_ref && i > 0 {
-                            Operand::Node(idx.index(i))
-                        } else {
-                            Operand::Lit(lit % 1000)
-                        }
-                    };
-                    NodeSpec { mul, a: operand(a), b: operand(b) }
-                })
-                .collect()
-        })
+    prop::collection::vec(
+        (
+            any::<bool>(),
+            any::<(bool, i64, prop::sample::Index)>(),
+            any::<(bool, i64, prop::sample::Index)>(),
+        ),
+        1..40,
+    )
+    .prop_map(|raw| {
+        raw.into_iter()
+            .enumerate()
+            .map(|(i, (mul, a, b))| {
+                let operand = |(is_ref, lit, idx): (bool, i64, prop::sample::Index)| {
+                    if is_ref && i > 0 {
+                        Operand::Node(idx.index(i))
+                    } else {
+                        Operand::Lit(lit % 1000)
+                    }
+                };
+                NodeSpec {
+                    mul,
+                    a: operand(a),
+                    b: operand(b),
+                }
+            })
+            .collect()
+    })
 }
 
 fn run_dag(ray: &Ray, nodes: &[NodeSpec]) -> rustyray::Result<Vec<i64>> {
     let mut refs: Vec<ObjectRef<i64>> = Vec::new();
     for n in nodes {
         let r = match (&n.a, &n.b) {
-            (Operand::Lit(a), Operand::Lit(b)) => if n.mul { mul::remote(ray, *a, *b) } else { add::remote(ray, *a, *b) },
-            (Operand::Lit(a), Operand::Node(j)) => if n.mul { mul::remote(ray, *a, &refs[*j]) } else { add::remote(ray, *a, &refs[*j]) },
-            (Operand::Node(i), Operand::Lit(b)) => if n.mul { mul::remote(ray, &refs[*i], *b) } else { add::remote(ray, refs[*i].clone(), *b) },
-            (Operand::Node(i), Operand::Node(j)) => if n.mul { mul::remote(ray, &refs[*i], &refs[*j]) } else { add::remote(ray, &refs[*i], &refs[*j]) },
+            (Operand::Lit(a), Operand::Lit(b)) => {
+                if n.mul {
+                    mul::remote(ray, *a, *b)
+                } else {
+                    add::remote(ray, *a, *b)
+                }
+            }
+            (Operand::Lit(a), Operand::Node(j)) => {
+                if n.mul {
+                    mul::remote(ray, *a, &refs[*j])
+                } else {
+                    add::remote(ray, *a, &refs[*j])
+                }
+            }
+            (Operand::Node(i), Operand::Lit(b)) => {
+                if n.mul {
+                    mul::remote(ray, &refs[*i], *b)
+                } else {
+                    add::remote(ray, refs[*i].clone(), *b)
+                }
+            }
+            (Operand::Node(i), Operand::Node(j)) => {
+                if n.mul {
+                    mul::remote(ray, &refs[*i], &refs[*j])
+                } else {
+                    add::remote(ray, &refs[*i], &refs[*j])
+                }
+            }
         }?;
         refs.push(r);
     }
@@ -163,7 +200,11 @@ fn oracle(nodes: &[NodeSpec]) -> Vec<i64> {
             Operand::Node(j) => out[*j],
         };
         let (a, b) = (v(&n.a), v(&n.b));
-        out.push(if n.mul { a.wrapping_mul(b) } else { a.wrapping_add(b) });
+        out.push(if n.mul {
+            a.wrapping_mul(b)
+        } else {
+            a.wrapping_add(b)
+        });
     }
     out
 }

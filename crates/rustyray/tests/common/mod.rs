@@ -48,6 +48,7 @@ macro_rules! both_modes {
         }
     };
 }
+#[allow(unused_imports)]
 pub(crate) use both_modes;
 
 /// A latch actor: `wait()` gives an object that stays pending until
