@@ -267,3 +267,42 @@ impl Registry {
         self.functions.keys().copied()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noop(_: ArgList) -> InvokeResult {
+        Ok(Value::local(()))
+    }
+
+    const fn entry(name: &'static str) -> FunctionEntry {
+        FunctionEntry {
+            name,
+            body: FunctionBody::Sync(noop),
+            options: DeclaredOptions::DEFAULT,
+        }
+    }
+
+    static UNIQUE: [FunctionEntry; 2] = [entry("m::a"), entry("m::b")];
+    static DUPLICATED: [FunctionEntry; 3] = [entry("m::a"), entry("m::b"), entry("m::a")];
+
+    #[test]
+    fn resolves_names_and_reports_unknown_ones() {
+        let reg = Registry::from_slices(&UNIQUE, &[], &[]).unwrap();
+        assert_eq!(reg.len(), 2);
+        assert_eq!(reg.function("m::b").unwrap().name, "m::b");
+        assert_eq!(
+            reg.function("m::zzz").unwrap_err(),
+            Error::UnknownFunction("m::zzz".into())
+        );
+        assert!(matches!(reg.class("m::a"), Err(Error::UnknownFunction(_))));
+    }
+
+    #[test]
+    fn duplicate_names_are_an_error() {
+        let err = Registry::from_slices(&DUPLICATED, &[], &[]).unwrap_err();
+        assert_eq!(err, Error::DuplicateRegistration("m::a".into()));
+        assert!(err.to_string().contains("registered twice"), "{err}");
+    }
+}

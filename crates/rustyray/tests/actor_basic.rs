@@ -159,40 +159,62 @@ both_modes! {
     }
 }
 
+/// Counts attempts outside the actor, so restarts do not reset it.
+#[rustyray::actor]
+struct Tally {
+    n: u32,
+}
+
+#[rustyray::actor]
+impl Tally {
+    fn new() -> Self {
+        Tally { n: 0 }
+    }
+
+    fn next(&mut self) -> u32 {
+        self.n += 1;
+        self.n
+    }
+}
+
 #[rustyray::actor]
 struct Flaky {
-    calls: u32,
+    tally: ActorHandle<Tally>,
+    fail_until: u32,
 }
 
 #[rustyray::actor]
 impl Flaky {
-    fn new(calls: u32) -> Self {
-        Flaky { calls }
+    fn new(tally: ActorHandle<Tally>, fail_until: u32) -> Self {
+        Flaky { tally, fail_until }
     }
 
-    /// Panics on the first call after every (re)start, whose count the
-    /// constructor argument cannot see; so a retry on the restarted actor
-    /// panics again unless state is kept elsewhere: here the constructor
-    /// starts at `calls`, and `work` panics while `calls == 0`.
+    /// Panics (crashing the actor) until the tally reaches `fail_until`.
     fn work(&mut self) -> u32 {
-        self.calls += 1;
-        if self.calls == 1 {
-            panic!("first call fails");
+        let ray = rustyray::current().expect("inside a call");
+        let n = ray.get(&self.tally.next().expect("call")).expect("tally");
+        if n < self.fail_until {
+            panic!("attempt {n} fails");
         }
-        self.calls
+        n
     }
 }
 
 both_modes! {
     fn max_task_retries_retries_the_crashed_call(ray) {
-        // Starts at 1: `work` succeeds at once.
-        let ok = Flaky::remote(ray, 1)?;
-        assert_eq!(ray.get(&ok.work()?)?, 2);
-        // Starts at 0: the first call panics, the actor restarts (at 0
-        // again) and the retried call panics again; with 2 restarts and 2
-        // retries the call fails for good after 3 attempts.
-        let f = Flaky::options().max_restarts(2).max_task_retries(2).remote(ray, 0)?;
-        assert!(ray.get(&f.work()?).is_err());
+        // The first attempt crashes the actor; it restarts and the retried
+        // call succeeds on the new instance.
+        let f = Flaky::options().max_restarts(1).max_task_retries(1).remote(ray, Tally::remote(ray)?, 2)?;
+        assert_eq!(ray.get(&f.work()?)?, 2);
+        assert_eq!(ray.get(&f.work()?)?, 3);
+        // Without task retries the crashing call fails, the actor lives on.
+        let f = Flaky::options().max_restarts(1).remote(ray, Tally::remote(ray)?, 2)?;
+        assert!(matches!(ray.get(&f.work()?), Err(Error::ActorDied { .. })));
+        assert_eq!(ray.get(&f.work()?)?, 2);
+        // Retries beyond the restarts: the actor dies.
+        let f = Flaky::options().max_restarts(1).max_task_retries(5).remote(ray, Tally::remote(ray)?, 10)?;
+        assert!(matches!(ray.get(&f.work()?), Err(Error::ActorDied { .. })));
+        assert!(matches!(ray.get(&f.work()?), Err(Error::ActorDied { .. })));
         Ok(())
     }
 }

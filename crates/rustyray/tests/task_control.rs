@@ -128,10 +128,15 @@ fn recursive_cancel_reaches_children() -> rustyray::Result<()> {
         let (latch, gate) = common::latch(&ray);
         let seen = RefBox::remote(&ray)?;
         let p = parent::remote(&ray, gate, seen.clone())?;
+        let deadline = std::time::Instant::now() + LONG;
         let child = loop {
             if let Some(c) = ray.get(&seen.get()?)? {
                 break c;
             }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the parent never submitted its child"
+            );
             std::thread::yield_now();
         };
         ray.cancel_with(
