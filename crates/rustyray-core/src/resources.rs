@@ -136,20 +136,44 @@ impl fmt::Debug for ResourceSet {
     }
 }
 
-/// Counts the GPUs this machine exposes, the way Ray does: the entries of
-/// `CUDA_VISIBLE_DEVICES` when it is set, otherwise the NVIDIA driver's
-/// per-GPU directories under `/proc/driver/nvidia/gpus`.
+/// Counts the GPUs this machine exposes, the way Ray does without NVML:
+/// the entries of `CUDA_VISIBLE_DEVICES` when it is set; otherwise the
+/// NVIDIA driver's per-GPU directories under `/proc/driver/nvidia/gpus`;
+/// otherwise the `/dev/nvidiaN` device nodes (sandboxed kernels such as
+/// gVisor expose those but not the driver's `/proc` entries).
 pub fn detect_gpus() -> u32 {
     if let Ok(v) = std::env::var("CUDA_VISIBLE_DEVICES") {
-        let v = v.trim();
-        if v.is_empty() || v == "NoDevFiles" {
-            return 0;
-        }
-        return v.split(',').filter(|s| !s.trim().is_empty()).count() as u32;
+        return count_visible_devices(&v);
     }
-    std::fs::read_dir("/proc/driver/nvidia/gpus")
+    let from_proc = std::fs::read_dir("/proc/driver/nvidia/gpus")
         .map(|d| d.filter_map(|e| e.ok()).count() as u32)
+        .unwrap_or(0);
+    if from_proc > 0 {
+        return from_proc;
+    }
+    std::fs::read_dir("/dev")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| is_gpu_node(&e.file_name().to_string_lossy()))
+                .count() as u32
+        })
         .unwrap_or(0)
+}
+
+/// The number of devices `CUDA_VISIBLE_DEVICES` names.
+fn count_visible_devices(v: &str) -> u32 {
+    let v = v.trim();
+    if v.is_empty() || v == "NoDevFiles" {
+        return 0;
+    }
+    v.split(',').filter(|s| !s.trim().is_empty()).count() as u32
+}
+
+/// `nvidia0`, `nvidia1`, ...: one node per GPU (not `nvidiactl`,
+/// `nvidia-uvm`).
+fn is_gpu_node(name: &str) -> bool {
+    name.strip_prefix("nvidia")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 #[cfg(test)]
@@ -168,6 +192,18 @@ mod tests {
         }
         assert_eq!(avail.get(CPU), 0.0);
         assert!(!tenth.fits_in(&avail));
+    }
+
+    #[test]
+    fn gpu_detection_helpers() {
+        assert_eq!(count_visible_devices("0,1,3"), 3);
+        assert_eq!(count_visible_devices(""), 0);
+        assert_eq!(count_visible_devices("NoDevFiles"), 0);
+        assert!(is_gpu_node("nvidia0"));
+        assert!(is_gpu_node("nvidia12"));
+        assert!(!is_gpu_node("nvidiactl"));
+        assert!(!is_gpu_node("nvidia-uvm"));
+        assert!(!is_gpu_node("nvidia"));
     }
 
     #[test]
