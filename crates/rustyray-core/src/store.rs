@@ -22,6 +22,14 @@
 //! Locking: a shard lock is held only for map operations. Wakers are woken
 //! and removed values dropped after the lock is released, because dropping
 //! a value can release nested references and re-enter the store.
+//! `create_pending` and `insert_ready` check the shutdown flag under the
+//! shard lock, so `shut_down` (which sets the flag, then drains each shard)
+//! never leaves a new object behind.
+//!
+//! The locks, condition variable and atomics come from [`crate::sync`], so
+//! that this synchronization is model-checked with shuttle: see
+//! `model_tests` (`cargo nextest run -p rustyray-core --features shuttle
+//! --lib model_`).
 
 use crate::codec::Value;
 use crate::error::{Error, Result};
@@ -123,18 +131,25 @@ impl Store {
 
     /// Registers a pending object with one reference (its first handle).
     pub(crate) fn create_pending(&self, id: ObjectId) -> Result<()> {
+        let mut shard = self.shard(id).lock();
+        // Checked under the shard lock: `shut_down` sets the flag before it
+        // drains each shard, so a new object is either refused here or
+        // drained there, never left behind.
         if self.shut_down.load(Ordering::Acquire) {
             return Err(Error::Shutdown);
         }
-        let prev = self.shard(id).lock().insert(
+        let prev = shard.insert(
             id,
             Entry {
                 state: State::Pending(Vec::new()),
                 refs: 1,
             },
         );
-        debug_assert!(prev.is_none(), "object {id:?} created twice");
+        // Counted under the lock, before anyone can remove the entry and
+        // uncount it.
         self.entries.fetch_add(1, Ordering::Relaxed);
+        drop(shard);
+        debug_assert!(prev.is_none(), "object {id:?} created twice");
         Ok(())
     }
 
@@ -149,9 +164,14 @@ impl Store {
         if size > self.capacity {
             return Err(full(self.used.load(Ordering::Relaxed)));
         }
+        // `SeqCst` here and in `unreserve`: a waiter announces itself in
+        // `space_waiters` and then reads `used`, a releaser writes `used` and
+        // then reads `space_waiters`. With weaker orderings both reads may
+        // see the old values (a store-buffering race): the releaser skips
+        // the notification and the waiter sleeps on space that was freed.
         let try_reserve = || {
             self.used
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
                     (used + size <= self.capacity).then_some(used + size)
                 })
                 .is_ok()
@@ -161,7 +181,7 @@ impl Store {
         }
         let deadline = Instant::now() + self.full_timeout;
         let mut guard = self.space.lock();
-        self.space_waiters.fetch_add(1, Ordering::AcqRel);
+        self.space_waiters.fetch_add(1, Ordering::SeqCst);
         let result = loop {
             if try_reserve() {
                 break Ok(());
@@ -173,13 +193,14 @@ impl Store {
                 break Err(full(self.used.load(Ordering::Relaxed)));
             }
         };
-        self.space_waiters.fetch_sub(1, Ordering::AcqRel);
+        self.space_waiters.fetch_sub(1, Ordering::SeqCst);
         result
     }
 
     fn unreserve(&self, size: u64) {
-        self.used.fetch_sub(size, Ordering::AcqRel);
-        if self.space_waiters.load(Ordering::Acquire) > 0 {
+        // `SeqCst`: see `reserve`.
+        self.used.fetch_sub(size, Ordering::SeqCst);
+        if self.space_waiters.load(Ordering::SeqCst) > 0 {
             let _guard = self.space.lock();
             self.space_cv.notify_all();
         }
@@ -188,11 +209,14 @@ impl Store {
     /// Stores a new object (a `put`) with one reference. Room must have
     /// been reserved for `size` bytes.
     pub(crate) fn insert_ready(&self, id: ObjectId, value: Value, size: u64) -> Result<()> {
+        let mut shard = self.shard(id).lock();
+        // Checked under the shard lock, as in `create_pending`.
         if self.shut_down.load(Ordering::Acquire) {
+            drop(shard);
             self.unreserve(size);
             return Err(Error::Shutdown);
         }
-        self.shard(id).lock().insert(
+        let prev = shard.insert(
             id,
             Entry {
                 state: State::Ready(value, size),
@@ -201,6 +225,8 @@ impl Store {
         );
         self.entries.fetch_add(1, Ordering::Relaxed);
         self.ready.fetch_add(1, Ordering::Relaxed);
+        drop(shard);
+        drop(prev);
         Ok(())
     }
 

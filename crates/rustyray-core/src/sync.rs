@@ -84,7 +84,9 @@ mod model {
 
     impl<T: ?Sized> DerefMut for MutexGuard<'_, T> {
         fn deref_mut(&mut self) -> &mut T {
-            self.0.as_deref_mut().expect("mutex guard used during a condvar wait")
+            self.0
+                .as_deref_mut()
+                .expect("mutex guard used during a condvar wait")
         }
     }
 
@@ -160,5 +162,41 @@ mod model {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("Condvar { .. }")
         }
+    }
+}
+
+#[cfg(all(test, feature = "shuttle"))]
+mod model_tests {
+    use super::{Condvar, Mutex};
+    use shuttle::thread;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    /// The wrappers hand the guard to shuttle's condvar and back: a waiter
+    /// woken by `notify_one` sees the flag set under the lock, and a timed
+    /// wait past its deadline returns at once, timed out, still locked.
+    #[test]
+    fn model_shim_condvar_handoff() {
+        shuttle::check_random(
+            || {
+                let pair = Arc::new((Mutex::new(false), Condvar::new()));
+                let notifier = {
+                    let pair = Arc::clone(&pair);
+                    thread::spawn(move || {
+                        *pair.0.lock() = true;
+                        pair.1.notify_one();
+                    })
+                };
+                let (lock, cv) = &*pair;
+                let mut ready = lock.lock();
+                assert!(cv.wait_until(&mut ready, Instant::now()).timed_out());
+                while !*ready {
+                    assert!(!cv.wait_for(&mut ready, Duration::from_secs(3600)).timed_out());
+                }
+                drop(ready);
+                notifier.join().unwrap();
+            },
+            1_000,
+        );
     }
 }

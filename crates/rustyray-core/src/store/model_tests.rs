@@ -23,7 +23,7 @@ use std::task::{Wake, Waker};
 use std::time::Duration;
 
 /// Schedules explored per scheduler (random, then PCT) by each test.
-const ITERATIONS: usize = 2_000;
+const ITERATIONS: usize = 5_000;
 /// The deepest bug (number of ordering constraints) PCT aims at.
 const PCT_DEPTH: usize = 3;
 /// Long enough never to expire while a model runs.
@@ -36,8 +36,10 @@ fn check(body: impl Fn() + Send + Sync + 'static) {
     // would warn that it models them as `SeqCst`.
     config.silence_warnings = true;
     let random = Arc::clone(&body);
-    Runner::new(RandomScheduler::new(ITERATIONS), config.clone()).run(move || random());
-    Runner::new(PctScheduler::new(PCT_DEPTH, ITERATIONS), config).run(move || body());
+    let runs = Runner::new(RandomScheduler::new(ITERATIONS), config.clone()).run(move || random());
+    assert_eq!(runs, ITERATIONS);
+    let runs = Runner::new(PctScheduler::new(PCT_DEPTH, ITERATIONS), config).run(move || body());
+    assert_eq!(runs, ITERATIONS);
 }
 
 fn oid(n: u128) -> ObjectId {
@@ -203,7 +205,10 @@ fn model_first_completion_wins() {
             }
             seen = now;
             let s = store.stats();
-            assert!(s.num_objects <= 1 && s.bytes_used <= 12 && s.num_entries == 1, "{s:?}");
+            assert!(
+                s.num_objects <= 1 && s.bytes_used <= 12 && s.num_entries == 1,
+                "{s:?}"
+            );
         }
 
         for c in completers {
@@ -248,6 +253,10 @@ fn model_refcounts_free_exactly_when_last_ref_goes() {
                     let saw_pending = matches!(store.peek(id, Some(&waker)), Ok(Peek::Pending));
                     // Clone the handle, drop one clone, look again, drop the other.
                     store.add_ref(id).expect("add_ref while holding a reference");
+                    assert!(
+                        store.stats().num_entries == 1,
+                        "entry miscounted while referenced"
+                    );
                     assert!(store.peek(id, None).is_ok(), "object lost while referenced");
                     store.release(id);
                     assert!(store.peek(id, None).is_ok(), "object lost while referenced");
@@ -271,7 +280,10 @@ fn model_refcounts_free_exactly_when_last_ref_goes() {
         let holders: Vec<_> = holders.into_iter().map(|h| h.join().unwrap()).collect();
         for (saw_pending, counter) in holders {
             if saw_pending {
-                assert!(counter.woken() >= 1, "a waiter on a pending object was never woken");
+                assert!(
+                    counter.woken() >= 1,
+                    "a waiter on a pending object was never woken"
+                );
             }
         }
         assert_eq!(store.stats(), stats(0, 0, 0, 64));
@@ -352,7 +364,10 @@ fn model_shut_down_leaves_nothing_behind() {
         // after was refused.
         assert_eq!(store.stats(), stats(0, 0, 0, 64));
         if saw_pending {
-            assert!(counter.woken() >= 1, "a reader of a pending object was not woken at shutdown");
+            assert!(
+                counter.woken() >= 1,
+                "a reader of a pending object was not woken at shutdown"
+            );
         }
         assert!(matches!(store.peek(pending, None), Err(Error::Shutdown)));
         // The handles' owners release them later: nothing left to free.
