@@ -149,6 +149,7 @@ impl ActorState {
             id: rt.ids.task(),
             target: Target::Constructor(self.class),
             args: self.ctor_args.clone(),
+            name: None,
         };
         let args = rt.resolve_args(&spec, 1)?;
         let state = TaskState::new(spec.id);
@@ -162,6 +163,7 @@ impl ActorState {
                 "its constructor failed",
                 Some(Error::Task {
                     function: self.class.name.to_owned(),
+                    name: None,
                     task_id: spec.id,
                     failure,
                     message,
@@ -467,6 +469,7 @@ fn complete_call(rt: &Arc<Inner>, actor: &ActorState, call: &ActorCall, attempts
 fn call_error(call: &ActorCall, attempts: u32, failure: TaskFailure, message: String) -> Error {
     Error::Task {
         function: call.method.name.to_owned(),
+        name: None,
         task_id: call.state.id,
         failure,
         message,
@@ -510,7 +513,7 @@ async fn run_async(rt: &Arc<Inner>, call: &ActorCall, spec: &TaskSpec, attempt: 
 fn dispatch(
     rt: &Arc<Inner>,
     actor: &Arc<ActorState>,
-    call: ActorCall,
+    mut call: ActorCall,
     permit: tokio::sync::OwnedSemaphorePermit,
     held: Held,
 ) {
@@ -523,7 +526,8 @@ fn dispatch(
     let spec = TaskSpec {
         id: call.state.id,
         target: Target::Method(actor.id, call.method),
-        args: call.args.clone(),
+        args: std::mem::take(&mut call.args),
+        name: None,
     };
     let exclusive = call.method.body.is_exclusive();
     let (rt, actor) = (rt.clone(), actor.clone());
@@ -531,6 +535,7 @@ fn dispatch(
         let pool = rt.clone();
         let job = Box::new(move || {
             let _guard = guard;
+            let mut spec = spec;
             let mut held = held;
             let mut retries_left = actor.max_task_retries;
             let mut attempt = 1;
@@ -552,9 +557,13 @@ fn dispatch(
                         attempt += 1;
                         continue;
                     }
+                    // Arguments go before the result is published.
+                    spec.args.clear();
                     complete_call(&rt, &actor, &call, attempt, outcome);
                     break;
                 }
+                // Arguments go before the result is published.
+                spec.args.clear();
                 complete_call(&rt, &actor, &call, attempt, outcome);
                 break;
             }
@@ -566,6 +575,7 @@ fn dispatch(
             let rt = rt.clone();
             async move {
                 let _guard = guard;
+                let mut spec = spec;
                 let mut held = Some(held);
                 let mut retries_left = actor.max_task_retries;
                 let mut attempt = 1;
@@ -590,6 +600,8 @@ fn dispatch(
                             }
                         }
                     }
+                    // Arguments go before the result is published.
+                    spec.args.clear();
                     complete_call(&rt, &actor, &call, attempt, outcome);
                     break;
                 }

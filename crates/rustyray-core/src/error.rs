@@ -30,10 +30,15 @@ pub enum TaskFailure {
 #[non_exhaustive]
 pub enum Error {
     /// A task or actor method failed (Ray's `RayTaskError`).
-    #[error("task {function} ({task_id}) failed after {attempts} attempt(s): {message}")]
+    #[error(
+        "task {function}{} ({task_id}) failed after {attempts} attempt(s): {message}",
+        .name.as_deref().map(|n| format!(" named {n:?}")).unwrap_or_default()
+    )]
     Task {
         /// The registered name of the function or method.
         function: String,
+        /// The name given with the `name` option, if any.
+        name: Option<String>,
         /// The task that failed.
         task_id: TaskId,
         /// How it failed.

@@ -426,6 +426,7 @@ impl Inner {
                 id: state.id,
                 target: Target::Function(entry),
                 args,
+                name: opts.name.as_deref().map(Arc::from),
             },
             entry,
             state,
@@ -602,6 +603,7 @@ impl Inner {
                     Peek::Failed(cause) => {
                         return Err(Error::Task {
                             function: name.to_owned(),
+                            name: spec.name.as_deref().map(str::to_owned),
                             task_id: spec.id,
                             failure: TaskFailure::DependencyFailed,
                             message: format!("argument {i} failed: {cause}"),
@@ -645,6 +647,7 @@ impl Inner {
         let id = run.state.id;
         let task_error = |failure, message| Error::Task {
             function: run.entry.name.to_owned(),
+            name: run.spec.name.as_deref().map(str::to_owned),
             task_id: id,
             failure,
             message,
@@ -661,6 +664,9 @@ impl Inner {
                 Outcome::Failed(e) => Err(e),
             }
         };
+        // The arguments go before the result is published, so whoever sees
+        // the result also sees them released.
+        run.spec.args.clear();
         self.store.complete(id.return_object(), result);
         run.state.finish();
         self.forget_task(id);

@@ -44,6 +44,8 @@ pub(crate) struct TaskSpec {
     pub(crate) id: TaskId,
     pub(crate) target: Target,
     pub(crate) args: Vec<Arg>,
+    /// The name given with the `name` option.
+    pub(crate) name: Option<Arc<str>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -64,6 +66,7 @@ struct WireSpec {
     id: TaskId,
     target: WireTarget,
     args: Vec<WireArg>,
+    name: Option<String>,
 }
 
 impl TaskSpec {
@@ -92,6 +95,7 @@ impl TaskSpec {
             id: self.id,
             target,
             args,
+            name: self.name.as_deref().map(str::to_owned),
         })
     }
 
@@ -118,6 +122,7 @@ impl TaskSpec {
             id: wire.id,
             target,
             args,
+            name: wire.name.map(Arc::from),
         })
     }
 }

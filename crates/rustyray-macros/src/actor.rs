@@ -145,7 +145,10 @@ fn expand_impl(attr: TokenStream, imp: ItemImpl) -> syn::Result<TokenStream> {
             _ if f.sig.ident == "new" => {
                 let fallible = returns_self(f, &class).ok_or_else(|| not_returning_self(&f.sig))?;
                 if let Some(a) = &f.sig.asyncness {
-                    return Err(Error::new_spanned(a, "the actor constructor `new` cannot be async"));
+                    return Err(Error::new_spanned(
+                        a,
+                        "the actor constructor `new` cannot be async",
+                    ));
                 }
                 ctor = Some((f, fallible));
             }
@@ -158,7 +161,7 @@ fn expand_impl(attr: TokenStream, imp: ItemImpl) -> syn::Result<TokenStream> {
             "an actor impl block needs a constructor: `fn new(..) -> Self`",
         ));
     };
-    let cp = params(&ctor.sig, "actor constructor")?;
+    let cp = params(&ctor.sig, "an actor constructor")?;
     let is_async = methods.iter().any(|(f, _)| f.sig.asyncness.is_some());
     let declared = opts.declared();
 
@@ -175,15 +178,14 @@ fn expand_impl(attr: TokenStream, imp: ItemImpl) -> syn::Result<TokenStream> {
     let mut stubs = Vec::new();
     for (f, mutable) in &methods {
         let mname = &f.sig.ident;
-        let p = params(&f.sig, "actor method")?;
-        let out = output(&f.sig, "actor method")?;
+        let p = params(&f.sig, "an actor method")?;
+        let out = output(&f.sig, "an actor method")?;
         let entry = ident(&format!("__RUSTYRAY_METHOD_{class}_{mname}"));
         let invoke = ident(&format!("__rustyray_method_{class}_{mname}"));
         let (names, types) = (&p.names, &p.types);
         let n = names.len();
         let take_args = take_args(&p);
         let out_ty = &out.ty;
-        let wrap = out.wrap();
         // The runtime locks the instance (shared for `&self`, exclusive
         // for `&mut self`) in submission order and hands it over.
         let (this, access) = if *mutable {
@@ -197,6 +199,8 @@ fn expand_impl(attr: TokenStream, imp: ItemImpl) -> syn::Result<TokenStream> {
                 quote!(instance_ref),
             )
         };
+        let call_async = out.wrap(quote!(#class::#mname(this, #(#names),*).await));
+        let call_sync = out.wrap(quote!(#class::#mname(this, #(#names),*)));
         let (body, kind) = if f.sig.asyncness.is_some() {
             let (guard_ty, variant) = if *mutable {
                 (quote!(ExclusiveGuard), quote!(AsyncMut))
@@ -214,8 +218,7 @@ fn expand_impl(attr: TokenStream, imp: ItemImpl) -> syn::Result<TokenStream> {
                             args.expect_len(#n)?;
                             #take_args
                             let this = #this;
-                            let out = #class::#mname(this, #(#names),*).await;
-                            #wrap(out)
+                            #call_async
                         })
                     }
                 },
@@ -236,7 +239,7 @@ fn expand_impl(attr: TokenStream, imp: ItemImpl) -> syn::Result<TokenStream> {
                         args.expect_len(#n)?;
                         #take_args
                         let this = ::rustyray::__private::#access::<#class>(state)?;
-                        #wrap(#class::#mname(this, #(#names),*))
+                        #call_sync
                     }
                 },
                 quote!(::rustyray::__private::MethodBody::#variant(#invoke)),

@@ -5,7 +5,8 @@ use quote::{format_ident, quote, quote_spanned};
 use syn::parse::Parser;
 use syn::spanned::Spanned;
 use syn::{
-    Error, Expr, FnArg, GenericArgument, Generics, Ident, Lit, Pat, PathArguments, ReturnType, Signature, Type,
+    Error, Expr, FnArg, GenericArgument, Generics, Ident, Lit, Pat, PathArguments, ReturnType, Signature,
+    Type,
 };
 
 /// Options given in the attribute.
@@ -49,10 +50,7 @@ fn integer<T: TryFrom<i64>>(e: &Expr) -> syn::Result<T> {
     T::try_from(v).map_err(|_| {
         Error::new_spanned(
             e,
-            format!(
-                "integer out of range for `{}`",
-                std::any::type_name::<T>()
-            ),
+            format!("integer out of range for `{}`", std::any::type_name::<T>()),
         )
     })
 }
@@ -107,7 +105,9 @@ pub(crate) fn parse_options(attr: TokenStream, allowed: &[&str]) -> syn::Result<
                     let name = match &t.elems[0] {
                         Expr::Lit(l) => match &l.lit {
                             Lit::Str(s) => s.value(),
-                            other => return Err(Error::new_spanned(other, "expected a resource name string")),
+                            other => {
+                                return Err(Error::new_spanned(other, "expected a resource name string"))
+                            }
                         },
                         other => return Err(Error::new_spanned(other, "expected a resource name string")),
                     };
@@ -178,7 +178,8 @@ pub(crate) fn is_generic(generics: &Generics) -> bool {
 }
 
 /// Checks that a signature can be remote and collects its parameters.
-/// `what` names the item in messages ("remote function", "actor method").
+/// `what` names the item in messages, with its article ("a remote
+/// function", "an actor method").
 ///
 /// Errors span the whole offending tokens (`&str`, `<T>`, `(a, b)`), so
 /// the compiler underlines all of them rather than their first token.
@@ -186,20 +187,23 @@ pub(crate) fn params(sig: &Signature, what: &str) -> syn::Result<Params> {
     if is_generic(&sig.generics) {
         return Err(generics_error(
             &sig.generics,
-            format!("a {what} cannot be generic: the registry needs one concrete function per name"),
+            format!("{what} cannot be generic: the registry needs one concrete function per name"),
         ));
     }
     if let Some(c) = &sig.constness {
-        return Err(Error::new_spanned(c, format!("a {what} cannot be `const`")));
+        return Err(Error::new_spanned(c, format!("{what} cannot be `const`")));
     }
     if let Some(u) = &sig.unsafety {
-        return Err(Error::new_spanned(u, format!("a {what} cannot be `unsafe`")));
+        return Err(Error::new_spanned(u, format!("{what} cannot be `unsafe`")));
     }
     if let Some(a) = &sig.abi {
-        return Err(Error::new_spanned(a, format!("a {what} cannot have an `extern` ABI")));
+        return Err(Error::new_spanned(
+            a,
+            format!("{what} cannot have an `extern` ABI"),
+        ));
     }
     if let Some(v) = &sig.variadic {
-        return Err(Error::new_spanned(v, format!("a {what} cannot be variadic")));
+        return Err(Error::new_spanned(v, format!("{what} cannot be variadic")));
     }
     let mut names = Vec::new();
     let mut types = Vec::new();
@@ -210,7 +214,7 @@ pub(crate) fn params(sig: &Signature, what: &str) -> syn::Result<Params> {
                 if !matches!(&*pt.pat, Pat::Ident(_) | Pat::Wild(_)) {
                     return Err(Error::new_spanned(
                         &pt.pat,
-                        format!("a {what} takes plain named parameters (`name: Type`), not patterns"),
+                        format!("{what} takes plain named parameters (`name: Type`), not patterns"),
                     ));
                 }
                 check_owned(&pt.ty, what, "parameter")?;
@@ -229,21 +233,21 @@ pub(crate) fn check_owned(ty: &Type, what: &str, role: &str) -> syn::Result<()> 
         Type::Reference(r) => Err(Error::new_spanned(
             r,
             format!(
-                "a {what} {role} must be an owned type (Serialize + DeserializeOwned + Send + Sync + 'static), not a reference"
+                "{what} {role} must be an owned type (Serialize + DeserializeOwned + Send + Sync + 'static), not a reference"
             ),
         )),
         Type::ImplTrait(t) => Err(Error::new_spanned(
             t,
-            format!("a {what} {role} cannot be `impl Trait`: its type must be concrete to be encoded"),
+            format!("{what} {role} cannot be `impl Trait`: its type must be concrete to be encoded"),
         )),
         Type::TraitObject(t) => Err(Error::new_spanned(
             t,
-            format!("a {what} {role} cannot be a trait object: its type must be concrete to be encoded"),
+            format!("{what} {role} cannot be a trait object: its type must be concrete to be encoded"),
         )),
-        Type::Ptr(p) => Err(Error::new_spanned(p, format!("a {what} {role} cannot be a raw pointer"))),
+        Type::Ptr(p) => Err(Error::new_spanned(p, format!("{what} {role} cannot be a raw pointer"))),
         Type::BareFn(f) => Err(Error::new_spanned(
             f,
-            format!("a {what} {role} cannot be a function pointer: code does not travel as data"),
+            format!("{what} {role} cannot be a function pointer: code does not travel as data"),
         )),
         Type::Paren(p) => check_owned(&p.elem, what, role),
         Type::Group(g) => check_owned(&g.elem, what, role),
@@ -260,17 +264,25 @@ pub(crate) struct Output {
 }
 
 impl Output {
-    /// The path of the function that wraps the returned value into an
-    /// `InvokeResult`. It carries the span of the produced type, so a type
-    /// that is not `Data` is reported at that type in the signature rather
-    /// than at the attribute.
-    pub(crate) fn wrap(&self) -> TokenStream {
+    /// Wraps `value` (an expression of the function's return type) into an
+    /// `InvokeResult`.
+    ///
+    /// The value is bound to a variable that carries the span of the
+    /// produced type, and passed from there: a type that is not `Data` is
+    /// then reported at that type in the signature rather than at the
+    /// attribute.
+    pub(crate) fn wrap(&self, value: TokenStream) -> TokenStream {
         let span = self.ty.span();
-        if self.fallible {
+        let out = Ident::new("__rustyray_out", span);
+        let wrapper = if self.fallible {
             quote_spanned!(span=> ::rustyray::__private::fallible)
         } else {
             quote_spanned!(span=> ::rustyray::__private::output)
-        }
+        };
+        quote! {{
+            let #out = #value;
+            #wrapper(#out)
+        }}
     }
 }
 

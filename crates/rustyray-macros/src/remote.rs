@@ -23,7 +23,7 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
             return Err(not_a_function(
                 quote!(#token #name),
                 "; for a struct, use #[rustyray::actor] on the struct and on its impl block",
-            ))
+            ));
         }
         Item::Impl(i) => {
             let (token, self_ty) = (&i.impl_token, &i.self_ty);
@@ -41,8 +41,8 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
             "a remote function cannot take `self`; to make methods remote, put #[rustyray::actor] on the struct and on its impl block",
         ));
     }
-    let p = params(sig, "remote function")?;
-    let out = output(sig, "remote function")?;
+    let p = params(sig, "a remote function")?;
+    let out = output(sig, "a remote function")?;
     let name = &sig.ident;
     let vis = &func.vis;
     let is_async = sig.asyncness.is_some();
@@ -55,7 +55,11 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
     let names = &p.names;
     let types = &p.types;
     let out_ty = &out.ty;
-    let wrap = out.wrap();
+    let call = if is_async {
+        out.wrap(quote!(#name(#(#names),*).await))
+    } else {
+        out.wrap(quote!(#name(#(#names),*)))
+    };
     let body = if is_async {
         quote! {
             fn #invoke(mut args: ::rustyray::ArgList)
@@ -64,7 +68,7 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
                 ::std::boxed::Box::pin(async move {
                     args.expect_len(#n)?;
                     #take_args
-                    #wrap(#name(#(#names),*).await)
+                    #call
                 })
             }
         }
@@ -73,7 +77,7 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
             fn #invoke(mut args: ::rustyray::ArgList) -> ::rustyray::__private::InvokeResult {
                 args.expect_len(#n)?;
                 #take_args
-                #wrap(#name(#(#names),*))
+                #call
             }
         }
     };

@@ -1,0 +1,6 @@
+#[rustyray::actor]
+struct Foo<T> {
+    value: T,
+}
+
+fn main() {}

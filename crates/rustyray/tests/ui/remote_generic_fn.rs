@@ -1,0 +1,6 @@
+#[rustyray::remote]
+fn identity<T>(x: T) -> T {
+    x
+}
+
+fn main() {}

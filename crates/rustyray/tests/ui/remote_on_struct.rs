@@ -1,0 +1,6 @@
+#[rustyray::remote]
+struct NotAFunction {
+    x: i64,
+}
+
+fn main() {}

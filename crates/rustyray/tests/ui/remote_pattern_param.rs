@@ -1,0 +1,6 @@
+#[rustyray::remote]
+fn add((a, b): (i64, i64)) -> i64 {
+    a + b
+}
+
+fn main() {}
