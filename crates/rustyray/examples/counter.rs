@@ -77,16 +77,16 @@ fn main() -> anyhow::Result<()> {
     let ray = rustyray::init()?;
 
     // A plain actor, driven from main. `Counter` has an async method, so it
-    // is an async actor: its calls may run concurrently, and each `&mut
-    // self` call takes the actor alone, in whatever order the calls get it.
-    // The values the calls return depend on that order; the final value
-    // does not.
+    // is an async actor whose `&self` calls may run concurrently; each
+    // `&mut self` call takes the actor alone, and the runtime hands the
+    // actor to calls in the order they were submitted.
     let counter = Counter::remote(&ray, 10)?;
     let refs = (1..=5)
         .map(|i| counter.incr(i))
         .collect::<rustyray::Result<Vec<_>>>()?;
     let seen = ray.get_many(&refs)?;
     println!("driver increments returned {seen:?}");
+    anyhow::ensure!(seen == [11, 13, 16, 20, 25], "calls ran out of order: {seen:?}");
     // 10 + 1 + 2 + 3 + 4 + 5
     let after_driver = ray.get(&counter.value()?)?;
     println!("value after the driver's increments: {after_driver}");
@@ -111,8 +111,7 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(calls == 5 + 40, "expected 45 increments, got {calls}");
 
     // A named actor, created once and found by name from the driver and
-    // from tasks. With `max_concurrency(1)` it runs one call at a time, in
-    // the order each caller submitted them.
+    // from tasks. With `max_concurrency(1)` it runs one call at a time.
     let name = "global-counter";
     let named = Counter::options().name(name).max_concurrency(1).remote(&ray, 0)?;
     let first = named.incr(100)?;
