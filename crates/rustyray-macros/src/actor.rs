@@ -2,11 +2,19 @@
 //! block (constructor, methods and registry entries).
 
 use crate::common::{
-    generics_error, ident, is_generic, output, params, parse_options, result_ok_type, take_args,
+    generics_error, ident, is_generic, item_name, output, params, parse_options, resolve_self,
+    result_ok_type, take_args,
 };
 use proc_macro2::TokenStream;
 use quote::quote;
-use syn::{Error, FnArg, ImplItem, ImplItemFn, Item, ItemImpl, ItemStruct, ReturnType, Signature, Type};
+use syn::ext::IdentExt;
+use syn::{
+    Attribute, Error, FnArg, ImplItem, ImplItemFn, Item, ItemImpl, ItemStruct, ReturnType, Signature, Type,
+};
+
+/// Appended to the messages that reject an actor method's signature: the
+/// method may be a plain helper that was never meant to be remote.
+const LOCAL_HINT: &str = "; if it is a plain helper, not a remote method, mark it #[rustyray(local)]";
 
 pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
     match syn::parse2::<Item>(item)? {
@@ -28,7 +36,82 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
 }
 
 fn stub_name(class: &syn::Ident) -> syn::Ident {
-    ident(&format!("{class}Stub"))
+    ident(&format!("{}Stub", class.unraw()))
+}
+
+/// Whether `attr` is the actor macro's helper attribute `#[rustyray(..)]`.
+fn is_helper(attr: &Attribute) -> bool {
+    attr.path().is_ident("rustyray")
+}
+
+/// The attributes of an impl item, if it has any syn can see.
+fn impl_item_attrs_mut(item: &mut ImplItem) -> Option<&mut Vec<Attribute>> {
+    match item {
+        ImplItem::Fn(f) => Some(&mut f.attrs),
+        ImplItem::Const(c) => Some(&mut c.attrs),
+        ImplItem::Type(t) => Some(&mut t.attrs),
+        ImplItem::Macro(m) => Some(&mut m.attrs),
+        _ => None,
+    }
+}
+
+/// Removes the `#[rustyray(..)]` helper attributes from the items of `imp`:
+/// they are read by the macro and mean nothing to the compiler.
+fn strip_helper_attrs(imp: &mut ItemImpl) {
+    for item in &mut imp.items {
+        if let Some(attrs) = impl_item_attrs_mut(item) {
+            attrs.retain(|a| !is_helper(a));
+        }
+    }
+}
+
+/// `item` with the helper attributes removed when it is an `impl` block,
+/// else unchanged. Used when the macro rejects its item: the item is still
+/// emitted, and a leftover `#[rustyray(..)]` would add an unrelated
+/// "cannot find attribute" error to the macro's own.
+pub(crate) fn without_helper_attrs(item: TokenStream) -> TokenStream {
+    match syn::parse2::<ItemImpl>(item.clone()) {
+        Ok(mut imp) => {
+            strip_helper_attrs(&mut imp);
+            quote!(#imp)
+        }
+        Err(_) => item,
+    }
+}
+
+/// Reads the `#[rustyray(..)]` helper attributes of a method: the one that
+/// marks it `local` (a plain method, not remote), if any. Any other
+/// argument is an error.
+fn local_attr(attrs: &[Attribute]) -> syn::Result<Option<&Attribute>> {
+    let mut local = None;
+    for attr in attrs.iter().filter(|a| is_helper(a)) {
+        let mut any = false;
+        attr.parse_nested_meta(|meta| {
+            any = true;
+            if !meta.path.is_ident("local") {
+                let path = &meta.path;
+                let name = quote!(#path).to_string().replace(' ', "");
+                return Err(meta.error(format!(
+                    "unknown argument `{name}` in #[rustyray(..)]; expected `local` (a plain method, not remote)"
+                )));
+            }
+            if !meta.input.is_empty() && !meta.input.peek(syn::Token![,]) {
+                return Err(meta.error("`local` takes no value: #[rustyray(local)]"));
+            }
+            if local.is_some() {
+                return Err(meta.error("`local` is given more than once"));
+            }
+            local = Some(attr);
+            Ok(())
+        })?;
+        if !any {
+            return Err(Error::new_spanned(
+                attr,
+                "expected an argument in #[rustyray(..)]: `local` (a plain method, not remote)",
+            ));
+        }
+    }
+    Ok(local)
 }
 
 fn expand_struct(s: ItemStruct) -> syn::Result<TokenStream> {
@@ -124,20 +207,50 @@ fn expand_impl(attr: TokenStream, imp: ItemImpl) -> syn::Result<TokenStream> {
         }
     };
     let stub = stub_name(&class);
-    let class_entry = ident(&format!("__RUSTYRAY_CLASS_{class}"));
-    let options_ty = ident(&format!("__RustyRayActorOptions_{class}"));
-    let ctor_fn = ident(&format!("__rustyray_construct_{class}"));
+    // Items named after the class alone, or the class and one method, with
+    // the class name's length (see `item_name`): two classes of one module
+    // never share an item, whatever their method names.
+    let class_entry = item_name("__RUSTYRAY_CLASS_", &[&class]);
+    let options_ty = item_name("__RustyRayActorOptions_", &[&class]);
+    let ctor_fn = item_name("__rustyray_construct_", &[&class]);
 
     let mut ctor = None;
     let mut methods = Vec::new();
     for item in &imp.items {
-        let ImplItem::Fn(f) = item else { continue };
+        let f = match item {
+            ImplItem::Fn(f) => f,
+            ImplItem::Const(syn::ImplItemConst { attrs, .. })
+            | ImplItem::Type(syn::ImplItemType { attrs, .. })
+            | ImplItem::Macro(syn::ImplItemMacro { attrs, .. }) => {
+                if let Some(a) = attrs.iter().find(|a| is_helper(a)) {
+                    return Err(Error::new_spanned(
+                        a,
+                        "#[rustyray(..)] goes on a method of the actor impl block",
+                    ));
+                }
+                continue;
+            }
+            _ => continue,
+        };
+        let is_ctor = f.sig.ident == "new" && !matches!(f.sig.inputs.first(), Some(FnArg::Receiver(_)));
+        if let Some(local) = local_attr(&f.attrs)? {
+            if is_ctor {
+                return Err(Error::new_spanned(
+                    local,
+                    "the actor constructor `new` cannot be #[rustyray(local)]: the runtime creates the actor with it",
+                ));
+            }
+            // A plain method: left as written, with no stub and no checks.
+            continue;
+        }
         match f.sig.inputs.first() {
             Some(FnArg::Receiver(r)) => {
                 if r.reference.is_none() {
                     return Err(Error::new_spanned(
                         r,
-                        "an actor method takes `&self` or `&mut self`; the actor keeps its state between calls",
+                        format!(
+                            "an actor method takes `&self` or `&mut self`: the actor keeps its state between calls{LOCAL_HINT}"
+                        ),
                     ));
                 }
                 methods.push((f, r.mutability.is_some()));
@@ -161,7 +274,9 @@ fn expand_impl(attr: TokenStream, imp: ItemImpl) -> syn::Result<TokenStream> {
             "an actor impl block needs a constructor: `fn new(..) -> Self`",
         ));
     };
-    let cp = params(&ctor.sig, "an actor constructor")?;
+    // The generated code lives outside the impl block, where `Self` is not
+    // the class: signatures are read with `Self` spelled out.
+    let cp = params(&resolve_self(&ctor.sig, &class), "an actor constructor", "")?;
     let is_async = methods.iter().any(|(f, _)| f.sig.asyncness.is_some());
     let declared = opts.declared();
 
@@ -178,10 +293,11 @@ fn expand_impl(attr: TokenStream, imp: ItemImpl) -> syn::Result<TokenStream> {
     let mut stubs = Vec::new();
     for (f, mutable) in &methods {
         let mname = &f.sig.ident;
-        let p = params(&f.sig, "an actor method")?;
-        let out = output(&f.sig, "an actor method")?;
-        let entry = ident(&format!("__RUSTYRAY_METHOD_{class}_{mname}"));
-        let invoke = ident(&format!("__rustyray_method_{class}_{mname}"));
+        let sig = resolve_self(&f.sig, &class);
+        let p = params(&sig, "an actor method", LOCAL_HINT)?;
+        let out = output(&sig, "an actor method", LOCAL_HINT)?;
+        let entry = item_name("__RUSTYRAY_METHOD_", &[&class, mname]);
+        let invoke = item_name("__rustyray_method_", &[&class, mname]);
         let (names, types) = (&p.names, &p.types);
         let n = names.len();
         let take_args = take_args(&p);
@@ -275,6 +391,8 @@ fn expand_impl(attr: TokenStream, imp: ItemImpl) -> syn::Result<TokenStream> {
         });
     }
 
+    let mut imp = imp;
+    strip_helper_attrs(&mut imp);
     Ok(quote! {
         #imp
 

@@ -2,11 +2,13 @@
 
 use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned};
+use syn::ext::IdentExt;
 use syn::parse::Parser;
 use syn::spanned::Spanned;
+use syn::visit_mut::{self, VisitMut};
 use syn::{
-    Error, Expr, FnArg, GenericArgument, Generics, Ident, Lit, Pat, PathArguments, ReturnType, Signature,
-    Type,
+    Error, Expr, FnArg, GenericArgument, Generics, Ident, Item, Lit, Pat, Path, PathArguments, ReturnType,
+    Signature, Type,
 };
 
 /// Options given in the attribute.
@@ -179,31 +181,32 @@ pub(crate) fn is_generic(generics: &Generics) -> bool {
 
 /// Checks that a signature can be remote and collects its parameters.
 /// `what` names the item in messages, with its article ("a remote
-/// function", "an actor method").
+/// function", "an actor method"); `hint` is appended to every message (empty,
+/// or a way out such as "; ..., mark it #[rustyray(local)]").
 ///
 /// Errors span the whole offending tokens (`&str`, `<T>`, `(a, b)`), so
 /// the compiler underlines all of them rather than their first token.
-pub(crate) fn params(sig: &Signature, what: &str) -> syn::Result<Params> {
+pub(crate) fn params(sig: &Signature, what: &str, hint: &str) -> syn::Result<Params> {
     if is_generic(&sig.generics) {
         return Err(generics_error(
             &sig.generics,
-            format!("{what} cannot be generic: the registry needs one concrete function per name"),
+            format!("{what} cannot be generic: the registry needs one concrete function per name{hint}"),
         ));
     }
     if let Some(c) = &sig.constness {
-        return Err(Error::new_spanned(c, format!("{what} cannot be `const`")));
+        return Err(Error::new_spanned(c, format!("{what} cannot be `const`{hint}")));
     }
     if let Some(u) = &sig.unsafety {
-        return Err(Error::new_spanned(u, format!("{what} cannot be `unsafe`")));
+        return Err(Error::new_spanned(u, format!("{what} cannot be `unsafe`{hint}")));
     }
     if let Some(a) = &sig.abi {
         return Err(Error::new_spanned(
             a,
-            format!("{what} cannot have an `extern` ABI"),
+            format!("{what} cannot have an `extern` ABI{hint}"),
         ));
     }
     if let Some(v) = &sig.variadic {
-        return Err(Error::new_spanned(v, format!("{what} cannot be variadic")));
+        return Err(Error::new_spanned(v, format!("{what} cannot be variadic{hint}")));
     }
     let mut names = Vec::new();
     let mut types = Vec::new();
@@ -214,10 +217,10 @@ pub(crate) fn params(sig: &Signature, what: &str) -> syn::Result<Params> {
                 if !matches!(&*pt.pat, Pat::Ident(_) | Pat::Wild(_)) {
                     return Err(Error::new_spanned(
                         &pt.pat,
-                        format!("{what} takes plain named parameters (`name: Type`), not patterns"),
+                        format!("{what} takes plain named parameters (`name: Type`), not patterns{hint}"),
                     ));
                 }
-                check_owned(&pt.ty, what, "parameter")?;
+                check_owned(&pt.ty, what, "parameter", hint)?;
                 names.push(format_ident!("__arg{}", i));
                 types.push((*pt.ty).clone());
             }
@@ -227,30 +230,33 @@ pub(crate) fn params(sig: &Signature, what: &str) -> syn::Result<Params> {
 }
 
 /// Rejects references, `impl Trait` and other types that cannot cross a
-/// process boundary.
-pub(crate) fn check_owned(ty: &Type, what: &str, role: &str) -> syn::Result<()> {
+/// process boundary; `hint` is appended to the message.
+pub(crate) fn check_owned(ty: &Type, what: &str, role: &str, hint: &str) -> syn::Result<()> {
     match ty {
         Type::Reference(r) => Err(Error::new_spanned(
             r,
             format!(
-                "{what} {role} must be an owned type (Serialize + DeserializeOwned + Send + Sync + 'static), not a reference"
+                "{what} {role} must be an owned type (Serialize + DeserializeOwned + Send + Sync + 'static), not a reference{hint}"
             ),
         )),
         Type::ImplTrait(t) => Err(Error::new_spanned(
             t,
-            format!("{what} {role} cannot be `impl Trait`: its type must be concrete to be encoded"),
+            format!("{what} {role} cannot be `impl Trait`: its type must be concrete to be encoded{hint}"),
         )),
         Type::TraitObject(t) => Err(Error::new_spanned(
             t,
-            format!("{what} {role} cannot be a trait object: its type must be concrete to be encoded"),
+            format!("{what} {role} cannot be a trait object: its type must be concrete to be encoded{hint}"),
         )),
-        Type::Ptr(p) => Err(Error::new_spanned(p, format!("{what} {role} cannot be a raw pointer"))),
+        Type::Ptr(p) => Err(Error::new_spanned(
+            p,
+            format!("{what} {role} cannot be a raw pointer{hint}"),
+        )),
         Type::BareFn(f) => Err(Error::new_spanned(
             f,
-            format!("{what} {role} cannot be a function pointer: code does not travel as data"),
+            format!("{what} {role} cannot be a function pointer: code does not travel as data{hint}"),
         )),
-        Type::Paren(p) => check_owned(&p.elem, what, role),
-        Type::Group(g) => check_owned(&g.elem, what, role),
+        Type::Paren(p) => check_owned(&p.elem, what, role, hint),
+        Type::Group(g) => check_owned(&g.elem, what, role, hint),
         _ => Ok(()),
     }
 }
@@ -287,8 +293,8 @@ impl Output {
 }
 
 /// Reads the return type: `T`, `()`, or `Result<T, E>` (also a
-/// one-parameter `Result<T>` alias).
-pub(crate) fn output(sig: &Signature, what: &str) -> syn::Result<Output> {
+/// one-parameter `Result<T>` alias). `hint` is as for [`params`].
+pub(crate) fn output(sig: &Signature, what: &str, hint: &str) -> syn::Result<Output> {
     let ty = match &sig.output {
         ReturnType::Default => {
             return Ok(Output {
@@ -298,9 +304,9 @@ pub(crate) fn output(sig: &Signature, what: &str) -> syn::Result<Output> {
         }
         ReturnType::Type(_, t) => (**t).clone(),
     };
-    check_owned(&ty, what, "return type")?;
+    check_owned(&ty, what, "return type", hint)?;
     if let Some(ok) = result_ok_type(&ty) {
-        check_owned(&ok, what, "return type")?;
+        check_owned(&ok, what, "return type", hint)?;
         return Ok(Output {
             ty: ok,
             fallible: true,
@@ -342,4 +348,73 @@ pub(crate) fn result_ok_type(ty: &Type) -> Option<Type> {
 /// An identifier built from parts, at the call site.
 pub(crate) fn ident(parts: &str) -> Ident {
     Ident::new(parts, Span::call_site())
+}
+
+/// The name of a generated item: `prefix` followed by `names`, every name
+/// but the last preceded by its length in bytes and followed by `_`, so
+/// `("__m_", [A, b_c])` gives `__m_1A_b_c` and `("__m_", [A_b, c])` gives
+/// `__m_3A_b_c`.
+///
+/// The scheme is injective for a given prefix: an identifier never starts
+/// with a digit, so the length ends at the first non-digit and says where
+/// each name ends. Plain `{class}_{method}` would not be: class `A` with
+/// method `b_c` and class `A_b` with method `c` would share items in one
+/// module. Names are taken unraw (`r#type` as `type`), which names the same
+/// item and keeps the result a valid identifier.
+pub(crate) fn item_name(prefix: &str, names: &[&Ident]) -> Ident {
+    let mut s = String::from(prefix);
+    if let Some((last, init)) = names.split_last() {
+        for name in init {
+            let name = name.unraw().to_string();
+            s.push_str(&format!("{}{name}_", name.len()));
+        }
+        s.push_str(&last.unraw().to_string());
+    }
+    ident(&s)
+}
+
+/// Rewrites `Self` to the class name in types taken out of an `impl` block.
+///
+/// The stubs, invokers and option builders the actor macro generates live
+/// outside the user's `impl` (free functions, or `impl` blocks of other
+/// types), where `Self` is unavailable or means another type. Paths that
+/// start with `Self` (`Self`, `Vec<Self>`, `Self::CONST` in an array length,
+/// the `Self` in `<Self as Trait>::Assoc`) get the class name, with the span
+/// of the `Self` it replaces so errors still point at the user's code.
+/// Items nested in expressions are left alone: there `Self` is their own.
+pub(crate) struct ReplaceSelf<'a> {
+    pub(crate) class: &'a Ident,
+}
+
+impl VisitMut for ReplaceSelf<'_> {
+    fn visit_path_mut(&mut self, path: &mut Path) {
+        if path.leading_colon.is_none() {
+            if let Some(first) = path.segments.first_mut() {
+                if first.ident == "Self" {
+                    let mut class = self.class.clone();
+                    class.set_span(first.ident.span());
+                    first.ident = class;
+                }
+            }
+        }
+        visit_mut::visit_path_mut(self, path);
+    }
+
+    fn visit_item_mut(&mut self, _: &mut Item) {}
+}
+
+/// `sig` with `Self` replaced by `class` in its parameter and return types
+/// (see [`ReplaceSelf`]). The receiver, if any, is kept as written.
+pub(crate) fn resolve_self(sig: &Signature, class: &Ident) -> Signature {
+    let mut sig = sig.clone();
+    let mut v = ReplaceSelf { class };
+    for input in &mut sig.inputs {
+        if let FnArg::Typed(pt) = input {
+            v.visit_type_mut(&mut pt.ty);
+        }
+    }
+    if let ReturnType::Type(_, ty) = &mut sig.output {
+        v.visit_type_mut(ty);
+    }
+    sig
 }

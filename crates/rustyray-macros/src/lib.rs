@@ -28,14 +28,48 @@ pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
 /// (on its `impl` block, which must have a `fn new(..) -> Self`
 /// constructor).
 ///
+/// Every `&self` / `&mut self` method of the `impl` block becomes remote:
+/// `handle.method(args..)` calls it on the actor and returns an `ObjectRef`
+/// of its result, so its parameters and result follow the rules of remote
+/// functions (owned, serializable types). `Self` may appear in those types
+/// (`-> Self`, `other: Self`, `Vec<Self>`); it stands for the class, which
+/// must then be serializable too.
+///
 /// Attribute options on the `impl`: `num_cpus`, `num_gpus`,
 /// `max_restarts`, `max_task_retries`, `max_concurrency`,
 /// `resource = ("name", amount)`.
+///
+/// # Plain methods: `#[rustyray(local)]`
+///
+/// A method marked `#[rustyray(local)]` stays a plain method, callable by
+/// the actor's own code: it gets no stub and no registry entry, and its
+/// signature is not checked (it may take `&str`, be generic, take `self`).
+/// The macro removes the attribute from the emitted `impl` block. `local` is
+/// the only argument `#[rustyray(..)]` accepts; the constructor `new` cannot
+/// be local.
+///
+/// ```ignore
+/// #[rustyray::actor]
+/// impl Greeter {
+///     fn new(greeting: String) -> Self {
+///         Greeter { greeting }
+///     }
+///
+///     fn greet(&self, name: String) -> String {
+///         self.format(&name)
+///     }
+///
+///     #[rustyray(local)]
+///     fn format(&self, name: &str) -> String {
+///         format!("{} {name}", self.greeting)
+///     }
+/// }
+/// ```
 #[proc_macro_attribute]
 pub fn actor(attr: TokenStream, item: TokenStream) -> TokenStream {
     let item = proc_macro2::TokenStream::from(item);
     actor::expand(attr.into(), item.clone())
-        .unwrap_or_else(|e| error_with_item(e, item))
+        .unwrap_or_else(|e| error_with_item(e, actor::without_helper_attrs(item)))
         .into()
 }
 

@@ -1,6 +1,6 @@
 //! `#[remote]` on a function.
 
-use crate::common::{ident, output, params, parse_options, take_args};
+use crate::common::{item_name, output, params, parse_options, take_args};
 use proc_macro2::TokenStream;
 use quote::quote;
 use syn::{Error, FnArg, Item};
@@ -41,15 +41,17 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
             "a remote function cannot take `self`; to make methods remote, put #[rustyray::actor] on the struct and on its impl block",
         ));
     }
-    let p = params(sig, "a remote function")?;
-    let out = output(sig, "a remote function")?;
+    let p = params(sig, "a remote function", "")?;
+    let out = output(sig, "a remote function", "")?;
     let name = &sig.ident;
     let vis = &func.vis;
     let is_async = sig.asyncness.is_some();
     let take_args = take_args(&p);
-    let entry = ident(&format!("__RUSTYRAY_FN_{name}"));
-    let invoke = ident(&format!("__rustyray_invoke_{name}"));
-    let options_ty = ident(&format!("__RustyRayOptions_{name}"));
+    // One name each: injective already; the prefixes keep them apart from
+    // the actor macro's items.
+    let entry = item_name("__RUSTYRAY_FN_", &[name]);
+    let invoke = item_name("__rustyray_invoke_", &[name]);
+    let options_ty = item_name("__RustyRayOptions_", &[name]);
     let declared = opts.declared();
     let n = p.names.len();
     let names = &p.names;

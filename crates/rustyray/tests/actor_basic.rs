@@ -1,10 +1,12 @@
 //! Actors: construction, sync and async methods, ordering, concurrency,
-//! handles passed around, names, kill, restarts and retries.
+//! handles passed around, names, kill, restarts and retries, `Self` in
+//! method signatures and `#[rustyray(local)]` helpers.
 
 mod common;
 use common::{both_modes, LONG};
 use rustyray::prelude::*;
 use rustyray::ActorClass;
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 #[rustyray::actor]
@@ -327,6 +329,93 @@ both_modes! {
             Err(Error::ActorDied { cause: Some(c), .. }) => assert!(c.to_string().contains("no way"), "{c}"),
             other => panic!("expected ActorDied, got {other:?}"),
         }
+        Ok(())
+    }
+}
+
+/// A serializable actor whose methods name its own type through `Self`,
+/// with a plain `#[rustyray(local)]` helper that takes a `&str`.
+#[rustyray::actor]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Tags {
+    prefix: String,
+    tags: Vec<String>,
+}
+
+#[rustyray::actor]
+impl Tags {
+    fn new(prefix: String) -> Self {
+        Tags {
+            prefix,
+            tags: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, name: String) -> usize {
+        let tag = self.tagged(&name);
+        self.tags.push(tag);
+        self.tags.len()
+    }
+
+    /// The stub returns an `ObjectRef<Tags>`.
+    fn snapshot(&self) -> Self {
+        self.clone()
+    }
+
+    /// Takes `Self`, alone and nested, and returns it nested.
+    fn merge(&mut self, other: Self, more: Vec<Self>) -> Option<Self> {
+        if other.prefix != self.prefix {
+            return None;
+        }
+        let before = self.clone();
+        self.tags.extend(other.tags);
+        self.tags.extend(more.into_iter().flat_map(|t| t.tags));
+        Some(before)
+    }
+
+    /// One actor state per tag; an error when there are none.
+    fn split(&self) -> Result<Vec<Self>, String> {
+        if self.tags.is_empty() {
+            return Err(format!("no tags under {}", self.prefix));
+        }
+        Ok(self
+            .tags
+            .iter()
+            .map(|t| Tags {
+                prefix: self.prefix.clone(),
+                tags: vec![t.clone()],
+            })
+            .collect())
+    }
+
+    /// A plain method: a `&str` parameter would be refused on a remote one.
+    #[rustyray(local)]
+    fn tagged(&self, name: &str) -> String {
+        format!("{}:{name}", self.prefix)
+    }
+}
+
+both_modes! {
+    fn self_in_signatures_and_local_helpers(ray) {
+        let t = Tags::remote(ray, "a".to_string())?;
+        assert!(matches!(ray.get(&t.split()?), Err(Error::Task { .. })));
+        assert_eq!(ray.get(&t.add("x".to_string())?)?, 1);
+        let snap: ObjectRef<Tags> = t.snapshot()?;
+        let a = ray.get(&snap)?;
+        assert_eq!(a, Tags { prefix: "a".into(), tags: vec!["a:x".into()] });
+        // The local helper stays an ordinary method.
+        assert_eq!(a.tagged("y"), "a:y");
+
+        let u = Tags::remote(ray, "a".to_string())?;
+        ray.get(&u.add("y".to_string())?)?;
+        // `Self` arguments accept refs (another actor's snapshot) and values.
+        let before: ObjectRef<Option<Tags>> = t.merge(&u.snapshot()?, vec![a.clone(), a.clone()])?;
+        assert_eq!(ray.get(&before)?, Some(a.clone()));
+        let other = Tags::new("b".into());
+        assert_eq!(ray.get(&t.merge(other, Vec::new())?)?, None);
+        let parts: ObjectRef<Vec<Tags>> = t.split()?;
+        let tags: Vec<_> = ray.get(&parts)?.into_iter().flat_map(|p| p.tags).collect();
+        assert_eq!(tags, ["a:x", "a:y", "a:x", "a:x"]);
         Ok(())
     }
 }

@@ -1,5 +1,5 @@
-// Every `&self` / `&mut self` method of the impl block becomes remote, so
-// its parameters follow the remote rules.
+// Every `&self` / `&mut self` method not marked #[rustyray(local)] becomes
+// remote, so its parameters follow the remote rules.
 #[rustyray::actor]
 struct Greeter {
     greeting: String,
