@@ -1,0 +1,50 @@
+//! The `rustyray` command-line tool — Ray's `ray` CLI.
+//!
+//! Verbs: `microbenchmark` (Ray's `ray microbenchmark`, row for row). The
+//! cluster verbs (`start`, `stop`, `status`, `list`, `timeline`) join it as
+//! the cluster is built.
+//!
+//! ```text
+//! rustyray microbenchmark                       # every row, human output
+//! rustyray microbenchmark --filter "actor" --json
+//! ```
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+pub mod microbenchmark;
+
+/// Command-line arguments.
+#[derive(Debug, Parser)]
+#[command(name = "rustyray", version, about = "RustyRay: Ray Core for Rust")]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Runs Ray's microbenchmark suite (`ray microbenchmark`) on RustyRay.
+    Microbenchmark(microbenchmark::Args),
+}
+
+/// Runs the tool with the process's arguments.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rustyray: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one parsed command.
+pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    match cli.command {
+        Command::Microbenchmark(args) => microbenchmark::run(&args),
+    }
+}
