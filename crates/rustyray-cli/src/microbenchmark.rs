@@ -61,6 +61,43 @@ pub struct Report {
     pub num_cpus: usize,
     /// One entry per row, in Ray's order.
     pub rows: Vec<RowResult>,
+    /// Plain memcpy bandwidth, the limit of the "put gigabytes" rows
+    /// (measured when one of them runs).
+    pub memcpy: Option<Memcpy>,
+}
+
+/// Plain memcpy bandwidth of one 800 MiB array (100 Mi `i64`, the array of
+/// Ray's "put gigabytes" rows), in Ray's unit for those rows: 0.8 "GB" per
+/// array copied.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Memcpy {
+    /// Copying into a buffer allocated (and faulted in) beforehand.
+    pub reused_gb_per_s: f64,
+    /// Copying into a fresh allocation, as `Vec::clone` does.
+    pub fresh_gb_per_s: f64,
+}
+
+/// Measures [`Memcpy`]: the best of a few copies each way.
+pub fn measure_memcpy() -> Memcpy {
+    const GB_PER_COPY: f64 = 8.0 * 0.1;
+    let src = vec![1_i64; 100 * 1024 * 1024];
+    let mut dst = vec![0_i64; src.len()];
+    let best = |f: &mut dyn FnMut()| {
+        (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let reused = best(&mut || dst.copy_from_slice(&src));
+    let fresh = best(&mut || drop(std::hint::black_box(src.clone())));
+    std::hint::black_box(&dst);
+    Memcpy {
+        reused_gb_per_s: GB_PER_COPY / reused,
+        fresh_gb_per_s: GB_PER_COPY / fresh,
+    }
 }
 
 // ----- the remote code the rows run (ray_perf.py's functions) ----------
@@ -555,7 +592,15 @@ pub fn run_suite(args: &Args) -> rustyray::Result<Report> {
         t.unsupported(name, "Ray Client (a remote driver) is not implemented yet");
     }
     ray.shutdown()?;
+    let memcpy = (t.selected(ROWS[3]) || t.selected(ROWS[5])).then(measure_memcpy);
+    if let (Some(m), false) = (memcpy, args.json) {
+        println!(
+            "memcpy of 800 MiB (reference) per second {:.2} GB into a reused buffer, {:.2} GB into a fresh one",
+            m.reused_gb_per_s, m.fresh_gb_per_s
+        );
+    }
     Ok(Report {
+        memcpy,
         system: "rustyray",
         version: env!("CARGO_PKG_VERSION"),
         mode: args.mode.clone(),

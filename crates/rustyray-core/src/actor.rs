@@ -101,6 +101,8 @@ pub(crate) struct ActorState {
     life: Mutex<Life>,
     mailbox: Mutex<Option<mpsc::UnboundedSender<Mail>>>,
     created: Notify,
+    /// Woken when a restart ends (alive again, or dead).
+    restarted: Notify,
     handles: AtomicUsize,
 }
 
@@ -114,6 +116,38 @@ impl std::fmt::Debug for ActorState {
 }
 
 impl ActorState {
+    /// The state of an actor that is already gone.
+    fn tombstone(id: ActorId, class: &'static ActorEntry) -> Arc<Self> {
+        let reason = Error::ActorDied {
+            class: class.name.to_owned(),
+            actor_id: id,
+            reason: "it had died before this handle was decoded".to_owned(),
+            cause: None,
+        };
+        Arc::new(ActorState {
+            id,
+            class,
+            name: None,
+            detached: true,
+            placement: ResourceSet::new(),
+            lifetime: ResourceSet::new(),
+            max_concurrency: 1,
+            max_task_retries: 0,
+            ctor_args: Vec::new(),
+            life: Mutex::new(Life {
+                status: Status::Dead(reason),
+                instance: None,
+                restarts_left: 0,
+                running: Vec::new(),
+                resources_held: false,
+            }),
+            mailbox: Mutex::new(None),
+            created: Notify::new(),
+            restarted: Notify::new(),
+            handles: AtomicUsize::new(0),
+        })
+    }
+
     pub(crate) fn placement_request(&self) -> &ResourceSet {
         &self.placement
     }
@@ -135,11 +169,30 @@ impl ActorState {
     }
 
     fn instance(&self) -> Result<Instance> {
+        self.instance_or_restarting()?
+            .ok_or_else(|| self.died("the actor has no instance", None))
+    }
+
+    /// The instance; `None` while the actor is (re)starting.
+    fn instance_or_restarting(&self) -> Result<Option<Instance>> {
         let life = self.life.lock();
         match (&life.status, &life.instance) {
             (Status::Dead(e), _) => Err(e.clone()),
-            (_, Some(i)) => Ok(i.clone()),
-            (_, None) => Err(self.died("the actor has no instance", None)),
+            (_, i) => Ok(i.clone()),
+        }
+    }
+
+    /// The instance, waiting out a restart in progress (Ray queues calls
+    /// made while an actor restarts).
+    async fn instance_after_restart(&self) -> Result<Instance> {
+        loop {
+            let restarted = self.restarted.notified();
+            tokio::pin!(restarted);
+            restarted.as_mut().enable();
+            if let Some(inst) = self.instance_or_restarting()? {
+                return Ok(inst);
+            }
+            restarted.await;
         }
     }
 
@@ -199,9 +252,7 @@ impl ActorState {
         self.mailbox.lock().take();
         for call in running {
             call.mark_cancelled();
-            if let crate::task::Phase::Running(Some(h)) = &*call.phase.lock() {
-                h.abort();
-            }
+            call.abort_running();
             rt.store.complete(call.id.return_object(), Err(err.clone()));
         }
         if let Some(name) = &self.name {
@@ -214,8 +265,9 @@ impl ActorState {
         if release {
             rt.release(&self.lifetime);
         }
-        // Wake a driver still waiting for the constructor.
+        // Wake a driver still waiting for the constructor or a restart.
         self.created.notify_one();
+        self.restarted.notify_waiters();
     }
 
     /// Handles a crash (a method panicked, or `kill` with restart):
@@ -243,13 +295,17 @@ impl ActorState {
         tracing::debug!(actor = %self.id, %reason, "restarting actor");
         match self.construct(rt) {
             Ok(inst) => {
-                let mut life = self.life.lock();
-                if matches!(life.status, Status::Restarting) {
-                    life.status = Status::Alive;
-                    life.instance = Some(inst);
-                    return true;
-                }
-                false
+                let alive = {
+                    let mut life = self.life.lock();
+                    let restarting = matches!(life.status, Status::Restarting);
+                    if restarting {
+                        life.status = Status::Alive;
+                        life.instance = Some(inst);
+                    }
+                    restarting
+                };
+                self.restarted.notify_waiters();
+                alive
             }
             Err(e) => {
                 self.die(rt, e);
@@ -333,18 +389,23 @@ pub(crate) fn shut_down_all(rt: &Arc<Inner>) {
     }
 }
 
-/// Waits until an object is complete.
-struct Complete<'a> {
+/// Waits until a call's dependencies are complete, or until the call's own
+/// object is (a cancel completes it), so a cancelled call never holds up
+/// the calls behind it.
+struct DepsOrCancelled<'a> {
     rt: &'a Inner,
-    id: crate::ids::ObjectId,
+    deps: Vec<crate::ids::ObjectId>,
+    own: crate::ids::ObjectId,
 }
 
-impl Future for Complete<'_> {
+impl Future for DepsOrCancelled<'_> {
     type Output = ();
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        match self.rt.store.peek(self.id, Some(cx.waker())) {
-            Ok(Peek::Pending) => Poll::Pending,
-            _ => Poll::Ready(()),
+        let pending = |id| matches!(self.rt.store.peek(id, Some(cx.waker())), Ok(Peek::Pending));
+        if !pending(self.own) || self.deps.iter().all(|d| !pending(*d)) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
     }
 }
@@ -383,13 +444,24 @@ async fn drive(rt: Arc<Inner>, actor: Arc<ActorState>, mut rx: mpsc::UnboundedRe
             fail_call(&rt, &call, e);
             continue;
         }
-        for id in ref_ids(&call.args) {
-            Complete { rt: &rt, id }.await;
+        let deps = ref_ids(&call.args);
+        if !deps.is_empty() {
+            DepsOrCancelled {
+                rt: &rt,
+                deps,
+                own: call.state.id.return_object(),
+            }
+            .await;
+        }
+        if call.state.is_cancelled() {
+            call.state.finish();
+            rt.forget_task(call.state.id);
+            continue;
         }
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
-        let inst = match actor.instance() {
+        let inst = match actor.instance_after_restart().await {
             Ok(i) => i,
             Err(e) => {
                 fail_call(&rt, &call, e);
@@ -400,7 +472,7 @@ async fn drive(rt: Arc<Inner>, actor: Arc<ActorState>, mut rx: mpsc::UnboundedRe
         // orders calls: a `&mut self` call submitted before a `&self` one
         // starts (and finishes) first.
         let held = lock(inst, call.method.body.is_exclusive()).await;
-        if !call.state.start() {
+        if !call.state.start(1) {
             rt.forget_task(call.state.id);
             continue;
         }
@@ -608,7 +680,7 @@ fn dispatch(
             }
         };
         let h = rt.handle.spawn(fut);
-        state.set_abort(h.abort_handle());
+        state.set_abort(1, h.abort_handle());
     }
 }
 
@@ -696,21 +768,29 @@ impl RawActor {
 impl Serialize for RawActor {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         EncodeScope::note(|| self.0.clone());
-        self.0.actor.id.serialize(s)
+        (self.0.actor.id, self.0.actor.class.name).serialize(s)
     }
 }
 
 impl<'de> Deserialize<'de> for RawActor {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let id = ActorId::deserialize(d)?;
+        let (id, class) = <(ActorId, String)>::deserialize(d)?;
         let rt = DecodeScope::runtime().ok_or_else(|| {
-            serde::de::Error::custom("an actor handle can only be decoded by a RustyRay runtime")
+            DecodeScope::fail::<D::Error>(Error::serialization(
+                "an actor handle can only be decoded by a RustyRay runtime",
+            ))
         })?;
         let actor = rt.actors.actors.lock().get(&id).cloned();
-        match actor {
-            Some(a) => Ok(RawActor::new(a, &rt)),
-            None => Err(serde::de::Error::custom(format!("actor {id} no longer exists"))),
-        }
+        let actor = match actor {
+            Some(a) => a,
+            // The actor is gone: the handle still decodes, as in Ray, and
+            // its calls fail with ActorDied.
+            None => {
+                let class = rt.registry.class(&class).map_err(DecodeScope::fail)?;
+                ActorState::tombstone(id, class)
+            }
+        };
+        Ok(RawActor::new(actor, &rt))
     }
 }
 
@@ -860,6 +940,7 @@ fn create_raw(
         }),
         mailbox: Mutex::new(Some(tx)),
         created: Notify::new(),
+        restarted: Notify::new(),
         handles: AtomicUsize::new(0),
     });
     if let Some(name) = &opts.name {
@@ -918,9 +999,7 @@ impl Ray {
         let running = std::mem::take(&mut actor.life.lock().running);
         for call in running {
             call.mark_cancelled();
-            if let crate::task::Phase::Running(Some(h)) = &*call.phase.lock() {
-                h.abort();
-            }
+            call.abort_running();
             rt.store.complete(
                 call.id.return_object(),
                 Err(actor.died("it was killed and restarted", None)),

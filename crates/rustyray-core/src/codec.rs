@@ -243,12 +243,20 @@ fn copy_typed<T: Data>(value: &T, rt: &Arc<Inner>) -> Result<T> {
 
 /// Decodes bytes as a `T`, rebuilding nested references against `rt`.
 pub(crate) fn decode<T: Data>(bytes: &[u8], rt: &Arc<Inner>) -> Result<T> {
-    DecodeScope::run(rt, || postcard::from_bytes(bytes)).map_err(Error::serialization)
+    DecodeScope::run(rt, || {
+        postcard::from_bytes(bytes).map_err(|e| {
+            // postcard drops the text of custom errors; ours were stashed.
+            DECODE_ERROR
+                .with(|c| c.borrow_mut().take())
+                .unwrap_or_else(|| Error::serialization(e))
+        })
+    })
 }
 
 thread_local! {
     static ENCODE: RefCell<Option<Vec<KeepAlive>>> = const { RefCell::new(None) };
     static DECODE: RefCell<Option<Arc<Inner>>> = const { RefCell::new(None) };
+    static DECODE_ERROR: RefCell<Option<Error>> = const { RefCell::new(None) };
 }
 
 /// The scope of one encode call: nested references serialized inside it
@@ -285,9 +293,19 @@ pub(crate) struct DecodeScope;
 impl DecodeScope {
     fn run<R>(rt: &Arc<Inner>, f: impl FnOnce() -> R) -> R {
         let saved = DECODE.with(|c| c.borrow_mut().replace(rt.clone()));
+        DECODE_ERROR.with(|c| c.borrow_mut().take());
         let out = f();
         DECODE.with(|c| *c.borrow_mut() = saved);
+        DECODE_ERROR.with(|c| c.borrow_mut().take());
         out
+    }
+
+    /// Fails the decode call in progress with `err`, keeping its message
+    /// (the codec only carries a generic error through `serde`).
+    pub(crate) fn fail<E: serde::de::Error>(err: Error) -> E {
+        let msg = err.to_string();
+        DECODE_ERROR.with(|c| *c.borrow_mut() = Some(err));
+        E::custom(msg)
     }
 
     /// The runtime of the decode call in progress, if any.

@@ -88,9 +88,11 @@ impl<'de> Deserialize<'de> for RawRef {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let id = ObjectId::deserialize(d)?;
         let rt = DecodeScope::runtime().ok_or_else(|| {
-            serde::de::Error::custom("an ObjectRef can only be decoded by a RustyRay runtime")
+            DecodeScope::fail::<D::Error>(Error::serialization(
+                "an ObjectRef can only be decoded by a RustyRay runtime",
+            ))
         })?;
-        RawRef::acquire(id, rt).map_err(serde::de::Error::custom)
+        RawRef::acquire(id, rt).map_err(DecodeScope::fail)
     }
 }
 

@@ -36,7 +36,7 @@ use crate::registry::{BoxFuture, FunctionBody, FunctionEntry, InvokeError, Regis
 use crate::resources::{self, ResourceSet};
 use crate::scheduler::{Rejected, Schedulable, Scheduler};
 use crate::store::{Peek, Store, StoreStats, ThreadWaker};
-use crate::task::{ArgList, Phase, Target, TaskSpec, TaskState};
+use crate::task::{ArgList, Target, TaskSpec, TaskState};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
@@ -140,6 +140,15 @@ fn default_store_memory() -> u64 {
         })
         .unwrap_or(8 * 1024 * 1024);
     total_kib * 1024 * 3 / 10
+}
+
+/// How many async calls may block in `get`/`wait` at once (see
+/// `Inner::start`). Deeply recursive async code should `.await` instead.
+const MAX_BLOCKED_ASYNC: usize = 4096;
+
+/// `now + timeout`, or no deadline when that overflows.
+fn deadline_after(timeout: Duration) -> Option<(Instant, Duration)> {
+    Instant::now().checked_add(timeout).map(|at| (at, timeout))
 }
 
 /// Work the scheduler holds.
@@ -338,7 +347,10 @@ impl Inner {
         let name = format!("{thread_prefix}-a");
         let executor = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(async_threads)
-            .max_blocking_threads(async_threads.max(4))
+            // Async code that calls a blocking `get`/`wait` moves its executor
+            // thread's work to a blocking thread for as long as it waits; the
+            // cap bounds how many such waits can be outstanding at once.
+            .max_blocking_threads(MAX_BLOCKED_ASYNC)
             .thread_name(name)
             .enable_time()
             .build()
@@ -381,11 +393,28 @@ impl Inner {
         }
     }
 
-    /// Makes room for a value about to enter the store.
+    /// Makes room for a value about to enter the store. Encoding and
+    /// sizing run the value's `Serialize`, which is user code: a panic there
+    /// becomes a serialization error. Waiting for room on an executor
+    /// thread first hands the executor's other work to another thread.
     pub(crate) fn admit(&self, v: Value) -> Result<(Value, u64)> {
-        let v = if self.bytes_mode { v.to_encoded()? } else { v };
-        let size = v.size()? as u64;
-        self.store.reserve(size)?;
+        let measured = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<(Value, u64)> {
+            let v = if self.bytes_mode { v.to_encoded()? } else { v };
+            let size = v.size()? as u64;
+            Ok((v, size))
+        }));
+        let (v, size) = measured.map_err(|p| {
+            Error::Serialization(format!("Serialize panicked: {}", panic_message(p.as_ref())))
+        })??;
+        if !self.store.try_reserve(size) {
+            let on_executor = tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+            if on_executor {
+                tokio::task::block_in_place(|| self.store.reserve(size))?;
+            } else {
+                self.store.reserve(size)?;
+            }
+        }
         Ok((v, size))
     }
 
@@ -523,7 +552,7 @@ impl Inner {
     // ----- execution --------------------------------------------------
 
     fn start_task(self: &Arc<Self>, run: Box<TaskRun>) {
-        if !run.state.start() {
+        if !run.state.start(run.attempt) {
             // Cancelled while waiting: its object already says so.
             self.forget_task(run.state.id);
             self.release(&run.request);
@@ -555,6 +584,7 @@ impl Inner {
             FunctionBody::Async(f) => {
                 let rt = self.clone();
                 let state = run.state.clone();
+                let state_attempt = run.attempt;
                 let fut = async move {
                     let mut guard = AsyncTaskGuard {
                         rt: rt.clone(),
@@ -576,8 +606,9 @@ impl Inner {
                         rt.finish_task(run, outcome);
                     }
                 };
+                let attempt = state_attempt;
                 let h = self.handle.spawn(fut);
-                state.set_abort(h.abort_handle());
+                state.set_abort(attempt, h.abort_handle());
             }
         }
     }
@@ -764,7 +795,7 @@ impl Inner {
                 )));
             }
         }
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let split = |waker: Option<&Waker>| -> Result<Option<(Vec<usize>, Vec<usize>)>> {
             let mut ready = Vec::new();
             let mut rest = Vec::new();
@@ -786,6 +817,9 @@ impl Inner {
             let waker = ThreadWaker::current();
             loop {
                 if let Some(out) = split(Some(&waker))? {
+                    for r in refs {
+                        self.store.forget_waker(r.id(), &waker);
+                    }
                     return Ok(out);
                 }
                 match deadline {
@@ -832,9 +866,7 @@ impl Inner {
         if state.mark_cancelled() {
             return;
         }
-        if let Phase::Running(Some(h)) = &*state.phase.lock() {
-            h.abort();
-        }
+        state.abort_running();
         self.store
             .complete(state.id.return_object(), Err(Error::TaskCancelled(state.id)));
         if recursive {
@@ -858,9 +890,7 @@ impl Inner {
         let running: Vec<_> = self.tasks.lock().drain().map(|(_, s)| s).collect();
         for s in &running {
             s.mark_cancelled();
-            if let Phase::Running(Some(h)) = &*s.phase.lock() {
-                h.abort();
-            }
+            s.abort_running();
         }
         drop(running);
         // 3. Stop actors.
@@ -942,7 +972,7 @@ impl Ray {
     /// ready in time.
     pub fn get_timeout<T: Data>(&self, r: &ObjectRef<T>, timeout: Duration) -> Result<T> {
         self.inner
-            .get_value(r.raw(), Some((Instant::now() + timeout, timeout)))?
+            .get_value(r.raw(), deadline_after(timeout))?
             .take(&self.inner)
     }
 
@@ -953,13 +983,9 @@ impl Ray {
 
     /// `get_many` with one timeout for all.
     pub fn get_many_timeout<T: Data>(&self, refs: &[ObjectRef<T>], timeout: Duration) -> Result<Vec<T>> {
-        let at = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         refs.iter()
-            .map(|r| {
-                self.inner
-                    .get_value(r.raw(), Some((at, timeout)))?
-                    .take(&self.inner)
-            })
+            .map(|r| self.inner.get_value(r.raw(), deadline)?.take(&self.inner))
             .collect()
     }
 

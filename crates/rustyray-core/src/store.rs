@@ -155,6 +155,15 @@ impl Store {
 
     /// Reserves room for `size` bytes, waiting up to the store's full
     /// timeout for referenced objects to be freed.
+    /// Reserves room for `size` bytes if it is free now.
+    pub(crate) fn try_reserve(&self, size: u64) -> bool {
+        self.used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+                (used + size <= self.capacity).then_some(used + size)
+            })
+            .is_ok()
+    }
+
     pub(crate) fn reserve(&self, size: u64) -> Result<()> {
         let full = |used| Error::ObjectStoreFull {
             needed: size,
@@ -179,7 +188,8 @@ impl Store {
         if try_reserve() {
             return Ok(());
         }
-        let deadline = Instant::now() + self.full_timeout;
+        // A timeout too large to add to `now` means no deadline.
+        let deadline = Instant::now().checked_add(self.full_timeout);
         let mut guard = self.space.lock();
         self.space_waiters.fetch_add(1, Ordering::SeqCst);
         let result = loop {
@@ -189,7 +199,14 @@ impl Store {
             if self.shut_down.load(Ordering::Acquire) {
                 break Err(Error::Shutdown);
             }
-            if self.space_cv.wait_until(&mut guard, deadline).timed_out() && !try_reserve() {
+            let timed_out = match deadline {
+                Some(at) => self.space_cv.wait_until(&mut guard, at).timed_out(),
+                None => {
+                    self.space_cv.wait(&mut guard);
+                    false
+                }
+            };
+            if timed_out && !try_reserve() {
                 break Err(full(self.used.load(Ordering::Relaxed)));
             }
         };
@@ -375,9 +392,15 @@ impl Store {
 /// Wakes a parked thread: the waker of blocking `get` and `wait` calls.
 pub(crate) struct ThreadWaker(std::thread::Thread);
 
+thread_local! {
+    static THREAD_WAKER: Waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+}
+
 impl ThreadWaker {
+    /// This thread's waker. One per thread, so registering it twice on an
+    /// object is recognised as a duplicate (`Waker::will_wake`).
     pub(crate) fn current() -> Waker {
-        Waker::from(Arc::new(ThreadWaker(std::thread::current())))
+        THREAD_WAKER.with(Waker::clone)
     }
 }
 

@@ -180,8 +180,13 @@ impl ArgList {
 pub(crate) enum Phase {
     /// Waiting for dependencies, resources or its actor.
     Waiting,
-    /// Running; async tasks can be aborted.
-    Running(Option<tokio::task::AbortHandle>),
+    /// Running attempt `attempt`; async tasks can be aborted.
+    Running {
+        /// Which start this is (a retry starts again).
+        attempt: u32,
+        /// The async task to abort on cancel.
+        abort: Option<tokio::task::AbortHandle>,
+    },
     /// Finished, failed or cancelled.
     Done,
 }
@@ -192,8 +197,16 @@ pub(crate) enum Phase {
 pub(crate) struct TaskState {
     pub(crate) id: TaskId,
     cancelled: AtomicBool,
-    pub(crate) phase: Mutex<Phase>,
-    children: Mutex<Vec<Weak<TaskState>>>,
+    phase: Mutex<Phase>,
+    children: Mutex<Children>,
+}
+
+/// A task's children, pruned of finished ones whenever the list doubles,
+/// so recording a child stays O(1) amortized.
+#[derive(Debug, Default)]
+struct Children {
+    list: Vec<Weak<TaskState>>,
+    prune_at: usize,
 }
 
 impl TaskState {
@@ -202,7 +215,7 @@ impl TaskState {
             id,
             cancelled: AtomicBool::new(false),
             phase: Mutex::new(Phase::Waiting),
-            children: Mutex::new(Vec::new()),
+            children: Mutex::new(Children::default()),
         })
     }
 
@@ -217,35 +230,53 @@ impl TaskState {
 
     pub(crate) fn add_child(&self, child: &Arc<TaskState>) {
         let mut c = self.children.lock();
-        c.retain(|w| w.strong_count() > 0);
-        c.push(Arc::downgrade(child));
+        if c.list.len() >= c.prune_at {
+            c.list.retain(|w| w.strong_count() > 0);
+            c.prune_at = (c.list.len() * 2).max(16);
+        }
+        c.list.push(Arc::downgrade(child));
     }
 
     pub(crate) fn children(&self) -> Vec<Arc<TaskState>> {
-        self.children.lock().iter().filter_map(Weak::upgrade).collect()
+        self.children
+            .lock()
+            .list
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
     }
 
-    /// Moves to `Running`, unless cancelled first. Returns false when the
-    /// task must not run.
-    pub(crate) fn start(&self) -> bool {
+    /// Moves to `Running` as attempt `attempt`, unless cancelled first.
+    /// Returns false when the task must not run.
+    pub(crate) fn start(&self, attempt: u32) -> bool {
         let mut p = self.phase.lock();
         if self.is_cancelled() {
             *p = Phase::Done;
             return false;
         }
-        *p = Phase::Running(None);
+        *p = Phase::Running { attempt, abort: None };
         true
     }
 
-    /// Records the abort handle of a running async task; aborts at once if
-    /// a cancel came in between.
-    pub(crate) fn set_abort(&self, h: tokio::task::AbortHandle) {
+    /// Records the abort handle of attempt `attempt` of a running async
+    /// task; aborts at once if a cancel came in between. A handle that
+    /// arrives after its attempt ended is ignored.
+    pub(crate) fn set_abort(&self, attempt: u32, h: tokio::task::AbortHandle) {
         let mut p = self.phase.lock();
-        if self.is_cancelled() {
-            h.abort();
+        if let Phase::Running { attempt: a, abort } = &mut *p {
+            if *a == attempt {
+                if self.is_cancelled() {
+                    h.abort();
+                }
+                *abort = Some(h);
+            }
         }
-        if let Phase::Running(slot) = &mut *p {
-            *slot = Some(h);
+    }
+
+    /// Aborts the running async attempt, if any.
+    pub(crate) fn abort_running(&self) {
+        if let Phase::Running { abort: Some(h), .. } = &*self.phase.lock() {
+            h.abort();
         }
     }
 

@@ -461,3 +461,70 @@ fn actor_with_cpus_holds_them_for_its_lifetime() -> rustyray::Result<()> {
     assert_eq!(ray.available_resources().get(rustyray::CPU), 2.0);
     Ok(())
 }
+
+#[rustyray::actor]
+struct Gatekeeper;
+
+#[rustyray::actor]
+impl Gatekeeper {
+    fn new() -> Self {
+        Gatekeeper
+    }
+
+    /// Runs once `gate` is ready (a resolved argument).
+    fn after(&self, _gate: ()) -> u8 {
+        1
+    }
+
+    fn ping(&self) -> u8 {
+        2
+    }
+}
+
+both_modes! {
+    fn a_cancelled_queued_call_does_not_hold_up_the_next(ray) {
+        let (_latch, gate) = common::latch(ray);
+        let g = Gatekeeper::remote(ray)?;
+        let stuck = g.after(&gate)?;
+        ray.cancel(&stuck)?;
+        assert!(matches!(ray.get(&stuck), Err(Error::TaskCancelled(_))));
+        // The gate never opens, yet the next call runs.
+        assert_eq!(ray.get_timeout(&g.ping()?, LONG)?, 2);
+        Ok(())
+    }
+}
+
+both_modes! {
+    fn calls_during_a_restart_wait_for_it(ray) {
+        let c = Counter::options().max_restarts(5).max_concurrency(4).remote(ray, 3)?;
+        for _ in 0..5 {
+            ray.get(&c.incr(1)?)?;
+            ray.kill_raw(c.raw(), false)?;
+            // Submitted while the restart may still run: queued, not failed.
+            assert_eq!(ray.get_timeout(&c.read()?, LONG)?, 3);
+        }
+        Ok(())
+    }
+}
+
+both_modes! {
+    fn handles_of_dead_actors_still_decode(ray) {
+        let c = Counter::remote(ray, 0)?;
+        let boxed = ray.put(vec![c.clone()])?;
+        ray.kill(&c)?;
+        drop(c);
+        let handles = ray.get(&boxed)?;
+        assert!(matches!(ray.get(&handles[0].incr(1)?), Err(Error::ActorDied { .. })));
+        Ok(())
+    }
+}
+
+both_modes! {
+    fn detached_actors_outlive_their_handles(ray) {
+        let c = Counter::options().name("kept").detached(true).remote(ray, 9)?;
+        drop(c);
+        let again: ActorHandle<Counter> = ray.get_actor("kept")?;
+        assert_eq!(ray.get(&again.incr(1)?)?, 10);
+        Ok(())
+    }
+}

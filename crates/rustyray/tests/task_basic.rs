@@ -209,3 +209,64 @@ fn registry_is_populated_and_resolves_names() -> rustyray::Result<()> {
     ));
     Ok(())
 }
+
+/// A type whose `Serialize` panics: user code the runtime runs when it
+/// stores a result.
+#[derive(Debug, Deserialize)]
+struct Explodes;
+
+impl Serialize for Explodes {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        panic!("Serialize exploded")
+    }
+}
+
+#[rustyray::remote(max_retries = 0)]
+fn explode() -> Explodes {
+    Explodes
+}
+
+both_modes! {
+    fn a_panicking_serialize_fails_the_object(ray) {
+        match ray.get_timeout(&explode::remote(ray)?, common::LONG) {
+            Err(Error::Serialization(msg)) => assert!(msg.contains("Serialize exploded"), "{msg}"),
+            other => panic!("expected a serialization error, got {other:?}"),
+        }
+        Ok(())
+    }
+}
+
+both_modes! {
+    fn huge_timeouts_do_not_overflow(ray) {
+        let r = ray.put(1_u8)?;
+        assert_eq!(ray.get_timeout(&r, std::time::Duration::MAX)?, 1);
+        let (ready, _) = ray.wait(std::slice::from_ref(&r), 1, Some(std::time::Duration::MAX))?;
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ray.get_many_timeout(&[r], std::time::Duration::MAX)?, vec![1]);
+        Ok(())
+    }
+}
+
+#[rustyray::remote]
+async fn fib_blocking(n: u32) -> u64 {
+    if n < 2 {
+        return u64::from(n);
+    }
+    let ray = rustyray::current().expect("inside a task");
+    let a = fib_blocking::remote(&ray, n - 1).expect("submit");
+    let b = fib_blocking::remote(&ray, n - 2).expect("submit");
+    // Blocking gets inside async code (`.await` is the better habit).
+    ray.get(&a).expect("a") + ray.get(&b).expect("b")
+}
+
+#[test]
+fn async_tasks_may_block_in_get() -> rustyray::Result<()> {
+    let ray = common::runtime(2.0, false);
+    assert_eq!(
+        ray.get_timeout(&fib_blocking::remote(&ray, 9)?, common::LONG)?,
+        34
+    );
+    // The executor still serves other async work afterwards.
+    assert_eq!(ray.get_timeout(&add_async::remote(&ray, 1, 1)?, common::LONG)?, 2);
+    Ok(())
+}

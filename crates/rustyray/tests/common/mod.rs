@@ -9,7 +9,13 @@ pub(crate) const LONG: Duration = Duration::from_secs(60);
 
 /// A runtime with `cpus` CPUs; `bytes` sends everything through bytes.
 pub(crate) fn runtime(cpus: f64, bytes: bool) -> Ray {
-    rustyray::init_with(Config::new().num_cpus(cpus).serialize_everything(bytes)).expect("runtime starts")
+    rustyray::init_with(
+        Config::new()
+            .num_cpus(cpus)
+            .num_gpus(0.0)
+            .serialize_everything(bytes),
+    )
+    .expect("runtime starts")
 }
 
 /// Threads of this process whose name starts with `prefix`.
