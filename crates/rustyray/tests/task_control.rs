@@ -300,3 +300,91 @@ fn custom_and_fractional_resources() -> rustyray::Result<()> {
     assert_eq!(ray.available_resources().get(CPU), 1.0);
     Ok(())
 }
+
+#[test]
+fn default_config_uses_every_core() -> rustyray::Result<()> {
+    let ray = rustyray::init()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(ray.cluster_resources().get(CPU), cores as f64);
+    Ok(())
+}
+
+#[test]
+fn force_cancel_of_a_running_sync_task() -> rustyray::Result<()> {
+    let ray = common::runtime(2.0, false);
+    let (started, started_ref) = common::latch(&ray);
+    let r = spin_until_cancelled::remote(&ray, started)?;
+    ray.get_timeout(&started_ref, LONG)?;
+    ray.cancel_with(
+        &r,
+        CancelOptions {
+            force: true,
+            recursive: true,
+        },
+    )?;
+    assert!(matches!(ray.get(&r), Err(Error::TaskCancelled(_))));
+    Ok(())
+}
+
+#[rustyray::actor]
+struct Sleeper {
+    _unused: u8,
+}
+
+#[rustyray::actor]
+impl Sleeper {
+    fn new() -> Self {
+        Sleeper { _unused: 0 }
+    }
+
+    async fn nap(&self, gate: ObjectRef<()>, started: ActorHandle<common::Latch>) -> u8 {
+        started.open().expect("signal start");
+        let _ = gate.await;
+        1
+    }
+
+    async fn ping(&self) -> u8 {
+        2
+    }
+}
+
+#[test]
+fn cancelling_a_running_async_actor_call() -> rustyray::Result<()> {
+    let ray = common::runtime(2.0, false);
+    let (_latch, gate) = common::latch(&ray);
+    let (started, started_ref) = common::latch(&ray);
+    let s = Sleeper::remote(&ray)?;
+    let r = s.nap(gate, started)?;
+    ray.get_timeout(&started_ref, LONG)?;
+    ray.cancel(&r)?;
+    assert!(matches!(ray.get(&r), Err(Error::TaskCancelled(_))));
+    // The actor lives on.
+    assert_eq!(ray.get_timeout(&s.ping()?, LONG)?, 2);
+    Ok(())
+}
+
+#[rustyray::remote]
+fn big(n: usize) -> Vec<u8> {
+    vec![7; n]
+}
+
+#[test]
+fn task_results_beyond_the_store_limit_are_object_store_full() -> rustyray::Result<()> {
+    let ray = rustyray::init_with(
+        Config::new()
+            .num_cpus(1.0)
+            .object_store_memory(10_000)
+            .object_store_full_timeout(std::time::Duration::from_millis(20)),
+    )?;
+    let held = ray.get(&big::remote(&ray, 100)?)?;
+    assert_eq!(held.len(), 100);
+    let kept = big::remote(&ray, 6_000)?;
+    ray.get(&kept)?;
+    assert!(matches!(
+        ray.get(&big::remote(&ray, 6_000)?),
+        Err(Error::ObjectStoreFull { .. })
+    ));
+    drop(kept);
+    assert_eq!(ray.get(&big::remote(&ray, 6_000)?)?.len(), 6_000);
+    Ok(())
+}
