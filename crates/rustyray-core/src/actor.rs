@@ -41,12 +41,12 @@ use crate::task::{Target, TaskSpec, TaskState};
 use parking_lot::Mutex;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::sync::{mpsc, Notify, Semaphore};
@@ -87,6 +87,24 @@ struct ActorCall {
     args: Vec<Arg>,
 }
 
+/// The mailbox of a sync actor, drained in order by runner jobs on the
+/// worker pool (at most `max_concurrency` at once). Only the call at the
+/// front may wait for its arguments; while it does, no runner runs.
+#[derive(Default)]
+struct RunQueue {
+    calls: VecDeque<ActorCall>,
+    /// Runner jobs started and not yet ended.
+    runners: u32,
+    /// Runners running a call (the others are looking for one).
+    busy: u32,
+    /// The front call waits for its arguments; a waker clears this.
+    blocked: bool,
+    /// The actor is dead: calls are refused.
+    closed: bool,
+    /// The last handle went: the actor ends once the queue is empty.
+    stop: bool,
+}
+
 /// One actor's shared state.
 pub(crate) struct ActorState {
     pub(crate) id: ActorId,
@@ -100,6 +118,11 @@ pub(crate) struct ActorState {
     ctor_args: Vec<Arg>,
     life: Mutex<Life>,
     mailbox: Mutex<Option<mpsc::UnboundedSender<Mail>>>,
+    /// Sync actors' mailbox (`None` for async actors, which use `mailbox`
+    /// and a driver task).
+    runq: Option<Mutex<RunQueue>>,
+    /// Set once the constructor has run: runners may start.
+    ready: AtomicBool,
     created: Notify,
     /// Woken when a restart ends (alive again, or dead).
     restarted: Notify,
@@ -142,6 +165,8 @@ impl ActorState {
                 resources_held: false,
             }),
             mailbox: Mutex::new(None),
+            runq: None,
+            ready: AtomicBool::new(false),
             created: Notify::new(),
             restarted: Notify::new(),
             handles: AtomicUsize::new(0),
@@ -250,6 +275,16 @@ impl ActorState {
         };
         tracing::debug!(actor = %self.id, class = self.class.name, error = %err, "actor died");
         self.mailbox.lock().take();
+        if let Some(q) = &self.runq {
+            let queued = {
+                let mut q = q.lock();
+                q.closed = true;
+                std::mem::take(&mut q.calls)
+            };
+            for call in queued {
+                fail_call(rt, &call, err.clone());
+            }
+        }
         for call in running {
             call.mark_cancelled();
             call.abort_running();
@@ -275,6 +310,13 @@ impl ActorState {
     /// on the calling thread, which must be a pool thread. Returns whether
     /// the actor is alive again.
     fn crashed(self: &Arc<Self>, rt: &Arc<Inner>, reason: String, cause: Option<Error>) -> bool {
+        self.begin_restart(rt, &reason, cause) && self.finish_restart(rt)
+    }
+
+    /// Marks the actor as restarting (so calls wait for the new instance),
+    /// or kills it when it has no restarts left. Returns whether a restart
+    /// is under way.
+    fn begin_restart(self: &Arc<Self>, rt: &Arc<Inner>, reason: &str, cause: Option<Error>) -> bool {
         {
             let mut life = self.life.lock();
             match life.status {
@@ -293,6 +335,12 @@ impl ActorState {
             life.instance = None;
         }
         tracing::debug!(actor = %self.id, %reason, "restarting actor");
+        true
+    }
+
+    /// Runs the constructor again (on the calling pool thread) and brings
+    /// the actor back. Returns whether it is alive.
+    fn finish_restart(self: &Arc<Self>, rt: &Arc<Inner>) -> bool {
         match self.construct(rt) {
             Ok(inst) => {
                 let alive = {
@@ -315,6 +363,27 @@ impl ActorState {
     }
 
     fn submit(self: &Arc<Self>, rt: &Arc<Inner>, call: ActorCall) {
+        if let Some(q) = &self.runq {
+            let refused = {
+                let mut q = q.lock();
+                if q.closed {
+                    Some(call)
+                } else {
+                    q.calls.push_back(call);
+                    None
+                }
+            };
+            match refused {
+                Some(call) => {
+                    let err = self
+                        .dead_error()
+                        .unwrap_or_else(|| self.died("it was stopped", None));
+                    fail_call(rt, &call, err);
+                }
+                None => kick(rt, self),
+            }
+            return;
+        }
         let refused = {
             let mailbox = self.mailbox.lock();
             match mailbox.as_ref() {
@@ -370,8 +439,160 @@ pub(crate) fn start_actor(rt: &Arc<Inner>, actor: Arc<ActorState>) {
             Err(e) => actor.die(&rt, e),
         }
         actor.created.notify_one();
+        actor.ready.store(true, Ordering::Release);
+        kick(&rt, &actor);
     });
     let _ = rt.pool.execute(job);
+}
+
+/// Starts runner jobs for a sync actor's queued calls, up to its
+/// concurrency.
+fn kick(rt: &Arc<Inner>, actor: &Arc<ActorState>) {
+    let Some(q) = &actor.runq else { return };
+    if !actor.ready.load(Ordering::Acquire) {
+        return;
+    }
+    let (start, stop_now) = {
+        let mut q = q.lock();
+        if q.closed || q.blocked {
+            (0, false)
+        } else {
+            let free = q.runners - q.busy;
+            let start = (q.calls.len() as u32)
+                .saturating_sub(free)
+                .min(actor.max_concurrency.saturating_sub(q.runners));
+            q.runners += start;
+            (start, q.stop && q.calls.is_empty() && q.runners == 0)
+        }
+    };
+    if stop_now {
+        let e = actor.died("all handles to it were dropped", None);
+        actor.die(rt, e);
+        return;
+    }
+    for _ in 0..start {
+        let (rt2, actor2) = (rt.clone(), actor.clone());
+        if rt
+            .pool
+            .execute(Box::new(move || run_queue(&rt2, &actor2)))
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Wakes a sync actor whose front call waited for its arguments.
+struct RunnerWake {
+    rt: Arc<Inner>,
+    actor: Arc<ActorState>,
+}
+
+impl std::task::Wake for RunnerWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if let Some(q) = &self.actor.runq {
+            q.lock().blocked = false;
+        }
+        kick(&self.rt, &self.actor);
+    }
+}
+
+/// Whether a call may start: its arguments are complete, or it was
+/// cancelled (its own object completed). Registers `waker` otherwise.
+fn call_ready(rt: &Inner, call: &ActorCall, waker: &std::task::Waker) -> bool {
+    let pending = |id| matches!(rt.store.peek(id, Some(waker)), Ok(Peek::Pending));
+    let mut ids = call.args.iter().filter_map(|a| match a {
+        Arg::Ref(r) => Some(r.id()),
+        Arg::Value(_) => None,
+    });
+    ids.all(|id| !pending(id)) || !pending(call.state.id.return_object())
+}
+
+/// A runner: takes the sync actor's calls in order and runs them on this
+/// pool thread until the queue is empty or its front call must wait.
+fn run_queue(rt: &Arc<Inner>, actor: &Arc<ActorState>) {
+    let Some(q) = &actor.runq else { return };
+    let mut waker = None;
+    let mut had_call = false;
+    loop {
+        let call = {
+            let mut q = q.lock();
+            if std::mem::take(&mut had_call) {
+                q.busy -= 1;
+            }
+            let front_ready = match q.calls.front() {
+                _ if q.closed || q.blocked => None,
+                None => None,
+                Some(c) if c.args.iter().all(|a| matches!(a, Arg::Value(_))) => Some(true),
+                Some(c) => {
+                    let w = waker.get_or_insert_with(|| {
+                        std::task::Waker::from(Arc::new(RunnerWake {
+                            rt: rt.clone(),
+                            actor: actor.clone(),
+                        }))
+                    });
+                    Some(call_ready(rt, c, w))
+                }
+            };
+            match front_ready {
+                Some(true) => {
+                    q.busy += 1;
+                    had_call = true;
+                    q.calls.pop_front()
+                }
+                Some(false) => {
+                    q.blocked = true;
+                    None
+                }
+                None => None,
+            }
+            .or_else(|| {
+                q.runners -= 1;
+                None
+            })
+        };
+        let Some(mut call) = call else {
+            // Ending the actor once its last handle went is `kick`'s job.
+            kick(rt, actor);
+            return;
+        };
+        if !call.state.start(1) {
+            call.state.finish();
+            rt.forget_task(call.state.id);
+            continue;
+        }
+        let inst = match actor.instance_or_restarting() {
+            Ok(Some(i)) => Ok(i),
+            Ok(None) => rt.handle.block_on(actor.instance_after_restart()),
+            Err(e) => Err(e),
+        };
+        let inst = match inst {
+            Ok(i) => i,
+            Err(e) => {
+                fail_call(rt, &call, e);
+                continue;
+            }
+        };
+        let held = lock_blocking(rt, inst, call.method.body.is_exclusive());
+        actor.life.lock().running.push(call.state.clone());
+        let guard = CallGuard {
+            rt: rt.clone(),
+            actor: actor.clone(),
+            state: call.state.clone(),
+            _permit: None,
+        };
+        let spec = TaskSpec {
+            id: call.state.id,
+            target: Target::Method(actor.id, call.method),
+            args: std::mem::take(&mut call.args),
+            name: None,
+        };
+        execute_sync(rt, actor, &call, spec, held, guard);
+    }
 }
 
 /// The actor could not be placed.
@@ -500,7 +721,7 @@ struct CallGuard {
     rt: Arc<Inner>,
     actor: Arc<ActorState>,
     state: Arc<TaskState>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Drop for CallGuard {
@@ -582,6 +803,57 @@ async fn run_async(rt: &Arc<Inner>, call: &ActorCall, spec: &TaskSpec, attempt: 
     Outcome::from_invoke(context::with_async(ctx, CatchUnwind(fut)).await)
 }
 
+/// Runs a sync call on the calling (pool) thread, restarting the actor and
+/// retrying the call per its options when it panics.
+fn execute_sync(
+    rt: &Arc<Inner>,
+    actor: &Arc<ActorState>,
+    call: &ActorCall,
+    mut spec: TaskSpec,
+    mut held: Held,
+    guard: CallGuard,
+) {
+    let _guard = guard;
+    let exclusive = call.method.body.is_exclusive();
+    let mut retries_left = actor.max_task_retries;
+    let mut attempt = 1;
+    loop {
+        let outcome = run_sync(rt, call, &spec, attempt, &mut held);
+        if let Outcome::Panicked(msg) = &outcome {
+            drop(held);
+            let cause = call_error(call, attempt, TaskFailure::Panicked, msg.clone());
+            let reason = format!("{} panicked: {msg}", call.method.name);
+            let alive = actor.crashed(rt, reason, Some(cause));
+            let retry = alive && retries_left != 0 && !call.state.is_cancelled();
+            let relocked = match (retry, actor.instance()) {
+                (true, Ok(inst)) => Some(lock_blocking(rt, inst, exclusive)),
+                _ => None,
+            };
+            if let Some(h) = relocked {
+                held = h;
+                retries_left -= i32::from(retries_left > 0);
+                attempt += 1;
+                continue;
+            }
+        }
+        // Arguments go before the result is published.
+        spec.args.clear();
+        complete_call(rt, actor, call, attempt, outcome);
+        break;
+    }
+}
+
+/// Locks the instance from a pool thread: at once when it is free (the
+/// usual case), else by waiting on the executor.
+fn lock_blocking(rt: &Inner, inst: Instance, exclusive: bool) -> Held {
+    let free = if exclusive {
+        inst.clone().try_write_owned().map(Held::Exclusive).ok()
+    } else {
+        inst.clone().try_read_owned().map(Held::Shared).ok()
+    };
+    free.unwrap_or_else(|| rt.handle.block_on(lock(inst, exclusive)))
+}
+
 fn dispatch(
     rt: &Arc<Inner>,
     actor: &Arc<ActorState>,
@@ -593,7 +865,7 @@ fn dispatch(
         rt: rt.clone(),
         actor: actor.clone(),
         state: call.state.clone(),
-        _permit: permit,
+        _permit: Some(permit),
     };
     let spec = TaskSpec {
         id: call.state.id,
@@ -605,41 +877,7 @@ fn dispatch(
     let (rt, actor) = (rt.clone(), actor.clone());
     if matches!(call.method.body, MethodBody::SyncRef(_) | MethodBody::SyncMut(_)) {
         let pool = rt.clone();
-        let job = Box::new(move || {
-            let _guard = guard;
-            let mut spec = spec;
-            let mut held = held;
-            let mut retries_left = actor.max_task_retries;
-            let mut attempt = 1;
-            loop {
-                let outcome = run_sync(&rt, &call, &spec, attempt, &mut held);
-                if let Outcome::Panicked(msg) = &outcome {
-                    drop(held);
-                    let cause = call_error(&call, attempt, TaskFailure::Panicked, msg.clone());
-                    let reason = format!("{} panicked: {msg}", call.method.name);
-                    let alive = actor.crashed(&rt, reason, Some(cause));
-                    let retry = alive && retries_left != 0 && !call.state.is_cancelled();
-                    let relocked = match (retry, actor.instance()) {
-                        (true, Ok(inst)) => Some(rt.handle.block_on(lock(inst, exclusive))),
-                        _ => None,
-                    };
-                    if let Some(h) = relocked {
-                        held = h;
-                        retries_left -= i32::from(retries_left > 0);
-                        attempt += 1;
-                        continue;
-                    }
-                    // Arguments go before the result is published.
-                    spec.args.clear();
-                    complete_call(&rt, &actor, &call, attempt, outcome);
-                    break;
-                }
-                // Arguments go before the result is published.
-                spec.args.clear();
-                complete_call(&rt, &actor, &call, attempt, outcome);
-                break;
-            }
-        });
+        let job = Box::new(move || execute_sync(&rt, &actor, &call, spec, held, guard));
         let _ = pool.pool.execute(job);
     } else {
         let state = call.state.clone();
@@ -705,7 +943,10 @@ struct HandleInner {
 impl Drop for HandleInner {
     fn drop(&mut self) {
         if self.actor.handles.fetch_sub(1, Ordering::AcqRel) == 1 && !self.actor.detached {
-            if let Some(tx) = self.actor.mailbox.lock().as_ref() {
+            if let Some(q) = &self.actor.runq {
+                q.lock().stop = true;
+                kick(self.ray.inner(), &self.actor);
+            } else if let Some(tx) = self.actor.mailbox.lock().as_ref() {
                 let _ = tx.send(Mail::Stop);
             }
         }
@@ -938,7 +1179,9 @@ fn create_raw(
             running: Vec::new(),
             resources_held: false,
         }),
-        mailbox: Mutex::new(Some(tx)),
+        mailbox: Mutex::new(if class.is_async { Some(tx) } else { None }),
+        runq: (!class.is_async).then(|| Mutex::new(RunQueue::default())),
+        ready: AtomicBool::new(false),
         created: Notify::new(),
         restarted: Notify::new(),
         handles: AtomicUsize::new(0),
@@ -960,7 +1203,9 @@ fn create_raw(
     }
     rt.actors.actors.lock().insert(actor.id, actor.clone());
     let handle = RawActor::new(actor.clone(), rt);
-    rt.handle.spawn(drive(rt.clone(), actor.clone(), rx));
+    if class.is_async {
+        rt.handle.spawn(drive(rt.clone(), actor.clone(), rx));
+    }
     let deps = ref_ids(&actor.ctor_args);
     rt.when_ready(&deps, Work::Actor(actor));
     Ok(handle)
@@ -1005,10 +1250,14 @@ impl Ray {
                 Err(actor.died("it was killed and restarted", None)),
             );
         }
+        // Calls made from now on go to the restarted actor.
+        if !actor.begin_restart(rt, "it was killed", None) {
+            return Ok(());
+        }
         let rt2 = rt.clone();
         rt.pool
             .execute(Box::new(move || {
-                actor.crashed(&rt2, "it was killed".to_owned(), None);
+                actor.finish_restart(&rt2);
             }))
             .map_err(|_| Error::Shutdown)
     }
