@@ -13,6 +13,7 @@
 
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -21,9 +22,17 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 
 const IDLE_EXIT: Duration = Duration::from_secs(30);
 
+/// How long an idle thread watches for work before it sleeps: a job that
+/// arrives meanwhile starts without a futex wake-up (a few microseconds on
+/// the hot path of synchronous task and actor calls).
+const SPIN: Duration = Duration::from_micros(50);
+
 struct State {
     jobs: VecDeque<Job>,
+    /// Threads asleep on the condition variable.
     idle: usize,
+    /// Threads watching `queued` before they sleep.
+    spinning: usize,
     live: usize,
     closed: bool,
     handles: Vec<JoinHandle<()>>,
@@ -31,6 +40,8 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
+    /// `jobs.len()`, readable without the lock by spinning threads.
+    queued: AtomicUsize,
     cv: Condvar,
     name: String,
     min_threads: usize,
@@ -55,9 +66,11 @@ impl Pool {
     pub(crate) fn new(name: String, min_threads: usize) -> Self {
         Pool {
             shared: Arc::new(Shared {
+                queued: AtomicUsize::new(0),
                 state: Mutex::new(State {
                     jobs: VecDeque::new(),
                     idle: 0,
+                    spinning: 0,
                     live: 0,
                     closed: false,
                     handles: Vec::new(),
@@ -77,7 +90,10 @@ impl Pool {
             return Err(job);
         }
         s.jobs.push_back(job);
-        if s.jobs.len() > s.idle {
+        self.shared.queued.store(s.jobs.len(), Ordering::Release);
+        if s.jobs.len() <= s.spinning {
+            // A spinning thread takes it.
+        } else if s.jobs.len() > s.idle + s.spinning {
             s.live += 1;
             let shared = self.shared.clone();
             let spawned = std::thread::Builder::new()
@@ -128,6 +144,7 @@ fn worker(shared: Arc<Shared>) {
     let mut s = shared.state.lock();
     loop {
         if let Some(job) = s.jobs.pop_front() {
+            shared.queued.store(s.jobs.len(), Ordering::Release);
             drop(s);
             // Jobs catch the user's panics themselves; this keeps the
             // pool's accounting right should one slip through.
@@ -137,6 +154,18 @@ fn worker(shared: Arc<Shared>) {
         }
         if s.closed {
             break;
+        }
+        // Watch for work a little before sleeping.
+        s.spinning += 1;
+        drop(s);
+        let spin_start = std::time::Instant::now();
+        while shared.queued.load(Ordering::Acquire) == 0 && spin_start.elapsed() < SPIN {
+            std::hint::spin_loop();
+        }
+        s = shared.state.lock();
+        s.spinning -= 1;
+        if !s.jobs.is_empty() || s.closed {
+            continue;
         }
         s.idle += 1;
         let timed_out = shared.cv.wait_for(&mut s, IDLE_EXIT).timed_out();

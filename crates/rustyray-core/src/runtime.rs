@@ -146,6 +146,9 @@ fn default_store_memory() -> u64 {
 /// `Inner::start`). Deeply recursive async code should `.await` instead.
 const MAX_BLOCKED_ASYNC: usize = 4096;
 
+/// How long `get` watches an object before it parks the thread.
+const GET_SPIN: Duration = Duration::from_micros(30);
+
 /// `now + timeout`, or no deadline when that overflows.
 fn deadline_after(timeout: Duration) -> Option<(Instant, Duration)> {
     Instant::now().checked_add(timeout).map(|at| (at, timeout))
@@ -739,6 +742,17 @@ impl Inner {
             Peek::Ready(v) => return Ok(v),
             Peek::Failed(e) => return Err(e),
             Peek::Pending => {}
+        }
+        // A short wait first: a small task or call on another thread often
+        // completes within microseconds, sparing two thread wake-ups.
+        let spin_start = Instant::now();
+        while spin_start.elapsed() < GET_SPIN {
+            std::hint::spin_loop();
+            match self.store.peek(id, None)? {
+                Peek::Ready(v) => return Ok(v),
+                Peek::Failed(e) => return Err(e),
+                Peek::Pending => {}
+            }
         }
         let block = || {
             let _blocked = Blocked::enter();
