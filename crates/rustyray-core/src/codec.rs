@@ -82,7 +82,106 @@ fn encode_any<T: Data>(any: &(dyn Any + Send + Sync)) -> Result<Vec<u8>> {
     }
 }
 
+/// Plain-data types whose size and copies need no serde walk: flat
+/// vectors of numbers, strings, and the numbers themselves. Copying them is
+/// `Clone`, and their size is their payload's length in memory (for
+/// `Vec<u8>` and `String` that is also their postcard length).
+macro_rules! plain_types {
+    ($mac:ident) => {
+        $mac!(
+            Vec<u8>,
+            Vec<i8>,
+            Vec<u16>,
+            Vec<i16>,
+            Vec<u32>,
+            Vec<i32>,
+            Vec<u64>,
+            Vec<i64>,
+            Vec<f32>,
+            Vec<f64>,
+            String,
+            u8,
+            i8,
+            u16,
+            i16,
+            u32,
+            i32,
+            u64,
+            i64,
+            u128,
+            i128,
+            f32,
+            f64,
+            bool,
+            char,
+            ()
+        )
+    };
+}
+
+/// The payload size of a plain-data value, without walking it.
+fn plain_size(any: &(dyn Any + Send + Sync)) -> Option<usize> {
+    trait Payload {
+        fn payload(&self) -> usize;
+    }
+    impl<E: Copy> Payload for Vec<E> {
+        fn payload(&self) -> usize {
+            std::mem::size_of_val(self.as_slice()) + 8
+        }
+    }
+    impl Payload for String {
+        fn payload(&self) -> usize {
+            self.len() + 8
+        }
+    }
+    macro_rules! scalar {
+        ($($t:ty),*) => { $(impl Payload for $t {
+            fn payload(&self) -> usize { std::mem::size_of::<$t>() }
+        })* };
+    }
+    scalar!(
+        u8,
+        i8,
+        u16,
+        i16,
+        u32,
+        i32,
+        u64,
+        i64,
+        u128,
+        i128,
+        f32,
+        f64,
+        bool,
+        char,
+        ()
+    );
+    macro_rules! try_types {
+        ($($t:ty),*) => { $(if let Some(v) = any.downcast_ref::<$t>() {
+            return Some(v.payload());
+        })* };
+    }
+    plain_types!(try_types);
+    None
+}
+
+/// A `Clone` copy of a plain-data value, without a serde round trip.
+fn plain_copy<T: Data>(value: &T) -> Option<T> {
+    let any: &dyn Any = value;
+    macro_rules! try_types {
+        ($($t:ty),*) => { $(if let Some(v) = any.downcast_ref::<$t>() {
+            let boxed: Box<dyn Any> = Box::new(v.clone());
+            return boxed.downcast::<T>().ok().map(|b| *b);
+        })* };
+    }
+    plain_types!(try_types);
+    None
+}
+
 fn size_any<T: Data>(any: &(dyn Any + Send + Sync)) -> Result<usize> {
+    if let Some(n) = plain_size(any) {
+        return Ok(n);
+    }
     match any.downcast_ref::<T>() {
         Some(v) => postcard::serialize_with_flavor::<T, postcard::ser_flavors::Size, usize>(
             v,
@@ -237,6 +336,9 @@ impl Value {
 
 /// Copies a value through its bytes form, rebuilding nested references.
 fn copy_typed<T: Data>(value: &T, rt: &Arc<Inner>) -> Result<T> {
+    if let Some(v) = plain_copy(value) {
+        return Ok(v);
+    }
     let (bytes, _nested) = EncodeScope::run(|| postcard::to_allocvec(value))?;
     decode(&bytes, rt)
 }
