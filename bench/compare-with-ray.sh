@@ -49,8 +49,8 @@ print(f"date: {datetime.date.today()}  machine: {platform.machine()}, {os.cpu_co
 print(f"Ray {ray_version} vs RustyRay {rr['version']} ({rr['mode']} mode)")
 mc = rr.get("memcpy")
 if mc:
-    print(f"memcpy of 800 MiB: {mc['reused_gb_per_s']:.2f} GB/s into a reused buffer, "
-          f"{mc['fresh_gb_per_s']:.2f} GB/s into a fresh allocation (clone)")
+    print(f"memcpy of the 800 MiB array into a reused buffer: {mc['gb_per_s']:.2f} GB/s "
+          "(Ray's unit: 0.8 GB per array), the limit of the put gigabytes rows")
 w = max(len(r["name"]) for r in rr["rows"])
 print(f"{'row':<{w}}  {'Ray':>14}  {'RustyRay':>16}  {'ratio':>8}")
 for r in rr["rows"]:

@@ -178,6 +178,30 @@ fn plain_copy<T: Data>(value: &T) -> Option<T> {
     None
 }
 
+/// Plain-data vector types whose buffers the store recycles.
+macro_rules! plain_vec_elems {
+    ($mac:ident) => {
+        $mac!(u8, i8, u16, i16, u32, i32, u64, i64, f32, f64)
+    };
+}
+
+/// A copy of `value` made into a recycled store buffer, when `value` is a
+/// plain-data vector and a large enough buffer is kept.
+pub(crate) fn recycled_copy<T: Data>(value: &T, store: &crate::store::Store) -> Option<T> {
+    let any: &dyn Any = value;
+    macro_rules! try_elems {
+        ($($e:ty),*) => { $(if let Some(v) = any.downcast_ref::<Vec<$e>>() {
+            let mut buf = store.take_buffer::<$e>(v.len())?;
+            buf.clear();
+            buf.extend_from_slice(v);
+            let boxed: Box<dyn Any> = Box::new(buf);
+            return boxed.downcast::<T>().ok().map(|b| *b);
+        })* };
+    }
+    plain_vec_elems!(try_elems);
+    None
+}
+
 fn size_any<T: Data>(any: &(dyn Any + Send + Sync)) -> Result<usize> {
     if let Some(n) = plain_size(any) {
         return Ok(n);
@@ -252,6 +276,25 @@ impl Value {
                 })))
             }
         }
+    }
+
+    /// The buffer of a local plain-data vector nobody else holds, for reuse.
+    pub(crate) fn into_plain_buffer(self) -> Option<Box<dyn Any + Send + Sync>> {
+        let inner = Arc::try_unwrap(self.0).ok()?;
+        let Repr::Local { mut any, .. } = inner.repr else {
+            return None;
+        };
+        macro_rules! try_elems {
+            ($($e:ty),*) => { $(
+                match any.downcast::<Vec<$e>>() {
+                    Ok(arc) => return Arc::try_unwrap(arc).ok().map(|v| Box::new(v) as Box<dyn Any + Send + Sync>),
+                    Err(back) => any = back,
+                }
+            )* };
+        }
+        plain_vec_elems!(try_elems);
+        drop(any);
+        None
     }
 
     /// Whether this value is in bytes form.

@@ -975,6 +975,15 @@ impl Ray {
         Ok(self.inner.put_value(v)?.typed())
     }
 
+    /// Stores a copy of `value`, keeping the original (what Ray's `put`
+    /// does). Large plain-data vectors (`Vec<u8>`, `Vec<i64>`, `Vec<f64>`,
+    /// ...) are copied into a buffer recycled from a freed object when one
+    /// is kept, which avoids faulting in fresh memory.
+    pub fn put_copy<T: Data + Clone>(&self, value: &T) -> Result<ObjectRef<T>> {
+        let copy = crate::codec::recycled_copy(value, &self.inner.store).unwrap_or_else(|| value.clone());
+        self.put(copy)
+    }
+
     /// Waits for an object and returns a copy of its value (Ray's
     /// `ray.get`). Inside a task, the task's CPU is lent back while it
     /// waits.

@@ -197,3 +197,23 @@ fn put_beyond_the_limit_is_object_store_full() -> rustyray::Result<()> {
     ));
     Ok(())
 }
+
+both_modes! {
+    fn put_copy_keeps_the_original_and_reuses_freed_buffers(ray) {
+        let a: Vec<u64> = (0..300_000).collect();
+        let b: Vec<u64> = (0..250_000).rev().collect();
+        for _ in 0..3 {
+            let ra = ray.put_copy(&a)?;
+            assert_eq!(ray.get(&ra)?, a);
+            drop(ra);
+            // The next copy may land in the buffer `ra` left: only `b`'s
+            // contents may show.
+            let rb = ray.put_copy(&b)?;
+            assert_eq!(ray.get(&rb)?, b);
+        }
+        assert_eq!(a.len(), 300_000);
+        let s = ray.store_stats();
+        assert_eq!((s.num_objects, s.bytes_used), (0, 0));
+        Ok(())
+    }
+}
