@@ -1016,6 +1016,11 @@ impl Serialize for RawActor {
 impl<'de> Deserialize<'de> for RawActor {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let (id, class) = <(ActorId, String)>::deserialize(d)?;
+        if let Some(Ok(handle)) = DecodeScope::replayed().map(|k| k.downcast::<HandleInner>()) {
+            if handle.actor.id == id {
+                return Ok(RawActor(handle));
+            }
+        }
         let rt = DecodeScope::runtime().ok_or_else(|| {
             DecodeScope::fail::<D::Error>(Error::serialization(
                 "an actor handle can only be decoded by a RustyRay runtime",

@@ -382,8 +382,13 @@ fn copy_typed<T: Data>(value: &T, rt: &Arc<Inner>) -> Result<T> {
     if let Some(v) = plain_copy(value) {
         return Ok(v);
     }
-    let (bytes, _nested) = EncodeScope::run(|| postcard::to_allocvec(value))?;
-    decode(&bytes, rt)
+    let (bytes, nested) = EncodeScope::run(|| postcard::to_allocvec(value))?;
+    // The original is alive and mentions the same references in the same
+    // order: the copy shares their handles instead of taking new counts.
+    REPLAY.with(|c| *c.borrow_mut() = nested.into());
+    let out = decode(&bytes, rt);
+    REPLAY.with(|c| c.borrow_mut().clear());
+    out
 }
 
 /// Decodes bytes as a `T`, rebuilding nested references against `rt`.
@@ -402,6 +407,8 @@ thread_local! {
     static ENCODE: RefCell<Option<Vec<KeepAlive>>> = const { RefCell::new(None) };
     static DECODE: RefCell<Option<Arc<Inner>>> = const { RefCell::new(None) };
     static DECODE_ERROR: RefCell<Option<Error>> = const { RefCell::new(None) };
+    static REPLAY: RefCell<std::collections::VecDeque<KeepAlive>> =
+        const { RefCell::new(std::collections::VecDeque::new()) };
 }
 
 /// The scope of one encode call: nested references serialized inside it
@@ -443,6 +450,12 @@ impl DecodeScope {
         DECODE.with(|c| *c.borrow_mut() = saved);
         DECODE_ERROR.with(|c| c.borrow_mut().take());
         out
+    }
+
+    /// The next reference handle of the value being copied, when decoding
+    /// a copy of a live value (see `copy_typed`).
+    pub(crate) fn replayed() -> Option<KeepAlive> {
+        REPLAY.with(|c| c.borrow_mut().pop_front())
     }
 
     /// Fails the decode call in progress with `err`, keeping its message

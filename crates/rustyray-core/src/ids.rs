@@ -134,3 +134,28 @@ fn random_u64() -> u64 {
     h.write_usize(std::ptr::addr_of!(local) as usize);
     h.finish()
 }
+
+/// A hasher for ids: they are already well mixed (a random tag and a
+/// counter), so one multiply spreads them; far cheaper than SipHash on the
+/// hot paths that hash many ids (`wait`'s uniqueness check).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u128(&mut self, v: u128) {
+        self.0 = ((v as u64) ^ ((v >> 64) as u64).rotate_left(32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0 ^ (self.0 >> 29)
+    }
+}
+
+/// A `HashSet`/`HashMap` builder using [`IdHasher`].
+pub(crate) type IdHash = std::hash::BuildHasherDefault<IdHasher>;

@@ -87,6 +87,11 @@ impl Serialize for RawRef {
 impl<'de> Deserialize<'de> for RawRef {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let id = ObjectId::deserialize(d)?;
+        if let Some(Ok(handle)) = DecodeScope::replayed().map(|k| k.downcast::<RefHandle>()) {
+            if handle.id == id {
+                return Ok(RawRef(handle));
+            }
+        }
         let rt = DecodeScope::runtime().ok_or_else(|| {
             DecodeScope::fail::<D::Error>(Error::serialization(
                 "an ObjectRef can only be decoded by a RustyRay runtime",

@@ -231,7 +231,7 @@ pub(crate) struct Inner {
     pub(crate) store: Store,
     pub(crate) registry: Registry,
     pub(crate) sched: Scheduler<Work>,
-    tasks: Mutex<HashMap<TaskId, Arc<TaskState>>>,
+    tasks: Mutex<HashMap<TaskId, Arc<TaskState>, crate::ids::IdHash>>,
     pub(crate) pool: Pool,
     executor: Mutex<Option<tokio::runtime::Runtime>>,
     pub(crate) handle: tokio::runtime::Handle,
@@ -366,7 +366,7 @@ impl Inner {
             ),
             registry,
             sched: Scheduler::new(total),
-            tasks: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(HashMap::default()),
             pool: Pool::new(format!("{thread_prefix}-w"), min_threads),
             handle: executor.handle().clone(),
             executor: Mutex::new(Some(executor)),
@@ -787,9 +787,9 @@ impl Inner {
 
     /// Ray's `wait`: the first `num_returns` complete objects (in input
     /// order) and the rest, once enough are complete or the timeout passes.
-    pub(crate) fn wait_raw(
+    pub(crate) fn wait_raw<'a>(
         self: &Arc<Self>,
-        refs: &[RawRef],
+        refs: impl ExactSizeIterator<Item = &'a RawRef>,
         num_returns: usize,
         timeout: Option<Duration>,
     ) -> Result<(Vec<usize>, Vec<usize>)> {
@@ -799,7 +799,9 @@ impl Inner {
                 refs.len()
             )));
         }
-        let mut seen = std::collections::HashSet::with_capacity(refs.len());
+        let mut ids = Vec::with_capacity(refs.len());
+        let mut seen =
+            std::collections::HashSet::with_capacity_and_hasher(refs.len(), crate::ids::IdHash::default());
         for r in refs {
             self.check_ref(r)?;
             if !seen.insert(r.id()) {
@@ -808,13 +810,16 @@ impl Inner {
                     r.id()
                 )));
             }
+            ids.push(r.id());
         }
+        drop(seen);
+        let ids = &ids[..];
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let split = |waker: Option<&Waker>| -> Result<Option<(Vec<usize>, Vec<usize>)>> {
             let mut ready = Vec::new();
             let mut rest = Vec::new();
-            for (i, r) in refs.iter().enumerate() {
-                let done = !matches!(self.store.peek(r.id(), waker)?, Peek::Pending);
+            for (i, id) in ids.iter().enumerate() {
+                let done = !matches!(self.store.peek(*id, waker)?, Peek::Pending);
                 if done && ready.len() < num_returns {
                     ready.push(i);
                 } else {
@@ -823,16 +828,27 @@ impl Inner {
             }
             Ok((ready.len() == num_returns).then_some((ready, rest)))
         };
-        if let Some(out) = split(None)? {
-            return Ok(out);
+        // Fast path: one pass over the shards; enough are often complete.
+        let done = self.store.completed(ids)?;
+        if done.iter().filter(|d| **d).count() >= num_returns {
+            let mut ready = Vec::with_capacity(num_returns);
+            let mut rest = Vec::with_capacity(ids.len() - num_returns);
+            for (i, d) in done.into_iter().enumerate() {
+                if d && ready.len() < num_returns {
+                    ready.push(i);
+                } else {
+                    rest.push(i);
+                }
+            }
+            return Ok((ready, rest));
         }
         let run = || {
             let _blocked = Blocked::enter();
             let waker = ThreadWaker::current();
             loop {
                 if let Some(out) = split(Some(&waker))? {
-                    for r in refs {
-                        self.store.forget_waker(r.id(), &waker);
+                    for id in ids {
+                        self.store.forget_waker(*id, &waker);
                     }
                     return Ok(out);
                 }
@@ -841,13 +857,13 @@ impl Inner {
                     Some(at) => {
                         let now = Instant::now();
                         if now >= at {
-                            for r in refs {
-                                self.store.forget_waker(r.id(), &waker);
+                            for id in ids {
+                                self.store.forget_waker(*id, &waker);
                             }
                             let mut ready = Vec::new();
                             let mut rest = Vec::new();
-                            for (i, r) in refs.iter().enumerate() {
-                                if self.store.is_complete(r.id()) && ready.len() < num_returns {
+                            for (i, id) in ids.iter().enumerate() {
+                                if self.store.is_complete(*id) && ready.len() < num_returns {
                                     ready.push(i);
                                 } else {
                                     rest.push(i);
@@ -1022,8 +1038,9 @@ impl Ray {
         num_returns: usize,
         timeout: Option<Duration>,
     ) -> Result<WaitResult<T>> {
-        let raws: Vec<RawRef> = refs.iter().map(|r| r.raw().clone()).collect();
-        let (ready, rest) = self.inner.wait_raw(&raws, num_returns, timeout)?;
+        let (ready, rest) = self
+            .inner
+            .wait_raw(refs.iter().map(ObjectRef::raw), num_returns, timeout)?;
         Ok((
             ready.into_iter().map(|i| refs[i].clone()).collect(),
             rest.into_iter().map(|i| refs[i].clone()).collect(),

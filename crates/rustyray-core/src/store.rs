@@ -33,7 +33,7 @@
 
 use crate::codec::Value;
 use crate::error::{Error, Result};
-use crate::ids::ObjectId;
+use crate::ids::{IdHash, ObjectId};
 use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
 use std::any::Any;
 use std::collections::HashMap;
@@ -75,7 +75,7 @@ pub(crate) enum Peek {
 }
 
 pub(crate) struct Store {
-    shards: Box<[Mutex<HashMap<ObjectId, Entry>>]>,
+    shards: Box<[Mutex<HashMap<ObjectId, Entry, IdHash>>]>,
     ready: AtomicU64,
     entries: AtomicU64,
     used: AtomicU64,
@@ -111,7 +111,7 @@ impl std::fmt::Debug for Store {
 impl Store {
     pub(crate) fn new(capacity: u64, full_timeout: Duration) -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::default())).collect(),
             ready: AtomicU64::new(0),
             entries: AtomicU64::new(0),
             used: AtomicU64::new(0),
@@ -156,7 +156,7 @@ impl Store {
         b.downcast::<Vec<E>>().ok().map(|v| *v)
     }
 
-    fn shard(&self, id: ObjectId) -> &Mutex<HashMap<ObjectId, Entry>> {
+    fn shard(&self, id: ObjectId) -> &Mutex<HashMap<ObjectId, Entry, IdHash>> {
         &self.shards[(id.as_u128() as usize) % SHARDS]
     }
 
@@ -397,6 +397,43 @@ impl Store {
             Ok(Peek::Failed(e)) | Err(e) => Poll::Ready(Err(e)),
             Ok(Peek::Pending) => Poll::Pending,
         }
+    }
+
+    /// Which of `ids` are complete (ready or failed), taking each shard's
+    /// lock once rather than once per id.
+    pub(crate) fn completed(&self, ids: &[ObjectId]) -> Result<Vec<bool>> {
+        // Counting sort of the positions by shard.
+        let shard_of = |id: ObjectId| (id.as_u128() as usize) % SHARDS;
+        let mut starts = [0_usize; SHARDS + 1];
+        for id in ids {
+            starts[shard_of(*id) + 1] += 1;
+        }
+        for i in 0..SHARDS {
+            starts[i + 1] += starts[i];
+        }
+        let mut next = starts;
+        let mut order = vec![0_u32; ids.len()];
+        for (pos, id) in ids.iter().enumerate() {
+            let sh = shard_of(*id);
+            order[next[sh]] = pos as u32;
+            next[sh] += 1;
+        }
+        let mut done = vec![false; ids.len()];
+        for sh in 0..SHARDS {
+            let range = &order[starts[sh]..starts[sh + 1]];
+            if range.is_empty() {
+                continue;
+            }
+            let shard = self.shards[sh].lock();
+            for &pos in range {
+                let id = ids[pos as usize];
+                match shard.get(&id) {
+                    Some(e) => done[pos as usize] = !matches!(e.state, State::Pending(_)),
+                    None => return Err(self.missing(id)),
+                }
+            }
+        }
+        Ok(done)
     }
 
     /// Removes a waker registered by `peek`, e.g. after a timed-out wait.
