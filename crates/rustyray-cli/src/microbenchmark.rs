@@ -28,6 +28,11 @@ pub struct Args {
     /// Seconds of the warm-up run before the trials.
     #[arg(long, default_value_t = 1.0)]
     pub warmup_secs: f64,
+    /// Also measure the scale figures (memory per queued task with 1M
+    /// tasks pending, actor creation rate for 10k actors, memory per live
+    /// small object with 1M objects).
+    #[arg(long)]
+    pub scale: bool,
     /// Where tasks and actors run: `threads` (the embedded worker threads).
     /// Worker processes come with the worker-process mode.
     #[arg(long, default_value = "threads")]
@@ -64,6 +69,126 @@ pub struct Report {
     /// Plain memcpy bandwidth, the limit of the "put gigabytes" rows
     /// (measured when one of them runs).
     pub memcpy: Option<Memcpy>,
+    /// Scale figures, with `--scale`.
+    pub scale: Option<Scale>,
+}
+
+/// How RustyRay scales: memory per queued task and per live object, and
+/// the rate of actor creation.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Scale {
+    /// Tasks queued behind one pending dependency.
+    pub queued_tasks: u64,
+    /// Resident memory they add, per task, in bytes.
+    pub bytes_per_queued_task: f64,
+    /// Actors created (and each called once).
+    pub actors: u64,
+    /// Actors created per second.
+    pub actors_per_second: f64,
+    /// Small objects (`put(i64)`) kept alive.
+    pub live_objects: u64,
+    /// Resident memory they add, per object, in bytes.
+    pub bytes_per_live_object: f64,
+}
+
+/// Resident memory of this process, in bytes (Linux `/proc/self/status`).
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// A gate: `wait()` gives an object that stays pending until `open()`.
+#[rustyray::actor]
+#[derive(Debug)]
+pub struct Gate {
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+#[rustyray::actor]
+impl Gate {
+    fn new() -> Self {
+        Gate {
+            open: tokio::sync::watch::channel(false).0,
+        }
+    }
+
+    /// Completes once the gate opens.
+    pub async fn wait(&self) {
+        let mut rx = self.open.subscribe();
+        let _ = rx.wait_for(|open| *open).await;
+    }
+
+    /// Opens the gate.
+    pub fn open(&self) {
+        self.open.send_replace(true);
+    }
+}
+
+/// A task that waits for its argument.
+#[rustyray::remote]
+pub fn after_gate(_gate: (), x: u32) -> u32 {
+    x
+}
+
+/// Measures [`Scale`].
+pub fn measure_scale(ray: &Ray) -> rustyray::Result<Scale> {
+    const TASKS: u64 = 1_000_000;
+    const ACTORS: u64 = 10_000;
+    const OBJECTS: u64 = 1_000_000;
+
+    // 1M small objects kept alive.
+    let before = rss_bytes();
+    let objects = (0..OBJECTS)
+        .map(|i| ray.put(i as i64))
+        .collect::<rustyray::Result<Vec<_>>>()?;
+    let bytes_per_live_object = rss_bytes().saturating_sub(before) as f64 / OBJECTS as f64;
+    drop(objects);
+
+    // 1M tasks queued behind one pending object.
+    let gate = Gate::options().num_cpus(0.0).remote(ray)?;
+    let pending = gate.wait()?;
+    let before = rss_bytes();
+    let mut refs = Vec::with_capacity(TASKS as usize);
+    for i in 0..TASKS {
+        refs.push(after_gate::remote(ray, &pending, i as u32)?);
+    }
+    let bytes_per_queued_task = rss_bytes().saturating_sub(before) as f64 / TASKS as f64;
+    ray.get(&gate.open()?)?;
+    for r in refs.iter().step_by(1000) {
+        ray.get(r)?;
+    }
+    ray.wait(&refs, refs.len(), None)?;
+    drop(refs);
+
+    // 10k actors, each created and called once.
+    let start = Instant::now();
+    let actors = (0..ACTORS)
+        .map(|_| Actor::remote(ray))
+        .collect::<rustyray::Result<Vec<_>>>()?;
+    let pings = actors
+        .iter()
+        .map(|a| a.small_value())
+        .collect::<rustyray::Result<Vec<_>>>()?;
+    ray.get_many(&pings)?;
+    let actors_per_second = ACTORS as f64 / start.elapsed().as_secs_f64();
+    drop(pings);
+    drop(actors);
+
+    Ok(Scale {
+        queued_tasks: TASKS,
+        bytes_per_queued_task,
+        actors: ACTORS,
+        actors_per_second,
+        live_objects: OBJECTS,
+        bytes_per_live_object,
+    })
 }
 
 /// Plain memcpy bandwidth of one 800 MiB array (100 Mi `i64`, the array of
@@ -588,6 +713,25 @@ pub fn run_suite(args: &Args) -> rustyray::Result<Report> {
     for name in &ROWS[23..] {
         t.unsupported(name, "Ray Client (a remote driver) is not implemented yet");
     }
+    let scale = if args.scale {
+        eprintln!("scale figures ...");
+        let s = measure_scale(&ray)?;
+        if !args.json {
+            println!(
+                "scale: {} queued tasks use {:.0} bytes each; {} actors created at {:.0} per second; \
+                 {} live small objects use {:.0} bytes each",
+                s.queued_tasks,
+                s.bytes_per_queued_task,
+                s.actors,
+                s.actors_per_second,
+                s.live_objects,
+                s.bytes_per_live_object
+            );
+        }
+        Some(s)
+    } else {
+        None
+    };
     ray.shutdown()?;
     let memcpy = (t.selected(ROWS[3]) || t.selected(ROWS[5])).then(measure_memcpy);
     if let (Some(m), false) = (memcpy, args.json) {
@@ -598,6 +742,7 @@ pub fn run_suite(args: &Args) -> rustyray::Result<Report> {
     }
     Ok(Report {
         memcpy,
+        scale,
         system: "rustyray",
         version: env!("CARGO_PKG_VERSION"),
         mode: args.mode.clone(),

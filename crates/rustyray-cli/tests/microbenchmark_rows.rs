@@ -10,6 +10,7 @@ fn args(filter: &str) -> Args {
         trial_secs: 0.01,
         trials: 2,
         warmup_secs: 0.0,
+        scale: false,
         mode: "threads".to_owned(),
     }
 }

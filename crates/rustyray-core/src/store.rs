@@ -379,7 +379,10 @@ impl Store {
                 State::Failed(e) => Peek::Failed(e.clone()),
                 State::Pending(wakers) => {
                     if let Some(w) = waker {
-                        if !wakers.iter().any(|x| x.will_wake(w)) {
+                        // Re-polls register the same waker again; looking at
+                        // the last few keeps that from piling up without
+                        // making a million distinct waiters quadratic.
+                        if !wakers.iter().rev().take(8).any(|x| x.will_wake(w)) {
                             wakers.push(w.clone());
                         }
                     }
