@@ -8,7 +8,8 @@
 #        TESTS_TO_RUN="actor" bench/compare-with-ray.sh
 #
 # Needs only Python 3 with venv/pip and the Rust toolchain; it installs
-# ray==2.60.0 and numpy from PyPI into bench/.venv (ignored by git).
+# ray[client]==2.60.0 (the suite imports grpc) and numpy from PyPI into
+# bench/.venv (ignored by git).
 # Outputs land in bench/out/ (ignored): ray.txt, rustyray.json, table.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,11 +19,11 @@ VENV="${VENV:-bench/.venv}"
 OUT="${OUT:-bench/out}"
 mkdir -p "$OUT"
 
-if [ ! -x "$VENV/bin/ray" ]; then
-  echo "== installing ray==$RAY_VERSION and numpy into $VENV"
+if ! "$VENV/bin/python" -c "import ray, grpc, numpy" >/dev/null 2>&1; then
+  echo "== installing ray[client]==$RAY_VERSION and numpy into $VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --upgrade pip
-  "$VENV/bin/pip" install --quiet "ray==$RAY_VERSION" numpy
+  "$VENV/bin/pip" install --quiet "ray[client]==$RAY_VERSION" numpy
 fi
 
 echo "== building rustyray (release)"
@@ -32,6 +33,10 @@ echo "== ray microbenchmark (Ray $RAY_VERSION); this takes a while: Ray sleeps 1
 # Ray's suite prints one line per row: "<name> per second <mean> +- <std>".
 RAY_DISABLE_USAGE_STATS=1 "$VENV/bin/ray" microbenchmark 2>&1 | tee "$OUT/ray.txt" | grep --line-buffered "per second" || true
 "$VENV/bin/ray" stop --force >/dev/null 2>&1 || true
+if ! grep -q " per second " "$OUT/ray.txt"; then
+  echo "ray microbenchmark produced no rows; see $OUT/ray.txt" >&2
+  exit 1
+fi
 
 echo "== rustyray microbenchmark"
 ./target/release/rustyray microbenchmark --json > "$OUT/rustyray.json"

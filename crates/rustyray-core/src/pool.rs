@@ -155,7 +155,17 @@ fn worker(shared: Arc<Shared>) {
         if s.closed {
             break;
         }
-        // Watch for work a little before sleeping.
+        // Watch for work a little before sleeping; one watcher at a time, so
+        // idle threads never crowd out busy ones.
+        if s.spinning > 0 {
+            s.idle += 1;
+            let timed_out = shared.cv.wait_for(&mut s, IDLE_EXIT).timed_out();
+            s.idle -= 1;
+            if timed_out && s.jobs.is_empty() && s.live > shared.min_threads {
+                break;
+            }
+            continue;
+        }
         s.spinning += 1;
         drop(s);
         let spin_start = std::time::Instant::now();
