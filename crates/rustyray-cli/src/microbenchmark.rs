@@ -261,20 +261,14 @@ pub fn create_object_containing_ref() -> rustyray::Result<Vec<ObjectRef<i64>>> {
 #[rustyray::remote]
 pub fn work(actors: Vec<ActorHandle<Actor>>, n: usize) -> rustyray::Result<()> {
     let ray = rustyray::current()?;
-    let refs = (0..n)
-        .map(|i| actors[i % actors.len()].small_value())
-        .collect::<rustyray::Result<Vec<_>>>()?;
-    ray.get_many(&refs).map(drop)
+    batch(&ray, n, |i| actors[i % actors.len()].small_value())
 }
 
 /// Ray's `async_actor_work`: like `work`, for async actors.
 #[rustyray::remote]
 pub fn async_actor_work(actors: Vec<ActorHandle<AsyncActor>>, n: usize) -> rustyray::Result<()> {
     let ray = rustyray::current()?;
-    let refs = (0..n)
-        .map(|i| actors[i % actors.len()].small_value())
-        .collect::<rustyray::Result<Vec<_>>>()?;
-    ray.get_many(&refs).map(drop)
+    batch(&ray, n, |i| actors[i % actors.len()].small_value())
 }
 
 /// Ray's `Actor` (`num_cpus=0`).
@@ -301,10 +295,7 @@ impl Actor {
     /// Submits `n` `small_value` tasks and gets them.
     pub fn small_value_batch(&self, n: usize) -> rustyray::Result<()> {
         let ray = rustyray::current()?;
-        let refs = (0..n)
-            .map(|_| small_value::remote(&ray))
-            .collect::<rustyray::Result<Vec<_>>>()?;
-        ray.get_many(&refs).map(drop)
+        batch(&ray, n, |_| small_value::remote(&ray))
     }
 }
 
@@ -393,6 +384,16 @@ impl AsyncClient {
         }
         ray.get_many(&refs).map(drop)
     }
+}
+
+/// Submits `n` calls with `submit` and gets them all (a batch row's body).
+fn batch<T: rustyray::Data>(
+    ray: &Ray,
+    n: usize,
+    submit: impl FnMut(usize) -> rustyray::Result<ObjectRef<T>>,
+) -> rustyray::Result<()> {
+    let refs = (0..n).map(submit).collect::<rustyray::Result<Vec<_>>>()?;
+    ray.get_many(&refs).map(drop)
 }
 
 // ----- timing ----------------------------------------------------------
@@ -551,10 +552,7 @@ pub fn run_suite(args: &Args) -> rustyray::Result<Report> {
     t.timeit(ROWS[0], 1.0, || ray.get(&value).map(drop))?;
     t.timeit(ROWS[1], 1.0, || ray.put(0_i64).map(drop))?;
     t.timeit(ROWS[2], 1000.0, || {
-        let refs = (0..10)
-            .map(|_| do_put_small::remote(&ray))
-            .collect::<rustyray::Result<Vec<_>>>()?;
-        ray.get_many(&refs).map(drop)
+        batch(&ray, 10, |_| do_put_small::remote(&ray))
     })?;
     if t.selected(ROWS[3]) {
         // Ray puts one 800 MB numpy array (100 Mi int64) and keeps it, so
@@ -562,17 +560,9 @@ pub fn run_suite(args: &Args) -> rustyray::Result<Report> {
         let arr = vec![0_i64; 100 * 1024 * 1024];
         t.timeit(ROWS[3], 8.0 * 0.1, || ray.put_copy(&arr).map(drop))?;
     }
-    t.timeit(ROWS[4], 1.0, || {
-        let refs = (0..1000)
-            .map(|_| small_value::remote(&ray))
-            .collect::<rustyray::Result<Vec<_>>>()?;
-        ray.get_many(&refs).map(drop)
-    })?;
+    t.timeit(ROWS[4], 1.0, || batch(&ray, 1000, |_| small_value::remote(&ray)))?;
     t.timeit(ROWS[5], 10.0 * 8.0 * 0.1, || {
-        let refs = (0..10)
-            .map(|_| do_put::remote(&ray))
-            .collect::<rustyray::Result<Vec<_>>>()?;
-        ray.get_many(&refs).map(drop)
+        batch(&ray, 10, |_| do_put::remote(&ray))
     })?;
     if t.selected(ROWS[6]) {
         let containing = create_object_containing_ref::remote(&ray)?;
@@ -590,10 +580,7 @@ pub fn run_suite(args: &Args) -> rustyray::Result<Report> {
     })?;
     t.timeit(ROWS[8], 1.0, || ray.get(&small_value::remote(&ray)?).map(drop))?;
     t.timeit(ROWS[9], 1000.0, || {
-        let refs = (0..1000)
-            .map(|_| small_value::remote(&ray))
-            .collect::<rustyray::Result<Vec<_>>>()?;
-        ray.get_many(&refs).map(drop)
+        batch(&ray, 1000, |_| small_value::remote(&ray))
     })?;
     if t.selected(ROWS[10]) {
         let (n, m) = (10_000, 4);
@@ -614,21 +601,11 @@ pub fn run_suite(args: &Args) -> rustyray::Result<Report> {
     }
     if t.selected(ROWS[12]) {
         let a = Actor::remote(&ray)?;
-        t.timeit(ROWS[12], 1000.0, || {
-            let refs = (0..1000)
-                .map(|_| a.small_value())
-                .collect::<rustyray::Result<Vec<_>>>()?;
-            ray.get_many(&refs).map(drop)
-        })?;
+        t.timeit(ROWS[12], 1000.0, || batch(&ray, 1000, |_| a.small_value()))?;
     }
     if t.selected(ROWS[13]) {
         let a = Actor::options().max_concurrency(16).remote(&ray)?;
-        t.timeit(ROWS[13], 1000.0, || {
-            let refs = (0..1000)
-                .map(|_| a.small_value())
-                .collect::<rustyray::Result<Vec<_>>>()?;
-            ray.get_many(&refs).map(drop)
-        })?;
+        t.timeit(ROWS[13], 1000.0, || batch(&ray, 1000, |_| a.small_value()))?;
     }
     if t.selected(ROWS[14]) {
         let n = 5000;
@@ -646,10 +623,7 @@ pub fn run_suite(args: &Args) -> rustyray::Result<Report> {
             .map(|_| Actor::remote(&ray))
             .collect::<rustyray::Result<Vec<_>>>()?;
         t.timeit(ROWS[15], (m * n) as f64, || {
-            let refs = (0..m)
-                .map(|_| work::remote(&ray, actors.clone(), n))
-                .collect::<rustyray::Result<Vec<_>>>()?;
-            ray.get_many(&refs).map(drop)
+            batch(&ray, m, |_| work::remote(&ray, actors.clone(), n))
         })?;
     }
     if t.selected(ROWS[16]) {
@@ -671,20 +645,12 @@ pub fn run_suite(args: &Args) -> rustyray::Result<Report> {
     }
     if t.selected(ROWS[18]) {
         let a = AsyncActor::remote(&ray)?;
-        t.timeit(ROWS[18], 1000.0, || {
-            let refs = (0..1000)
-                .map(|_| a.small_value())
-                .collect::<rustyray::Result<Vec<_>>>()?;
-            ray.get_many(&refs).map(drop)
-        })?;
+        t.timeit(ROWS[18], 1000.0, || batch(&ray, 1000, |_| a.small_value()))?;
     }
     if t.selected(ROWS[19]) {
         let a = AsyncActor::remote(&ray)?;
         t.timeit(ROWS[19], 1000.0, || {
-            let refs = (0..1000)
-                .map(|i| a.small_value_with_arg(i))
-                .collect::<rustyray::Result<Vec<_>>>()?;
-            ray.get_many(&refs).map(drop)
+            batch(&ray, 1000, |i| a.small_value_with_arg(i as i64))
         })?;
     }
     if t.selected(ROWS[20]) {
@@ -703,10 +669,7 @@ pub fn run_suite(args: &Args) -> rustyray::Result<Report> {
             .map(|_| AsyncActor::remote(&ray))
             .collect::<rustyray::Result<Vec<_>>>()?;
         t.timeit(ROWS[21], (m * n) as f64, || {
-            let refs = (0..m)
-                .map(|_| async_actor_work::remote(&ray, actors.clone(), n))
-                .collect::<rustyray::Result<Vec<_>>>()?;
-            ray.get_many(&refs).map(drop)
+            batch(&ray, m, |_| async_actor_work::remote(&ray, actors.clone(), n))
         })?;
     }
     t.unsupported(ROWS[22], "placement groups are not implemented yet");

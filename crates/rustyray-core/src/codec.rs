@@ -86,36 +86,19 @@ fn encode_any<T: Data>(any: &(dyn Any + Send + Sync)) -> Result<Vec<u8>> {
 /// vectors of numbers, strings, and the numbers themselves. Copying them is
 /// `Clone`, and their size is their payload's length in memory (for
 /// `Vec<u8>` and `String` that is also their postcard length).
+#[rustfmt::skip]
+macro_rules! plain_scalars {
+    ($mac:ident) => {
+        $mac!(u8, i8, u16, i16, u32, i32, u64, i64, u128, i128, f32, f64, bool, char, ())
+    };
+}
+
+#[rustfmt::skip]
 macro_rules! plain_types {
     ($mac:ident) => {
-        $mac!(
-            Vec<u8>,
-            Vec<i8>,
-            Vec<u16>,
-            Vec<i16>,
-            Vec<u32>,
-            Vec<i32>,
-            Vec<u64>,
-            Vec<i64>,
-            Vec<f32>,
-            Vec<f64>,
-            String,
-            u8,
-            i8,
-            u16,
-            i16,
-            u32,
-            i32,
-            u64,
-            i64,
-            u128,
-            i128,
-            f32,
-            f64,
-            bool,
-            char,
-            ()
-        )
+        $mac!(Vec<u8>, Vec<i8>, Vec<u16>, Vec<i16>, Vec<u32>, Vec<i32>, Vec<u64>, Vec<i64>, Vec<f32>,
+              Vec<f64>, String);
+        plain_scalars!($mac);
     };
 }
 
@@ -139,23 +122,7 @@ fn plain_size(any: &(dyn Any + Send + Sync)) -> Option<usize> {
             fn payload(&self) -> usize { std::mem::size_of::<$t>() }
         })* };
     }
-    scalar!(
-        u8,
-        i8,
-        u16,
-        i16,
-        u32,
-        i32,
-        u64,
-        i64,
-        u128,
-        i128,
-        f32,
-        f64,
-        bool,
-        char,
-        ()
-    );
+    plain_scalars!(scalar);
     macro_rules! try_types {
         ($($t:ty),*) => { $(if let Some(v) = any.downcast_ref::<$t>() {
             return Some(v.payload());
