@@ -41,6 +41,7 @@ mod scheduler;
 mod store;
 mod sync;
 mod task;
+pub mod wire;
 
 pub use actor::{create_actor, ActorClass, ActorHandle, ActorStub, RawActor};
 pub use codec::{Data, Value};

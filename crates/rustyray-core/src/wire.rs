@@ -1,0 +1,469 @@
+//! The wire protocol between owners, node daemons and worker processes —
+//! Ray's `core_worker.proto` / `node_manager.proto` hot path, as a lean
+//! framed protocol over Unix sockets (ARCHITECTURE.md decision 8).
+//!
+//! Groundwork for worker processes (issue 4): the embedded threads mode
+//! does not use it yet; its task specs already have the bytes form that
+//! [`Message::PushTask`] carries.
+//!
+//! # Frames
+//!
+//! Every message is one frame: a 4-byte little-endian payload length, then
+//! the payload, a postcard-encoded [`Message`]. Frames larger than the
+//! decoder's limit are refused before any allocation. A connection starts
+//! with a handshake: the connecting side sends [`Message::Hello`] (magic,
+//! protocol version, role, process id), the accepting side answers
+//! [`Message::Welcome`] or [`Message::Refused`] and closes.
+//!
+//! # Failure
+//!
+//! A malformed frame (bad length, undecodable payload, a message out of
+//! place) is a [`WireError`]: the reader closes that one connection and
+//! logs why; other connections are unaffected, and the owner treats the
+//! peer as dead (its tasks are retried per `max_retries`, its actors
+//! restarted per `max_restarts`). A truncated frame is not an error until
+//! the connection ends: the decoder waits for the rest.
+
+use crate::error::Error;
+use crate::ids::{ActorId, TaskId};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The first bytes of every `Hello`.
+pub const MAGIC: [u8; 4] = *b"RRAY";
+
+/// The default largest frame a decoder accepts (64 MiB; large objects go
+/// through shared memory, not frames).
+pub const DEFAULT_MAX_FRAME: u32 = 64 << 20;
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// A driver or worker that owns tasks and objects.
+    Owner,
+    /// A worker process of the node's pool.
+    Worker,
+    /// A node daemon.
+    NodeDaemon,
+}
+
+/// One protocol message. Each variant says who sends it, whether
+/// receiving it twice is harmless, and what a failure means.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// Connecting side → accepting side, first message. Idempotent: no
+    /// (a second `Hello` on a connection is malformed). A wrong magic or
+    /// version gets `Refused` and the connection closes.
+    Hello {
+        /// Always [`MAGIC`].
+        magic: [u8; 4],
+        /// The sender's [`PROTOCOL_VERSION`].
+        version: u16,
+        /// The sender's role.
+        role: Role,
+        /// The sender's process id, for logs and for killing it.
+        pid: u32,
+    },
+    /// Accepting side → connecting side: the handshake succeeded.
+    Welcome {
+        /// The version both sides speak.
+        version: u16,
+    },
+    /// Accepting side → connecting side: the handshake failed; the
+    /// connection closes after it.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+    /// Owner → worker: run a task. Idempotent by `task_id`: a worker that
+    /// already ran or runs the task ignores the duplicate. If the worker
+    /// dies before `TaskDone`, the owner retries the task elsewhere.
+    PushTask {
+        /// The task.
+        task_id: TaskId,
+        /// The actor it runs on, for actor calls.
+        actor: Option<ActorId>,
+        /// The task spec's bytes form (registry names, encoded arguments).
+        spec: Vec<u8>,
+    },
+    /// Worker → owner: a task finished. Idempotent by `task_id`: the owner
+    /// keeps the first completion.
+    TaskDone {
+        /// The task.
+        task_id: TaskId,
+        /// The encoded return value (type name and postcard bytes), or the
+        /// error.
+        result: Result<(String, Vec<u8>), Error>,
+    },
+    /// Owner → worker: cancel a task. Idempotent. With `force` the daemon
+    /// kills the worker process instead.
+    CancelTask {
+        /// The task.
+        task_id: TaskId,
+        /// Kill the worker.
+        force: bool,
+    },
+    /// Either side: liveness probe. Idempotent.
+    Ping {
+        /// Echoed back.
+        nonce: u64,
+    },
+    /// Reply to `Ping`.
+    Pong {
+        /// The `Ping`'s nonce.
+        nonce: u64,
+    },
+    /// Daemon → worker: finish running tasks and exit. Idempotent.
+    Shutdown,
+}
+
+impl Message {
+    /// A `Hello` from this build.
+    pub fn hello(role: Role) -> Self {
+        Message::Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            role,
+            pid: std::process::id(),
+        }
+    }
+}
+
+/// Why a connection is being closed.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// A frame announced more bytes than the limit.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// The announced length.
+        len: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// A frame's payload is not a message.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The handshake failed.
+    #[error("handshake refused: {0}")]
+    Handshake(String),
+    /// The connection ended in the middle of a frame.
+    #[error("connection closed in the middle of a frame ({0} bytes pending)")]
+    Truncated(usize),
+    /// The socket failed.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Encodes a message as one frame.
+pub fn encode_frame(msg: &Message) -> Result<Vec<u8>, WireError> {
+    let mut out = postcard::to_extend(msg, vec![0_u8; 4]).map_err(|e| WireError::Malformed(e.to_string()))?;
+    let len = u32::try_from(out.len() - 4).map_err(|_| WireError::TooLarge {
+        len: u32::MAX,
+        max: u32::MAX,
+    })?;
+    out[..4].copy_from_slice(&len.to_le_bytes());
+    Ok(out)
+}
+
+/// Splits a byte stream into messages.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    max: u32,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_FRAME)
+    }
+}
+
+impl FrameDecoder {
+    /// A decoder accepting frames up to `max` bytes.
+    pub fn new(max: u32) -> Self {
+        FrameDecoder { buf: Vec::new(), max }
+    }
+
+    /// Appends received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes received but not yet decoded.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next complete message; `Ok(None)` when more bytes are needed.
+    pub fn next_message(&mut self) -> Result<Option<Message>, WireError> {
+        let Some(head) = self.buf.get(..4) else {
+            return Ok(None);
+        };
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+        if len > self.max {
+            return Err(WireError::TooLarge { len, max: self.max });
+        }
+        let end = 4 + len as usize;
+        let Some(payload) = self.buf.get(4..end) else {
+            return Ok(None);
+        };
+        let msg = postcard::from_bytes(payload).map_err(|e| WireError::Malformed(e.to_string()));
+        self.buf.drain(..end);
+        msg.map(Some)
+    }
+}
+
+/// Writes one message.
+pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> Result<(), WireError> {
+    w.write_all(&encode_frame(msg)?).await?;
+    Ok(())
+}
+
+/// Reads the next message; `Ok(None)` when the peer closed cleanly between
+/// frames.
+pub async fn read_message<R: AsyncRead + Unpin>(
+    r: &mut R,
+    dec: &mut FrameDecoder,
+) -> Result<Option<Message>, WireError> {
+    let mut chunk = [0_u8; 8192];
+    loop {
+        if let Some(msg) = dec.next_message()? {
+            return Ok(Some(msg));
+        }
+        let n = r.read(&mut chunk).await?;
+        if n == 0 {
+            return match dec.pending() {
+                0 => Ok(None),
+                left => Err(WireError::Truncated(left)),
+            };
+        }
+        dec.push(&chunk[..n]);
+    }
+}
+
+/// The connecting side's handshake: sends `Hello`, expects `Welcome`.
+pub async fn connect_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    dec: &mut FrameDecoder,
+    role: Role,
+) -> Result<u16, WireError> {
+    write_message(s, &Message::hello(role)).await?;
+    match read_message(s, dec).await? {
+        Some(Message::Welcome { version }) => Ok(version),
+        Some(Message::Refused { reason }) => Err(WireError::Handshake(reason)),
+        Some(other) => Err(WireError::Malformed(format!("expected Welcome, got {other:?}"))),
+        None => Err(WireError::Handshake("the peer closed the connection".into())),
+    }
+}
+
+/// The accepting side's handshake: expects `Hello`, answers `Welcome` or
+/// `Refused`. Returns the peer's role and process id.
+pub async fn accept_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    dec: &mut FrameDecoder,
+) -> Result<(Role, u32), WireError> {
+    match read_message(s, dec).await? {
+        Some(Message::Hello {
+            magic,
+            version,
+            role,
+            pid,
+        }) => {
+            let refusal = if magic != MAGIC {
+                Some("bad magic".to_owned())
+            } else if version != PROTOCOL_VERSION {
+                Some(format!("protocol version {version} is not {PROTOCOL_VERSION}"))
+            } else {
+                None
+            };
+            if let Some(reason) = refusal {
+                write_message(
+                    s,
+                    &Message::Refused {
+                        reason: reason.clone(),
+                    },
+                )
+                .await?;
+                return Err(WireError::Handshake(reason));
+            }
+            write_message(s, &Message::Welcome { version }).await?;
+            Ok((role, pid))
+        }
+        Some(other) => Err(WireError::Malformed(format!("expected Hello, got {other:?}"))),
+        None => Err(WireError::Handshake("the peer closed before Hello".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Vec<Message> {
+        vec![
+            Message::hello(Role::Worker),
+            Message::Welcome { version: 1 },
+            Message::Refused { reason: "no".into() },
+            Message::PushTask {
+                task_id: TaskId::from_u128(7),
+                actor: Some(ActorId::from_u128(9)),
+                spec: vec![1, 2, 3],
+            },
+            Message::TaskDone {
+                task_id: TaskId::from_u128(7),
+                result: Ok(("i64".into(), vec![42])),
+            },
+            Message::TaskDone {
+                task_id: TaskId::from_u128(8),
+                result: Err(Error::TaskCancelled(TaskId::from_u128(8))),
+            },
+            Message::CancelTask {
+                task_id: TaskId::from_u128(7),
+                force: true,
+            },
+            Message::Ping { nonce: 5 },
+            Message::Pong { nonce: 5 },
+            Message::Shutdown,
+        ]
+    }
+
+    #[test]
+    fn messages_round_trip_through_frames_split_anywhere() {
+        let bytes: Vec<u8> = sample()
+            .iter()
+            .flat_map(|m| encode_frame(m).expect("encode"))
+            .collect();
+        for split in [1, 3, 7, 64, bytes.len()] {
+            let mut dec = FrameDecoder::default();
+            let mut got = Vec::new();
+            for chunk in bytes.chunks(split) {
+                dec.push(chunk);
+                while let Some(m) = dec.next_message().expect("valid frames") {
+                    got.push(m);
+                }
+            }
+            assert_eq!(got, sample(), "split {split}");
+            assert_eq!(dec.pending(), 0);
+        }
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_before_allocation() {
+        let mut dec = FrameDecoder::new(16);
+        dec.push(&1000_u32.to_le_bytes());
+        assert!(matches!(
+            dec.next_message(),
+            Err(WireError::TooLarge { len: 1000, max: 16 })
+        ));
+    }
+
+    #[test]
+    fn garbage_payload_is_malformed() {
+        let mut dec = FrameDecoder::default();
+        dec.push(&[3, 0, 0, 0, 0xff, 0xff, 0xff]);
+        assert!(matches!(dec.next_message(), Err(WireError::Malformed(_))));
+    }
+
+    proptest! {
+        /// Arbitrary bytes never panic the decoder: every call returns a
+        /// message, "need more", or an error, and consumes what it decodes.
+        #[test]
+        fn decoder_survives_arbitrary_bytes(chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 0..16)) {
+            let mut dec = FrameDecoder::new(1 << 16);
+            for c in &chunks {
+                dec.push(c);
+                while let Ok(Some(_)) = dec.next_message() {}
+            }
+        }
+
+        /// Valid frames followed by arbitrary bytes still decode first.
+        #[test]
+        fn valid_prefix_decodes_before_garbage(tail in prop::collection::vec(any::<u8>(), 0..64)) {
+            let mut dec = FrameDecoder::new(1 << 16);
+            dec.push(&encode_frame(&Message::Ping { nonce: 1 }).expect("encode"));
+            dec.push(&tail);
+            prop_assert_eq!(dec.next_message().ok().flatten(), Some(Message::Ping { nonce: 1 }));
+        }
+    }
+
+    #[tokio::test]
+    async fn handshake_and_a_bad_connection_harm_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("rr-wire-{}-{}", std::process::id(), line!()));
+        let _ = std::fs::remove_file(&dir);
+        let listener = tokio::net::UnixListener::bind(&dir).expect("bind");
+        let server = tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            for _ in 0..3 {
+                let (mut s, _) = listener.accept().await.expect("accept");
+                let mut dec = FrameDecoder::default();
+                let outcome = match accept_handshake(&mut s, &mut dec).await {
+                    Ok(_) => match read_message(&mut s, &mut dec).await {
+                        Ok(Some(Message::Ping { nonce })) => {
+                            write_message(&mut s, &Message::Pong { nonce })
+                                .await
+                                .expect("pong");
+                            "served".to_owned()
+                        }
+                        Ok(other) => format!("unexpected {other:?}"),
+                        Err(e) => format!("closed: {e}"),
+                    },
+                    Err(e) => format!("closed: {e}"),
+                };
+                outcomes.push(outcome);
+            }
+            outcomes
+        });
+        // A good client.
+        let mut c = tokio::net::UnixStream::connect(&dir).await.expect("connect");
+        let mut dec = FrameDecoder::default();
+        assert_eq!(
+            connect_handshake(&mut c, &mut dec, Role::Worker)
+                .await
+                .expect("hs"),
+            1
+        );
+        write_message(&mut c, &Message::Ping { nonce: 11 })
+            .await
+            .expect("ping");
+        assert_eq!(
+            read_message(&mut c, &mut dec).await.expect("read"),
+            Some(Message::Pong { nonce: 11 })
+        );
+        // A client sending garbage after the handshake.
+        let mut bad = tokio::net::UnixStream::connect(&dir).await.expect("connect");
+        let mut bdec = FrameDecoder::default();
+        connect_handshake(&mut bad, &mut bdec, Role::Owner)
+            .await
+            .expect("hs");
+        bad.write_all(&[2, 0, 0, 0, 0xff, 0xff]).await.expect("write");
+        // A client with a wrong version.
+        let mut old = tokio::net::UnixStream::connect(&dir).await.expect("connect");
+        let frame = encode_frame(&Message::Hello {
+            magic: MAGIC,
+            version: 99,
+            role: Role::Worker,
+            pid: 1,
+        })
+        .expect("encode");
+        old.write_all(&frame).await.expect("write");
+        let mut odec = FrameDecoder::default();
+        assert!(matches!(
+            read_message(&mut old, &mut odec).await,
+            Ok(Some(Message::Refused { .. }))
+        ));
+        let outcomes = server.await.expect("server");
+        assert_eq!(outcomes[0], "served");
+        assert!(
+            outcomes[1].starts_with("closed: malformed frame"),
+            "{}",
+            outcomes[1]
+        );
+        assert!(outcomes[2].contains("protocol version 99"), "{}", outcomes[2]);
+        // The good connection still works after the bad ones.
+        drop(c);
+        let _ = std::fs::remove_file(&dir);
+    }
+}
