@@ -42,37 +42,61 @@ type SizeFn = fn(&(dyn Any + Send + Sync)) -> Result<usize>;
 /// An erased value: a task argument, a return value or an object.
 /// Cloning is a reference-count increment.
 #[derive(Clone)]
-pub struct Value(Arc<ValueInner>);
+pub struct Value(Arc<Repr>);
 
-struct ValueInner {
-    repr: Repr,
-    /// References mentioned by `Repr::Encoded` bytes, kept alive with them
-    /// (never read: holding them is the point).
-    _nested: Vec<KeepAlive>,
-}
-
+/// Small on purpose: every live object holds one.
 enum Repr {
     Local {
         any: Arc<dyn Any + Send + Sync>,
-        type_name: &'static str,
-        encode: EncodeFn,
-        size: SizeFn,
+        vt: &'static LocalVt,
     },
-    Encoded {
-        bytes: Vec<u8>,
-        type_name: Cow<'static, str>,
-    },
+    Encoded(Box<Encoded>),
+}
+
+/// What a local value's type knows how to do, one static table per type.
+struct LocalVt {
+    type_name: fn() -> &'static str,
+    encode: EncodeFn,
+    size: SizeFn,
+}
+
+/// A value in bytes form.
+struct Encoded {
+    bytes: Vec<u8>,
+    type_name: Cow<'static, str>,
+    /// References the bytes mention, kept alive with them (never read:
+    /// holding them is the point).
+    _nested: Vec<KeepAlive>,
+}
+
+/// The [`LocalVt`] of `T`.
+struct VtOf<T>(std::marker::PhantomData<T>);
+
+impl<T: Data> VtOf<T> {
+    const VT: LocalVt = LocalVt {
+        type_name: std::any::type_name::<T>,
+        encode: encode_any::<T>,
+        size: size_any::<T>,
+    };
 }
 
 impl std::fmt::Debug for Value {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.0.repr {
-            Repr::Local { type_name, .. } => write!(f, "Value::Local({type_name})"),
-            Repr::Encoded { bytes, type_name } => {
-                write!(f, "Value::Encoded({type_name}, {} bytes)", bytes.len())
+        match &*self.0 {
+            Repr::Local { vt, .. } => write!(f, "Value::Local({})", (vt.type_name)()),
+            Repr::Encoded(e) => {
+                write!(f, "Value::Encoded({}, {} bytes)", e.type_name, e.bytes.len())
             }
         }
     }
+}
+
+fn encoded(bytes: Vec<u8>, type_name: Cow<'static, str>, nested: Vec<KeepAlive>) -> Value {
+    Value(Arc::new(Repr::Encoded(Box::new(Encoded {
+        bytes,
+        type_name,
+        _nested: nested,
+    }))))
 }
 
 fn encode_any<T: Data>(any: &(dyn Any + Send + Sync)) -> Result<Vec<u8>> {
@@ -186,14 +210,9 @@ fn size_any<T: Data>(any: &(dyn Any + Send + Sync)) -> Result<usize> {
 impl Value {
     /// Erases a value without encoding it.
     pub fn local<T: Data>(value: T) -> Self {
-        Value(Arc::new(ValueInner {
-            repr: Repr::Local {
-                any: Arc::new(value),
-                type_name: std::any::type_name::<T>(),
-                encode: encode_any::<T>,
-                size: size_any::<T>,
-            },
-            _nested: Vec::new(),
+        Value(Arc::new(Repr::Local {
+            any: Arc::new(value),
+            vt: &VtOf::<T>::VT,
         }))
     }
 
@@ -201,54 +220,29 @@ impl Value {
     /// it mentions.
     pub fn encode<T: Data>(value: &T) -> Result<Self> {
         let (bytes, nested) = EncodeScope::run(|| postcard::to_allocvec(value))?;
-        Ok(Value(Arc::new(ValueInner {
-            repr: Repr::Encoded {
-                bytes,
-                type_name: Cow::Borrowed(std::any::type_name::<T>()),
-            },
-            _nested: nested,
-        })))
+        Ok(encoded(bytes, Cow::Borrowed(std::any::type_name::<T>()), nested))
     }
 
-    /// Wraps bytes received from elsewhere. `nested` keeps alive whatever
-    /// the bytes mention.
+    /// Wraps bytes received from elsewhere.
     pub fn from_bytes(bytes: Vec<u8>, type_name: impl Into<Cow<'static, str>>) -> Self {
-        Value(Arc::new(ValueInner {
-            repr: Repr::Encoded {
-                bytes,
-                type_name: type_name.into(),
-            },
-            _nested: Vec::new(),
-        }))
+        encoded(bytes, type_name.into(), Vec::new())
     }
 
     /// The bytes form of this value: itself if already encoded, else a new
     /// encoded value.
     pub fn to_encoded(&self) -> Result<Value> {
-        match &self.0.repr {
-            Repr::Encoded { .. } => Ok(self.clone()),
-            Repr::Local {
-                any,
-                type_name,
-                encode,
-                ..
-            } => {
-                let (bytes, nested) = EncodeScope::run(|| encode(&**any))?;
-                Ok(Value(Arc::new(ValueInner {
-                    repr: Repr::Encoded {
-                        bytes,
-                        type_name: Cow::Borrowed(type_name),
-                    },
-                    _nested: nested,
-                })))
+        match &*self.0 {
+            Repr::Encoded(_) => Ok(self.clone()),
+            Repr::Local { any, vt } => {
+                let (bytes, nested) = EncodeScope::run(|| (vt.encode)(&**any))?;
+                Ok(encoded(bytes, Cow::Borrowed((vt.type_name)()), nested))
             }
         }
     }
 
     /// The buffer of a local plain-data vector nobody else holds, for reuse.
     pub(crate) fn into_plain_buffer(self) -> Option<Box<dyn Any + Send + Sync>> {
-        let inner = Arc::try_unwrap(self.0).ok()?;
-        let Repr::Local { mut any, .. } = inner.repr else {
+        let Repr::Local { mut any, .. } = Arc::try_unwrap(self.0).ok()? else {
             return None;
         };
         macro_rules! try_elems {
@@ -266,31 +260,31 @@ impl Value {
 
     /// Whether this value is in bytes form.
     pub fn is_encoded(&self) -> bool {
-        matches!(self.0.repr, Repr::Encoded { .. })
+        matches!(*self.0, Repr::Encoded(_))
     }
 
     /// The encoded bytes, when in bytes form.
     pub fn bytes(&self) -> Option<&[u8]> {
-        match &self.0.repr {
-            Repr::Encoded { bytes, .. } => Some(bytes),
+        match &*self.0 {
+            Repr::Encoded(e) => Some(&e.bytes),
             Repr::Local { .. } => None,
         }
     }
 
     /// The Rust type name the value was created with.
     pub fn type_name(&self) -> &str {
-        match &self.0.repr {
-            Repr::Local { type_name, .. } => type_name,
-            Repr::Encoded { type_name, .. } => type_name,
+        match &*self.0 {
+            Repr::Local { vt, .. } => (vt.type_name)(),
+            Repr::Encoded(e) => &e.type_name,
         }
     }
 
     /// The value's size in bytes: its encoded length, computed without
     /// allocating for a local value.
     pub fn size(&self) -> Result<usize> {
-        match &self.0.repr {
-            Repr::Local { any, size, .. } => size(&**any),
-            Repr::Encoded { bytes, .. } => Ok(bytes.len()),
+        match &*self.0 {
+            Repr::Local { any, vt } => (vt.size)(&**any),
+            Repr::Encoded(e) => Ok(e.bytes.len()),
         }
     }
 
@@ -311,11 +305,11 @@ impl Value {
     /// copies every argument it deserializes.
     pub(crate) fn take<T: Data>(self, rt: &Arc<Inner>) -> Result<T> {
         self.check_type::<T>()?;
-        let inner = match Arc::try_unwrap(self.0) {
-            Ok(inner) => inner,
+        let repr = match Arc::try_unwrap(self.0) {
+            Ok(repr) => repr,
             Err(shared) => return Value(shared).copy_out(rt),
         };
-        match inner.repr {
+        match repr {
             Repr::Local { any, .. } => match any.downcast::<T>() {
                 Ok(arc) => match Arc::try_unwrap(arc) {
                     Ok(v) => Ok(v),
@@ -326,12 +320,12 @@ impl Value {
                     found: "a value of another type".to_owned(),
                 }),
             },
-            Repr::Encoded { bytes, .. } => decode(&bytes, rt),
+            Repr::Encoded(e) => decode(&e.bytes, rt),
         }
     }
 
     fn copy_out<T: Data>(&self, rt: &Arc<Inner>) -> Result<T> {
-        match &self.0.repr {
+        match &*self.0 {
             Repr::Local { any, .. } => match any.downcast_ref::<T>() {
                 Some(v) => copy_typed(v, rt),
                 None => Err(Error::TypeMismatch {
@@ -339,7 +333,7 @@ impl Value {
                     found: "a value of another type".to_owned(),
                 }),
             },
-            Repr::Encoded { bytes, .. } => decode(bytes, rt),
+            Repr::Encoded(e) => decode(&e.bytes, rt),
         }
     }
 }

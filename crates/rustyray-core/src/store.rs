@@ -59,7 +59,8 @@ pub struct StoreStats {
 enum State {
     Pending(Vec<Waker>),
     Ready(Value, u64),
-    Failed(Error),
+    /// Boxed: errors are large and rare, entries are many.
+    Failed(Box<Error>),
 }
 
 struct Entry {
@@ -309,7 +310,7 @@ impl Store {
                             self.ready.fetch_add(1, Ordering::Relaxed);
                             State::Ready(value, size)
                         }
-                        Err(e) => State::Failed(e),
+                        Err(e) => State::Failed(Box::new(e)),
                     };
                     match std::mem::replace(&mut entry.state, new) {
                         State::Pending(w) => w,
@@ -376,7 +377,7 @@ impl Store {
         match shard.get_mut(&id) {
             Some(entry) => Ok(match &mut entry.state {
                 State::Ready(v, _) => Peek::Ready(v.clone()),
-                State::Failed(e) => Peek::Failed(e.clone()),
+                State::Failed(e) => Peek::Failed((**e).clone()),
                 State::Pending(wakers) => {
                     if let Some(w) = waker {
                         // Re-polls register the same waker again; looking at
