@@ -237,6 +237,8 @@ pub(crate) struct Inner {
     pub(crate) handle: tokio::runtime::Handle,
     pub(crate) actors: ActorTable,
     shut_down: AtomicBool,
+    /// Set (and signalled) once shutdown has finished.
+    shutdown_done: (Mutex<bool>, parking_lot::Condvar),
     bytes_mode: bool,
     thread_prefix: String,
 }
@@ -372,6 +374,7 @@ impl Inner {
             executor: Mutex::new(Some(executor)),
             actors: ActorTable::default(),
             shut_down: AtomicBool::new(false),
+            shutdown_done: (Mutex::new(false), parking_lot::Condvar::new()),
             bytes_mode: config.serialize_everything,
             thread_prefix,
             ids,
@@ -910,6 +913,18 @@ impl Inner {
 
     fn shutdown_now(self: &Arc<Self>) {
         if self.shut_down.swap(true, Ordering::AcqRel) {
+            // Another thread is shutting down: wait for it to finish, unless
+            // this is one of the runtime's own threads (which it joins).
+            let own_thread = std::thread::current()
+                .name()
+                .is_some_and(|n| n.starts_with(&self.thread_prefix));
+            if !own_thread {
+                let (done, cv) = &self.shutdown_done;
+                let mut done = done.lock();
+                while !*done {
+                    cv.wait(&mut done);
+                }
+            }
             return;
         }
         tracing::debug!(runtime = %self.thread_prefix, "shutting down");
@@ -940,6 +955,9 @@ impl Inner {
         // Values completed while stopping are freed too.
         self.store.shut_down();
         actor::shut_down_all(self);
+        let (done, cv) = &self.shutdown_done;
+        *done.lock() = true;
+        cv.notify_all();
     }
 }
 

@@ -162,3 +162,28 @@ fn many_runtimes_in_parallel_threads() -> rustyray::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn concurrent_shutdowns_all_return_after_it_finished() -> rustyray::Result<()> {
+    let ray = common::runtime(2.0, false);
+    let prefix = ray.thread_prefix().to_owned();
+    exercise(&ray)?;
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let ray = ray.clone();
+            let prefix = prefix.clone();
+            std::thread::spawn(move || -> rustyray::Result<usize> {
+                ray.shutdown()?;
+                Ok(threads_named(&prefix))
+            })
+        })
+        .collect();
+    for c in callers {
+        assert_eq!(
+            c.join().expect("join")?,
+            0,
+            "a shutdown returned before the threads were joined"
+        );
+    }
+    Ok(())
+}
