@@ -149,6 +149,32 @@ const MAX_BLOCKED_ASYNC: usize = 4096;
 /// How long `get` watches an object before it parks the thread.
 const GET_SPIN: Duration = Duration::from_micros(30);
 
+/// The first id that appears twice in `ids`, if any. Ids minted close
+/// together by one runtime (the usual case) are checked with a bitmap over
+/// their counters; others with a hash set.
+fn first_duplicate(ids: &[ObjectId]) -> Option<ObjectId> {
+    let first = ids.first()?;
+    let same_owner = ids.iter().all(|id| id.owner() == first.owner());
+    let counters = ids.iter().map(|id| id.as_u128() as u64);
+    let (lo, hi) = counters.fold((u64::MAX, 0), |(lo, hi), c| (lo.min(c), hi.max(c)));
+    let span = hi - lo;
+    if same_owner && span / 64 <= ids.len() as u64 {
+        let mut bits = vec![0_u64; (span / 64 + 1) as usize];
+        for id in ids {
+            let k = (id.as_u128() as u64 - lo) as usize;
+            let (word, bit) = (k / 64, 1_u64 << (k % 64));
+            if bits[word] & bit != 0 {
+                return Some(*id);
+            }
+            bits[word] |= bit;
+        }
+        return None;
+    }
+    let mut seen =
+        std::collections::HashSet::with_capacity_and_hasher(ids.len(), crate::ids::IdHash::default());
+    ids.iter().find(|id| !seen.insert(**id)).copied()
+}
+
 /// `now + timeout`, or no deadline when that overflows.
 fn deadline_after(timeout: Duration) -> Option<(Instant, Duration)> {
     Instant::now().checked_add(timeout).map(|at| (at, timeout))
@@ -803,19 +829,15 @@ impl Inner {
             )));
         }
         let mut ids = Vec::with_capacity(refs.len());
-        let mut seen =
-            std::collections::HashSet::with_capacity_and_hasher(refs.len(), crate::ids::IdHash::default());
         for r in refs {
             self.check_ref(r)?;
-            if !seen.insert(r.id()) {
-                return Err(Error::invalid(format!(
-                    "wait requires unique refs; {} appears twice",
-                    r.id()
-                )));
-            }
             ids.push(r.id());
         }
-        drop(seen);
+        if let Some(dup) = first_duplicate(&ids) {
+            return Err(Error::invalid(format!(
+                "wait requires unique refs; {dup} appears twice"
+            )));
+        }
         let ids = &ids[..];
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let split = |waker: Option<&Waker>| -> Result<Option<(Vec<usize>, Vec<usize>)>> {
@@ -1134,5 +1156,31 @@ impl Ray {
     /// Whether the runtime has shut down.
     pub fn is_shut_down(&self) -> bool {
         self.inner.check_open().is_err()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_duplicate;
+    use crate::ids::ObjectId;
+
+    fn id(owner: u64, n: u64) -> ObjectId {
+        ObjectId::from_u128((u128::from(owner) << 64) | u128::from(n))
+    }
+
+    #[test]
+    fn duplicates_are_found_on_both_paths() {
+        // Close together: the bitmap path.
+        let dense: Vec<_> = (100..200).map(|n| id(7, n)).collect();
+        assert_eq!(first_duplicate(&dense), None);
+        let mut with_dup = dense.clone();
+        with_dup.push(id(7, 150));
+        assert_eq!(first_duplicate(&with_dup), Some(id(7, 150)));
+        // Far apart or from two owners: the hash path.
+        let sparse = vec![id(7, 1), id(7, 1 << 40), id(8, 1)];
+        assert_eq!(first_duplicate(&sparse), None);
+        let sparse_dup = vec![id(7, 1), id(8, 1), id(7, 1 << 40), id(8, 1)];
+        assert_eq!(first_duplicate(&sparse_dup), Some(id(8, 1)));
+        assert_eq!(first_duplicate(&[]), None);
     }
 }
