@@ -123,6 +123,9 @@ pub(crate) struct ActorState {
     runq: Option<Mutex<RunQueue>>,
     /// Set once the constructor has run: runners may start.
     ready: AtomicBool,
+    /// Bumped whenever the instance changes (restart, death): runners
+    /// cache the instance and re-read it only when this moves.
+    epoch: std::sync::atomic::AtomicU64,
     created: Notify,
     /// Woken when a restart ends (alive again, or dead).
     restarted: Notify,
@@ -167,6 +170,7 @@ impl ActorState {
             mailbox: Mutex::new(None),
             runq: None,
             ready: AtomicBool::new(false),
+            epoch: std::sync::atomic::AtomicU64::new(0),
             created: Notify::new(),
             restarted: Notify::new(),
             handles: AtomicUsize::new(0),
@@ -263,27 +267,29 @@ impl ActorState {
     /// Marks the actor dead (once): returns its resources, drops its name,
     /// closes its mailbox and fails its running calls.
     fn die(self: &Arc<Self>, rt: &Arc<Inner>, err: Error) {
-        let (running, release) = {
+        let (running, release, instance) = {
             let mut life = self.life.lock();
             if matches!(life.status, Status::Dead(_)) {
                 return;
             }
             life.status = Status::Dead(err.clone());
-            life.instance = None;
+            self.epoch.fetch_add(1, Ordering::AcqRel);
             let release = std::mem::replace(&mut life.resources_held, false);
-            (std::mem::take(&mut life.running), release)
+            (std::mem::take(&mut life.running), release, life.instance.take())
         };
         tracing::debug!(actor = %self.id, class = self.class.name, error = %err, "actor died");
         self.mailbox.lock().take();
-        if let Some(q) = &self.runq {
-            let queued = {
-                let mut q = q.lock();
-                q.closed = true;
-                std::mem::take(&mut q.calls)
-            };
-            for call in queued {
-                fail_call(rt, &call, err.clone());
-            }
+        let queued = self.runq.as_ref().map(|q| {
+            let mut q = q.lock();
+            q.closed = true;
+            std::mem::take(&mut q.calls)
+        });
+        // The user's state goes only now, with no lock held and the queue
+        // closed: it may hold handles (even to this actor) whose drop
+        // re-enters here.
+        drop(instance);
+        for call in queued.into_iter().flatten() {
+            fail_call(rt, &call, err.clone());
         }
         for call in running {
             call.mark_cancelled();
@@ -317,7 +323,7 @@ impl ActorState {
     /// or kills it when it has no restarts left. Returns whether a restart
     /// is under way.
     fn begin_restart(self: &Arc<Self>, rt: &Arc<Inner>, reason: &str, cause: Option<Error>) -> bool {
-        {
+        let old = {
             let mut life = self.life.lock();
             match life.status {
                 Status::Dead(_) => return false,
@@ -332,8 +338,11 @@ impl ActorState {
                 life.restarts_left -= 1;
             }
             life.status = Status::Restarting;
-            life.instance = None;
-        }
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+            life.instance.take()
+        };
+        // Dropped outside the lock, for the reason given in `die`.
+        drop(old);
         tracing::debug!(actor = %self.id, %reason, "restarting actor");
         true
     }
@@ -349,6 +358,7 @@ impl ActorState {
                     if restarting {
                         life.status = Status::Alive;
                         life.instance = Some(inst);
+                        self.epoch.fetch_add(1, Ordering::AcqRel);
                     }
                     restarting
                 };
@@ -504,12 +514,16 @@ impl std::task::Wake for RunnerWake {
 /// Whether a call may start: its arguments are complete, or it was
 /// cancelled (its own object completed). Registers `waker` otherwise.
 fn call_ready(rt: &Inner, call: &ActorCall, waker: &std::task::Waker) -> bool {
+    // The waker on the call's own object is only there so that a cancel
+    // (which completes it) wakes us; the caller may have dropped that
+    // object, so its state says nothing: the flag decides.
+    let _ = rt.store.peek(call.state.id.return_object(), Some(waker));
     let pending = |id| matches!(rt.store.peek(id, Some(waker)), Ok(Peek::Pending));
     let mut ids = call.args.iter().filter_map(|a| match a {
         Arg::Ref(r) => Some(r.id()),
         Arg::Value(_) => None,
     });
-    ids.all(|id| !pending(id)) || !pending(call.state.id.return_object())
+    call.state.is_cancelled() || ids.all(|id| !pending(id))
 }
 
 /// A runner: takes the sync actor's calls in order and runs them on this
@@ -518,17 +532,34 @@ fn run_queue(rt: &Arc<Inner>, actor: &Arc<ActorState>) {
     let Some(q) = &actor.runq else { return };
     let mut waker = None;
     let mut had_call = false;
+    let mut cached: Option<(u64, Instance)> = None;
     loop {
-        let call = {
+        // The instance first, outside the queue lock: a restart in progress
+        // is waited out here, so calls are never popped into it. It is
+        // re-read only when the actor's epoch moved.
+        let epoch = actor.epoch.load(Ordering::Acquire);
+        let inst = match &cached {
+            Some((e, i)) if *e == epoch => Some(i.clone()),
+            _ => {
+                let fresh = match actor.instance_or_restarting() {
+                    Ok(Some(i)) => Some(i),
+                    Ok(None) => rt.handle.block_on(actor.instance_after_restart()).ok(),
+                    Err(_) => None,
+                };
+                cached = fresh.clone().map(|i| (epoch, i));
+                fresh
+            }
+        };
+        let popped = {
             let mut q = q.lock();
             if std::mem::take(&mut had_call) {
                 q.busy -= 1;
             }
-            let front_ready = match q.calls.front() {
+            let front_ready = match (q.calls.front(), &inst) {
                 _ if q.closed || q.blocked => None,
-                None => None,
-                Some(c) if c.args.iter().all(|a| matches!(a, Arg::Value(_))) => Some(true),
-                Some(c) => {
+                (None, _) | (_, None) => None,
+                (Some(c), _) if c.args.iter().all(|a| matches!(a, Arg::Value(_))) => Some(true),
+                (Some(c), _) => {
                     let w = waker.get_or_insert_with(|| {
                         std::task::Waker::from(Arc::new(RunnerWake {
                             rt: rt.clone(),
@@ -538,46 +569,42 @@ fn run_queue(rt: &Arc<Inner>, actor: &Arc<ActorState>) {
                     Some(call_ready(rt, c, w))
                 }
             };
-            match front_ready {
-                Some(true) => {
+            match (front_ready, inst) {
+                (Some(true), Some(inst)) => q.calls.pop_front().map(|call| {
                     q.busy += 1;
                     had_call = true;
-                    q.calls.pop_front()
-                }
-                Some(false) => {
+                    // Queue for the instance lock while still holding the
+                    // queue lock: the lock is granted first come, first
+                    // served, so calls take it in submission order even
+                    // when several runners race.
+                    let lock = queue_for_lock(inst, call.method.body.is_exclusive());
+                    (call, lock)
+                }),
+                (Some(false), _) => {
                     q.blocked = true;
                     None
                 }
-                None => None,
+                _ => None,
             }
             .or_else(|| {
                 q.runners -= 1;
                 None
             })
         };
-        let Some(mut call) = call else {
+        let Some((mut call, lock)) = popped else {
             // Ending the actor once its last handle went is `kick`'s job.
             kick(rt, actor);
             return;
+        };
+        let held = match lock {
+            Ok(held) => held,
+            Err(waiting) => rt.handle.block_on(waiting),
         };
         if !call.state.start(1) {
             call.state.finish();
             rt.forget_task(call.state.id);
             continue;
         }
-        let inst = match actor.instance_or_restarting() {
-            Ok(Some(i)) => Ok(i),
-            Ok(None) => rt.handle.block_on(actor.instance_after_restart()),
-            Err(e) => Err(e),
-        };
-        let inst = match inst {
-            Ok(i) => i,
-            Err(e) => {
-                fail_call(rt, &call, e);
-                continue;
-            }
-        };
-        let held = lock_blocking(rt, inst, call.method.body.is_exclusive());
         actor.life.lock().running.push(call.state.clone());
         let guard = CallGuard {
             rt: rt.clone(),
@@ -592,6 +619,30 @@ fn run_queue(rt: &Arc<Inner>, actor: &Arc<ActorState>) {
             name: None,
         };
         execute_sync(rt, actor, &call, spec, held, guard);
+    }
+}
+
+/// A lock request already in the instance lock's queue.
+type QueuedLock = Pin<Box<dyn Future<Output = Held> + Send>>;
+
+/// Takes the instance lock if it is free, else joins its FIFO queue (by
+/// polling the request once) and returns the request to finish waiting on.
+fn queue_for_lock(inst: Instance, exclusive: bool) -> std::result::Result<Held, QueuedLock> {
+    let free = if exclusive {
+        inst.clone().try_write_owned().map(Held::Exclusive).ok()
+    } else {
+        inst.clone().try_read_owned().map(Held::Shared).ok()
+    };
+    if let Some(h) = free {
+        return Ok(h);
+    }
+    let mut waiting: QueuedLock = Box::pin(lock(inst, exclusive));
+    match waiting
+        .as_mut()
+        .poll(&mut Context::from_waker(std::task::Waker::noop()))
+    {
+        Poll::Ready(h) => Ok(h),
+        Poll::Pending => Err(waiting),
     }
 }
 
@@ -616,14 +667,20 @@ pub(crate) fn shut_down_all(rt: &Arc<Inner>) {
 struct DepsOrCancelled<'a> {
     rt: &'a Inner,
     deps: Vec<crate::ids::ObjectId>,
-    own: crate::ids::ObjectId,
+    state: &'a TaskState,
 }
 
 impl Future for DepsOrCancelled<'_> {
     type Output = ();
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // See `call_ready`: the own object's waker catches a cancel; the
+        // flag decides.
+        let _ = self
+            .rt
+            .store
+            .peek(self.state.id.return_object(), Some(cx.waker()));
         let pending = |id| matches!(self.rt.store.peek(id, Some(cx.waker())), Ok(Peek::Pending));
-        if !pending(self.own) || self.deps.iter().all(|d| !pending(*d)) {
+        if self.state.is_cancelled() || self.deps.iter().all(|d| !pending(*d)) {
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -670,7 +727,7 @@ async fn drive(rt: Arc<Inner>, actor: Arc<ActorState>, mut rx: mpsc::UnboundedRe
             DepsOrCancelled {
                 rt: &rt,
                 deps,
-                own: call.state.id.return_object(),
+                state: &call.state,
             }
             .await;
         }
@@ -1187,6 +1244,7 @@ fn create_raw(
         mailbox: Mutex::new(if class.is_async { Some(tx) } else { None }),
         runq: (!class.is_async).then(|| Mutex::new(RunQueue::default())),
         ready: AtomicBool::new(false),
+        epoch: std::sync::atomic::AtomicU64::new(0),
         created: Notify::new(),
         restarted: Notify::new(),
         handles: AtomicUsize::new(0),

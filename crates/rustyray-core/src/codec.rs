@@ -132,8 +132,10 @@ fn plain_size(any: &(dyn Any + Send + Sync)) -> Option<usize> {
         fn payload(&self) -> usize;
     }
     impl<E: Copy> Payload for Vec<E> {
+        /// The capacity, not the length: that is the memory it holds (a
+        /// recycled buffer may be larger than its contents).
         fn payload(&self) -> usize {
-            std::mem::size_of_val(self.as_slice()) + 8
+            self.capacity() * std::mem::size_of::<E>() + 8
         }
     }
     impl Payload for String {
@@ -182,6 +184,9 @@ pub(crate) fn recycled_copy<T: Data>(value: &T, store: &crate::store::Store) -> 
     let any: &dyn Any = value;
     macro_rules! try_elems {
         ($($e:ty),*) => { $(if let Some(v) = any.downcast_ref::<Vec<$e>>() {
+            if (std::mem::size_of_val(v.as_slice()) as u64) < crate::store::RECYCLE_MIN {
+                return None;
+            }
             let mut buf = store.take_buffer::<$e>(v.len())?;
             buf.clear();
             buf.extend_from_slice(v);
@@ -346,10 +351,17 @@ fn copy_typed<T: Data>(value: &T, rt: &Arc<Inner>) -> Result<T> {
     let (bytes, nested) = EncodeScope::run(|| postcard::to_allocvec(value))?;
     // The original is alive and mentions the same references in the same
     // order: the copy shares their handles instead of taking new counts.
+    /// Empties the replay queue, also when a `Deserialize` unwinds.
+    struct Clear;
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            let left = REPLAY.with(|c| std::mem::take(&mut *c.borrow_mut()));
+            drop(left);
+        }
+    }
     REPLAY.with(|c| *c.borrow_mut() = nested.into());
-    let out = decode(&bytes, rt);
-    REPLAY.with(|c| c.borrow_mut().clear());
-    out
+    let _clear = Clear;
+    decode(&bytes, rt)
 }
 
 /// Decodes bytes as a `T`, rebuilding nested references against `rt`.
@@ -381,8 +393,18 @@ impl EncodeScope {
     fn run<E: std::fmt::Display>(
         f: impl FnOnce() -> std::result::Result<Vec<u8>, E>,
     ) -> Result<(Vec<u8>, Vec<KeepAlive>)> {
-        let saved = ENCODE.with(|c| c.borrow_mut().replace(Vec::new()));
+        /// Restores the enclosing scope, also when `f` unwinds.
+        struct Restore(Option<Option<Vec<KeepAlive>>>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                if let Some(saved) = self.0.take() {
+                    ENCODE.with(|c| *c.borrow_mut() = saved);
+                }
+            }
+        }
+        let mut restore = Restore(Some(ENCODE.with(|c| c.borrow_mut().replace(Vec::new()))));
         let out = f();
+        let saved = restore.0.take().unwrap_or_default();
         let nested = ENCODE.with(|c| std::mem::replace(&mut *c.borrow_mut(), saved));
         let bytes = out.map_err(Error::serialization)?;
         Ok((bytes, nested.unwrap_or_default()))
@@ -405,12 +427,18 @@ pub(crate) struct DecodeScope;
 
 impl DecodeScope {
     fn run<R>(rt: &Arc<Inner>, f: impl FnOnce() -> R) -> R {
-        let saved = DECODE.with(|c| c.borrow_mut().replace(rt.clone()));
+        /// Restores the enclosing scope, also when `f` unwinds.
+        struct Restore(Option<Arc<Inner>>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                let saved = self.0.take();
+                DECODE.with(|c| *c.borrow_mut() = saved);
+                DECODE_ERROR.with(|c| c.borrow_mut().take());
+            }
+        }
+        let _restore = Restore(DECODE.with(|c| c.borrow_mut().replace(rt.clone())));
         DECODE_ERROR.with(|c| c.borrow_mut().take());
-        let out = f();
-        DECODE.with(|c| *c.borrow_mut() = saved);
-        DECODE_ERROR.with(|c| c.borrow_mut().take());
-        out
+        f()
     }
 
     /// The next reference handle of the value being copied, when decoding

@@ -148,6 +148,9 @@ impl std::hash::Hasher for IdHasher {
         }
     }
 
+    /// Ids are hashed alone (one `write_u128` per key), so this replaces
+    /// the state rather than mixing into it; keys made of several fields
+    /// should not use this hasher.
     fn write_u128(&mut self, v: u128) {
         self.0 = ((v as u64) ^ ((v >> 64) as u64).rotate_left(32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }

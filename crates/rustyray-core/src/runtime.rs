@@ -775,7 +775,10 @@ impl Inner {
         // A short wait first: a small task or call on another thread often
         // completes within microseconds, sparing two thread wake-ups.
         let spin_start = Instant::now();
-        while spin_start.elapsed() < GET_SPIN {
+        let spin = deadline.map_or(GET_SPIN, |(at, _)| {
+            at.saturating_duration_since(spin_start).min(GET_SPIN)
+        });
+        while spin_start.elapsed() < spin {
             std::hint::spin_loop();
             match self.store.peek(id, None)? {
                 Peek::Ready(v) => return Ok(v),

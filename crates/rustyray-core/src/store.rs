@@ -99,7 +99,7 @@ struct Recycler {
 }
 
 /// Objects at least this large have their buffers recycled.
-const RECYCLE_MIN: u64 = 1 << 20;
+pub(crate) const RECYCLE_MIN: u64 = 1 << 20;
 /// At most this many buffers are kept.
 const RECYCLE_MAX_BUFFERS: usize = 8;
 
@@ -135,10 +135,14 @@ impl Store {
         let Some(buffer) = value.into_plain_buffer() else {
             return;
         };
-        // A quarter of the store, so recycled memory never crowds out objects.
+        // A quarter of the store, so recycled memory never crowds out
+        // objects; `size` counts the buffer's capacity (`codec::plain_size`).
+        // The flag is read under the recycler's lock, which `shut_down`
+        // empties after setting it, so nothing is kept past shutdown.
         let limit = self.capacity / 4;
         let mut r = self.recycler.lock();
-        if r.buffers.len() < RECYCLE_MAX_BUFFERS && r.bytes + size <= limit {
+        let open = !self.shut_down.load(Ordering::Acquire);
+        if open && r.buffers.len() < RECYCLE_MAX_BUFFERS && r.bytes + size <= limit {
             r.bytes += size;
             r.buffers.push((size, buffer));
         }
@@ -147,10 +151,18 @@ impl Store {
     /// A recycled `Vec<E>` with room for `len` elements, if one is kept.
     pub(crate) fn take_buffer<E: Send + Sync + 'static>(&self, len: usize) -> Option<Vec<E>> {
         let mut r = self.recycler.lock();
+        // The smallest that fits, and at most twice the room needed, so a
+        // small copy never pins a large buffer.
         let i = r
             .buffers
             .iter()
-            .position(|(_, b)| b.downcast_ref::<Vec<E>>().is_some_and(|v| v.capacity() >= len))?;
+            .enumerate()
+            .filter_map(|(i, (_, b))| {
+                let cap = b.downcast_ref::<Vec<E>>()?.capacity();
+                (cap >= len && cap <= len.saturating_mul(2)).then_some((i, cap))
+            })
+            .min_by_key(|(_, cap)| *cap)?
+            .0;
         let (size, b) = r.buffers.swap_remove(i);
         r.bytes -= size;
         drop(r);

@@ -528,3 +528,100 @@ both_modes! {
         Ok(())
     }
 }
+
+/// Holds handles to itself or to other actors in its state.
+#[rustyray::actor]
+struct Holder {
+    held: Vec<ActorHandle<Holder>>,
+}
+
+#[rustyray::actor]
+impl Holder {
+    fn new() -> Self {
+        Holder { held: Vec::new() }
+    }
+
+    fn hold(&mut self, h: ActorHandle<Holder>) -> usize {
+        self.held.push(h);
+        self.held.len()
+    }
+}
+
+#[test]
+fn actors_holding_their_own_or_each_others_handles_shut_down() -> rustyray::Result<()> {
+    for bytes in [false, true] {
+        let ray = common::runtime(2.0, bytes);
+        let prefix = ray.thread_prefix().to_owned();
+        let me = Holder::remote(&ray)?;
+        ray.get(&me.hold(me.clone())?)?;
+        let (a, b) = (Holder::remote(&ray)?, Holder::remote(&ray)?);
+        ray.get(&a.hold(b.clone())?)?;
+        ray.get(&b.hold(a.clone())?)?;
+        drop((me, a, b));
+        ray.shutdown()?;
+        assert_eq!(common::threads_named(&prefix), 0);
+    }
+    Ok(())
+}
+
+#[rustyray::actor]
+struct Acc {
+    total: i64,
+}
+
+#[rustyray::actor]
+impl Acc {
+    fn new() -> Self {
+        Acc { total: 0 }
+    }
+
+    fn add(&mut self, x: i64) {
+        self.total += x;
+    }
+
+    fn total(&self) -> i64 {
+        self.total
+    }
+}
+
+#[rustyray::actor]
+struct AsyncAcc {
+    total: i64,
+}
+
+#[rustyray::actor]
+impl AsyncAcc {
+    fn new() -> Self {
+        AsyncAcc { total: 0 }
+    }
+
+    async fn add(&mut self, x: i64) {
+        self.total += x;
+    }
+
+    async fn total(&self) -> i64 {
+        self.total
+    }
+}
+
+#[rustyray::remote]
+fn five_after(_gate: ()) -> i64 {
+    5
+}
+
+both_modes! {
+    fn fire_and_forget_calls_wait_for_their_arguments(ray) {
+        let (latch, gate) = common::latch(ray);
+        let slow = five_after::remote(ray, &gate)?;
+        let acc = Acc::remote(ray)?;
+        let aacc = AsyncAcc::remote(ray)?;
+        // The result refs are dropped at once: the calls must still run,
+        // after their argument is ready.
+        drop(acc.add(&slow)?);
+        drop(aacc.add(&slow)?);
+        latch.open()?;
+        assert_eq!(ray.get_timeout(&acc.total()?, LONG)?, 5);
+        assert_eq!(ray.get_timeout(&aacc.total()?, LONG)?, 5);
+        Ok(())
+    }
+}

@@ -217,3 +217,49 @@ both_modes! {
         Ok(())
     }
 }
+
+both_modes! {
+    fn a_small_copy_never_pins_a_large_recycled_buffer(ray) {
+        let big: Vec<u8> = vec![3; 8 << 20];
+        drop(ray.put_copy(&big)?);
+        let small = vec![1_u8; 2 << 20];
+        let r = ray.put_copy(&small)?;
+        assert_eq!(ray.get(&r)?, small);
+        // Accounted by the memory it holds, which stays near its size.
+        let used = ray.store_stats().bytes_used;
+        assert!(used < 5 << 20, "a 2 MiB copy holds {used} bytes");
+        Ok(())
+    }
+}
+
+/// Decodes the reference it carries, then panics: a user `Deserialize`
+/// failing in the middle of a copy.
+#[derive(Debug)]
+struct Bomb(ObjectRef<i64>);
+
+impl serde::Serialize for Bomb {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Bomb {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let _r = ObjectRef::<i64>::deserialize(d)?;
+        panic!("Deserialize exploded")
+    }
+}
+
+#[test]
+fn a_panicking_deserialize_leaves_no_reference_behind() -> rustyray::Result<()> {
+    let ray = common::runtime(1.0, false);
+    {
+        let inner = ray.put(1_i64)?;
+        let outer = ray.put(vec![Bomb(inner)])?;
+        let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ray.get(&outer)));
+        assert!(got.is_err(), "the user's Deserialize panics");
+    }
+    let s = ray.store_stats();
+    assert_eq!((s.num_objects, s.num_entries), (0, 0), "{s:?}");
+    Ok(())
+}
