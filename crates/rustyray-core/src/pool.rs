@@ -169,8 +169,18 @@ fn worker(shared: Arc<Shared>) {
         s.spinning += 1;
         drop(s);
         let spin_start = std::time::Instant::now();
-        while shared.queued.load(Ordering::Acquire) == 0 && spin_start.elapsed() < SPIN {
-            std::hint::spin_loop();
+        // The clock is read every 64 turns: reading it is dearer than the
+        // check it bounds.
+        'watch: loop {
+            for _ in 0..64 {
+                if shared.queued.load(Ordering::Acquire) != 0 {
+                    break 'watch;
+                }
+                std::hint::spin_loop();
+            }
+            if spin_start.elapsed() >= SPIN {
+                break;
+            }
         }
         s = shared.state.lock();
         s.spinning -= 1;
