@@ -337,26 +337,18 @@ impl Client {
     /// `n` calls to every server, then get them all.
     pub fn small_value_batch(&self, n: usize) -> rustyray::Result<()> {
         let ray = rustyray::current()?;
-        let mut refs = Vec::with_capacity(n * self.servers.len());
-        for s in &self.servers {
-            for _ in 0..n {
-                refs.push(s.small_value()?);
-            }
-        }
-        ray.get_many(&refs).map(drop)
+        batch(&ray, n * self.servers.len(), |i| {
+            self.servers[i / n].small_value()
+        })
     }
 
     /// `n` calls with a put argument to every server, then get them all.
     pub fn small_value_batch_arg(&self, n: usize) -> rustyray::Result<()> {
         let ray = rustyray::current()?;
         let x = ray.put(0_i64)?;
-        let mut refs = Vec::with_capacity(n * self.servers.len());
-        for s in &self.servers {
-            for _ in 0..n {
-                refs.push(s.small_value_arg(&x)?);
-            }
-        }
-        ray.get_many(&refs).map(drop)
+        batch(&ray, n * self.servers.len(), |i| {
+            self.servers[i / n].small_value_arg(&x)
+        })
     }
 }
 
@@ -376,13 +368,9 @@ impl AsyncClient {
     /// `n` calls to every server, then get them all.
     pub fn small_value_batch(&self, n: usize) -> rustyray::Result<()> {
         let ray = rustyray::current()?;
-        let mut refs = Vec::with_capacity(n * self.servers.len());
-        for s in &self.servers {
-            for _ in 0..n {
-                refs.push(s.small_value()?);
-            }
-        }
-        ray.get_many(&refs).map(drop)
+        batch(&ray, n * self.servers.len(), |i| {
+            self.servers[i / n].small_value()
+        })
     }
 }
 
