@@ -291,11 +291,7 @@ impl ActorState {
         for call in queued.into_iter().flatten() {
             fail_call(rt, &call, err.clone());
         }
-        for call in running {
-            call.mark_cancelled();
-            call.abort_running();
-            rt.store.complete(call.id.return_object(), Err(err.clone()));
-        }
+        fail_running(rt, running, &err);
         if let Some(name) = &self.name {
             let mut names = rt.actors.names.lock();
             if names.get(name) == Some(&self.id) {
@@ -411,6 +407,16 @@ impl ActorState {
                 .unwrap_or_else(|| self.died("its mailbox is closed", None));
             fail_call(rt, &call, err);
         }
+    }
+}
+
+/// Fails calls that are running: flags them (sync calls see
+/// `is_cancelled()`), aborts async ones, and completes their objects.
+fn fail_running(rt: &Inner, running: Vec<Arc<TaskState>>, err: &Error) {
+    for call in running {
+        call.mark_cancelled();
+        call.abort_running();
+        rt.store.complete(call.id.return_object(), Err(err.clone()));
     }
 }
 
@@ -1305,14 +1311,7 @@ impl Ray {
             return Ok(());
         }
         let running = std::mem::take(&mut actor.life.lock().running);
-        for call in running {
-            call.mark_cancelled();
-            call.abort_running();
-            rt.store.complete(
-                call.id.return_object(),
-                Err(actor.died("it was killed and restarted", None)),
-            );
-        }
+        fail_running(rt, running, &actor.died("it was killed and restarted", None));
         // Calls made from now on go to the restarted actor.
         if !actor.begin_restart(rt, "it was killed", None) {
             return Ok(());

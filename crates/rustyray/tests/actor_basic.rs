@@ -7,7 +7,6 @@ use common::{both_modes, LONG};
 use rustyray::prelude::*;
 use rustyray::ActorClass;
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
 
 #[rustyray::actor]
 struct Counter {
@@ -429,19 +428,11 @@ fn actor_ends_when_its_last_handle_goes() -> rustyray::Result<()> {
     // Queued calls still finish.
     assert_eq!(ray.get(&last)?, 1);
     // Then the actor goes, and its name with it.
-    let deadline = std::time::Instant::now() + LONG;
-    loop {
-        match ray.get_actor::<Counter>("scoped") {
-            Err(Error::ActorNotFound { .. }) => break,
-            Ok(h) => {
-                drop(h);
-                assert!(std::time::Instant::now() < deadline, "actor never ended");
-                std::thread::yield_now();
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    let _ = Duration::ZERO;
+    common::wait_until("actor never ended", || match ray.get_actor::<Counter>("scoped") {
+        Err(Error::ActorNotFound { .. }) => true,
+        Ok(_) => false,
+        Err(e) => panic!("unexpected error: {e}"),
+    });
     Ok(())
 }
 

@@ -112,11 +112,9 @@ fn shutdown_wakes_blocked_tasks_and_readers() -> rustyray::Result<()> {
         std::thread::spawn(move || ray.get_timeout(&gate, LONG))
     };
     // Make sure the task is running (blocked in get) before shutting down.
-    let deadline = std::time::Instant::now() + LONG;
-    while ray.pool_threads() == 0 || ray.available_resources().get(rustyray::CPU) == 2.0 {
-        assert!(std::time::Instant::now() < deadline, "the task never started");
-        std::thread::yield_now();
-    }
+    common::wait_until("the task never started", || {
+        ray.pool_threads() > 0 && ray.available_resources().get(rustyray::CPU) < 2.0
+    });
     ray.shutdown()?;
     assert!(matches!(reader.join().expect("join"), Err(Error::Shutdown)));
     assert!(matches!(ray.get(&blocked), Err(Error::Shutdown)));

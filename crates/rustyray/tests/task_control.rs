@@ -90,14 +90,9 @@ fn running_sync_task_sees_the_flag() -> rustyray::Result<()> {
     ray.cancel(&r)?;
     assert!(matches!(ray.get(&r), Err(Error::TaskCancelled(_))));
     // The task saw the flag and ended: its CPU comes back.
-    let deadline = std::time::Instant::now() + LONG;
-    while ray.available_resources().get(CPU) < 2.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the cancelled task never ended"
-        );
-        std::thread::yield_now();
-    }
+    common::wait_until("the cancelled task never ended", || {
+        ray.available_resources().get(CPU) >= 2.0
+    });
     Ok(())
 }
 
@@ -110,14 +105,9 @@ fn running_async_task_is_aborted() -> rustyray::Result<()> {
     ray.get_timeout(&started_ref, LONG)?;
     ray.cancel(&r)?;
     assert!(matches!(ray.get(&r), Err(Error::TaskCancelled(_))));
-    let deadline = std::time::Instant::now() + LONG;
-    while ray.available_resources().get(CPU) < 2.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the aborted task kept its CPU"
-        );
-        std::thread::yield_now();
-    }
+    common::wait_until("the aborted task kept its CPU", || {
+        ray.available_resources().get(CPU) >= 2.0
+    });
     Ok(())
 }
 
@@ -128,17 +118,12 @@ fn recursive_cancel_reaches_children() -> rustyray::Result<()> {
         let (latch, gate) = common::latch(&ray);
         let seen = RefBox::remote(&ray)?;
         let p = parent::remote(&ray, gate, seen.clone())?;
-        let deadline = std::time::Instant::now() + LONG;
-        let child = loop {
-            if let Some(c) = ray.get(&seen.get()?)? {
-                break c;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the parent never submitted its child"
-            );
-            std::thread::yield_now();
-        };
+        let mut child = None;
+        common::wait_until("the parent never submitted its child", || {
+            child = ray.get(&seen.get().expect("call")).expect("get");
+            child.is_some()
+        });
+        let child = child.expect("seen above");
         ray.cancel_with(
             &p,
             CancelOptions {

@@ -18,6 +18,16 @@ pub(crate) fn runtime(cpus: f64, bytes: bool) -> Ray {
     .expect("runtime starts")
 }
 
+/// Waits for a condition the test observes (a real event, never a
+/// sleep), failing with `what` after [`LONG`].
+pub(crate) fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + LONG;
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::yield_now();
+    }
+}
+
 /// Threads of this process whose name starts with `prefix`.
 pub(crate) fn threads_named(prefix: &str) -> usize {
     std::fs::read_dir("/proc/self/task")
