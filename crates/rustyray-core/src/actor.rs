@@ -90,6 +90,12 @@ struct ActorCall {
 /// The mailbox of a sync actor, drained in order by runner jobs on the
 /// worker pool (at most `max_concurrency` at once). Only the call at the
 /// front may wait for its arguments; while it does, no runner runs.
+///
+/// Runners start one at a time: a single runner drains short calls faster
+/// than many runners sharing a few CPUs. A stall watch (see [`watch`])
+/// adds the next runner whenever calls wait and none started for a tick,
+/// so calls that block (on each other, on I/O, on sleeps) still get the
+/// full `max_concurrency` within a tick per runner.
 #[derive(Default)]
 struct RunQueue {
     calls: VecDeque<ActorCall>,
@@ -97,6 +103,10 @@ struct RunQueue {
     runners: u32,
     /// Runners running a call (the others are looking for one).
     busy: u32,
+    /// Calls popped so far: the stall watch's measure of progress.
+    started: u64,
+    /// A stall watch is armed.
+    watched: bool,
     /// The front call waits for its arguments; a waker clears this.
     blocked: bool,
     /// The actor is dead: calls are refused.
@@ -461,24 +471,29 @@ pub(crate) fn start_actor(rt: &Arc<Inner>, actor: Arc<ActorState>) {
     let _ = rt.pool.execute(job);
 }
 
-/// Starts runner jobs for a sync actor's queued calls, up to its
-/// concurrency.
+/// How long queued calls may see no call start before the stall watch
+/// adds a runner.
+const STALL_TICK: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Starts a runner job for a sync actor's queued calls when none is
+/// looking for one, and arms the stall watch when more could run.
 fn kick(rt: &Arc<Inner>, actor: &Arc<ActorState>) {
     let Some(q) = &actor.runq else { return };
     if !actor.ready.load(Ordering::Acquire) {
         return;
     }
-    let (start, stop_now) = {
+    let (start, arm, stop_now) = {
         let mut q = q.lock();
         if q.closed || q.blocked {
-            (0, false)
+            (false, false, false)
         } else {
             let free = q.runners - q.busy;
-            let start = (q.calls.len() as u32)
-                .saturating_sub(free)
-                .min(actor.max_concurrency.saturating_sub(q.runners));
-            q.runners += start;
-            (start, q.stop && q.calls.is_empty() && q.runners == 0)
+            let start = q.runners == 0 && !q.calls.is_empty();
+            q.runners += u32::from(start);
+            let waiting = q.calls.len() as u32 > free;
+            let arm = waiting && !q.watched && q.runners < actor.max_concurrency && q.runners > 0;
+            q.watched |= arm;
+            (start, arm, q.stop && q.calls.is_empty() && q.runners == 0)
         }
     };
     if stop_now {
@@ -486,14 +501,43 @@ fn kick(rt: &Arc<Inner>, actor: &Arc<ActorState>) {
         actor.die(rt, e);
         return;
     }
-    for _ in 0..start {
-        let (rt2, actor2) = (rt.clone(), actor.clone());
-        if rt
-            .pool
-            .execute(Box::new(move || run_queue(&rt2, &actor2)))
-            .is_err()
-        {
-            return;
+    if start {
+        start_runner(rt, actor);
+    }
+    if arm {
+        rt.handle.spawn(watch(rt.clone(), actor.clone()));
+    }
+}
+
+fn start_runner(rt: &Arc<Inner>, actor: &Arc<ActorState>) {
+    let (rt2, actor2) = (rt.clone(), actor.clone());
+    let _ = rt.pool.execute(Box::new(move || run_queue(&rt2, &actor2)));
+}
+
+/// The stall watch of a sync actor with `max_concurrency` above one: while
+/// calls wait, it adds a runner each tick in which no call started (every
+/// runner is inside a long or blocked call), up to the actor's
+/// concurrency. It ends when nothing waits or no runner may be added.
+async fn watch(rt: Arc<Inner>, actor: Arc<ActorState>) {
+    let Some(q) = &actor.runq else { return };
+    let mut seen = q.lock().started;
+    loop {
+        tokio::time::sleep(STALL_TICK).await;
+        let add = {
+            let mut q = q.lock();
+            let free = q.runners - q.busy;
+            let waiting = q.calls.len() as u32 > free;
+            if q.closed || q.blocked || !waiting || q.runners == 0 || q.runners >= actor.max_concurrency {
+                q.watched = false;
+                return;
+            }
+            let stalled = q.started == seen;
+            seen = q.started;
+            q.runners += u32::from(stalled);
+            stalled
+        };
+        if add {
+            start_runner(&rt, &actor);
         }
     }
 }
@@ -578,6 +622,7 @@ fn run_queue(rt: &Arc<Inner>, actor: &Arc<ActorState>) {
             match (front_ready, inst) {
                 (Some(true), Some(inst)) => q.calls.pop_front().map(|call| {
                     q.busy += 1;
+                    q.started += 1;
                     had_call = true;
                     // Queue for the instance lock while still holding the
                     // queue lock: the lock is granted first come, first
@@ -817,6 +862,7 @@ fn complete_call(rt: &Arc<Inner>, actor: &ActorState, call: &ActorCall, attempts
                 )
             })),
             Outcome::Failed(e) => Err(e),
+            Outcome::Crashed(reason) => Err(Error::WorkerCrashed { task_id: id, reason }),
         }
     };
     rt.store.complete(id.return_object(), result);

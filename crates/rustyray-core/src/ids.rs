@@ -120,6 +120,17 @@ impl IdGen {
 /// A random 64-bit value from the standard library's per-process random
 /// hasher keys, mixed with the clock and a stack address: enough to keep
 /// runtimes apart without a random-number dependency.
+/// A secret for a node's token: 16 bytes of the kernel's randomness, or
+/// (should `/dev/urandom` be unreadable) two hashed seeds.
+pub(crate) fn random_token() -> u128 {
+    use std::io::Read;
+    let mut b = [0_u8; 16];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
+        Ok(()) => u128::from_le_bytes(b),
+        Err(_) => (u128::from(random_u64()) << 64) | u128::from(random_u64()),
+    }
+}
+
 fn random_u64() -> u64 {
     use std::collections::hash_map::RandomState;
     use std::hash::{BuildHasher, Hasher};

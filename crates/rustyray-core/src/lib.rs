@@ -31,6 +31,7 @@ mod codec;
 mod context;
 mod error;
 mod ids;
+mod node;
 mod object_ref;
 mod options;
 mod pool;
@@ -42,19 +43,22 @@ mod store;
 mod sync;
 mod task;
 pub mod wire;
+mod worker;
 
 pub use actor::{create_actor, ActorClass, ActorHandle, ActorStub, RawActor};
 pub use codec::{Data, Value};
 pub use error::{Error, Result, TaskFailure};
 pub use ids::{ActorId, ObjectId, TaskId};
+pub use node::WorkerCommand;
 pub use object_ref::{Arg, GetFuture, IntoArg, ObjectRef, RawRef};
 pub use options::{
     ActorOptions, ActorOptionsBuilder, CancelOptions, TaskOptions, TaskOptionsBuilder, DEFAULT_MAX_RETRIES,
 };
 pub use resources::{detect_gpus, ResourceSet, CPU, GPU};
-pub use runtime::{current, init, init_with, is_cancelled, Config, Ray, WaitResult};
+pub use runtime::{current, init, init_with, is_cancelled, Config, Ray, WaitResult, WorkerMode};
 pub use store::StoreStats;
 pub use task::ArgList;
+pub use worker::worker_entry;
 
 /// What the macros' generated code calls. Not a stable API.
 #[doc(hidden)]

@@ -29,6 +29,7 @@ use crate::codec::{Data, Value};
 use crate::context::{self, Blocked, TaskContext};
 use crate::error::{Error, Result, TaskFailure};
 use crate::ids::{IdGen, ObjectId, TaskId};
+use crate::node::{self, WorkerCommand};
 use crate::object_ref::{Arg, ObjectRef, RawRef};
 use crate::options::{CancelOptions, TaskOptions, DEFAULT_MAX_RETRIES};
 use crate::pool::Pool;
@@ -58,6 +59,23 @@ pub struct Config {
     object_store_full_timeout: Duration,
     serialize_everything: bool,
     async_threads: Option<usize>,
+    worker_mode: WorkerMode,
+    worker_command: Option<WorkerCommand>,
+}
+
+/// Where tasks run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WorkerMode {
+    /// On threads of the driver process (the default): the fastest, no
+    /// set-up, but a crashing task (an abort, a segfault) takes the driver
+    /// down.
+    #[default]
+    Threads,
+    /// In worker processes of the node: the driver's own executable
+    /// started again in worker mode (see [`crate::worker_entry`]), one
+    /// task at a time per process, as in Ray. A worker that dies fails
+    /// only its task, which is retried per `max_retries`.
+    Processes,
 }
 
 impl Default for Config {
@@ -70,6 +88,8 @@ impl Default for Config {
             object_store_full_timeout: Duration::from_secs(10),
             serialize_everything: false,
             async_threads: None,
+            worker_mode: WorkerMode::Threads,
+            worker_command: None,
         }
     }
 }
@@ -125,6 +145,20 @@ impl Config {
     /// Threads of the async executor (default: min(num_cpus, 4), at least 1).
     pub fn async_threads(mut self, n: usize) -> Self {
         self.async_threads = Some(n.max(1));
+        self
+    }
+
+    /// Where tasks run (default: [`WorkerMode::Threads`]).
+    pub fn worker_mode(mut self, mode: WorkerMode) -> Self {
+        self.worker_mode = mode;
+        self
+    }
+
+    /// The program started as a worker process (default: the running
+    /// executable with no arguments). Test harnesses use it to start the
+    /// test binary with arguments that select its worker entry.
+    pub fn worker_command(mut self, command: WorkerCommand) -> Self {
+        self.worker_command = Some(command);
         self
     }
 }
@@ -213,6 +247,8 @@ pub(crate) enum Outcome {
     Returned(String),
     Panicked(String),
     Failed(Error),
+    /// The worker process running it died; why.
+    Crashed(String),
 }
 
 impl Outcome {
@@ -267,6 +303,8 @@ pub(crate) struct Inner {
     shutdown_done: (Mutex<bool>, parking_lot::Condvar),
     bytes_mode: bool,
     thread_prefix: String,
+    /// The node daemon's worker processes, in the worker-process mode.
+    node: Option<Arc<node::Pool>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -307,6 +345,14 @@ pub fn init() -> Result<Ray> {
 
 /// Starts an embedded runtime.
 pub fn init_with(config: Config) -> Result<Ray> {
+    if crate::worker::started_as_worker() {
+        // Running the user's main in a worker would start workers of its
+        // own, without end.
+        return Err(Error::invalid(
+            "this process was started as a worker process, but its main did not call \
+             rustyray::worker_entry() first (or use #[rustyray::main])",
+        ));
+    }
     let inner = Inner::start(config)?;
     Ok(Ray {
         _owner: Some(Arc::new(OwnerGuard(inner.clone()))),
@@ -357,7 +403,7 @@ impl Wake for DepWaiter {
 }
 
 impl Inner {
-    fn start(config: Config) -> Result<Arc<Inner>> {
+    pub(crate) fn start(config: Config) -> Result<Arc<Inner>> {
         let registry = Registry::build()?;
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let num_cpus = config.num_cpus.unwrap_or(cores as f64);
@@ -376,7 +422,12 @@ impl Inner {
             .async_threads
             .unwrap_or_else(|| (num_cpus.ceil() as usize).clamp(1, 4));
         let name = format!("{thread_prefix}-a");
-        let executor = tokio::runtime::Builder::new_multi_thread()
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if config.worker_mode == WorkerMode::Processes {
+            // Connections to the worker processes.
+            builder.enable_io();
+        }
+        let executor = builder
             .worker_threads(async_threads)
             // Async code that calls a blocking `get`/`wait` moves its executor
             // thread's work to a blocking thread for as long as it waits; the
@@ -387,6 +438,21 @@ impl Inner {
             .build()
             .map_err(|e| Error::invalid(format!("cannot start the async executor: {e}")))?;
         let min_threads = (num_cpus.ceil() as usize).max(1);
+        let node = match config.worker_mode {
+            WorkerMode::Threads => None,
+            WorkerMode::Processes => {
+                let command = match config.worker_command {
+                    Some(c) => c,
+                    None => WorkerCommand::current_exe()?,
+                };
+                Some(node::Pool::start(
+                    command,
+                    min_threads,
+                    executor.handle(),
+                    crate::ids::random_token(),
+                )?)
+            }
+        };
         Ok(Arc::new(Inner {
             store: Store::new(
                 config.object_store_memory.unwrap_or_else(default_store_memory),
@@ -404,6 +470,7 @@ impl Inner {
             bytes_mode: config.serialize_everything,
             thread_prefix,
             ids,
+            node,
         }))
     }
 
@@ -590,6 +657,10 @@ impl Inner {
             self.release(&run.request);
             return;
         }
+        if let Some(node) = &self.node {
+            self.start_in_process(node.clone(), run);
+            return;
+        }
         match run.entry.body {
             FunctionBody::Sync(f) => {
                 let rt = self.clone();
@@ -645,6 +716,38 @@ impl Inner {
         }
     }
 
+    /// Runs one attempt of a task in a worker process: resolves its
+    /// arguments here (the owner's store holds them), pushes the spec with
+    /// the values inline, and finishes the task with what comes back.
+    fn start_in_process(self: &Arc<Self>, node: Arc<node::Pool>, run: Box<TaskRun>) {
+        let rt = self.clone();
+        self.handle.spawn(async move {
+            let mut guard = AsyncTaskGuard {
+                rt: rt.clone(),
+                run: Some(run),
+            };
+            let Some(r) = guard.run.as_ref() else { return };
+            let state = r.state.clone();
+            let attempt = r.attempt;
+            let spec = rt
+                .resolve_values(&r.spec, attempt)
+                .and_then(|values| r.spec.to_wire(&values));
+            let outcome = match spec {
+                Ok(bytes) => {
+                    let started = |w: &Arc<node::WorkerProc>| state.set_remote(attempt, w.clone());
+                    match node.run_task(state.id, bytes, started).await {
+                        Ok(o) => Outcome::from_wire(o),
+                        Err(reason) => Outcome::Crashed(reason),
+                    }
+                }
+                Err(e) => Outcome::Failed(e),
+            };
+            if let Some(run) = guard.run.take() {
+                rt.finish_task(run, outcome);
+            }
+        });
+    }
+
     /// Produces the argument list of one attempt: through the bytes form
     /// when configured, with reference arguments replaced by their values.
     pub(crate) fn resolve_args(self: &Arc<Self>, spec: &TaskSpec, attempt: u32) -> Result<ArgList> {
@@ -656,6 +759,13 @@ impl Inner {
         } else {
             spec
         };
+        let values = self.resolve_values(spec, attempt)?;
+        Ok(ArgList::new(values, self.clone(), spec.target.name()))
+    }
+
+    /// The values of a spec's arguments, reference arguments replaced by
+    /// their (ready) values.
+    fn resolve_values(&self, spec: &TaskSpec, attempt: u32) -> Result<Vec<Value>> {
         let name = spec.target.name();
         let mut values = Vec::with_capacity(spec.args.len());
         for (i, a) in spec.args.iter().enumerate() {
@@ -682,7 +792,7 @@ impl Inner {
                 },
             });
         }
-        Ok(ArgList::new(values, self.clone(), name))
+        Ok(values)
     }
 
     /// Ends one attempt: returns resources, then retries or completes the
@@ -694,7 +804,7 @@ impl Inner {
             && attempts_left
             && self.check_open().is_ok()
             && match &outcome {
-                Outcome::Panicked(_) => true,
+                Outcome::Panicked(_) | Outcome::Crashed(_) => true,
                 Outcome::Returned(_) => run.retry_exceptions,
                 _ => false,
             };
@@ -725,6 +835,7 @@ impl Inner {
                 Outcome::Returned(msg) => Err(task_error(TaskFailure::Returned, msg)),
                 Outcome::Panicked(msg) => Err(task_error(TaskFailure::Panicked, msg)),
                 Outcome::Failed(e) => Err(e),
+                Outcome::Crashed(reason) => Err(Error::WorkerCrashed { task_id: id, reason }),
             }
         };
         // The arguments go before the result is published, so whoever sees
@@ -915,21 +1026,22 @@ impl Inner {
     pub(crate) fn cancel(self: &Arc<Self>, id: ObjectId, opts: CancelOptions) -> Result<()> {
         let state = self.tasks.lock().get(&id.task()).cloned();
         if let Some(state) = state {
-            self.cancel_state(&state, opts.recursive);
+            self.cancel_state(&state, opts.recursive, opts.force);
         }
         Ok(())
     }
 
-    fn cancel_state(self: &Arc<Self>, state: &Arc<TaskState>, recursive: bool) {
+    fn cancel_state(self: &Arc<Self>, state: &Arc<TaskState>, recursive: bool, force: bool) {
         if state.mark_cancelled() {
             return;
         }
         state.abort_running();
+        state.cancel_remote(force);
         self.store
             .complete(state.id.return_object(), Err(Error::TaskCancelled(state.id)));
         if recursive {
             for child in state.children() {
-                self.cancel_state(&child, true);
+                self.cancel_state(&child, true, force);
             }
         }
     }
@@ -963,8 +1075,11 @@ impl Inner {
             s.abort_running();
         }
         drop(running);
-        // 3. Stop actors.
+        // 3. Stop actors, then the worker processes.
         actor::shut_down_all(self);
+        if let Some(node) = &self.node {
+            node.shut_down();
+        }
         // 4. Fail pending objects, wake readers, free values.
         self.store.shut_down();
         // 5. Join the pool's threads.
@@ -1135,6 +1250,12 @@ impl Ray {
     /// workers, `rrXXXXXX-a` for the async executor).
     pub fn thread_prefix(&self) -> &str {
         &self.inner.thread_prefix
+    }
+
+    /// The process ids of the node's live worker processes (empty in the
+    /// threads mode).
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.inner.node.as_ref().map(|n| n.live()).unwrap_or_default()
     }
 
     /// Whether values go through their bytes form (see

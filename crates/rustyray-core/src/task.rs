@@ -73,11 +73,7 @@ impl TaskSpec {
     /// Encodes the spec: registry names for code, bytes for values, ids for
     /// references. The returned value keeps the references alive.
     pub(crate) fn to_bytes(&self) -> Result<Value> {
-        let target = match self.target {
-            Target::Function(f) => WireTarget::Function(f.name.to_owned()),
-            Target::Constructor(c) => WireTarget::Constructor(c.name.to_owned()),
-            Target::Method(a, m) => WireTarget::Method(a, m.name.to_owned()),
-        };
+        let target = self.wire_target();
         let mut args = Vec::with_capacity(self.args.len());
         for a in &self.args {
             args.push(match a {
@@ -97,6 +93,34 @@ impl TaskSpec {
             args,
             name: self.name.as_deref().map(str::to_owned),
         })
+    }
+
+    /// The bytes a worker process receives: the spec with `values` (the
+    /// resolved arguments, in order) inline.
+    pub(crate) fn to_wire(&self, values: &[Value]) -> Result<Vec<u8>> {
+        let mut args = Vec::with_capacity(values.len());
+        for v in values {
+            let enc = v.to_encoded()?;
+            args.push(WireArg::Value {
+                type_name: enc.type_name().to_owned(),
+                bytes: enc.bytes().map(<[u8]>::to_vec).unwrap_or_default(),
+            });
+        }
+        let wire = WireSpec {
+            id: self.id,
+            target: self.wire_target(),
+            args,
+            name: self.name.as_deref().map(str::to_owned),
+        };
+        postcard::to_allocvec(&wire).map_err(|e| Error::serialization(e.to_string()))
+    }
+
+    fn wire_target(&self) -> WireTarget {
+        match self.target {
+            Target::Function(f) => WireTarget::Function(f.name.to_owned()),
+            Target::Constructor(c) => WireTarget::Constructor(c.name.to_owned()),
+            Target::Method(a, m) => WireTarget::Method(a, m.name.to_owned()),
+        }
     }
 
     /// Decodes a spec, resolving names through `registry`.
@@ -186,6 +210,8 @@ pub(crate) enum Phase {
         attempt: u32,
         /// The async task to abort on cancel.
         abort: Option<tokio::task::AbortHandle>,
+        /// The worker process running it, in the worker-process mode.
+        remote: Option<Arc<crate::node::WorkerProc>>,
     },
     /// Finished, failed or cancelled.
     Done,
@@ -254,7 +280,11 @@ impl TaskState {
             *p = Phase::Done;
             return false;
         }
-        *p = Phase::Running { attempt, abort: None };
+        *p = Phase::Running {
+            attempt,
+            abort: None,
+            remote: None,
+        };
         true
     }
 
@@ -263,13 +293,41 @@ impl TaskState {
     /// arrives after its attempt ended is ignored.
     pub(crate) fn set_abort(&self, attempt: u32, h: tokio::task::AbortHandle) {
         let mut p = self.phase.lock();
-        if let Phase::Running { attempt: a, abort } = &mut *p {
+        if let Phase::Running {
+            attempt: a, abort, ..
+        } = &mut *p
+        {
             if *a == attempt {
                 if self.is_cancelled() {
                     h.abort();
                 }
                 *abort = Some(h);
             }
+        }
+    }
+
+    /// Records the worker process running attempt `attempt`; asks it to
+    /// cancel at once if a cancel came in between.
+    pub(crate) fn set_remote(&self, attempt: u32, w: Arc<crate::node::WorkerProc>) {
+        let mut p = self.phase.lock();
+        if let Phase::Running {
+            attempt: a, remote, ..
+        } = &mut *p
+        {
+            if *a == attempt {
+                if self.is_cancelled() {
+                    w.cancel(self.id, false);
+                }
+                *remote = Some(w);
+            }
+        }
+    }
+
+    /// Asks the worker process running the task, if any, to cancel it;
+    /// with `force` the process is killed.
+    pub(crate) fn cancel_remote(&self, force: bool) {
+        if let Phase::Running { remote: Some(w), .. } = &*self.phase.lock() {
+            w.cancel(self.id, force);
         }
     }
 

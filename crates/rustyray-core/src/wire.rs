@@ -2,9 +2,9 @@
 //! Ray's `core_worker.proto` / `node_manager.proto` hot path, as a lean
 //! framed protocol over Unix sockets (ARCHITECTURE.md decision 8).
 //!
-//! Groundwork for worker processes (issue 4): the embedded threads mode
-//! does not use it yet; its task specs already have the bytes form that
-//! [`Message::PushTask`] carries.
+//! The embedded threads mode does not use it; the worker-process mode
+//! (`Config::worker_processes`) speaks it between the node daemon, which
+//! lives in the driver, and each worker process.
 //!
 //! # Frames
 //!
@@ -12,8 +12,11 @@
 //! the payload, a postcard-encoded [`Message`]. Frames larger than the
 //! decoder's limit are refused before any allocation. A connection starts
 //! with a handshake: the connecting side sends [`Message::Hello`] (magic,
-//! protocol version, role, process id), the accepting side answers
-//! [`Message::Welcome`] or [`Message::Refused`] and closes.
+//! protocol version, role, process id, the node's token), the accepting
+//! side answers [`Message::Welcome`] or [`Message::Refused`] and closes.
+//! The token is a random number the node daemon hands to the worker
+//! processes it starts (in their environment): a process that does not
+//! know it cannot join.
 //!
 //! # Failure
 //!
@@ -66,6 +69,8 @@ pub enum Message {
         role: Role,
         /// The sender's process id, for logs and for killing it.
         pid: u32,
+        /// The node's token.
+        token: u128,
     },
     /// Accepting side → connecting side: the handshake succeeded.
     Welcome {
@@ -90,13 +95,13 @@ pub enum Message {
         spec: Vec<u8>,
     },
     /// Worker → owner: a task finished. Idempotent by `task_id`: the owner
-    /// keeps the first completion.
+    /// keeps the first completion. A worker that dies first sends nothing:
+    /// the owner sees the connection end instead.
     TaskDone {
         /// The task.
         task_id: TaskId,
-        /// The encoded return value (type name and postcard bytes), or the
-        /// error.
-        result: Result<(String, Vec<u8>), Error>,
+        /// How it ended.
+        outcome: WireOutcome,
     },
     /// Owner → worker: cancel a task. Idempotent. With `force` the daemon
     /// kills the worker process instead.
@@ -120,14 +125,33 @@ pub enum Message {
     Shutdown,
 }
 
+/// How one attempt of a task ended in a worker process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WireOutcome {
+    /// It returned a value: its type name and postcard bytes.
+    Value {
+        /// The value's type name.
+        type_name: String,
+        /// The encoded value.
+        bytes: Vec<u8>,
+    },
+    /// The user code returned an `Err`; its message.
+    Returned(String),
+    /// The user code panicked; the panic message.
+    Panicked(String),
+    /// The runtime failed the attempt (a bad argument, a cancel, …).
+    Failed(Error),
+}
+
 impl Message {
     /// A `Hello` from this build.
-    pub fn hello(role: Role) -> Self {
+    pub fn hello(role: Role, token: u128) -> Self {
         Message::Hello {
             magic: MAGIC,
             version: PROTOCOL_VERSION,
             role,
             pid: std::process::id(),
+            token,
         }
     }
 }
@@ -249,8 +273,9 @@ pub async fn connect_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     dec: &mut FrameDecoder,
     role: Role,
+    token: u128,
 ) -> Result<u16, WireError> {
-    write_message(s, &Message::hello(role)).await?;
+    write_message(s, &Message::hello(role, token)).await?;
     match read_message(s, dec).await? {
         Some(Message::Welcome { version }) => Ok(version),
         Some(Message::Refused { reason }) => Err(WireError::Handshake(reason)),
@@ -259,11 +284,12 @@ pub async fn connect_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// The accepting side's handshake: expects `Hello`, answers `Welcome` or
-/// `Refused`. Returns the peer's role and process id.
+/// The accepting side's handshake: expects `Hello` carrying `token`,
+/// answers `Welcome` or `Refused`. Returns the peer's role and process id.
 pub async fn accept_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     dec: &mut FrameDecoder,
+    token: u128,
 ) -> Result<(Role, u32), WireError> {
     match read_message(s, dec).await? {
         Some(Message::Hello {
@@ -271,11 +297,14 @@ pub async fn accept_handshake<S: AsyncRead + AsyncWrite + Unpin>(
             version,
             role,
             pid,
+            token: theirs,
         }) => {
             let refusal = if magic != MAGIC {
                 Some("bad magic".to_owned())
             } else if version != PROTOCOL_VERSION {
                 Some(format!("protocol version {version} is not {PROTOCOL_VERSION}"))
+            } else if theirs != token {
+                Some("wrong token".to_owned())
             } else {
                 None
             };
@@ -304,7 +333,7 @@ mod tests {
 
     fn sample() -> Vec<Message> {
         vec![
-            Message::hello(Role::Worker),
+            Message::hello(Role::Worker, 3),
             Message::Welcome { version: 1 },
             Message::Refused { reason: "no".into() },
             Message::PushTask {
@@ -314,11 +343,18 @@ mod tests {
             },
             Message::TaskDone {
                 task_id: TaskId::from_u128(7),
-                result: Ok(("i64".into(), vec![42])),
+                outcome: WireOutcome::Value {
+                    type_name: "i64".into(),
+                    bytes: vec![42],
+                },
             },
             Message::TaskDone {
                 task_id: TaskId::from_u128(8),
-                result: Err(Error::TaskCancelled(TaskId::from_u128(8))),
+                outcome: WireOutcome::Failed(Error::TaskCancelled(TaskId::from_u128(8))),
+            },
+            Message::TaskDone {
+                task_id: TaskId::from_u128(9),
+                outcome: WireOutcome::Panicked("boom".into()),
             },
             Message::CancelTask {
                 task_id: TaskId::from_u128(7),
@@ -396,10 +432,10 @@ mod tests {
         let listener = tokio::net::UnixListener::bind(&dir).expect("bind");
         let server = tokio::spawn(async move {
             let mut outcomes = Vec::new();
-            for _ in 0..3 {
+            for _ in 0..4 {
                 let (mut s, _) = listener.accept().await.expect("accept");
                 let mut dec = FrameDecoder::default();
-                let outcome = match accept_handshake(&mut s, &mut dec).await {
+                let outcome = match accept_handshake(&mut s, &mut dec, 5).await {
                     Ok(_) => match read_message(&mut s, &mut dec).await {
                         Ok(Some(Message::Ping { nonce })) => {
                             write_message(&mut s, &Message::Pong { nonce })
@@ -420,7 +456,7 @@ mod tests {
         let mut c = tokio::net::UnixStream::connect(&dir).await.expect("connect");
         let mut dec = FrameDecoder::default();
         assert_eq!(
-            connect_handshake(&mut c, &mut dec, Role::Worker)
+            connect_handshake(&mut c, &mut dec, Role::Worker, 5)
                 .await
                 .expect("hs"),
             1
@@ -435,7 +471,7 @@ mod tests {
         // A client sending garbage after the handshake.
         let mut bad = tokio::net::UnixStream::connect(&dir).await.expect("connect");
         let mut bdec = FrameDecoder::default();
-        connect_handshake(&mut bad, &mut bdec, Role::Owner)
+        connect_handshake(&mut bad, &mut bdec, Role::Owner, 5)
             .await
             .expect("hs");
         bad.write_all(&[2, 0, 0, 0, 0xff, 0xff]).await.expect("write");
@@ -446,6 +482,7 @@ mod tests {
             version: 99,
             role: Role::Worker,
             pid: 1,
+            token: 5,
         })
         .expect("encode");
         old.write_all(&frame).await.expect("write");
@@ -453,6 +490,13 @@ mod tests {
         assert!(matches!(
             read_message(&mut old, &mut odec).await,
             Ok(Some(Message::Refused { .. }))
+        ));
+        // A client that does not know the node's token.
+        let mut stranger = tokio::net::UnixStream::connect(&dir).await.expect("connect");
+        let mut sdec = FrameDecoder::default();
+        assert!(matches!(
+            connect_handshake(&mut stranger, &mut sdec, Role::Worker, 6).await,
+            Err(WireError::Handshake(r)) if r == "wrong token"
         ));
         let outcomes = server.await.expect("server");
         assert_eq!(outcomes[0], "served");
@@ -462,6 +506,7 @@ mod tests {
             outcomes[1]
         );
         assert!(outcomes[2].contains("protocol version 99"), "{}", outcomes[2]);
+        assert!(outcomes[3].contains("wrong token"), "{}", outcomes[3]);
         // The good connection still works after the bad ones.
         drop(c);
         let _ = std::fs::remove_file(&dir);

@@ -73,6 +73,57 @@ pub fn actor(attr: TokenStream, item: TokenStream) -> TokenStream {
         .into()
 }
 
+/// Marks the program's `main`: when the process was started as a worker
+/// process by a node daemon, it runs the worker loop and exits instead of
+/// running `main`'s body; otherwise `main` runs as written. Same as calling
+/// `rustyray::worker_entry()` first thing in `main`.
+///
+/// ```ignore
+/// #[rustyray::main]
+/// fn main() -> rustyray::Result<()> {
+///     let ray = rustyray::init_with(
+///         rustyray::Config::new().worker_mode(rustyray::WorkerMode::Processes),
+///     )?;
+///     // ...
+///     Ok(())
+/// }
+/// ```
+#[proc_macro_attribute]
+pub fn main(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let item = proc_macro2::TokenStream::from(item);
+    expand_main(attr.into(), item.clone())
+        .unwrap_or_else(|e| error_with_item(e, item))
+        .into()
+}
+
+fn expand_main(
+    attr: proc_macro2::TokenStream,
+    item: proc_macro2::TokenStream,
+) -> syn::Result<proc_macro2::TokenStream> {
+    if !attr.is_empty() {
+        return Err(syn::Error::new_spanned(
+            attr,
+            "#[rustyray::main] takes no arguments",
+        ));
+    }
+    let mut f: syn::ItemFn = syn::parse2(item)?;
+    if f.sig.asyncness.is_some() {
+        return Err(syn::Error::new_spanned(
+            f.sig.asyncness,
+            "#[rustyray::main] goes on a plain `fn main`; start an async runtime inside it",
+        ));
+    }
+    if !f.sig.inputs.is_empty() || !f.sig.generics.params.is_empty() {
+        return Err(syn::Error::new_spanned(
+            &f.sig,
+            "main takes no arguments and no generics",
+        ));
+    }
+    let entry: syn::Stmt = syn::parse_quote!(::rustyray::worker_entry(););
+    f.block.stmts.insert(0, entry);
+    Ok(quote::quote!(#f))
+}
+
 /// The output of a macro that rejected its item: the error, followed by the
 /// item unchanged. Keeping the item means the rest of the crate still sees
 /// the function or struct, so the user gets the macro's message alone

@@ -42,17 +42,23 @@
 //! In async code, `obj_ref.await` gives the value. Inside a task,
 //! [`current()`] is the runtime running it.
 //!
+//! With [`WorkerMode::Processes`] tasks run in worker processes, as in Ray:
+//! the program's own executable started again in worker mode, which
+//! `#[rustyray::main]` on `main` (or [`worker_entry()`] first thing in
+//! `main`) detects.
+//!
 //! See `docs/architecture.md` in the repository for how the pieces map to
 //! Ray's.
 
 #![forbid(unsafe_code)]
 
 pub use rustyray_core::*;
-pub use rustyray_macros::{actor, remote};
+pub use rustyray_macros::{actor, main, remote};
 
 /// The names most programs need.
 pub mod prelude {
     pub use crate::{
         ActorHandle, ActorOptionsBuilder, CancelOptions, Config, Error, ObjectRef, Ray, TaskOptionsBuilder,
+        WorkerMode,
     };
 }

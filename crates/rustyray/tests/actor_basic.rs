@@ -258,6 +258,39 @@ both_modes! {
     }
 }
 
+/// A threaded actor whose calls block on a plain `std` barrier, which the
+/// runtime cannot see: only `max_concurrency` calls running at once let
+/// them all pass.
+#[rustyray::actor]
+struct Meeting {
+    barrier: std::sync::Barrier,
+}
+
+#[rustyray::actor(max_concurrency = 4)]
+impl Meeting {
+    fn new() -> Self {
+        Meeting {
+            barrier: std::sync::Barrier::new(4),
+        }
+    }
+
+    fn meet(&self) -> bool {
+        self.barrier.wait();
+        true
+    }
+}
+
+both_modes! {
+    fn threaded_actor_reaches_its_concurrency_when_calls_block(ray) {
+        let m = Meeting::remote(ray)?;
+        let calls = (0..4).map(|_| m.meet()).collect::<rustyray::Result<Vec<_>>>()?;
+        for c in &calls {
+            assert!(ray.get_timeout(c, LONG)?);
+        }
+        Ok(())
+    }
+}
+
 #[rustyray::actor]
 struct AsyncBox {
     value: tokio::sync::Mutex<Option<i64>>,

@@ -1,0 +1,464 @@
+//! The node daemon's worker-process pool — Ray's raylet `WorkerPool`, and
+//! the owner's side of pushing a task to a leased worker (`PushTask`).
+//!
+//! # Design
+//!
+//! In the worker-process mode ([`crate::WorkerMode::Processes`]) the
+//! driver hosts the node daemon: a listening Unix socket in the abstract
+//! namespace (nothing on the file system to leave behind), a random token,
+//! and a pool of worker processes. A worker process is the user's own
+//! executable started again with the socket's name and the token in its
+//! environment; [`crate::worker_entry`] at the top of its `main` connects
+//! back, and the handshake routes the connection to the start that is
+//! waiting for that process id.
+//!
+//! The pool is started ahead of time (one worker per CPU), and a worker is
+//! leased for one task at a time and handed back when the task is done, so
+//! consecutive tasks reuse warm processes. The scheduler has already
+//! reserved the task's resources when it asks for a lease; a lease with no
+//! idle worker starts a new one.
+//!
+//! # State and locks
+//!
+//! `Pool::state` (one mutex) holds the idle workers, every live worker by
+//! process id, and the starts waiting for their connection. Each
+//! [`WorkerProc`] has its own `inflight` map (task id → the sender its
+//! result goes to) and its `Child`. Nothing is held across an await.
+//!
+//! # Failure
+//!
+//! A worker's death shows as its connection ending: the reader fails every
+//! task in flight on it (the owner retries them per `max_retries`, else
+//! reports `WorkerCrashed`), reaps the process and forgets the worker. A
+//! worker that exits before connecting fails the lease with an error that
+//! names its exit status. Shutdown kills and reaps every worker; a driver
+//! that dies without shutting down closes the workers' connections, and
+//! each worker exits when it sees its connection end.
+
+use crate::error::{Error, Result};
+use crate::ids::TaskId;
+use crate::wire::{self, FrameDecoder, Message, Role, WireOutcome};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::os::linux::net::SocketAddrExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::unix::OwnedReadHalf;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot};
+
+/// The environment variable that tells a process it was started as a
+/// worker: the node daemon's socket name.
+pub(crate) const WORKER_ENV: &str = "RUSTYRAY_WORKER_SOCKET";
+/// The environment variable carrying the node's token (32 hex digits).
+pub(crate) const TOKEN_ENV: &str = "RUSTYRAY_WORKER_TOKEN";
+
+/// How long a new worker process may take to connect.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a start checks whether its process already exited.
+const STARTUP_CHECK: Duration = Duration::from_millis(10);
+
+/// The program a node daemon starts as its worker processes: by default
+/// the running executable with no arguments.
+#[derive(Debug, Clone)]
+pub struct WorkerCommand {
+    program: PathBuf,
+    args: Vec<OsString>,
+}
+
+impl WorkerCommand {
+    /// Runs `program` with `args`. The program must call
+    /// [`crate::worker_entry`] before anything else in `main`.
+    pub fn new(program: impl Into<PathBuf>, args: impl IntoIterator<Item = impl Into<OsString>>) -> Self {
+        WorkerCommand {
+            program: program.into(),
+            args: args.into_iter().map(Into::into).collect(),
+        }
+    }
+
+    /// The running executable, with no arguments.
+    pub fn current_exe() -> Result<Self> {
+        let program = std::env::current_exe()
+            .map_err(|e| Error::invalid(format!("cannot find the running executable: {e}")))?;
+        Ok(WorkerCommand {
+            program,
+            args: Vec::new(),
+        })
+    }
+}
+
+/// One worker process and its connection.
+pub(crate) struct WorkerProc {
+    pid: u32,
+    child: Mutex<Option<Child>>,
+    tx: mpsc::UnboundedSender<Message>,
+    inflight: Mutex<HashMap<TaskId, oneshot::Sender<WireOutcome>>>,
+    dead: AtomicBool,
+}
+
+impl std::fmt::Debug for WorkerProc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerProc")
+            .field("pid", &self.pid)
+            .field("dead", &self.dead.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerProc {
+    /// Asks the worker to cancel `task`: it flags the task (and aborts it
+    /// at its next await if async); with `force` the process is killed.
+    pub(crate) fn cancel(&self, task: TaskId, force: bool) {
+        if force {
+            self.kill();
+        } else {
+            let _ = self.tx.send(Message::CancelTask { task_id: task, force });
+        }
+    }
+
+    /// Kills the process (SIGKILL); its connection ends, which fails what
+    /// it was running.
+    pub(crate) fn kill(&self) {
+        if let Some(c) = self.child.lock().as_mut() {
+            let _ = c.kill();
+        }
+    }
+
+    /// Kills the process if it still runs and waits for it to be gone.
+    fn reap(&self) {
+        let child = self.child.lock().take();
+        if let Some(mut c) = child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+type Connection = std::result::Result<(UnixStream, FrameDecoder), String>;
+
+#[derive(Default)]
+struct PoolState {
+    idle: Vec<Arc<WorkerProc>>,
+    live: HashMap<u32, Arc<WorkerProc>>,
+    starting: HashMap<u32, oneshot::Sender<Connection>>,
+    closed: bool,
+}
+
+/// The node daemon's pool of worker processes.
+pub(crate) struct Pool {
+    name: String,
+    token: u128,
+    command: WorkerCommand,
+    state: Mutex<PoolState>,
+    handle: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.state.lock();
+        f.debug_struct("Pool")
+            .field("socket", &self.name)
+            .field("live", &s.live.len())
+            .field("idle", &s.idle.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    /// Binds the daemon's socket and starts `prestart` workers in the
+    /// background.
+    pub(crate) fn start(
+        command: WorkerCommand,
+        prestart: usize,
+        handle: &tokio::runtime::Handle,
+        token: u128,
+    ) -> Result<Arc<Pool>> {
+        let name = format!("rustyray-{}-{:032x}", std::process::id(), token ^ 0x5a5a);
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .map_err(|e| Error::invalid(format!("cannot name the node socket: {e}")))?;
+        let std_listener = std::os::unix::net::UnixListener::bind_addr(&addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|e| Error::invalid(format!("cannot bind the node socket: {e}")))?;
+        let listener = {
+            let _enter = handle.enter();
+            tokio::net::UnixListener::from_std(std_listener)
+                .map_err(|e| Error::invalid(format!("cannot listen on the node socket: {e}")))?
+        };
+        let pool = Arc::new(Pool {
+            name,
+            token,
+            command,
+            state: Mutex::new(PoolState::default()),
+            handle: handle.clone(),
+        });
+        handle.spawn(accept_loop(Arc::downgrade(&pool), listener, token));
+        for _ in 0..prestart {
+            let p = pool.clone();
+            handle.spawn(async move {
+                match p.spawn_worker().await {
+                    Ok(w) => p.give_back(w),
+                    Err(e) => tracing::warn!(error = %e, "could not prestart a worker process"),
+                }
+            });
+        }
+        Ok(pool)
+    }
+
+    /// Runs one task on a leased worker: sends its spec, waits for its
+    /// outcome. `started` sees the worker before the task is sent (for
+    /// cancellation). `Err` carries why the worker could not run it (it
+    /// died, or none could be started).
+    pub(crate) async fn run_task(
+        self: &Arc<Self>,
+        task_id: TaskId,
+        spec: Vec<u8>,
+        started: impl FnOnce(&Arc<WorkerProc>),
+    ) -> std::result::Result<WireOutcome, String> {
+        let w = self.lease().await.map_err(|e| e.to_string())?;
+        let (tx, rx) = oneshot::channel();
+        w.inflight.lock().insert(task_id, tx);
+        started(&w);
+        let sent = w.tx.send(Message::PushTask {
+            task_id,
+            actor: None,
+            spec,
+        });
+        if sent.is_err() || w.dead.load(Ordering::Acquire) {
+            w.inflight.lock().remove(&task_id);
+        }
+        match rx.await {
+            Ok(outcome) => {
+                self.give_back(w);
+                Ok(outcome)
+            }
+            Err(_) => Err(format!("worker process {} died", w.pid)),
+        }
+    }
+
+    async fn lease(self: &Arc<Self>) -> Result<Arc<WorkerProc>> {
+        loop {
+            let idle = {
+                let mut s = self.state.lock();
+                if s.closed {
+                    return Err(Error::Shutdown);
+                }
+                s.idle.pop()
+            };
+            match idle {
+                Some(w) if w.dead.load(Ordering::Acquire) => continue,
+                Some(w) => return Ok(w),
+                None => return self.spawn_worker().await,
+            }
+        }
+    }
+
+    fn give_back(&self, w: Arc<WorkerProc>) {
+        let mut s = self.state.lock();
+        if !s.closed && !w.dead.load(Ordering::Acquire) {
+            s.idle.push(w);
+        }
+    }
+
+    /// Starts a worker process and waits for it to connect.
+    async fn spawn_worker(self: &Arc<Self>) -> Result<Arc<WorkerProc>> {
+        let mut cmd = Command::new(&self.command.program);
+        cmd.args(&self.command.args)
+            .env(WORKER_ENV, &self.name)
+            .env(TOKEN_ENV, format!("{:032x}", self.token))
+            .stdin(Stdio::null());
+        let (tx, mut rx) = oneshot::channel();
+        // The start registers before the process exists, under the lock,
+        // so its connection cannot arrive first.
+        let mut child = {
+            let mut s = self.state.lock();
+            if s.closed {
+                return Err(Error::Shutdown);
+            }
+            let child = cmd.spawn().map_err(|e| {
+                Error::invalid(format!(
+                    "cannot start worker process {}: {e}",
+                    self.command.program.display()
+                ))
+            })?;
+            s.starting.insert(child.id(), tx);
+            child
+        };
+        let pid = child.id();
+        let began = Instant::now();
+        let conn = loop {
+            tokio::select! {
+                c = &mut rx => break c.map_err(|_| "the node daemon stopped".to_owned()).and_then(|c| c),
+                () = tokio::time::sleep(STARTUP_CHECK) => {
+                    let exited = match child.try_wait() {
+                        Ok(Some(status)) => Some(format!(
+                            "worker process {pid} exited before connecting ({status}); \
+                             does its main call rustyray::worker_entry() first?"
+                        )),
+                        Ok(None) if began.elapsed() > STARTUP_TIMEOUT => {
+                            Some(format!("worker process {pid} did not connect within {STARTUP_TIMEOUT:?}"))
+                        }
+                        Ok(None) => None,
+                        Err(e) => Some(format!("cannot watch worker process {pid}: {e}")),
+                    };
+                    if let Some(reason) = exited {
+                        break Err(reason);
+                    }
+                }
+            }
+        };
+        let (stream, dec) = match conn {
+            Ok(c) => c,
+            Err(reason) => {
+                self.state.lock().starting.remove(&pid);
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::invalid(reason));
+            }
+        };
+        let (rd, mut wr) = stream.into_split();
+        let (mtx, mut mrx) = mpsc::unbounded_channel::<Message>();
+        let w = Arc::new(WorkerProc {
+            pid,
+            child: Mutex::new(Some(child)),
+            tx: mtx,
+            inflight: Mutex::new(HashMap::new()),
+            dead: AtomicBool::new(false),
+        });
+        {
+            let mut s = self.state.lock();
+            if s.closed {
+                drop(s);
+                w.reap();
+                return Err(Error::Shutdown);
+            }
+            s.live.insert(pid, w.clone());
+        }
+        self.handle.spawn(async move {
+            while let Some(m) = mrx.recv().await {
+                if let Err(e) = wire::write_message(&mut wr, &m).await {
+                    tracing::debug!(pid, error = %e, "cannot write to worker process");
+                    break;
+                }
+            }
+        });
+        self.handle
+            .spawn(read_loop(Arc::downgrade(self), w.clone(), rd, dec));
+        tracing::debug!(pid, "worker process connected");
+        Ok(w)
+    }
+
+    /// Forgets a worker whose connection ended, fails its tasks and reaps
+    /// it.
+    fn lost(&self, w: &Arc<WorkerProc>, why: &str) {
+        w.dead.store(true, Ordering::Release);
+        {
+            let mut s = self.state.lock();
+            s.live.remove(&w.pid);
+            s.idle.retain(|i| !Arc::ptr_eq(i, w));
+        }
+        let inflight = std::mem::take(&mut *w.inflight.lock());
+        if !inflight.is_empty() {
+            tracing::warn!(
+                pid = w.pid,
+                tasks = inflight.len(),
+                reason = why,
+                "worker process died"
+            );
+        }
+        // Dropping the senders fails the waiting tasks.
+        drop(inflight);
+        let w = w.clone();
+        self.handle.spawn_blocking(move || w.reap());
+    }
+
+    /// Worker processes alive now.
+    pub(crate) fn live(&self) -> Vec<u32> {
+        self.state.lock().live.keys().copied().collect()
+    }
+
+    /// Kills and reaps every worker; later leases fail.
+    pub(crate) fn shut_down(&self) {
+        let live: Vec<_> = {
+            let mut s = self.state.lock();
+            s.closed = true;
+            s.idle.clear();
+            s.starting.clear();
+            s.live.drain().map(|(_, w)| w).collect()
+        };
+        for w in &live {
+            w.dead.store(true, Ordering::Release);
+            let _ = w.tx.send(Message::Shutdown);
+            w.reap();
+            w.inflight.lock().clear();
+        }
+    }
+}
+
+/// Accepts worker connections and hands each to the start waiting for its
+/// process id. A connection that fails the handshake or that no start
+/// waits for is closed; nothing else is affected.
+async fn accept_loop(pool: std::sync::Weak<Pool>, listener: tokio::net::UnixListener, token: u128) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let mut dec = FrameDecoder::default();
+            let (role, pid) = match wire::accept_handshake(&mut stream, &mut dec, token).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "refused a connection to the node socket");
+                    return;
+                }
+            };
+            let Some(pool) = pool.upgrade() else { return };
+            let waiting = pool.state.lock().starting.remove(&pid);
+            match (role, waiting) {
+                (Role::Worker, Some(tx)) => {
+                    let _ = tx.send(Ok((stream, dec)));
+                }
+                _ => tracing::warn!(pid, ?role, "closed a connection no worker start waits for"),
+            }
+        });
+    }
+}
+
+/// Reads a worker's messages until its connection ends.
+async fn read_loop(
+    pool: std::sync::Weak<Pool>,
+    w: Arc<WorkerProc>,
+    mut rd: OwnedReadHalf,
+    mut dec: FrameDecoder,
+) {
+    let why = loop {
+        match wire::read_message(&mut rd, &mut dec).await {
+            Ok(Some(Message::TaskDone { task_id, outcome })) => {
+                let tx = w.inflight.lock().remove(&task_id);
+                if let Some(tx) = tx {
+                    let _ = tx.send(outcome);
+                }
+            }
+            Ok(Some(Message::Ping { nonce })) => {
+                let _ = w.tx.send(Message::Pong { nonce });
+            }
+            Ok(Some(Message::Pong { .. })) => {}
+            Ok(Some(other)) => {
+                break format!("unexpected message from a worker: {other:?}");
+            }
+            Ok(None) => break "its connection closed".to_owned(),
+            Err(e) => break format!("its connection failed: {e}"),
+        }
+    };
+    if let Some(pool) = pool.upgrade() {
+        pool.lost(&w, &why);
+    } else {
+        w.dead.store(true, Ordering::Release);
+        w.inflight.lock().clear();
+        w.reap();
+    }
+}

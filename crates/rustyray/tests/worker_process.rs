@@ -1,0 +1,341 @@
+//! Tasks in worker processes: the test binary itself is the worker (its
+//! `rustyray_worker` entry), as a user's program is.
+
+mod common;
+use common::{wait_until, LONG};
+use rustyray::prelude::*;
+use rustyray::{WorkerCommand, WorkerMode};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// The entry point of the worker processes the tests start: this binary,
+/// run with arguments that select this test, in worker mode.
+#[test]
+#[ignore = "entry point of worker processes started by the other tests"]
+fn rustyray_worker() {
+    rustyray::worker_entry();
+}
+
+fn worker_command() -> WorkerCommand {
+    let exe = std::env::current_exe().expect("test binary path");
+    WorkerCommand::new(
+        exe,
+        [
+            "rustyray_worker",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ],
+    )
+}
+
+fn process_runtime() -> Ray {
+    rustyray::init_with(
+        Config::new()
+            .num_cpus(2.0)
+            .worker_mode(WorkerMode::Processes)
+            .worker_command(worker_command()),
+    )
+    .expect("runtime")
+}
+
+/// A scratch directory of one test.
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rr-wp-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+/// Whether process `pid` is gone (exited and reaped, or a zombie).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+    }
+}
+
+#[rustyray::remote]
+fn whoami() -> u32 {
+    std::process::id()
+}
+
+#[rustyray::remote]
+fn add(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+#[rustyray::remote]
+async fn add_async(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+#[rustyray::remote]
+fn concat(parts: Vec<String>, sep: String) -> String {
+    parts.join(&sep)
+}
+
+#[rustyray::remote]
+fn refuse(n: i64) -> Result<i64, String> {
+    Err(format!("no {n}"))
+}
+
+#[rustyray::remote]
+fn explode() -> i64 {
+    panic!("explode ran")
+}
+
+#[rustyray::remote]
+fn abort_now() -> i64 {
+    std::process::abort()
+}
+
+/// Aborts the process on its first run (leaving its pid in `dir`), and
+/// returns its pid on the next.
+#[rustyray::remote]
+fn abort_once(dir: String) -> u32 {
+    let marker = Path::new(&dir).join("crashed");
+    if !marker.exists() && std::fs::write(&marker, std::process::id().to_string()).is_ok() {
+        std::process::abort();
+    }
+    std::process::id()
+}
+
+/// Writes its pid into `dir/pid`, then waits until it is cancelled or its
+/// process is killed.
+#[rustyray::remote]
+fn park_forever(dir: String) -> u32 {
+    let _ = std::fs::write(Path::new(&dir).join("pid.tmp"), std::process::id().to_string());
+    let _ = std::fs::rename(Path::new(&dir).join("pid.tmp"), Path::new(&dir).join("pid"));
+    while !rustyray::is_cancelled() {
+        std::thread::park_timeout(std::time::Duration::from_millis(5));
+    }
+    0
+}
+
+fn read_pid(dir: &Path) -> u32 {
+    let file = dir.join("pid");
+    wait_until("the task wrote its pid", || file.exists());
+    std::fs::read_to_string(&file)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("a pid")
+}
+
+#[test]
+fn tasks_run_in_worker_processes() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let pid = ray.get_timeout(&whoami::remote(&ray)?, LONG)?;
+    assert_ne!(pid, std::process::id(), "the task ran in the driver");
+    assert!(
+        ray.worker_pids().contains(&pid),
+        "{pid} is not one of the node's workers"
+    );
+    // Values and references mix; sync and async functions; many tasks
+    // reuse the pool's processes.
+    let x = add::remote(&ray, 1, 2)?;
+    let y = add_async::remote(&ray, &x, 10)?;
+    assert_eq!(ray.get_timeout(&y, LONG)?, 13);
+    let refs = (0..50)
+        .map(|i| add::remote(&ray, i, i))
+        .collect::<rustyray::Result<Vec<_>>>()?;
+    let sums = ray.get_many_timeout(&refs, LONG)?;
+    assert_eq!(sums, (0..50).map(|i| 2 * i).collect::<Vec<_>>());
+    let words = ray.put(vec!["a".to_owned(), "b".to_owned()])?;
+    assert_eq!(
+        ray.get_timeout(&concat::remote(&ray, &words, "-".to_owned())?, LONG)?,
+        "a-b"
+    );
+    assert!(ray.worker_pids().len() <= 4, "{:?}", ray.worker_pids());
+    Ok(())
+}
+
+#[test]
+fn errors_and_panics_come_back_typed() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    match ray.get_timeout(&refuse::remote(&ray, 7)?, LONG) {
+        Err(Error::Task { failure, message, .. }) => {
+            assert_eq!(failure, rustyray::TaskFailure::Returned);
+            assert_eq!(message, "no 7");
+        }
+        other => panic!("expected a task error, got {other:?}"),
+    }
+    match ray.get_timeout(&explode::options().max_retries(1).remote(&ray)?, LONG) {
+        Err(Error::Task {
+            failure,
+            message,
+            attempts,
+            ..
+        }) => {
+            assert_eq!(failure, rustyray::TaskFailure::Panicked);
+            assert!(message.contains("explode ran"), "{message}");
+            assert_eq!(attempts, 2);
+        }
+        other => panic!("expected a panic error, got {other:?}"),
+    }
+    // The pool still serves.
+    assert_eq!(ray.get_timeout(&add::remote(&ray, 2, 2)?, LONG)?, 4);
+    Ok(())
+}
+
+#[test]
+fn a_worker_that_aborts_fails_only_its_task() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    match ray.get_timeout(&abort_now::options().max_retries(0).remote(&ray)?, LONG) {
+        Err(Error::WorkerCrashed { .. }) => {}
+        other => panic!("expected WorkerCrashed, got {other:?}"),
+    }
+    // Retried on a fresh worker: the first attempt's process is gone.
+    let dir = scratch("abort-once");
+    let pid = ray.get_timeout(
+        &abort_once::options()
+            .max_retries(1)
+            .remote(&ray, dir.display().to_string())?,
+        LONG,
+    )?;
+    let crashed: u32 = std::fs::read_to_string(dir.join("crashed"))
+        .expect("marker")
+        .trim()
+        .parse()
+        .expect("pid");
+    assert_ne!(pid, crashed);
+    wait_until("the crashed worker is reaped", || gone(crashed));
+    assert_eq!(ray.get_timeout(&add::remote(&ray, 5, 5)?, LONG)?, 10);
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
+
+#[test]
+fn a_killed_worker_is_a_crash() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let dir = scratch("sigkill");
+    let r = park_forever::options()
+        .max_retries(0)
+        .remote(&ray, dir.display().to_string())?;
+    let pid = read_pid(&dir);
+    let status = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    assert!(status.is_ok_and(|s| s.success()));
+    match ray.get_timeout(&r, LONG) {
+        Err(Error::WorkerCrashed { reason, .. }) => assert!(reason.contains(&pid.to_string()), "{reason}"),
+        other => panic!("expected WorkerCrashed, got {other:?}"),
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
+
+#[test]
+fn cancel_flags_the_task_and_force_kills_its_worker() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    // A plain cancel reaches the running task's flag in its process.
+    let dir = scratch("cancel");
+    let r = park_forever::remote(&ray, dir.display().to_string())?;
+    let pid = read_pid(&dir);
+    ray.cancel(&r)?;
+    assert!(matches!(ray.get_timeout(&r, LONG), Err(Error::TaskCancelled(_))));
+    assert!(!gone(pid), "a plain cancel must not kill the worker");
+    // A forced cancel kills the process.
+    let dir = scratch("force");
+    let r = park_forever::remote(&ray, dir.display().to_string())?;
+    let pid = read_pid(&dir);
+    ray.cancel_with(
+        &r,
+        rustyray::CancelOptions {
+            force: true,
+            ..Default::default()
+        },
+    )?;
+    assert!(matches!(ray.get_timeout(&r, LONG), Err(Error::TaskCancelled(_))));
+    wait_until("the forced worker is gone", || gone(pid));
+    assert_eq!(ray.get_timeout(&add::remote(&ray, 1, 1)?, LONG)?, 2);
+    Ok(())
+}
+
+#[test]
+fn shutdown_leaves_no_worker_process() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    ray.get_timeout(&whoami::remote(&ray)?, LONG)?;
+    let pids = ray.worker_pids();
+    assert!(!pids.is_empty());
+    ray.shutdown()?;
+    for pid in pids {
+        assert!(gone(pid), "worker {pid} outlived shutdown");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_program_without_worker_entry_fails_the_task_clearly() -> rustyray::Result<()> {
+    let ray = rustyray::init_with(
+        Config::new()
+            .num_cpus(1.0)
+            .worker_mode(WorkerMode::Processes)
+            .worker_command(WorkerCommand::new("/bin/true", Vec::<String>::new())),
+    )?;
+    match ray.get_timeout(&add::options().max_retries(0).remote(&ray, 1, 1)?, LONG) {
+        Err(Error::WorkerCrashed { reason, .. }) => assert!(reason.contains("worker_entry"), "{reason}"),
+        other => panic!("expected WorkerCrashed, got {other:?}"),
+    }
+    Ok(())
+}
+
+/// The driver of `workers_die_with_their_driver`: started as a separate
+/// process, it prints its workers' pids and waits to be killed.
+#[test]
+#[ignore = "driver process started by workers_die_with_their_driver"]
+fn orphan_driver() {
+    if std::env::var_os("RR_ORPHAN_DRIVER").is_none() {
+        return;
+    }
+    let ray = process_runtime();
+    let pid = ray
+        .get_timeout(&whoami::remote(&ray).expect("submit"), LONG)
+        .expect("task");
+    let mut pids = ray.worker_pids();
+    assert!(pids.contains(&pid));
+    pids.sort_unstable();
+    let line = pids.iter().map(u32::to_string).collect::<Vec<_>>().join(" ");
+    println!("WORKERS {line}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    loop {
+        std::thread::park();
+    }
+}
+
+#[test]
+fn workers_die_with_their_driver() {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().expect("test binary path");
+    let mut driver = Command::new(exe)
+        .args([
+            "orphan_driver",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("RR_ORPHAN_DRIVER", "1")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the driver");
+    let out = driver.stdout.take().expect("stdout");
+    // The workers share the driver's stdout, so the report may follow
+    // their output on the same line.
+    let line = std::io::BufReader::new(out)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.split_once("WORKERS ").map(|(_, pids)| pids.to_owned()))
+        .expect("the driver reported its workers");
+    let pids: Vec<u32> = line.split_whitespace().map(|p| p.parse().expect("pid")).collect();
+    assert!(!pids.is_empty());
+    assert!(pids.iter().all(|p| !gone(*p)));
+    driver.kill().expect("kill the driver");
+    driver.wait().expect("reap the driver");
+    for pid in pids {
+        wait_until(&format!("worker {pid} exits after its driver died"), || gone(pid));
+    }
+}
