@@ -98,6 +98,8 @@ pub(crate) struct WorkerProc {
     tx: mpsc::UnboundedSender<Message>,
     inflight: Mutex<HashMap<TaskId, oneshot::Sender<WireOutcome>>>,
     dead: AtomicBool,
+    /// Woken when the worker is found dead.
+    died: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for WorkerProc {
@@ -118,6 +120,50 @@ impl WorkerProc {
         } else {
             let _ = self.tx.send(Message::CancelTask { task_id: task, force });
         }
+    }
+
+    /// Whether the worker is known to be dead.
+    pub(crate) fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+
+    /// Waits until the worker is found dead.
+    pub(crate) async fn dead(&self) {
+        loop {
+            let died = self.died.notified();
+            tokio::pin!(died);
+            died.as_mut().enable();
+            if self.is_dead() {
+                return;
+            }
+            died.await;
+        }
+    }
+
+    /// Sends a task to the worker; the returned future gives its outcome,
+    /// or why the worker could not finish it. The task is on its way when
+    /// this returns, so tasks sent one after the other arrive in order.
+    pub(crate) fn push(
+        &self,
+        task_id: TaskId,
+        msg: Message,
+    ) -> impl std::future::Future<Output = std::result::Result<WireOutcome, String>> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        self.inflight.lock().insert(task_id, tx);
+        if self.tx.send(msg).is_err() || self.is_dead() {
+            self.inflight.lock().remove(&task_id);
+        }
+        let pid = self.pid;
+        async move { rx.await.map_err(|_| format!("worker process {pid} died")) }
+    }
+
+    /// Treats the worker as dead from now on (it reported a crash and is
+    /// exiting) and kills it: nothing more is sent to it, and whoever
+    /// watches it learns at once.
+    pub(crate) fn condemn(&self) {
+        self.dead.store(true, Ordering::Release);
+        self.died.notify_waiters();
+        self.kill();
     }
 
     /// Kills the process (SIGKILL); its connection ends, which fails what
@@ -219,24 +265,44 @@ impl Pool {
         started: impl FnOnce(&Arc<WorkerProc>),
     ) -> std::result::Result<WireOutcome, String> {
         let w = self.lease().await.map_err(|e| e.to_string())?;
-        let (tx, rx) = oneshot::channel();
-        w.inflight.lock().insert(task_id, tx);
         started(&w);
-        let sent = w.tx.send(Message::PushTask {
-            task_id,
-            actor: None,
-            spec,
-        });
-        if sent.is_err() || w.dead.load(Ordering::Acquire) {
-            w.inflight.lock().remove(&task_id);
-        }
-        match rx.await {
-            Ok(outcome) => {
-                self.give_back(w);
-                Ok(outcome)
-            }
-            Err(_) => Err(format!("worker process {} died", w.pid)),
-        }
+        let outcome = w
+            .push(
+                task_id,
+                Message::PushTask {
+                    task_id,
+                    actor: None,
+                    spec,
+                },
+            )
+            .await?;
+        self.give_back(w);
+        Ok(outcome)
+    }
+
+    /// Leases a worker for good and makes it host an actor: sends the
+    /// constructor, waits for its outcome. The worker never returns to the
+    /// pool; it ends with the actor.
+    pub(crate) async fn create_actor(
+        self: &Arc<Self>,
+        actor_id: crate::ids::ActorId,
+        task_id: TaskId,
+        spec: Vec<u8>,
+        max_concurrency: u32,
+    ) -> std::result::Result<(Arc<WorkerProc>, WireOutcome), String> {
+        let w = self.lease().await.map_err(|e| e.to_string())?;
+        let outcome = w
+            .push(
+                task_id,
+                Message::CreateActor {
+                    actor_id,
+                    task_id,
+                    spec,
+                    max_concurrency,
+                },
+            )
+            .await?;
+        Ok((w, outcome))
     }
 
     async fn lease(self: &Arc<Self>) -> Result<Arc<WorkerProc>> {
@@ -327,6 +393,7 @@ impl Pool {
             tx: mtx,
             inflight: Mutex::new(HashMap::new()),
             dead: AtomicBool::new(false),
+            died: tokio::sync::Notify::new(),
         });
         {
             let mut s = self.state.lock();
@@ -355,6 +422,7 @@ impl Pool {
     /// it.
     fn lost(&self, w: &Arc<WorkerProc>, why: &str) {
         w.dead.store(true, Ordering::Release);
+        w.died.notify_waiters();
         {
             let mut s = self.state.lock();
             s.live.remove(&w.pid);
@@ -391,6 +459,7 @@ impl Pool {
         };
         for w in &live {
             w.dead.store(true, Ordering::Release);
+            w.died.notify_waiters();
             let _ = w.tx.send(Message::Shutdown);
             w.reap();
             w.inflight.lock().clear();
@@ -458,6 +527,7 @@ async fn read_loop(
         pool.lost(&w, &why);
     } else {
         w.dead.store(true, Ordering::Release);
+        w.died.notify_waiters();
         w.inflight.lock().clear();
         w.reap();
     }

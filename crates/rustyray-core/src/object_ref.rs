@@ -231,6 +231,16 @@ pub enum Arg {
     Ref(RawRef),
 }
 
+impl Arg {
+    /// The inline value, if this is one.
+    pub(crate) fn into_value(self) -> Option<Value> {
+        match self {
+            Arg::Value(v) => Some(v),
+            Arg::Ref(_) => None,
+        }
+    }
+}
+
 /// What a parameter of type `T` accepts: a `T`, an `ObjectRef<T>` or a
 /// `&ObjectRef<T>`. This is how values and references mix freely.
 pub trait IntoArg<T> {

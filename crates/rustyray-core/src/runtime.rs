@@ -304,7 +304,7 @@ pub(crate) struct Inner {
     bytes_mode: bool,
     thread_prefix: String,
     /// The node daemon's worker processes, in the worker-process mode.
-    node: Option<Arc<node::Pool>>,
+    pub(crate) node: Option<Arc<node::Pool>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -765,7 +765,7 @@ impl Inner {
 
     /// The values of a spec's arguments, reference arguments replaced by
     /// their (ready) values.
-    fn resolve_values(&self, spec: &TaskSpec, attempt: u32) -> Result<Vec<Value>> {
+    pub(crate) fn resolve_values(&self, spec: &TaskSpec, attempt: u32) -> Result<Vec<Value>> {
         let name = spec.target.name();
         let mut values = Vec::with_capacity(spec.args.len());
         for (i, a) in spec.args.iter().enumerate() {

@@ -103,6 +103,23 @@ pub enum Message {
         /// How it ended.
         outcome: WireOutcome,
     },
+    /// Owner → worker: host an actor, running its constructor (the spec
+    /// of a constructor task, arguments inline). The worker answers
+    /// `TaskDone` for `task_id` once the constructor ran. The worker is the
+    /// actor's alone from then on; method calls arrive as `PushTask` with
+    /// `actor` set, in the caller's submission order. Idempotent by
+    /// `actor_id`. If the worker dies, the owner restarts the actor in a
+    /// new worker per `max_restarts`.
+    CreateActor {
+        /// The actor.
+        actor_id: ActorId,
+        /// The constructor task, answered by `TaskDone`.
+        task_id: TaskId,
+        /// The constructor task's spec bytes.
+        spec: Vec<u8>,
+        /// How many calls may run at once.
+        max_concurrency: u32,
+    },
     /// Owner → worker: cancel a task. Idempotent. With `force` the daemon
     /// kills the worker process instead.
     CancelTask {
@@ -355,6 +372,12 @@ mod tests {
             Message::TaskDone {
                 task_id: TaskId::from_u128(9),
                 outcome: WireOutcome::Panicked("boom".into()),
+            },
+            Message::CreateActor {
+                actor_id: ActorId::from_u128(9),
+                task_id: TaskId::from_u128(10),
+                spec: vec![4, 5],
+                max_concurrency: 16,
             },
             Message::CancelTask {
                 task_id: TaskId::from_u128(7),

@@ -18,15 +18,18 @@
 //! killed) the process exits at once, even in the middle of a task, so no
 //! worker outlives its driver.
 
+use crate::actor::RawActor;
 use crate::codec::Value;
 use crate::context::{self, TaskContext};
 use crate::error::{Error, Result};
-use crate::ids::TaskId;
+use crate::ids::{ActorId, TaskId};
 use crate::node::{TOKEN_ENV, WORKER_ENV};
 use crate::object_ref::Arg;
+use crate::object_ref::RawRef;
 use crate::registry::FunctionBody;
 use crate::resources::ResourceSet;
 use crate::runtime::{CatchUnwind, Config, Inner, Outcome};
+use crate::store::Peek;
 use crate::task::{ArgList, Target, TaskSpec, TaskState};
 use crate::wire::{self, FrameDecoder, Message, Role, WireOutcome};
 use parking_lot::Mutex;
@@ -96,6 +99,10 @@ impl Replies {
 }
 
 type Running = Arc<Mutex<HashMap<TaskId, Arc<TaskState>>>>;
+/// The actors this worker hosts, by their owner's id (one, in practice).
+type Actors = Arc<Mutex<HashMap<ActorId, RawActor>>>;
+/// Actor calls in progress: the owner's task id → the local call's object.
+type Calls = Arc<Mutex<HashMap<TaskId, RawRef>>>;
 
 fn serve(socket: &str) -> Result<()> {
     let token = std::env::var(TOKEN_ENV)
@@ -123,16 +130,41 @@ fn serve(socket: &str) -> Result<()> {
     }
     let rt = Inner::start(Config::default())?;
     let running: Running = Arc::default();
+    let actors: Actors = Arc::default();
+    let calls: Calls = Arc::default();
     loop {
         match read(&mut stream, &mut dec)? {
-            Some(Message::PushTask { task_id, spec, .. }) => {
+            Some(Message::PushTask {
+                task_id,
+                actor: None,
+                spec,
+            }) => {
                 run_task(&rt, task_id, spec, &replies, &running);
+            }
+            Some(Message::PushTask {
+                task_id,
+                actor: Some(actor_id),
+                spec,
+            }) => {
+                call_actor(&rt, task_id, actor_id, spec, &replies, &actors, &calls);
+            }
+            Some(Message::CreateActor {
+                actor_id,
+                task_id,
+                spec,
+                max_concurrency,
+            }) => {
+                create_actor(&rt, actor_id, task_id, spec, max_concurrency, &replies, &actors);
             }
             Some(Message::CancelTask { task_id, .. }) => {
                 let state = running.lock().get(&task_id).cloned();
                 if let Some(s) = state {
                     s.mark_cancelled();
                     s.abort_running();
+                }
+                let call = calls.lock().get(&task_id).cloned();
+                if let Some(r) = call {
+                    let _ = rt.cancel(r.id(), crate::options::CancelOptions::default());
                 }
             }
             Some(Message::Ping { nonce }) => replies.send(&Message::Pong { nonce }),
@@ -234,29 +266,150 @@ fn run_task(rt: &Arc<Inner>, task_id: TaskId, spec: Vec<u8>, replies: &Replies, 
     }
 }
 
-/// Decodes a pushed spec into its function and arguments, which the owner
-/// resolved to values.
-fn decode(rt: &Arc<Inner>, spec: Vec<u8>) -> Result<(&'static crate::registry::FunctionEntry, ArgList)> {
+/// Decodes a pushed spec; checks that the owner resolved every argument
+/// to a value.
+fn decode_spec(rt: &Arc<Inner>, spec: Vec<u8>) -> Result<TaskSpec> {
     let spec = TaskSpec::from_bytes(&Value::from_bytes(spec, "TaskSpec"), rt, &rt.registry)?;
+    if let Some(Arg::Ref(r)) = spec.args.iter().find(|a| matches!(a, Arg::Ref(_))) {
+        return Err(Error::invalid(format!(
+            "{}: argument {} was not resolved by the owner",
+            spec.target.name(),
+            r.id()
+        )));
+    }
+    Ok(spec)
+}
+
+/// Decodes a pushed function task into its function and arguments.
+fn decode(rt: &Arc<Inner>, spec: Vec<u8>) -> Result<(&'static crate::registry::FunctionEntry, ArgList)> {
+    let spec = decode_spec(rt, spec)?;
     let Target::Function(entry) = spec.target else {
         return Err(Error::invalid(format!(
-            "{}: actors do not run in worker processes yet",
+            "{} is not a function",
             spec.target.name()
         )));
     };
-    let values = spec
-        .args
-        .into_iter()
-        .map(|a| match a {
-            Arg::Value(v) => Ok(v),
-            Arg::Ref(r) => Err(Error::invalid(format!(
-                "{}: argument {} was not resolved by the owner",
-                entry.name,
-                r.id()
-            ))),
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let values = spec.args.into_iter().filter_map(Arg::into_value).collect();
     Ok((entry, ArgList::new(values, rt.clone(), entry.name)))
+}
+
+/// Hosts the owner's actor: runs its constructor, answers when it ran.
+fn create_actor(
+    rt: &Arc<Inner>,
+    actor_id: ActorId,
+    task_id: TaskId,
+    spec: Vec<u8>,
+    max_concurrency: u32,
+    replies: &Replies,
+    actors: &Actors,
+) {
+    let (replies, actors, ray) = (
+        replies.clone(),
+        actors.clone(),
+        crate::Ray::non_owning(rt.clone()),
+    );
+    let spec = decode_spec(rt, spec);
+    rt.handle.spawn(async move {
+        let hosted = match spec {
+            Ok(TaskSpec {
+                target: Target::Constructor(class),
+                args,
+                ..
+            }) => crate::actor::host(&ray, class, args, max_concurrency).await,
+            Ok(other) => Err(Error::invalid(format!(
+                "{} is not a constructor",
+                other.target.name()
+            ))),
+            Err(e) => Err(e),
+        };
+        let outcome = match hosted {
+            Ok(raw) => {
+                actors.lock().insert(actor_id, raw);
+                WireOutcome::Value {
+                    type_name: String::new(),
+                    bytes: Vec::new(),
+                }
+            }
+            Err(e) => local_failure(e),
+        };
+        replies.done(task_id, outcome);
+    });
+}
+
+/// Runs one call on the hosted actor. Calls are submitted here in the
+/// order they arrive, which is the owner's submission order; the hosted
+/// actor keeps it. A method that panics ends the process, as the owner
+/// expects of a crashing actor.
+fn call_actor(
+    rt: &Arc<Inner>,
+    task_id: TaskId,
+    actor_id: ActorId,
+    spec: Vec<u8>,
+    replies: &Replies,
+    actors: &Actors,
+    calls: &Calls,
+) {
+    let submitted = decode_spec(rt, spec).and_then(|spec| {
+        let Target::Method(_, method) = spec.target else {
+            return Err(Error::invalid(format!("{} is not a method", spec.target.name())));
+        };
+        let actor = actors
+            .lock()
+            .get(&actor_id)
+            .cloned()
+            .ok_or_else(|| Error::invalid(format!("this worker does not host actor {actor_id}")))?;
+        actor.call(method, spec.args)
+    });
+    let r = match submitted {
+        Ok(r) => r,
+        Err(e) => {
+            replies.done(task_id, WireOutcome::Failed(e));
+            return;
+        }
+    };
+    calls.lock().insert(task_id, r.clone());
+    let (rt2, replies, calls) = (rt.clone(), replies.clone(), calls.clone());
+    rt.handle.spawn(async move {
+        let result = std::future::poll_fn(|cx| match rt2.store.peek(r.id(), Some(cx.waker())) {
+            Ok(Peek::Pending) => std::task::Poll::Pending,
+            Ok(Peek::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(Peek::Failed(e)) | Err(e) => std::task::Poll::Ready(Err(e)),
+        })
+        .await;
+        calls.lock().remove(&task_id);
+        let outcome = match result {
+            Ok(v) => Outcome::Value(v).into_wire(),
+            Err(e) => local_failure(e),
+        };
+        let crashed = matches!(outcome, WireOutcome::Panicked(_));
+        replies.done(task_id, outcome);
+        if crashed {
+            std::process::exit(1);
+        }
+    });
+}
+
+/// How a local error looks to the owner: user errors and panics keep
+/// their kind (a panic that killed the hosted actor is reported as the
+/// panic), anything else is a failure.
+fn local_failure(e: Error) -> WireOutcome {
+    let task = match &e {
+        Error::ActorDied { cause: Some(c), .. } => c.as_ref(),
+        other => other,
+    };
+    match task {
+        Error::Task {
+            failure: crate::error::TaskFailure::Returned,
+            message,
+            ..
+        } => WireOutcome::Returned(message.clone()),
+        Error::Task {
+            failure: crate::error::TaskFailure::Panicked,
+            message,
+            ..
+        } => WireOutcome::Panicked(message.clone()),
+        _ => WireOutcome::Failed(e),
+    }
 }
 
 impl Outcome {

@@ -339,3 +339,161 @@ fn workers_die_with_their_driver() {
         wait_until(&format!("worker {pid} exits after its driver died"), || gone(pid));
     }
 }
+
+// ----- actors ------------------------------------------------------------
+
+#[rustyray::actor]
+struct Tally {
+    n: i64,
+    pid: u32,
+    barrier: std::sync::Barrier,
+}
+
+#[rustyray::actor(max_concurrency = 4)]
+impl Tally {
+    fn new(start: i64) -> Result<Self, String> {
+        if start < 0 {
+            return Err(format!("negative start {start}"));
+        }
+        Ok(Tally {
+            n: start,
+            pid: std::process::id(),
+            barrier: std::sync::Barrier::new(4),
+        })
+    }
+
+    fn add(&mut self, by: i64) -> i64 {
+        self.n += by;
+        self.n
+    }
+
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn explode(&self) -> i64 {
+        panic!("tally exploded")
+    }
+
+    /// Passes only when four calls run at once.
+    fn meet(&self) -> bool {
+        self.barrier.wait();
+        true
+    }
+
+    /// Aborts the process the first time (leaving its pid in `dir`).
+    fn abort_once(&self, dir: String) -> u32 {
+        let marker = Path::new(&dir).join("crashed");
+        if !marker.exists() && std::fs::write(&marker, std::process::id().to_string()).is_ok() {
+            std::process::abort();
+        }
+        std::process::id()
+    }
+}
+
+#[rustyray::actor]
+struct Echo;
+
+#[rustyray::actor]
+impl Echo {
+    fn new() -> Self {
+        Echo
+    }
+
+    async fn echo(&self, s: String) -> String {
+        tokio::task::yield_now().await;
+        s
+    }
+}
+
+#[test]
+fn actors_live_in_worker_processes_and_keep_call_order() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let t = Tally::remote(&ray, 0)?;
+    let pid = ray.get_timeout(&t.pid()?, LONG)?;
+    assert_ne!(pid, std::process::id());
+    assert!(ray.worker_pids().contains(&pid));
+    let refs = (0..100).map(|_| t.add(1)).collect::<rustyray::Result<Vec<_>>>()?;
+    assert_eq!(ray.get_many_timeout(&refs, LONG)?, (1..=100).collect::<Vec<_>>());
+    // A reference argument is resolved by the owner.
+    let five = ray.put(5_i64)?;
+    assert_eq!(ray.get_timeout(&t.add(&five)?, LONG)?, 105);
+    // max_concurrency holds in the process: four calls meet at a barrier.
+    let meets = (0..4).map(|_| t.meet()).collect::<rustyray::Result<Vec<_>>>()?;
+    for m in &meets {
+        assert!(ray.get_timeout(m, LONG)?);
+    }
+    let e = Echo::remote(&ray)?;
+    assert_eq!(ray.get_timeout(&e.echo("hi".to_owned())?, LONG)?, "hi");
+    Ok(())
+}
+
+#[test]
+fn a_crashed_actor_process_restarts_per_max_restarts() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let t = Tally::options().max_restarts(1).remote(&ray, 10)?;
+    let first = ray.get_timeout(&t.pid()?, LONG)?;
+    assert_eq!(ray.get_timeout(&t.add(1)?, LONG)?, 11);
+    // A panic takes the process down; the call fails, the actor restarts
+    // in a new process with its constructor's state.
+    assert!(matches!(
+        ray.get_timeout(&t.explode()?, LONG),
+        Err(Error::ActorDied { .. })
+    ));
+    let second = ray.get_timeout(&t.pid()?, LONG)?;
+    assert_ne!(first, second);
+    wait_until("the first actor process is gone", || gone(first));
+    assert_eq!(ray.get_timeout(&t.add(1)?, LONG)?, 11);
+    // No restarts left: a killed process ends the actor.
+    let status = Command::new("kill").args(["-KILL", &second.to_string()]).status();
+    assert!(status.is_ok_and(|s| s.success()));
+    wait_until("the actor is dead", || {
+        matches!(
+            ray.get_timeout(&t.pid().expect("submit"), LONG),
+            Err(Error::ActorDied { .. })
+        )
+    });
+    Ok(())
+}
+
+#[test]
+fn a_call_lost_with_its_process_is_retried_per_max_task_retries() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let dir = scratch("actor-retry");
+    let t = Tally::options()
+        .max_restarts(1)
+        .max_task_retries(1)
+        .remote(&ray, 0)?;
+    let pid = ray.get_timeout(&t.abort_once(dir.display().to_string())?, LONG)?;
+    let crashed: u32 = std::fs::read_to_string(dir.join("crashed"))
+        .expect("marker")
+        .trim()
+        .parse()
+        .expect("pid");
+    assert_ne!(pid, crashed);
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
+
+#[test]
+fn kill_and_constructor_errors_end_process_actors() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let t = Tally::remote(&ray, 1)?;
+    let pid = ray.get_timeout(&t.pid()?, LONG)?;
+    ray.kill(&t)?;
+    assert!(matches!(
+        ray.get_timeout(&t.add(1)?, LONG),
+        Err(Error::ActorDied { .. })
+    ));
+    wait_until("the killed actor's process is gone", || gone(pid));
+    let bad = Tally::remote(&ray, -1)?;
+    match ray.get_timeout(&bad.add(1)?, LONG) {
+        Err(Error::ActorDied {
+            cause: Some(cause), ..
+        }) => {
+            assert!(cause.to_string().contains("negative start -1"), "{cause}");
+        }
+        other => panic!("expected ActorDied with the constructor's error, got {other:?}"),
+    }
+    Ok(())
+}

@@ -51,6 +51,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::sync::{mpsc, Notify, Semaphore};
 
+mod remote;
+
 /// Ray's default concurrency for async actors.
 const ASYNC_ACTOR_CONCURRENCY: u32 = 1000;
 
@@ -140,6 +142,9 @@ pub(crate) struct ActorState {
     /// Woken when a restart ends (alive again, or dead).
     restarted: Notify,
     handles: AtomicUsize,
+    /// The worker process hosting the actor, in the worker-process mode
+    /// (`None` while it starts or restarts, and in the threads mode).
+    remote: Mutex<Option<Arc<crate::node::WorkerProc>>>,
 }
 
 impl std::fmt::Debug for ActorState {
@@ -184,6 +189,7 @@ impl ActorState {
             created: Notify::new(),
             restarted: Notify::new(),
             handles: AtomicUsize::new(0),
+            remote: Mutex::new(None),
         })
     }
 
@@ -218,6 +224,19 @@ impl ActorState {
         match (&life.status, &life.instance) {
             (Status::Dead(e), _) => Err(e.clone()),
             (_, i) => Ok(i.clone()),
+        }
+    }
+
+    /// Waits until the constructor ran (or the actor died first).
+    async fn until_created(&self) {
+        loop {
+            let created = self.created.notified();
+            tokio::pin!(created);
+            created.as_mut().enable();
+            if !matches!(self.life.lock().status, Status::Pending) {
+                return;
+            }
+            created.await;
         }
     }
 
@@ -288,6 +307,9 @@ impl ActorState {
             (std::mem::take(&mut life.running), release, life.instance.take())
         };
         tracing::debug!(actor = %self.id, class = self.class.name, error = %err, "actor died");
+        if let Some(w) = self.remote.lock().take() {
+            w.kill();
+        }
         self.mailbox.lock().take();
         let queued = self.runq.as_ref().map(|q| {
             let mut q = q.lock();
@@ -313,7 +335,7 @@ impl ActorState {
             rt.release(&self.lifetime);
         }
         // Wake a driver still waiting for the constructor or a restart.
-        self.created.notify_one();
+        self.created.notify_waiters();
         self.restarted.notify_waiters();
     }
 
@@ -378,6 +400,25 @@ impl ActorState {
         }
     }
 
+    /// Takes the placed actor's resources for its life: keeps the lifetime
+    /// resources and lends back the rest of the placement. False (and all
+    /// returned) when the actor died meanwhile.
+    fn hold_placement(&self, rt: &Arc<Inner>) -> bool {
+        {
+            let mut life = self.life.lock();
+            if matches!(life.status, Status::Dead(_)) {
+                drop(life);
+                rt.release(&self.placement);
+                return false;
+            }
+            life.resources_held = true;
+        }
+        let mut extra = self.placement.clone();
+        extra.sub(&self.lifetime);
+        rt.release(&extra);
+        true
+    }
+
     fn submit(self: &Arc<Self>, rt: &Arc<Inner>, call: ActorCall) {
         if let Some(q) = &self.runq {
             let refused = {
@@ -436,24 +477,19 @@ fn fail_call(rt: &Arc<Inner>, call: &ActorCall, err: Error) {
     rt.forget_task(call.state.id);
 }
 
-/// Starts a placed actor: runs its constructor on the pool.
+/// Starts a placed actor: runs its constructor on the pool, or in a
+/// worker process of its own in the worker-process mode.
 pub(crate) fn start_actor(rt: &Arc<Inner>, actor: Arc<ActorState>) {
+    if rt.node.is_some() {
+        rt.handle.spawn(remote::start(rt.clone(), actor));
+        return;
+    }
     let rt2 = rt.clone();
     let job = Box::new(move || {
         let rt = rt2;
-        {
-            let mut life = actor.life.lock();
-            if matches!(life.status, Status::Dead(_)) {
-                drop(life);
-                rt.release(&actor.placement);
-                return;
-            }
-            life.resources_held = true;
+        if !actor.hold_placement(&rt) {
+            return;
         }
-        // Keep the lifetime resources; lend back the rest of the placement.
-        let mut extra = actor.placement.clone();
-        extra.sub(&actor.lifetime);
-        rt.release(&extra);
         match actor.construct(&rt) {
             Ok(inst) => {
                 let mut life = actor.life.lock();
@@ -464,7 +500,7 @@ pub(crate) fn start_actor(rt: &Arc<Inner>, actor: Arc<ActorState>) {
             }
             Err(e) => actor.die(&rt, e),
         }
-        actor.created.notify_one();
+        actor.created.notify_waiters();
         actor.ready.store(true, Ordering::Release);
         kick(&rt, &actor);
     });
@@ -757,12 +793,7 @@ async fn lock(inst: Instance, exclusive: bool) -> Held {
 
 /// The actor's driver: takes calls in order and dispatches them.
 async fn drive(rt: Arc<Inner>, actor: Arc<ActorState>, mut rx: mpsc::UnboundedReceiver<Mail>) {
-    loop {
-        if !matches!(actor.life.lock().status, Status::Pending) {
-            break;
-        }
-        actor.created.notified().await;
-    }
+    actor.until_created().await;
     let permits = Arc::new(Semaphore::new(actor.max_concurrency as usize));
     while let Some(mail) = rx.recv().await {
         let call = match mail {
@@ -1245,24 +1276,66 @@ pub fn create_actor<A: ActorClass>(ray: &Ray, opts: &ActorOptions, args: Vec<Arg
     ActorHandle::from_raw(raw)
 }
 
+/// Hosts an actor on this (worker process's) runtime for its owner: no
+/// restarts here (the owner restarts the whole process), detached (the
+/// worker holds the handle until it exits). Returns once the constructor
+/// ran.
+pub(crate) async fn host(
+    ray: &Ray,
+    class: &'static ActorEntry,
+    args: Vec<Arg>,
+    max_concurrency: u32,
+) -> Result<RawActor> {
+    let opts = ActorOptions {
+        max_concurrency: Some(max_concurrency),
+        max_restarts: Some(0),
+        max_task_retries: Some(0),
+        detached: true,
+        ..ActorOptions::default()
+    };
+    let raw = create_raw_with(ray, class, &opts, args, true)?;
+    let actor = raw.0.actor.clone();
+    actor.until_created().await;
+    match actor.dead_error() {
+        Some(e) => Err(e),
+        None => Ok(raw),
+    }
+}
+
 fn create_raw(
     ray: &Ray,
     class: &'static ActorEntry,
     opts: &ActorOptions,
     args: Vec<Arg>,
 ) -> Result<RawActor> {
+    create_raw_with(ray, class, opts, args, false)
+}
+
+/// Creates an actor; a `hosted` one (in a worker process, for its owner,
+/// who placed it) takes no resources here.
+fn create_raw_with(
+    ray: &Ray,
+    class: &'static ActorEntry,
+    opts: &ActorOptions,
+    args: Vec<Arg>,
+    hosted: bool,
+) -> Result<RawActor> {
     let rt = ray.inner();
     rt.check_open()?;
     let d = &class.options;
     let explicit_cpus = opts.num_cpus.or(d.num_cpus);
-    let lifetime = resource_request(
-        explicit_cpus.unwrap_or(0.0),
-        opts.num_gpus.unwrap_or(d.num_gpus),
-        d.resources,
-        &opts.resources,
-    )?;
+    let lifetime = if hosted {
+        ResourceSet::new()
+    } else {
+        resource_request(
+            explicit_cpus.unwrap_or(0.0),
+            opts.num_gpus.unwrap_or(d.num_gpus),
+            d.resources,
+            &opts.resources,
+        )?
+    };
     let mut placement = lifetime.clone();
-    if explicit_cpus.is_none() {
+    if explicit_cpus.is_none() && !hosted {
         // Ray's default: one CPU to be placed, none held while alive.
         placement.set(CPU, 1.0)?;
     }
@@ -1276,6 +1349,8 @@ fn create_raw(
         })
         .max(1);
     let (tx, rx) = mpsc::unbounded_channel();
+    // In the worker-process mode, actors live in worker processes.
+    let in_process = rt.node.is_some();
     let actor = Arc::new(ActorState {
         id: rt.ids.actor(),
         class,
@@ -1293,13 +1368,18 @@ fn create_raw(
             running: Vec::new(),
             resources_held: false,
         }),
-        mailbox: Mutex::new(if class.is_async { Some(tx) } else { None }),
-        runq: (!class.is_async).then(|| Mutex::new(RunQueue::default())),
+        mailbox: Mutex::new(if class.is_async || in_process {
+            Some(tx)
+        } else {
+            None
+        }),
+        runq: (!class.is_async && !in_process).then(|| Mutex::new(RunQueue::default())),
         ready: AtomicBool::new(false),
         epoch: std::sync::atomic::AtomicU64::new(0),
         created: Notify::new(),
         restarted: Notify::new(),
         handles: AtomicUsize::new(0),
+        remote: Mutex::new(None),
     });
     if let Some(name) = &opts.name {
         let mut names = rt.actors.names.lock();
@@ -1318,7 +1398,9 @@ fn create_raw(
     }
     rt.actors.actors.lock().insert(actor.id, actor.clone());
     let handle = RawActor::new(actor.clone(), rt);
-    if class.is_async {
+    if in_process {
+        rt.handle.spawn(remote::drive(rt.clone(), actor.clone(), rx));
+    } else if class.is_async {
         rt.handle.spawn(drive(rt.clone(), actor.clone(), rx));
     }
     let deps = ref_ids(&actor.ctor_args);
@@ -1358,6 +1440,12 @@ impl Ray {
         }
         let running = std::mem::take(&mut actor.life.lock().running);
         fail_running(rt, running, &actor.died("it was killed and restarted", None));
+        let worker = actor.remote.lock().clone();
+        if let Some(w) = worker {
+            // Its monitor restarts it.
+            w.kill();
+            return Ok(());
+        }
         // Calls made from now on go to the restarted actor.
         if !actor.begin_restart(rt, "it was killed", None) {
             return Ok(());

@@ -1,0 +1,312 @@
+//! Actors in worker processes — the owner's side of Ray's actor task
+//! submitter, for the worker-process mode.
+//!
+//! Each actor gets a worker process of its own, leased from the node's
+//! pool for good. The constructor and every method call travel as task
+//! specs with their arguments resolved here; the worker hosts the instance
+//! on its embedded runtime, where the usual machinery orders calls and
+//! bounds their concurrency.
+//!
+//! The driver task [`drive`] takes calls from the mailbox in submission
+//! order, waits for their reference arguments, and sends them to the
+//! actor's current worker at once, so they arrive in order; a task per
+//! call waits for its outcome. [`monitor`] watches the worker: when it
+//! dies, the actor restarts in a new worker per `max_restarts` (the
+//! constructor runs again) or dies. A call that was in flight is sent again
+//! to the restarted actor per `max_task_retries`, else it fails with
+//! `ActorDied`. A method that panics takes its worker down with it, as a
+//! crashing actor process does in Ray.
+
+use super::{complete_call, fail_call, ActorCall, ActorState, CallGuard, DepsOrCancelled, Mail, Status};
+use crate::error::{Error, TaskFailure};
+use crate::node::WorkerProc;
+use crate::runtime::{ref_ids, Inner, Outcome};
+use crate::task::{Target, TaskSpec};
+use crate::wire::{Message, WireOutcome};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::sync::{mpsc, Semaphore};
+
+/// More calls than can ever be in flight: the permits that let the driver
+/// wait for the last one to finish.
+const IN_FLIGHT_LIMIT: u32 = 1 << 28;
+
+/// Starts a placed actor in a worker process of its own.
+pub(super) async fn start(rt: Arc<Inner>, actor: Arc<ActorState>) {
+    if actor.hold_placement(&rt) {
+        match launch(&rt, &actor).await {
+            Ok(w) => {
+                let alive = {
+                    let mut life = actor.life.lock();
+                    let pending = matches!(life.status, Status::Pending);
+                    if pending {
+                        life.status = Status::Alive;
+                        *actor.remote.lock() = Some(w.clone());
+                    }
+                    pending
+                };
+                if alive {
+                    rt.handle.spawn(monitor(rt.clone(), actor.clone(), w));
+                } else {
+                    w.kill();
+                }
+            }
+            Err(e) => actor.die(&rt, e),
+        }
+    }
+    actor.created.notify_waiters();
+    actor.ready.store(true, Ordering::Release);
+}
+
+/// Leases a worker and runs the constructor there.
+async fn launch(rt: &Arc<Inner>, actor: &Arc<ActorState>) -> crate::Result<Arc<WorkerProc>> {
+    let node = rt
+        .node
+        .clone()
+        .ok_or_else(|| Error::invalid("a process actor needs the worker-process mode"))?;
+    let spec = TaskSpec {
+        id: rt.ids.task(),
+        target: Target::Constructor(actor.class),
+        args: actor.ctor_args.clone(),
+        name: None,
+    };
+    let task_id = spec.id;
+    let bytes = rt
+        .resolve_values(&spec, 1)
+        .and_then(|values| spec.to_wire(&values))?;
+    drop(spec);
+    let failed = |failure, message| {
+        actor.died(
+            "its constructor failed",
+            Some(Error::Task {
+                function: actor.class.name.to_owned(),
+                name: None,
+                task_id,
+                failure,
+                message,
+                attempts: 1,
+                cause: None,
+            }),
+        )
+    };
+    let (w, outcome) = node
+        .create_actor(actor.id, task_id, bytes, actor.max_concurrency)
+        .await
+        .map_err(|reason| {
+            actor.died(
+                "its worker process could not start it",
+                Some(Error::WorkerCrashed { task_id, reason }),
+            )
+        })?;
+    let err = match outcome {
+        WireOutcome::Value { .. } => return Ok(w),
+        WireOutcome::Returned(m) => failed(TaskFailure::Returned, m),
+        WireOutcome::Panicked(m) => failed(TaskFailure::Panicked, m),
+        WireOutcome::Failed(e) => actor.died("its constructor failed", Some(e)),
+    };
+    w.kill();
+    Err(err)
+}
+
+/// Watches an actor's worker; restarts the actor (or ends it) when the
+/// worker dies.
+async fn monitor(rt: Arc<Inner>, actor: Arc<ActorState>, mut w: Arc<WorkerProc>) {
+    loop {
+        w.dead().await;
+        {
+            let mut current = actor.remote.lock();
+            if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &w)) {
+                *current = None;
+            }
+        }
+        if !actor.begin_restart(&rt, "its worker process died", None) {
+            return;
+        }
+        match launch(&rt, &actor).await {
+            Ok(fresh) => {
+                let alive = {
+                    let mut life = actor.life.lock();
+                    let restarting = matches!(life.status, Status::Restarting);
+                    if restarting {
+                        life.status = Status::Alive;
+                        *actor.remote.lock() = Some(fresh.clone());
+                        actor.epoch.fetch_add(1, Ordering::AcqRel);
+                    }
+                    restarting
+                };
+                actor.restarted.notify_waiters();
+                if !alive {
+                    fresh.kill();
+                    return;
+                }
+                w = fresh;
+            }
+            Err(e) => {
+                actor.die(&rt, e);
+                return;
+            }
+        }
+    }
+}
+
+impl ActorState {
+    /// The worker hosting the actor, waiting out a restart in progress;
+    /// with `prev`, a worker other than that one (the one a call was lost
+    /// with).
+    async fn worker(&self, prev: Option<&Arc<WorkerProc>>) -> crate::Result<Arc<WorkerProc>> {
+        loop {
+            let restarted = self.restarted.notified();
+            tokio::pin!(restarted);
+            restarted.as_mut().enable();
+            if let Status::Dead(e) = &self.life.lock().status {
+                return Err(e.clone());
+            }
+            let current = self.remote.lock().clone();
+            if let Some(w) = current {
+                if !w.is_dead() && prev.is_none_or(|p| !Arc::ptr_eq(p, &w)) {
+                    return Ok(w);
+                }
+            }
+            restarted.await;
+        }
+    }
+}
+
+/// The actor's driver: takes calls in order and sends them to its worker.
+pub(super) async fn drive(rt: Arc<Inner>, actor: Arc<ActorState>, mut rx: mpsc::UnboundedReceiver<Mail>) {
+    actor.until_created().await;
+    let in_flight = Arc::new(Semaphore::new(IN_FLIGHT_LIMIT as usize));
+    while let Some(mail) = rx.recv().await {
+        let mut call = match mail {
+            Mail::Call(c) => c,
+            Mail::Stop => break,
+        };
+        if let Some(e) = actor.dead_error() {
+            fail_call(&rt, &call, e);
+            continue;
+        }
+        let deps = ref_ids(&call.args);
+        if !deps.is_empty() {
+            DepsOrCancelled {
+                rt: &rt,
+                deps,
+                state: &call.state,
+            }
+            .await;
+        }
+        if !call.state.start(1) {
+            rt.forget_task(call.state.id);
+            continue;
+        }
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        actor.life.lock().running.push(call.state.clone());
+        let guard = CallGuard {
+            rt: rt.clone(),
+            actor: actor.clone(),
+            state: call.state.clone(),
+            _permit: Some(permit),
+        };
+        let spec = TaskSpec {
+            id: call.state.id,
+            target: Target::Method(actor.id, call.method),
+            args: std::mem::take(&mut call.args),
+            name: None,
+        };
+        let bytes = rt
+            .resolve_values(&spec, 1)
+            .and_then(|values| spec.to_wire(&values));
+        drop(spec);
+        let (bytes, w) = match bytes {
+            Ok(b) => match actor.worker(None).await {
+                Ok(w) => (b, w),
+                Err(e) => {
+                    complete_call(&rt, &actor, &call, 1, Outcome::Failed(e));
+                    continue;
+                }
+            },
+            Err(e) => {
+                complete_call(&rt, &actor, &call, 1, Outcome::Failed(e));
+                continue;
+            }
+        };
+        call.state.set_remote(1, w.clone());
+        let outcome = w.push(call.state.id, push_message(&actor, &call, bytes.clone()));
+        rt.handle
+            .spawn(finish(rt.clone(), actor.clone(), call, bytes, w, outcome, guard));
+    }
+    // Out of scope: let the calls in flight finish, then end.
+    let _all = in_flight.acquire_many(IN_FLIGHT_LIMIT).await;
+    let e = actor.died("all handles to it were dropped", None);
+    actor.die(&rt, e);
+    rx.close();
+    while let Ok(mail) = rx.try_recv() {
+        if let Mail::Call(call) = mail {
+            let e = actor
+                .dead_error()
+                .unwrap_or_else(|| actor.died("it was stopped", None));
+            fail_call(&rt, &call, e);
+        }
+    }
+}
+
+fn push_message(actor: &ActorState, call: &ActorCall, spec: Vec<u8>) -> Message {
+    Message::PushTask {
+        task_id: call.state.id,
+        actor: Some(actor.id),
+        spec,
+    }
+}
+
+/// Waits for a call's outcome; sends it again to the restarted actor when
+/// its worker died and the call may be retried.
+async fn finish(
+    rt: Arc<Inner>,
+    actor: Arc<ActorState>,
+    call: ActorCall,
+    spec: Vec<u8>,
+    mut w: Arc<WorkerProc>,
+    outcome: impl std::future::Future<Output = std::result::Result<WireOutcome, String>> + Send + 'static,
+    _guard: CallGuard,
+) {
+    let mut pending: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = Box::pin(outcome);
+    let mut retries_left = actor.max_task_retries;
+    let mut attempt = 1;
+    loop {
+        let outcome = match pending.await {
+            Ok(o) => Outcome::from_wire(o),
+            Err(reason) => Outcome::Crashed(reason),
+        };
+        let crashed = matches!(outcome, Outcome::Panicked(_) | Outcome::Crashed(_));
+        if crashed {
+            // A panic ends the worker; calls made from now on must go to
+            // the restarted actor, not to it.
+            w.condemn();
+        }
+        if crashed && retries_left != 0 && !call.state.is_cancelled() {
+            if let Ok(fresh) = actor.worker(Some(&w)).await {
+                retries_left -= i32::from(retries_left > 0);
+                attempt += 1;
+                call.state.set_remote(1, fresh.clone());
+                pending = Box::pin(fresh.push(call.state.id, push_message(&actor, &call, spec.clone())));
+                w = fresh;
+                continue;
+            }
+        }
+        let outcome = match outcome {
+            Outcome::Crashed(reason) => Outcome::Failed(actor.dead_error().unwrap_or_else(|| {
+                actor.died(
+                    "its worker process died",
+                    Some(Error::WorkerCrashed {
+                        task_id: call.state.id,
+                        reason,
+                    }),
+                )
+            })),
+            o => o,
+        };
+        complete_call(&rt, &actor, &call, attempt, outcome);
+        return;
+    }
+}
