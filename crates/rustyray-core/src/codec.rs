@@ -20,6 +20,7 @@
 
 use crate::error::{Error, Result};
 use crate::runtime::Inner;
+use crate::shm::{SharedBytes, ShmObject};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::any::Any;
@@ -37,6 +38,7 @@ pub trait Data: Serialize + DeserializeOwned + Send + Sync + 'static {}
 impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Data for T {}
 
 type EncodeFn = fn(&(dyn Any + Send + Sync)) -> Result<Vec<u8>>;
+type EncodeIntoFn = fn(&(dyn Any + Send + Sync), &mut [u8]) -> Result<()>;
 type SizeFn = fn(&(dyn Any + Send + Sync)) -> Result<usize>;
 
 /// An erased value: a task argument, a return value or an object.
@@ -57,16 +59,63 @@ enum Repr {
 struct LocalVt {
     type_name: fn() -> &'static str,
     encode: EncodeFn,
+    encode_into: EncodeIntoFn,
     size: SizeFn,
+    encoded_len: SizeFn,
 }
 
 /// A value in bytes form.
 struct Encoded {
-    bytes: Vec<u8>,
+    bytes: Payload,
     type_name: Cow<'static, str>,
-    /// References the bytes mention, kept alive with them (never read:
-    /// holding them is the point).
+    /// References the bytes mention, kept alive with them (only their
+    /// presence is ever read: holding them is the point).
     _nested: Vec<KeepAlive>,
+}
+
+/// Where encoded bytes live.
+enum Payload {
+    /// On the heap of this process.
+    Heap(Vec<u8>),
+    /// In the node's shared memory, pinned and mapped here.
+    Pinned(SharedBytes),
+    /// In the node's shared memory, held by its owner and not pinned (it may
+    /// be on disk): reading pins it.
+    Stored(ShmObject),
+}
+
+impl Payload {
+    /// The bytes, pinned for as long as the returned guard lives.
+    fn read(&self) -> Result<Readable<'_>> {
+        Ok(match self {
+            Payload::Heap(v) => Readable::Borrowed(v),
+            Payload::Pinned(b) => Readable::Shared(b.clone()),
+            Payload::Stored(o) => Readable::Shared(o.pin()?),
+        })
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Payload::Heap(v) => v.len(),
+            Payload::Pinned(b) => b.len(),
+            Payload::Stored(o) => o.len,
+        }
+    }
+}
+
+/// Bytes ready to decode.
+enum Readable<'a> {
+    Borrowed(&'a [u8]),
+    Shared(SharedBytes),
+}
+
+impl Readable<'_> {
+    fn decode<T: Data>(&self, rt: &Arc<Inner>) -> Result<T> {
+        match self {
+            Readable::Borrowed(b) => decode(b, rt),
+            Readable::Shared(s) => decode_shared(s, rt),
+        }
+    }
 }
 
 /// The [`LocalVt`] of `T`.
@@ -76,7 +125,9 @@ impl<T: Data> VtOf<T> {
     const VT: LocalVt = LocalVt {
         type_name: std::any::type_name::<T>,
         encode: encode_any::<T>,
+        encode_into: encode_into_any::<T>,
         size: size_any::<T>,
+        encoded_len: encoded_len_any::<T>,
     };
 }
 
@@ -92,11 +143,31 @@ impl std::fmt::Debug for Value {
 }
 
 fn encoded(bytes: Vec<u8>, type_name: Cow<'static, str>, nested: Vec<KeepAlive>) -> Value {
+    with_payload(Payload::Heap(bytes), type_name, nested)
+}
+
+fn with_payload(bytes: Payload, type_name: Cow<'static, str>, nested: Vec<KeepAlive>) -> Value {
     Value(Arc::new(Repr::Encoded(Box::new(Encoded {
         bytes,
         type_name,
         _nested: nested,
     }))))
+}
+
+fn encode_into_any<T: Data>(any: &(dyn Any + Send + Sync), buf: &mut [u8]) -> Result<()> {
+    match any.downcast_ref::<T>() {
+        Some(v) => {
+            let used = postcard::to_slice(v, buf).map_err(Error::serialization)?.len();
+            if used == buf.len() {
+                Ok(())
+            } else {
+                Err(Error::serialization(
+                    "value encoded to a different size than measured",
+                ))
+            }
+        }
+        None => Err(Error::serialization("value does not have its recorded type")),
+    }
 }
 
 fn encode_any<T: Data>(any: &(dyn Any + Send + Sync)) -> Result<Vec<u8>> {
@@ -168,6 +239,8 @@ fn plain_copy<T: Data>(value: &T) -> Option<T> {
         })* };
     }
     plain_types!(try_types);
+    // A blob's clone shares its bytes.
+    try_types!(crate::Blob);
     None
 }
 
@@ -202,6 +275,10 @@ fn size_any<T: Data>(any: &(dyn Any + Send + Sync)) -> Result<usize> {
     if let Some(n) = plain_size(any) {
         return Ok(n);
     }
+    encoded_len_any::<T>(any)
+}
+
+fn encoded_len_any<T: Data>(any: &(dyn Any + Send + Sync)) -> Result<usize> {
     match any.downcast_ref::<T>() {
         Some(v) => postcard::serialize_with_flavor::<T, postcard::ser_flavors::Size, usize>(
             v,
@@ -231,6 +308,61 @@ impl Value {
     /// Wraps bytes received from elsewhere.
     pub fn from_bytes(bytes: Vec<u8>, type_name: impl Into<Cow<'static, str>>) -> Self {
         encoded(bytes, type_name.into(), Vec::new())
+    }
+
+    /// Wraps bytes in shared memory, pinned here.
+    pub(crate) fn from_shared(bytes: SharedBytes, type_name: impl Into<Cow<'static, str>>) -> Self {
+        with_payload(Payload::Pinned(bytes), type_name.into(), Vec::new())
+    }
+
+    /// Wraps an object of the node's store that this owner holds.
+    pub(crate) fn from_stored(object: ShmObject, type_name: impl Into<Cow<'static, str>>) -> Self {
+        with_payload(Payload::Stored(object), type_name.into(), Vec::new())
+    }
+
+    /// The node-store object holding this value's bytes, if any.
+    pub(crate) fn stored(&self) -> Option<&ShmObject> {
+        match &*self.0 {
+            Repr::Encoded(e) => match &e.bytes {
+                Payload::Stored(o) => Some(o),
+                _ => None,
+            },
+            Repr::Local { .. } => None,
+        }
+    }
+
+    /// The exact length of the value's bytes form (where [`Value::size`]
+    /// may count a plain-data value's payload alone).
+    pub(crate) fn encoded_len(&self) -> Result<usize> {
+        match &*self.0 {
+            Repr::Local { any, vt } => (vt.encoded_len)(&**any),
+            Repr::Encoded(e) => Ok(e.bytes.len()),
+        }
+    }
+
+    /// Writes the value's bytes form into `buf`, which is exactly
+    /// [`Value::encoded_len`] long. False when the value holds object references,
+    /// which bytes elsewhere cannot keep alive.
+    pub(crate) fn encode_into(&self, buf: &mut [u8]) -> Result<bool> {
+        match &*self.0 {
+            Repr::Local { any, vt } => {
+                let nested = EncodeScope::run(|| (vt.encode_into)(&**any, buf))?.1;
+                Ok(nested.is_empty())
+            }
+            Repr::Encoded(e) if !e._nested.is_empty() => Ok(false),
+            Repr::Encoded(e) => {
+                let bytes = e.bytes.read()?;
+                let src: &[u8] = match &bytes {
+                    Readable::Borrowed(b) => b,
+                    Readable::Shared(s) => s,
+                };
+                if src.len() != buf.len() {
+                    return Err(Error::serialization("encoded value does not fit its buffer"));
+                }
+                buf.copy_from_slice(src);
+                Ok(true)
+            }
+        }
     }
 
     /// The bytes form of this value: itself if already encoded, else a new
@@ -268,10 +400,16 @@ impl Value {
         matches!(*self.0, Repr::Encoded(_))
     }
 
-    /// The encoded bytes, when in bytes form.
+    /// The encoded bytes, when in bytes form and mapped in this process
+    /// (`None` for a local value, and for one held in the node's store,
+    /// which must be pinned to be read).
     pub fn bytes(&self) -> Option<&[u8]> {
         match &*self.0 {
-            Repr::Encoded(e) => Some(&e.bytes),
+            Repr::Encoded(e) => match &e.bytes {
+                Payload::Heap(v) => Some(v),
+                Payload::Pinned(b) => Some(b),
+                Payload::Stored(_) => None,
+            },
             Repr::Local { .. } => None,
         }
     }
@@ -325,7 +463,7 @@ impl Value {
                     found: "a value of another type".to_owned(),
                 }),
             },
-            Repr::Encoded(e) => decode(&e.bytes, rt),
+            Repr::Encoded(e) => e.bytes.read()?.decode(rt),
         }
     }
 
@@ -338,7 +476,7 @@ impl Value {
                     found: "a value of another type".to_owned(),
                 }),
             },
-            Repr::Encoded(e) => decode(&e.bytes, rt),
+            Repr::Encoded(e) => e.bytes.read()?.decode(rt),
         }
     }
 }
@@ -364,6 +502,33 @@ fn copy_typed<T: Data>(value: &T, rt: &Arc<Inner>) -> Result<T> {
     decode(&bytes, rt)
 }
 
+/// Decodes bytes in shared memory as a `T`: a [`crate::Blob`] inside
+/// borrows them in place (keeping them pinned) instead of copying.
+pub(crate) fn decode_shared<T: Data>(bytes: &SharedBytes, rt: &Arc<Inner>) -> Result<T> {
+    struct Clear(Option<SharedBytes>);
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            let prev = self.0.take();
+            SHARED_SOURCE.with(|c| *c.borrow_mut() = prev);
+        }
+    }
+    let prev = SHARED_SOURCE.with(|c| c.borrow_mut().replace(bytes.clone()));
+    let _clear = Clear(prev);
+    decode(bytes, rt)
+}
+
+/// The shared-memory bytes being decoded on this thread, if any: a
+/// [`crate::Blob`] whose bytes lie inside borrows them.
+pub(crate) fn shared_source_covering(part: &[u8]) -> Option<(SharedBytes, usize)> {
+    SHARED_SOURCE.with(|c| {
+        let src = c.borrow();
+        let s = src.as_ref()?;
+        let base = s.as_ptr() as usize;
+        let at = (part.as_ptr() as usize).checked_sub(base)?;
+        (at + part.len() <= s.len()).then(|| (s.clone(), at))
+    })
+}
+
 /// Decodes bytes as a `T`, rebuilding nested references against `rt`.
 pub(crate) fn decode<T: Data>(bytes: &[u8], rt: &Arc<Inner>) -> Result<T> {
     DecodeScope::run(rt, || {
@@ -377,6 +542,7 @@ pub(crate) fn decode<T: Data>(bytes: &[u8], rt: &Arc<Inner>) -> Result<T> {
 }
 
 thread_local! {
+    static SHARED_SOURCE: RefCell<Option<SharedBytes>> = const { RefCell::new(None) };
     static ENCODE: RefCell<Option<Vec<KeepAlive>>> = const { RefCell::new(None) };
     static DECODE: RefCell<Option<Arc<Inner>>> = const { RefCell::new(None) };
     static DECODE_ERROR: RefCell<Option<Error>> = const { RefCell::new(None) };
@@ -390,9 +556,9 @@ thread_local! {
 pub(crate) struct EncodeScope;
 
 impl EncodeScope {
-    fn run<E: std::fmt::Display>(
-        f: impl FnOnce() -> std::result::Result<Vec<u8>, E>,
-    ) -> Result<(Vec<u8>, Vec<KeepAlive>)> {
+    fn run<R, E: std::fmt::Display>(
+        f: impl FnOnce() -> std::result::Result<R, E>,
+    ) -> Result<(R, Vec<KeepAlive>)> {
         /// Restores the enclosing scope, also when `f` unwinds.
         struct Restore(Option<Option<Vec<KeepAlive>>>);
         impl Drop for Restore {

@@ -116,6 +116,10 @@ pub enum Error {
         /// The store's capacity.
         capacity: u64,
     },
+    /// Spilling an object to disk failed for lack of space (Ray's
+    /// `OutOfDiskError`); nothing was lost, the object stays in memory.
+    #[error("out of disk: {0}")]
+    OutOfDisk(String),
     /// A value could not be encoded or decoded.
     #[error("serialization failed: {0}")]
     Serialization(String),

@@ -27,6 +27,7 @@
 #![forbid(unsafe_code)]
 
 mod actor;
+mod blob;
 mod codec;
 mod context;
 mod error;
@@ -39,6 +40,7 @@ pub mod registry;
 mod resources;
 mod runtime;
 mod scheduler;
+mod shm;
 mod store;
 mod sync;
 mod task;
@@ -46,6 +48,7 @@ pub mod wire;
 mod worker;
 
 pub use actor::{create_actor, ActorClass, ActorHandle, ActorStub, RawActor};
+pub use blob::Blob;
 pub use codec::{Data, Value};
 pub use error::{Error, Result, TaskFailure};
 pub use ids::{ActorId, ObjectId, TaskId};

@@ -37,6 +37,7 @@
 
 use crate::error::{Error, Result};
 use crate::ids::TaskId;
+use crate::shm::{shm_error, NodeStore, Pins, ARENA_ENV};
 use crate::wire::{self, FrameDecoder, Message, Role, WireOutcome};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -56,6 +57,8 @@ use tokio::sync::{mpsc, oneshot};
 pub(crate) const WORKER_ENV: &str = "RUSTYRAY_WORKER_SOCKET";
 /// The environment variable carrying the node's token (32 hex digits).
 pub(crate) const TOKEN_ENV: &str = "RUSTYRAY_WORKER_TOKEN";
+/// The environment variable carrying the shared-memory threshold.
+pub(crate) const THRESHOLD_ENV: &str = "RUSTYRAY_SHM_THRESHOLD";
 
 /// How long a new worker process may take to connect.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -100,6 +103,10 @@ pub(crate) struct WorkerProc {
     dead: AtomicBool,
     /// Woken when the worker is found dead.
     died: tokio::sync::Notify,
+    /// Shared-memory objects pinned for this worker, with their counts.
+    pins: Mutex<HashMap<u128, u32>>,
+    /// Allocations this worker is writing large results into.
+    writers: Mutex<HashMap<u128, rustyray_shm::Writer>>,
 }
 
 impl std::fmt::Debug for WorkerProc {
@@ -143,13 +150,23 @@ impl WorkerProc {
     /// Sends a task to the worker; the returned future gives its outcome,
     /// or why the worker could not finish it. The task is on its way when
     /// this returns, so tasks sent one after the other arrive in order.
+    /// `pins` (the shared-memory arguments pinned for it) become the
+    /// worker's to release.
     pub(crate) fn push(
         &self,
         task_id: TaskId,
         msg: Message,
+        pins: Pins,
     ) -> impl std::future::Future<Output = std::result::Result<WireOutcome, String>> + Send + 'static {
         let (tx, rx) = oneshot::channel();
         self.inflight.lock().insert(task_id, tx);
+        let ids = pins.hand_over();
+        if !ids.is_empty() {
+            let mut held = self.pins.lock();
+            for id in ids {
+                *held.entry(id).or_insert(0) += 1;
+            }
+        }
         if self.tx.send(msg).is_err() || self.is_dead() {
             self.inflight.lock().remove(&task_id);
         }
@@ -172,6 +189,18 @@ impl WorkerProc {
         if let Some(c) = self.child.lock().as_mut() {
             let _ = c.kill();
         }
+    }
+
+    /// Releases what the worker held in shared memory: its pins, and the
+    /// allocations of results it did not finish.
+    fn release_shared(&self, shm: &NodeStore) {
+        let pins = std::mem::take(&mut *self.pins.lock());
+        for (id, n) in pins {
+            for _ in 0..n {
+                let _ = shm.store.unpin(id);
+            }
+        }
+        self.writers.lock().clear();
     }
 
     /// Kills the process if it still runs and waits for it to be gone.
@@ -199,6 +228,8 @@ pub(crate) struct Pool {
     name: String,
     token: u128,
     command: WorkerCommand,
+    /// The node's shared-memory store, whose arena every worker maps.
+    shm: Arc<NodeStore>,
     state: Mutex<PoolState>,
     handle: tokio::runtime::Handle,
 }
@@ -222,6 +253,7 @@ impl Pool {
         prestart: usize,
         handle: &tokio::runtime::Handle,
         token: u128,
+        shm: Arc<NodeStore>,
     ) -> Result<Arc<Pool>> {
         let name = format!("rustyray-{}-{:032x}", std::process::id(), token ^ 0x5a5a);
         let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
@@ -238,6 +270,7 @@ impl Pool {
             name,
             token,
             command,
+            shm,
             state: Mutex::new(PoolState::default()),
             handle: handle.clone(),
         });
@@ -261,7 +294,7 @@ impl Pool {
     pub(crate) async fn run_task(
         self: &Arc<Self>,
         task_id: TaskId,
-        spec: Vec<u8>,
+        (spec, pins): (Vec<u8>, Pins),
         started: impl FnOnce(&Arc<WorkerProc>),
     ) -> std::result::Result<WireOutcome, String> {
         let w = self.lease().await.map_err(|e| e.to_string())?;
@@ -274,6 +307,7 @@ impl Pool {
                     actor: None,
                     spec,
                 },
+                pins,
             )
             .await?;
         self.give_back(w);
@@ -287,7 +321,7 @@ impl Pool {
         self: &Arc<Self>,
         actor_id: crate::ids::ActorId,
         task_id: TaskId,
-        spec: Vec<u8>,
+        (spec, pins): (Vec<u8>, Pins),
         max_concurrency: u32,
     ) -> std::result::Result<(Arc<WorkerProc>, WireOutcome), String> {
         let w = self.lease().await.map_err(|e| e.to_string())?;
@@ -300,6 +334,7 @@ impl Pool {
                     spec,
                     max_concurrency,
                 },
+                pins,
             )
             .await?;
         Ok((w, outcome))
@@ -335,7 +370,10 @@ impl Pool {
         cmd.args(&self.command.args)
             .env(WORKER_ENV, &self.name)
             .env(TOKEN_ENV, format!("{:032x}", self.token))
+            .env(THRESHOLD_ENV, self.shm.threshold.to_string())
             .stdin(Stdio::null());
+        rustyray_shm::inherit_arena(&mut cmd, self.shm.store.arena(), ARENA_ENV)
+            .map_err(|e| Error::invalid(format!("cannot hand the arena to a worker: {e}")))?;
         let (tx, mut rx) = oneshot::channel();
         // The start registers before the process exists, under the lock,
         // so its connection cannot arrive first.
@@ -394,6 +432,8 @@ impl Pool {
             inflight: Mutex::new(HashMap::new()),
             dead: AtomicBool::new(false),
             died: tokio::sync::Notify::new(),
+            pins: Mutex::new(HashMap::new()),
+            writers: Mutex::new(HashMap::new()),
         });
         {
             let mut s = self.state.lock();
@@ -428,6 +468,7 @@ impl Pool {
             s.live.remove(&w.pid);
             s.idle.retain(|i| !Arc::ptr_eq(i, w));
         }
+        w.release_shared(&self.shm);
         let inflight = std::mem::take(&mut *w.inflight.lock());
         if !inflight.is_empty() {
             tracing::warn!(
@@ -463,6 +504,7 @@ impl Pool {
             let _ = w.tx.send(Message::Shutdown);
             w.reap();
             w.inflight.lock().clear();
+            w.release_shared(&self.shm);
         }
     }
 }
@@ -507,9 +549,51 @@ async fn read_loop(
     let why = loop {
         match wire::read_message(&mut rd, &mut dec).await {
             Ok(Some(Message::TaskDone { task_id, outcome })) => {
+                let outcome = match outcome {
+                    WireOutcome::Stored { type_name, id, len } => match w.writers.lock().remove(&id) {
+                        Some(writer) if writer.len() as u64 == len => {
+                            writer.seal();
+                            WireOutcome::Stored { type_name, id, len }
+                        }
+                        _ => WireOutcome::Failed(Error::invalid(format!(
+                            "the worker reported object {id:x} it was given no room for"
+                        ))),
+                    },
+                    o => o,
+                };
                 let tx = w.inflight.lock().remove(&task_id);
                 if let Some(tx) = tx {
                     let _ = tx.send(outcome);
+                }
+            }
+            Ok(Some(Message::CreateObject { id, len })) => {
+                let slot = match pool.upgrade() {
+                    Some(pool) => usize::try_from(len)
+                        .map_err(|_| Error::invalid(format!("object of {len} bytes")))
+                        .and_then(|len| pool.shm.store.create(id, len).map_err(shm_error))
+                        .map(|writer| {
+                            let offset = writer.offset() as u64;
+                            w.writers.lock().insert(id, writer);
+                            offset
+                        }),
+                    None => Err(Error::Shutdown),
+                };
+                let _ = w.tx.send(Message::ObjectSlot { id, slot });
+            }
+            Ok(Some(Message::Unpin { id })) => {
+                let held = {
+                    let mut pins = w.pins.lock();
+                    match pins.get_mut(&id) {
+                        Some(n) if *n > 1 => {
+                            *n -= 1;
+                            true
+                        }
+                        Some(_) => pins.remove(&id).is_some(),
+                        None => false,
+                    }
+                };
+                if let (true, Some(pool)) = (held, pool.upgrade()) {
+                    let _ = pool.shm.store.unpin(id);
                 }
             }
             Ok(Some(Message::Ping { nonce })) => {

@@ -36,6 +36,7 @@ use crate::pool::Pool;
 use crate::registry::{BoxFuture, FunctionBody, FunctionEntry, InvokeError, Registry};
 use crate::resources::{self, ResourceSet};
 use crate::scheduler::{Rejected, Schedulable, Scheduler};
+use crate::shm::NodeStore;
 use crate::store::{Peek, Store, StoreStats, ThreadWaker};
 use crate::task::{ArgList, Target, TaskSpec, TaskState};
 use parking_lot::Mutex;
@@ -61,6 +62,8 @@ pub struct Config {
     async_threads: Option<usize>,
     worker_mode: WorkerMode,
     worker_command: Option<WorkerCommand>,
+    spill_dir: Option<std::path::PathBuf>,
+    shared_memory_threshold: usize,
 }
 
 /// Where tasks run.
@@ -90,6 +93,8 @@ impl Default for Config {
             async_threads: None,
             worker_mode: WorkerMode::Threads,
             worker_command: None,
+            spill_dir: None,
+            shared_memory_threshold: crate::shm::DEFAULT_THRESHOLD,
         }
     }
 }
@@ -159,6 +164,22 @@ impl Config {
     /// test binary with arguments that select its worker entry.
     pub fn worker_command(mut self, command: WorkerCommand) -> Self {
         self.worker_command = Some(command);
+        self
+    }
+
+    /// Where the node spills objects when its shared memory is full, in
+    /// the worker-process mode (default: a fresh directory under the
+    /// system's temporary directory, removed at shutdown).
+    pub fn spill_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.spill_dir = Some(dir.into());
+        self
+    }
+
+    /// In the worker-process mode, values whose bytes form is at least
+    /// this long live in the node's shared memory (default 100 KiB, as in
+    /// Ray); smaller ones travel inline.
+    pub fn shared_memory_threshold(mut self, bytes: usize) -> Self {
+        self.shared_memory_threshold = bytes;
         self
     }
 }
@@ -305,6 +326,8 @@ pub(crate) struct Inner {
     thread_prefix: String,
     /// The node daemon's worker processes, in the worker-process mode.
     pub(crate) node: Option<Arc<node::Pool>>,
+    /// The node's shared-memory store, in the worker-process mode.
+    pub(crate) shm: Option<Arc<NodeStore>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -438,26 +461,33 @@ impl Inner {
             .build()
             .map_err(|e| Error::invalid(format!("cannot start the async executor: {e}")))?;
         let min_threads = (num_cpus.ceil() as usize).max(1);
-        let node = match config.worker_mode {
-            WorkerMode::Threads => None,
+        let store_memory = config.object_store_memory.unwrap_or_else(default_store_memory);
+        let (node, shm) = match config.worker_mode {
+            WorkerMode::Threads => (None, None),
             WorkerMode::Processes => {
                 let command = match config.worker_command {
                     Some(c) => c,
                     None => WorkerCommand::current_exe()?,
                 };
-                Some(node::Pool::start(
+                let spill_dir = config.spill_dir.unwrap_or_else(|| {
+                    std::env::temp_dir()
+                        .join(format!("rustyray-spill-{}-{thread_prefix}", std::process::id()))
+                });
+                let capacity = usize::try_from(store_memory)
+                    .map_err(|_| Error::invalid("object_store_memory does not fit this machine"))?;
+                let shm = NodeStore::new(capacity, spill_dir, config.shared_memory_threshold)?;
+                let pool = node::Pool::start(
                     command,
                     min_threads,
                     executor.handle(),
                     crate::ids::random_token(),
-                )?)
+                    shm.clone(),
+                )?;
+                (Some(pool), Some(shm))
             }
         };
         Ok(Arc::new(Inner {
-            store: Store::new(
-                config.object_store_memory.unwrap_or_else(default_store_memory),
-                config.object_store_full_timeout,
-            ),
+            store: Store::new(store_memory, config.object_store_full_timeout),
             registry,
             sched: Scheduler::new(total),
             tasks: Mutex::new(HashMap::default()),
@@ -471,6 +501,7 @@ impl Inner {
             thread_prefix,
             ids,
             node,
+            shm,
         }))
     }
 
@@ -500,6 +531,19 @@ impl Inner {
         let measured = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<(Value, u64)> {
             let v = if self.bytes_mode { v.to_encoded()? } else { v };
             let size = v.size()? as u64;
+            // Large values of the worker-process mode live in the node's
+            // shared memory, which has its own capacity (and spills).
+            if let Some(node) = &self.shm {
+                if v.stored().is_some() {
+                    return Ok((v, 0));
+                }
+                if size >= node.threshold as u64 {
+                    if let Some(o) = node.store_value(&v)? {
+                        let type_name = v.type_name().to_owned();
+                        return Ok((Value::from_stored(o, type_name), 0));
+                    }
+                }
+            }
             Ok((v, size))
         }));
         let (v, size) = measured.map_err(|p| {
@@ -731,12 +775,12 @@ impl Inner {
             let attempt = r.attempt;
             let spec = rt
                 .resolve_values(&r.spec, attempt)
-                .and_then(|values| r.spec.to_wire(&values));
+                .and_then(|values| r.spec.to_wire(&values, rt.shm.as_ref()));
             let outcome = match spec {
                 Ok(bytes) => {
                     let started = |w: &Arc<node::WorkerProc>| state.set_remote(attempt, w.clone());
                     match node.run_task(state.id, bytes, started).await {
-                        Ok(o) => Outcome::from_wire(o),
+                        Ok(o) => Outcome::from_wire(o, &rt),
                         Err(reason) => Outcome::Crashed(reason),
                     }
                 }
@@ -1095,6 +1139,9 @@ impl Inner {
         // Values completed while stopping are freed too.
         self.store.shut_down();
         actor::shut_down_all(self);
+        if let Some(shm) = &self.shm {
+            shm.store.remove_spill_files();
+        }
         let (done, cv) = &self.shutdown_done;
         *done.lock() = true;
         cv.notify_all();
@@ -1250,6 +1297,12 @@ impl Ray {
     /// workers, `rrXXXXXX-a` for the async executor).
     pub fn thread_prefix(&self) -> &str {
         &self.inner.thread_prefix
+    }
+
+    /// The node's shared-memory store, in the worker-process mode: its
+    /// use, and what it spilled and restored.
+    pub fn shared_store_stats(&self) -> Option<rustyray_shm::StoreStats> {
+        self.inner.shm.as_ref().map(|s| s.store.stats())
     }
 
     /// The process ids of the node's live worker processes (empty in the

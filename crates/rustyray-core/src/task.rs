@@ -15,6 +15,7 @@ use crate::ids::{ActorId, TaskId};
 use crate::object_ref::{Arg, RawRef};
 use crate::registry::{ActorEntry, FunctionEntry, MethodEntry, Registry};
 use crate::runtime::Inner;
+use crate::shm::{NodeStore, Pins};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,9 +58,23 @@ enum WireTarget {
 
 #[derive(Serialize, Deserialize)]
 enum WireArg {
-    Value { type_name: String, bytes: Vec<u8> },
+    Value {
+        type_name: String,
+        bytes: Vec<u8>,
+    },
     Ref(RawRef),
+    /// A value in the node's shared memory, pinned for the receiver.
+    Shared {
+        type_name: String,
+        id: u128,
+        offset: u64,
+        len: u64,
+    },
 }
+
+/// Makes the value of a shared-memory argument in a worker process:
+/// `(type name, object id, offset, length)`.
+pub(crate) type SharedArg<'a> = &'a dyn Fn(String, u128, u64, u64) -> Result<Value>;
 
 #[derive(Serialize, Deserialize)]
 struct WireSpec {
@@ -97,9 +112,32 @@ impl TaskSpec {
 
     /// The bytes a worker process receives: the spec with `values` (the
     /// resolved arguments, in order) inline.
-    pub(crate) fn to_wire(&self, values: &[Value]) -> Result<Vec<u8>> {
+    /// Values in (or large enough for) the node's shared memory travel as
+    /// their location, pinned for the receiver: the returned [`Pins`].
+    pub(crate) fn to_wire(&self, values: &[Value], node: Option<&Arc<NodeStore>>) -> Result<(Vec<u8>, Pins)> {
         let mut args = Vec::with_capacity(values.len());
+        let mut pins = Pins::none();
         for v in values {
+            let fresh;
+            let stored = match (v.stored(), node) {
+                (Some(o), _) => Some(o),
+                (None, Some(node)) if v.size()? >= node.threshold => {
+                    fresh = node.store_value(v)?;
+                    fresh.as_ref()
+                }
+                _ => None,
+            };
+            if let Some(o) = stored {
+                let (offset, len) = o.node.pin_remote(o.id)?;
+                pins.add(&o.node, o.id);
+                args.push(WireArg::Shared {
+                    type_name: v.type_name().to_owned(),
+                    id: o.id,
+                    offset,
+                    len,
+                });
+                continue;
+            }
             let enc = v.to_encoded()?;
             args.push(WireArg::Value {
                 type_name: enc.type_name().to_owned(),
@@ -112,7 +150,8 @@ impl TaskSpec {
             args,
             name: self.name.as_deref().map(str::to_owned),
         };
-        postcard::to_allocvec(&wire).map_err(|e| Error::serialization(e.to_string()))
+        let bytes = postcard::to_allocvec(&wire).map_err(|e| Error::serialization(e.to_string()))?;
+        Ok((bytes, pins))
     }
 
     fn wire_target(&self) -> WireTarget {
@@ -125,6 +164,17 @@ impl TaskSpec {
 
     /// Decodes a spec, resolving names through `registry`.
     pub(crate) fn from_bytes(bytes: &Value, rt: &Arc<Inner>, registry: &Registry) -> Result<Self> {
+        Self::from_wire(bytes, rt, registry, None)
+    }
+
+    /// Decodes a spec; `shared` makes the values of shared-memory
+    /// arguments (in a worker process).
+    pub(crate) fn from_wire(
+        bytes: &Value,
+        rt: &Arc<Inner>,
+        registry: &Registry,
+        shared: Option<SharedArg<'_>>,
+    ) -> Result<Self> {
         let raw = bytes
             .bytes()
             .ok_or_else(|| Error::serialization("a task spec must be in bytes form"))?;
@@ -137,11 +187,26 @@ impl TaskSpec {
         let args = wire
             .args
             .into_iter()
-            .map(|a| match a {
-                WireArg::Value { type_name, bytes } => Arg::Value(Value::from_bytes(bytes, type_name)),
-                WireArg::Ref(r) => Arg::Ref(r),
+            .map(|a| {
+                Ok(match a {
+                    WireArg::Value { type_name, bytes } => Arg::Value(Value::from_bytes(bytes, type_name)),
+                    WireArg::Ref(r) => Arg::Ref(r),
+                    WireArg::Shared {
+                        type_name,
+                        id,
+                        offset,
+                        len,
+                    } => match shared {
+                        Some(make) => Arg::Value(make(type_name, id, offset, len)?),
+                        None => {
+                            return Err(Error::invalid(
+                                "a shared-memory argument outside a worker process",
+                            ))
+                        }
+                    },
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         Ok(TaskSpec {
             id: wire.id,
             target,

@@ -120,6 +120,33 @@ pub enum Message {
         /// How many calls may run at once.
         max_concurrency: u32,
     },
+    /// Worker → owner: asks for an allocation of `len` bytes in the node's
+    /// shared memory, for a large result the worker is about to write.
+    /// Answered by `ObjectSlot`. Not idempotent (a second request for the
+    /// same id is refused). If the worker dies before the result is
+    /// sealed, the allocation is freed.
+    CreateObject {
+        /// The new object's id (minted by the worker).
+        id: u128,
+        /// Its size in bytes.
+        len: u64,
+    },
+    /// Owner → worker: the allocation for `CreateObject`, at `slot` bytes
+    /// into the arena, or why there is none (the store is full).
+    ObjectSlot {
+        /// The object.
+        id: u128,
+        /// Its offset in the arena, or the failure.
+        slot: Result<u64, Error>,
+    },
+    /// Worker → owner: the worker dropped its last view of an object the
+    /// owner pinned for it (a shared-memory argument). Idempotent per pin:
+    /// each pin the owner took is released by one `Unpin`; a worker that
+    /// dies has its pins released for it.
+    Unpin {
+        /// The object.
+        id: u128,
+    },
     /// Owner → worker: cancel a task. Idempotent. With `force` the daemon
     /// kills the worker process instead.
     CancelTask {
@@ -154,6 +181,16 @@ pub enum WireOutcome {
     },
     /// The user code returned an `Err`; its message.
     Returned(String),
+    /// It returned a large value, written into the node's shared memory
+    /// in the allocation `CreateObject` asked for; the owner seals it.
+    Stored {
+        /// The value's type name.
+        type_name: String,
+        /// The object holding its bytes.
+        id: u128,
+        /// Their length.
+        len: u64,
+    },
     /// The user code panicked; the panic message.
     Panicked(String),
     /// The runtime failed the attempt (a bad argument, a cancel, …).
@@ -382,6 +419,20 @@ mod tests {
             Message::CancelTask {
                 task_id: TaskId::from_u128(7),
                 force: true,
+            },
+            Message::CreateObject { id: 3, len: 1 << 20 },
+            Message::ObjectSlot {
+                id: 3,
+                slot: Ok(4096),
+            },
+            Message::Unpin { id: 3 },
+            Message::TaskDone {
+                task_id: TaskId::from_u128(11),
+                outcome: WireOutcome::Stored {
+                    type_name: "Vec<u8>".into(),
+                    id: 3,
+                    len: 1 << 20,
+                },
             },
             Message::Ping { nonce: 5 },
             Message::Pong { nonce: 5 },

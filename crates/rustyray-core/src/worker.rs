@@ -23,16 +23,18 @@ use crate::codec::Value;
 use crate::context::{self, TaskContext};
 use crate::error::{Error, Result};
 use crate::ids::{ActorId, TaskId};
-use crate::node::{TOKEN_ENV, WORKER_ENV};
+use crate::node::{THRESHOLD_ENV, TOKEN_ENV, WORKER_ENV};
 use crate::object_ref::Arg;
 use crate::object_ref::RawRef;
 use crate::registry::FunctionBody;
 use crate::resources::ResourceSet;
 use crate::runtime::{CatchUnwind, Config, Inner, Outcome};
+use crate::shm::{SharedBytes, ShmObject, ARENA_ENV};
 use crate::store::Peek;
 use crate::task::{ArgList, Target, TaskSpec, TaskState};
 use crate::wire::{self, FrameDecoder, Message, Role, WireOutcome};
 use parking_lot::Mutex;
+use rustyray_shm::ShmClient;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::linux::net::SocketAddrExt;
@@ -98,17 +100,37 @@ impl Replies {
     }
 }
 
-type Running = Arc<Mutex<HashMap<TaskId, Arc<TaskState>>>>;
-/// The actors this worker hosts, by their owner's id (one, in practice).
-type Actors = Arc<Mutex<HashMap<ActorId, RawActor>>>;
-/// Actor calls in progress: the owner's task id → the local call's object.
-type Calls = Arc<Mutex<HashMap<TaskId, RawRef>>>;
+/// A worker process's state, shared by its reader thread and the threads
+/// that finish tasks.
+struct Worker {
+    rt: Arc<Inner>,
+    replies: Replies,
+    /// Function tasks running here, for cancellation.
+    running: Mutex<HashMap<TaskId, Arc<TaskState>>>,
+    /// The actors this worker hosts, by their owner's id (one, in practice).
+    actors: Mutex<HashMap<ActorId, RawActor>>,
+    /// Actor calls in progress: the owner's task id → the local call's
+    /// object.
+    calls: Mutex<HashMap<TaskId, RawRef>>,
+    /// The node's arena, when the node handed one over.
+    shm: Option<ShmClient>,
+    /// Results at least this long go to shared memory.
+    threshold: usize,
+    /// Results waiting for their allocation (`ObjectSlot`).
+    slots: Mutex<HashMap<u128, std::sync::mpsc::Sender<Result<u64>>>>,
+}
 
 fn serve(socket: &str) -> Result<()> {
     let token = std::env::var(TOKEN_ENV)
         .ok()
         .and_then(|t| u128::from_str_radix(&t, 16).ok())
         .ok_or_else(|| Error::invalid(format!("{TOKEN_ENV} is missing or malformed")))?;
+    let threshold = std::env::var(THRESHOLD_ENV)
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(crate::shm::DEFAULT_THRESHOLD);
+    let shm = ShmClient::from_env(ARENA_ENV)
+        .map_err(|e| Error::invalid(format!("cannot map the node's shared memory: {e}")))?;
     let io = |what: &str, e: std::io::Error| Error::invalid(format!("{what}: {e}"));
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(socket.as_bytes())
         .map_err(|e| io("bad node socket name", e))?;
@@ -128,49 +150,120 @@ fn serve(socket: &str) -> Result<()> {
         }
         other => return Err(Error::invalid(format!("expected Welcome, got {other:?}"))),
     }
-    let rt = Inner::start(Config::default())?;
-    let running: Running = Arc::default();
-    let actors: Actors = Arc::default();
-    let calls: Calls = Arc::default();
+    let worker = Arc::new(Worker {
+        rt: Inner::start(Config::default())?,
+        replies,
+        running: Mutex::default(),
+        actors: Mutex::default(),
+        calls: Mutex::default(),
+        shm,
+        threshold,
+        slots: Mutex::default(),
+    });
     loop {
         match read(&mut stream, &mut dec)? {
             Some(Message::PushTask {
                 task_id,
                 actor: None,
                 spec,
-            }) => {
-                run_task(&rt, task_id, spec, &replies, &running);
-            }
+            }) => run_task(&worker, task_id, spec),
             Some(Message::PushTask {
                 task_id,
                 actor: Some(actor_id),
                 spec,
-            }) => {
-                call_actor(&rt, task_id, actor_id, spec, &replies, &actors, &calls);
-            }
+            }) => call_actor(&worker, task_id, actor_id, spec),
             Some(Message::CreateActor {
                 actor_id,
                 task_id,
                 spec,
                 max_concurrency,
-            }) => {
-                create_actor(&rt, actor_id, task_id, spec, max_concurrency, &replies, &actors);
+            }) => create_actor(&worker, actor_id, task_id, spec, max_concurrency),
+            Some(Message::ObjectSlot { id, slot }) => {
+                if let Some(tx) = worker.slots.lock().remove(&id) {
+                    let _ = tx.send(slot);
+                }
             }
             Some(Message::CancelTask { task_id, .. }) => {
-                let state = running.lock().get(&task_id).cloned();
+                let state = worker.running.lock().get(&task_id).cloned();
                 if let Some(s) = state {
                     s.mark_cancelled();
                     s.abort_running();
                 }
-                let call = calls.lock().get(&task_id).cloned();
+                let call = worker.calls.lock().get(&task_id).cloned();
                 if let Some(r) = call {
-                    let _ = rt.cancel(r.id(), crate::options::CancelOptions::default());
+                    let _ = worker.rt.cancel(r.id(), crate::options::CancelOptions::default());
                 }
             }
-            Some(Message::Ping { nonce }) => replies.send(&Message::Pong { nonce }),
+            Some(Message::Ping { nonce }) => worker.replies.send(&Message::Pong { nonce }),
             Some(Message::Shutdown) | None => return Ok(()),
             Some(other) => return Err(Error::invalid(format!("unexpected message {other:?}"))),
         }
+    }
+}
+
+impl Worker {
+    /// How an attempt's outcome goes back: a large value is written into
+    /// an allocation the node makes for it, the rest inline.
+    fn to_wire(&self, outcome: Outcome) -> WireOutcome {
+        let v = match outcome {
+            Outcome::Value(v) => v,
+            other => return other.into_wire(),
+        };
+        match (&self.shm, v.encoded_len()) {
+            (Some(shm), Ok(len)) if len >= self.threshold => match self.store(shm, &v, len) {
+                Ok(stored) => stored,
+                Err(e) => WireOutcome::Failed(e),
+            },
+            _ => Outcome::Value(v).into_wire(),
+        }
+    }
+
+    fn store(&self, shm: &ShmClient, v: &Value, len: usize) -> Result<WireOutcome> {
+        let id = self.rt.ids.object().as_u128();
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.slots.lock().insert(id, tx);
+        self.replies.send(&Message::CreateObject { id, len: len as u64 });
+        // The reader thread hands over the answer; a closed channel means
+        // the connection ended, and the process with it.
+        let offset = rx
+            .recv()
+            .map_err(|_| Error::invalid("the node daemon is gone"))??;
+        let offset = usize::try_from(offset).map_err(|_| Error::invalid("allocation out of range"))?;
+        let written = shm
+            .write_with(offset, len, |buf| v.encode_into(buf))
+            .map_err(|e| Error::invalid(format!("cannot write the result: {e}")))??;
+        if !written {
+            return Err(Error::invalid(
+                "a large result holding object references cannot leave a worker process yet",
+            ));
+        }
+        Ok(WireOutcome::Stored {
+            type_name: v.type_name().to_owned(),
+            id,
+            len: len as u64,
+        })
+    }
+
+    /// The value of a shared-memory argument: a view of the node's arena,
+    /// whose pin is released (by an `Unpin`) when the last view goes.
+    fn shared_arg(&self, type_name: String, id: u128, offset: u64, len: u64) -> Result<Value> {
+        let shm = self
+            .shm
+            .as_ref()
+            .ok_or_else(|| Error::invalid("a shared-memory argument, but no arena was handed over"))?;
+        let (offset, len) = match (usize::try_from(offset), usize::try_from(len)) {
+            (Ok(o), Ok(l)) => (o, l),
+            _ => return Err(Error::invalid("shared-memory argument out of range")),
+        };
+        let replies = self.replies.clone();
+        let view = shm
+            .view(
+                offset,
+                len,
+                Box::new(move || replies.send(&Message::Unpin { id })),
+            )
+            .map_err(|e| Error::invalid(format!("bad shared-memory argument: {e}")))?;
+        Ok(Value::from_shared(SharedBytes::Worker(view), type_name))
     }
 }
 
@@ -204,36 +297,35 @@ fn read(stream: &mut UnixStream, dec: &mut FrameDecoder) -> Result<Option<Messag
 /// set, or (for an aborted async task) as cancelled.
 struct Finish {
     task_id: TaskId,
-    replies: Replies,
-    running: Running,
+    worker: Arc<Worker>,
     outcome: Option<WireOutcome>,
 }
 
 impl Finish {
     fn complete(mut self, outcome: Outcome) {
-        self.outcome = Some(outcome.into_wire());
+        self.outcome = Some(self.worker.to_wire(outcome));
     }
 }
 
 impl Drop for Finish {
     fn drop(&mut self) {
-        self.running.lock().remove(&self.task_id);
+        self.worker.running.lock().remove(&self.task_id);
         let outcome = self
             .outcome
             .take()
             .unwrap_or(WireOutcome::Failed(Error::TaskCancelled(self.task_id)));
-        self.replies.done(self.task_id, outcome);
+        self.worker.replies.done(self.task_id, outcome);
     }
 }
 
-fn run_task(rt: &Arc<Inner>, task_id: TaskId, spec: Vec<u8>, replies: &Replies, running: &Running) {
+fn run_task(worker: &Arc<Worker>, task_id: TaskId, spec: Vec<u8>) {
+    let rt = &worker.rt;
     let mut finish = Finish {
         task_id,
-        replies: replies.clone(),
-        running: running.clone(),
+        worker: worker.clone(),
         outcome: None,
     };
-    let (entry, args) = match decode(rt, spec) {
+    let (entry, args) = match decode(worker, spec) {
         Ok(x) => x,
         Err(e) => {
             finish.outcome = Some(WireOutcome::Failed(e));
@@ -241,7 +333,7 @@ fn run_task(rt: &Arc<Inner>, task_id: TaskId, spec: Vec<u8>, replies: &Replies, 
         }
     };
     let state = TaskState::new(task_id);
-    running.lock().insert(task_id, state.clone());
+    worker.running.lock().insert(task_id, state.clone());
     state.start(1);
     let ctx = TaskContext::new(rt.clone(), state.clone(), ResourceSet::new(), false);
     match entry.body {
@@ -268,8 +360,15 @@ fn run_task(rt: &Arc<Inner>, task_id: TaskId, spec: Vec<u8>, replies: &Replies, 
 
 /// Decodes a pushed spec; checks that the owner resolved every argument
 /// to a value.
-fn decode_spec(rt: &Arc<Inner>, spec: Vec<u8>) -> Result<TaskSpec> {
-    let spec = TaskSpec::from_bytes(&Value::from_bytes(spec, "TaskSpec"), rt, &rt.registry)?;
+fn decode_spec(worker: &Worker, spec: Vec<u8>) -> Result<TaskSpec> {
+    let rt = &worker.rt;
+    let shared = |t, id, o, l| worker.shared_arg(t, id, o, l);
+    let spec = TaskSpec::from_wire(
+        &Value::from_bytes(spec, "TaskSpec"),
+        rt,
+        &rt.registry,
+        Some(&shared),
+    )?;
     if let Some(Arg::Ref(r)) = spec.args.iter().find(|a| matches!(a, Arg::Ref(_))) {
         return Err(Error::invalid(format!(
             "{}: argument {} was not resolved by the owner",
@@ -281,8 +380,9 @@ fn decode_spec(rt: &Arc<Inner>, spec: Vec<u8>) -> Result<TaskSpec> {
 }
 
 /// Decodes a pushed function task into its function and arguments.
-fn decode(rt: &Arc<Inner>, spec: Vec<u8>) -> Result<(&'static crate::registry::FunctionEntry, ArgList)> {
-    let spec = decode_spec(rt, spec)?;
+fn decode(worker: &Worker, spec: Vec<u8>) -> Result<(&'static crate::registry::FunctionEntry, ArgList)> {
+    let rt = &worker.rt;
+    let spec = decode_spec(worker, spec)?;
     let Target::Function(entry) = spec.target else {
         return Err(Error::invalid(format!(
             "{} is not a function",
@@ -295,20 +395,15 @@ fn decode(rt: &Arc<Inner>, spec: Vec<u8>) -> Result<(&'static crate::registry::F
 
 /// Hosts the owner's actor: runs its constructor, answers when it ran.
 fn create_actor(
-    rt: &Arc<Inner>,
+    worker: &Arc<Worker>,
     actor_id: ActorId,
     task_id: TaskId,
     spec: Vec<u8>,
     max_concurrency: u32,
-    replies: &Replies,
-    actors: &Actors,
 ) {
-    let (replies, actors, ray) = (
-        replies.clone(),
-        actors.clone(),
-        crate::Ray::non_owning(rt.clone()),
-    );
-    let spec = decode_spec(rt, spec);
+    let rt = &worker.rt;
+    let (w, ray) = (worker.clone(), crate::Ray::non_owning(rt.clone()));
+    let spec = decode_spec(worker, spec);
     rt.handle.spawn(async move {
         let hosted = match spec {
             Ok(TaskSpec {
@@ -324,7 +419,7 @@ fn create_actor(
         };
         let outcome = match hosted {
             Ok(raw) => {
-                actors.lock().insert(actor_id, raw);
+                w.actors.lock().insert(actor_id, raw);
                 WireOutcome::Value {
                     type_name: String::new(),
                     bytes: Vec::new(),
@@ -332,7 +427,7 @@ fn create_actor(
             }
             Err(e) => local_failure(e),
         };
-        replies.done(task_id, outcome);
+        w.replies.done(task_id, outcome);
     });
 }
 
@@ -340,20 +435,14 @@ fn create_actor(
 /// order they arrive, which is the owner's submission order; the hosted
 /// actor keeps it. A method that panics ends the process, as the owner
 /// expects of a crashing actor.
-fn call_actor(
-    rt: &Arc<Inner>,
-    task_id: TaskId,
-    actor_id: ActorId,
-    spec: Vec<u8>,
-    replies: &Replies,
-    actors: &Actors,
-    calls: &Calls,
-) {
-    let submitted = decode_spec(rt, spec).and_then(|spec| {
+fn call_actor(worker: &Arc<Worker>, task_id: TaskId, actor_id: ActorId, spec: Vec<u8>) {
+    let rt = &worker.rt;
+    let submitted = decode_spec(worker, spec).and_then(|spec| {
         let Target::Method(_, method) = spec.target else {
             return Err(Error::invalid(format!("{} is not a method", spec.target.name())));
         };
-        let actor = actors
+        let actor = worker
+            .actors
             .lock()
             .get(&actor_id)
             .cloned()
@@ -363,26 +452,27 @@ fn call_actor(
     let r = match submitted {
         Ok(r) => r,
         Err(e) => {
-            replies.done(task_id, WireOutcome::Failed(e));
+            worker.replies.done(task_id, WireOutcome::Failed(e));
             return;
         }
     };
-    calls.lock().insert(task_id, r.clone());
-    let (rt2, replies, calls) = (rt.clone(), replies.clone(), calls.clone());
+    worker.calls.lock().insert(task_id, r.clone());
+    let w = worker.clone();
     rt.handle.spawn(async move {
-        let result = std::future::poll_fn(|cx| match rt2.store.peek(r.id(), Some(cx.waker())) {
+        let result = std::future::poll_fn(|cx| match w.rt.store.peek(r.id(), Some(cx.waker())) {
             Ok(Peek::Pending) => std::task::Poll::Pending,
             Ok(Peek::Ready(v)) => std::task::Poll::Ready(Ok(v)),
             Ok(Peek::Failed(e)) | Err(e) => std::task::Poll::Ready(Err(e)),
         })
         .await;
-        calls.lock().remove(&task_id);
+        w.calls.lock().remove(&task_id);
+        drop(r);
         let outcome = match result {
-            Ok(v) => Outcome::Value(v).into_wire(),
+            Ok(v) => w.to_wire(Outcome::Value(v)),
             Err(e) => local_failure(e),
         };
         let crashed = matches!(outcome, WireOutcome::Panicked(_));
-        replies.done(task_id, outcome);
+        w.replies.done(task_id, outcome);
         if crashed {
             std::process::exit(1);
         }
@@ -431,9 +521,20 @@ impl Outcome {
     }
 
     /// The outcome a worker reported.
-    pub(crate) fn from_wire(w: WireOutcome) -> Self {
+    pub(crate) fn from_wire(w: WireOutcome, rt: &Inner) -> Self {
         match w {
             WireOutcome::Value { type_name, bytes } => Outcome::Value(Value::from_bytes(bytes, type_name)),
+            WireOutcome::Stored { type_name, id, len } => match (&rt.shm, usize::try_from(len)) {
+                (Some(node), Ok(len)) => Outcome::Value(Value::from_stored(
+                    ShmObject {
+                        node: node.clone(),
+                        id,
+                        len,
+                    },
+                    type_name,
+                )),
+                _ => Outcome::Failed(Error::invalid("a shared-memory result without a node store")),
+            },
             WireOutcome::Returned(m) => Outcome::Returned(m),
             WireOutcome::Panicked(m) => Outcome::Panicked(m),
             WireOutcome::Failed(e) => Outcome::Failed(e),

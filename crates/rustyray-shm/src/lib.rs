@@ -17,10 +17,12 @@
 //! - [`Pinned`]: a read handle that keeps an object in memory;
 //! - [`Arena`] and [`inherit_arena`]: the mapping, and how to hand it to a
 //!   child process;
+//! - [`ShmClient`] and [`RemoteView`]: the arena in a worker process, which
+//!   reads and writes only the regions the node daemon hands it;
 //! - [`ShmError`]: every failure, as plain data.
 //!
 //! This is the only RustyRay crate that uses `unsafe` (decision 11), and only
-//! in its `arena` module and the store's `shared` and `handles` files, which
+//! in its `arena` and `client` modules and the store's `shared` and `handles` files, which
 //! the compiler enforces (`unsafe_code` is denied everywhere else). The
 //! aliasing contract that makes it sound is described on the [`arena`]
 //! module. Linux only.
@@ -59,11 +61,14 @@
 mod alloc;
 #[allow(unsafe_code)]
 pub mod arena;
+#[allow(unsafe_code)]
+mod client;
 mod error;
 mod spill;
 #[allow(unsafe_code)]
 mod store;
 
 pub use arena::{inherit_arena, Arena};
+pub use client::{RemoteView, ShmClient};
 pub use error::ShmError;
 pub use store::{Pinned, ShmStore, StoreConfig, StoreStats, Writer, DEFAULT_FUSE_BYTES};

@@ -298,12 +298,44 @@ fn orphan_driver() {
     assert!(pids.contains(&pid));
     pids.sort_unstable();
     let line = pids.iter().map(u32::to_string).collect::<Vec<_>>().join(" ");
+    let arena = arena_holders(std::process::id())
+        .into_iter()
+        .next()
+        .expect("the driver maps the node's arena");
+    println!("ARENA {arena}");
     println!("WORKERS {line}");
     use std::io::Write;
     let _ = std::io::stdout().flush();
     loop {
         std::thread::park();
     }
+}
+
+/// The inodes of the shared-memory arenas process `pid` holds open.
+fn arena_holders(pid: u32) -> Vec<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    fds.filter_map(Result::ok)
+        .filter(|e| {
+            std::fs::read_link(e.path())
+                .is_ok_and(|t| t.to_string_lossy().starts_with("/memfd:rustyray-plasma"))
+        })
+        .filter_map(|e| std::fs::metadata(e.path()).ok().map(|m| m.ino()))
+        .collect()
+}
+
+/// Processes that hold the arena with inode `ino` open.
+fn processes_holding(ino: u64) -> Vec<u32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| arena_holders(*pid).contains(&ino))
+        .collect()
 }
 
 #[test]
@@ -325,19 +357,32 @@ fn workers_die_with_their_driver() {
     let out = driver.stdout.take().expect("stdout");
     // The workers share the driver's stdout, so the report may follow
     // their output on the same line.
-    let line = std::io::BufReader::new(out)
-        .lines()
-        .map_while(Result::ok)
+    let mut lines = std::io::BufReader::new(out).lines().map_while(Result::ok);
+    let arena: u64 = lines
+        .find_map(|l| l.split_once("ARENA ").map(|(_, ino)| ino.trim().to_owned()))
+        .expect("the driver reported its arena")
+        .parse()
+        .expect("an inode");
+    let line = lines
         .find_map(|l| l.split_once("WORKERS ").map(|(_, pids)| pids.to_owned()))
         .expect("the driver reported its workers");
     let pids: Vec<u32> = line.split_whitespace().map(|p| p.parse().expect("pid")).collect();
     assert!(!pids.is_empty());
     assert!(pids.iter().all(|p| !gone(*p)));
+    let holders = processes_holding(arena);
+    assert!(holders.contains(&driver.id()), "{holders:?}");
+    assert!(
+        pids.iter().all(|p| holders.contains(p)),
+        "workers map the arena: {holders:?}"
+    );
     driver.kill().expect("kill the driver");
     driver.wait().expect("reap the driver");
     for pid in pids {
         wait_until(&format!("worker {pid} exits after its driver died"), || gone(pid));
     }
+    // No process holds the arena any more: the memfd, and its memory, are
+    // gone with the last of them.
+    wait_until("the arena is released", || processes_holding(arena).is_empty());
 }
 
 // ----- actors ------------------------------------------------------------
@@ -495,5 +540,182 @@ fn kill_and_constructor_errors_end_process_actors() -> rustyray::Result<()> {
         }
         other => panic!("expected ActorDied with the constructor's error, got {other:?}"),
     }
+    Ok(())
+}
+
+// ----- shared memory -----------------------------------------------------
+
+/// A deterministic pattern for object `k`.
+fn pattern(k: usize, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i.wrapping_mul(31) ^ k.wrapping_mul(131)) as u8)
+        .collect()
+}
+
+fn checksum(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+#[rustyray::remote]
+fn checksum_of(v: Vec<u8>) -> u64 {
+    checksum(&v)
+}
+
+#[rustyray::remote]
+fn blob_in_place(b: rustyray::Blob) -> (bool, u64) {
+    (b.is_shared(), checksum(&b))
+}
+
+#[rustyray::remote]
+fn make_bytes(k: u64, len: u64) -> Vec<u8> {
+    pattern(k as usize, len as usize)
+}
+
+fn shm_runtime(memory: u64, spill: &Path) -> Ray {
+    rustyray::init_with(
+        Config::new()
+            .num_cpus(2.0)
+            .worker_mode(WorkerMode::Processes)
+            .worker_command(worker_command())
+            .object_store_memory(memory)
+            .spill_dir(spill),
+    )
+    .expect("runtime")
+}
+
+#[test]
+fn large_objects_are_written_once_into_shared_memory() -> rustyray::Result<()> {
+    let dir = scratch("shm-large");
+    let ray = shm_runtime(64 << 20, &dir.join("spill"));
+    let stats = || ray.shared_store_stats().expect("process mode has a shared store");
+    let data = pattern(1, 1 << 20);
+    let r = ray.put(data.clone())?;
+    assert_eq!(stats().objects_in_memory, 1, "{:?}", stats());
+    // A worker reads it from shared memory; small objects stay inline.
+    assert_eq!(
+        ray.get_timeout(&checksum_of::remote(&ray, &r)?, LONG)?,
+        checksum(&data)
+    );
+    let small = ray.put(vec![1_u8; 100])?;
+    assert_eq!(
+        ray.get_timeout(&checksum_of::remote(&ray, &small)?, LONG)?,
+        checksum(&[1; 100])
+    );
+    assert_eq!(stats().objects_in_memory, 1);
+    // A large result is written by the worker into shared memory.
+    let made = make_bytes::remote(&ray, 7, 3 << 20)?;
+    assert_eq!(ray.get_timeout(&made, LONG)?, pattern(7, 3 << 20));
+    assert_eq!(stats().objects_in_memory, 2);
+    // A large inline argument goes through shared memory too, then is freed.
+    let inline = pattern(9, 200_000);
+    assert_eq!(
+        ray.get_timeout(&checksum_of::remote(&ray, inline.clone())?, LONG)?,
+        checksum(&inline)
+    );
+    // Unreferenced objects are freed at once.
+    drop((r, made));
+    wait_until("the store is empty", || {
+        stats().objects_in_memory == 0 && stats().used == 0
+    });
+    Ok(())
+}
+
+#[test]
+fn blobs_are_read_in_place_from_shared_memory() -> rustyray::Result<()> {
+    let dir = scratch("shm-blob");
+    let ray = shm_runtime(64 << 20, &dir.join("spill"));
+    let data = pattern(3, 2 << 20);
+    let r = ray.put(rustyray::Blob::from(data.clone()))?;
+    // In the worker: a view of the arena, no copy.
+    let (shared, sum) = ray.get_timeout(&blob_in_place::remote(&ray, &r)?, LONG)?;
+    assert!(shared, "the worker's blob was copied");
+    assert_eq!(sum, checksum(&data));
+    // In the driver: a view too, pinned while held.
+    let view = ray.get_timeout(&r, LONG)?;
+    assert!(view.is_shared());
+    assert_eq!(&view[..], &data[..]);
+    drop(r);
+    let stats = ray.shared_store_stats().expect("stats");
+    assert!(
+        stats.used >= 2 << 20,
+        "the view keeps the object's memory: {stats:?}"
+    );
+    assert_eq!(&view[..], &data[..]);
+    drop(view);
+    wait_until("the object is freed with its last view", || {
+        ray.shared_store_stats().is_some_and(|s| s.used == 0)
+    });
+    // Threads mode: the same type, shared by reference count.
+    let threads = rustyray::init_with(Config::new().num_cpus(1.0))?;
+    let b = threads.put(rustyray::Blob::from(vec![5_u8; 10]))?;
+    assert_eq!(&threads.get(&b)?[..], &[5; 10]);
+    Ok(())
+}
+
+#[test]
+fn referenced_objects_spill_to_disk_and_come_back() -> rustyray::Result<()> {
+    let dir = scratch("shm-spill");
+    let spill = dir.join("spill");
+    // 8 MiB of shared memory, 24 MiB of live objects.
+    let ray = shm_runtime(8 << 20, &spill);
+    let n = 24;
+    let refs = (0..n)
+        .map(|k| ray.put(pattern(k, 1 << 20)))
+        .collect::<rustyray::Result<Vec<_>>>()?;
+    let stats = ray.shared_store_stats().expect("stats");
+    assert!(stats.objects_spilled > 0, "{stats:?}");
+    assert!(stats.used <= stats.capacity);
+    // Every byte comes back, in the driver and in workers.
+    for (k, r) in refs.iter().enumerate() {
+        assert_eq!(ray.get_timeout(r, LONG)?, pattern(k, 1 << 20), "object {k}");
+    }
+    let sums = refs
+        .iter()
+        .map(|r| checksum_of::remote(&ray, r))
+        .collect::<rustyray::Result<Vec<_>>>()?;
+    for (k, s) in sums.iter().enumerate() {
+        assert_eq!(
+            ray.get_timeout(s, LONG)?,
+            checksum(&pattern(k, 1 << 20)),
+            "object {k} in a worker"
+        );
+    }
+    let stats = ray.shared_store_stats().expect("stats");
+    assert!(stats.restores > 0, "{stats:?}");
+    // Dropping the references frees memory and spill files at once.
+    drop(refs);
+    wait_until("memory and disk are free", || {
+        ray.shared_store_stats()
+            .is_some_and(|s| s.objects_in_memory == 0 && s.objects_spilled == 0 && s.spill_files == 0)
+    });
+    ray.shutdown()?;
+    assert!(!spill.exists(), "the spill directory outlived shutdown");
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
+
+#[rustyray::remote]
+fn abort_holding(v: rustyray::Blob) -> u64 {
+    if !v.is_empty() {
+        std::process::abort();
+    }
+    0
+}
+
+#[test]
+fn a_dead_worker_releases_its_pins() -> rustyray::Result<()> {
+    let dir = scratch("shm-pins");
+    let ray = shm_runtime(16 << 20, &dir.join("spill"));
+    let r = ray.put(rustyray::Blob::from(pattern(4, 1 << 20)))?;
+    match ray.get_timeout(&abort_holding::options().max_retries(0).remote(&ray, &r)?, LONG) {
+        Err(Error::WorkerCrashed { .. }) => {}
+        other => panic!("expected WorkerCrashed, got {other:?}"),
+    }
+    drop(r);
+    wait_until("the object is freed although its reader died", || {
+        ray.shared_store_stats().is_some_and(|s| s.used == 0)
+    });
     Ok(())
 }

@@ -73,7 +73,7 @@ async fn launch(rt: &Arc<Inner>, actor: &Arc<ActorState>) -> crate::Result<Arc<W
     let task_id = spec.id;
     let bytes = rt
         .resolve_values(&spec, 1)
-        .and_then(|values| spec.to_wire(&values))?;
+        .and_then(|values| spec.to_wire(&values, rt.shm.as_ref()))?;
     drop(spec);
     let failed = |failure, message| {
         actor.died(
@@ -99,7 +99,7 @@ async fn launch(rt: &Arc<Inner>, actor: &Arc<ActorState>) -> crate::Result<Arc<W
             )
         })?;
     let err = match outcome {
-        WireOutcome::Value { .. } => return Ok(w),
+        WireOutcome::Value { .. } | WireOutcome::Stored { .. } => return Ok(w),
         WireOutcome::Returned(m) => failed(TaskFailure::Returned, m),
         WireOutcome::Panicked(m) => failed(TaskFailure::Panicked, m),
         WireOutcome::Failed(e) => actor.died("its constructor failed", Some(e)),
@@ -208,19 +208,19 @@ pub(super) async fn drive(rt: Arc<Inner>, actor: Arc<ActorState>, mut rx: mpsc::
             state: call.state.clone(),
             _permit: Some(permit),
         };
-        let spec = TaskSpec {
+        let mut spec = TaskSpec {
             id: call.state.id,
             target: Target::Method(actor.id, call.method),
             args: std::mem::take(&mut call.args),
             name: None,
         };
-        let bytes = rt
-            .resolve_values(&spec, 1)
-            .and_then(|values| spec.to_wire(&values));
-        drop(spec);
-        let (bytes, w) = match bytes {
-            Ok(b) => match actor.worker(None).await {
-                Ok(w) => (b, w),
+        let values = rt.resolve_values(&spec, 1);
+        // The spec keeps its target; the values are sent (again, on a
+        // retry) from `values`.
+        spec.args.clear();
+        let (values, w) = match values {
+            Ok(v) => match actor.worker(None).await {
+                Ok(w) => (v, w),
                 Err(e) => {
                     complete_call(&rt, &actor, &call, 1, Outcome::Failed(e));
                     continue;
@@ -231,10 +231,17 @@ pub(super) async fn drive(rt: Arc<Inner>, actor: Arc<ActorState>, mut rx: mpsc::
                 continue;
             }
         };
+        let send = Outgoing { spec, values };
+        let outcome = match send.to(&rt, &actor, &w) {
+            Ok(o) => o,
+            Err(e) => {
+                complete_call(&rt, &actor, &call, 1, Outcome::Failed(e));
+                continue;
+            }
+        };
         call.state.set_remote(1, w.clone());
-        let outcome = w.push(call.state.id, push_message(&actor, &call, bytes.clone()));
         rt.handle
-            .spawn(finish(rt.clone(), actor.clone(), call, bytes, w, outcome, guard));
+            .spawn(finish(rt.clone(), actor.clone(), call, send, w, outcome, guard));
     }
     // Out of scope: let the calls in flight finish, then end.
     let _all = in_flight.acquire_many(IN_FLIGHT_LIMIT).await;
@@ -251,11 +258,26 @@ pub(super) async fn drive(rt: Arc<Inner>, actor: Arc<ActorState>, mut rx: mpsc::
     }
 }
 
-fn push_message(actor: &ActorState, call: &ActorCall, spec: Vec<u8>) -> Message {
-    Message::PushTask {
-        task_id: call.state.id,
-        actor: Some(actor.id),
-        spec,
+/// What a call sends: its spec (target) and its argument values, encoded
+/// anew for each worker it goes to (shared-memory arguments are pinned for
+/// that worker).
+struct Outgoing {
+    spec: TaskSpec,
+    values: Vec<crate::Value>,
+}
+
+type Pending =
+    std::pin::Pin<Box<dyn std::future::Future<Output = std::result::Result<WireOutcome, String>> + Send>>;
+
+impl Outgoing {
+    fn to(&self, rt: &Arc<Inner>, actor: &ActorState, w: &Arc<WorkerProc>) -> crate::Result<Pending> {
+        let (spec, pins) = self.spec.to_wire(&self.values, rt.shm.as_ref())?;
+        let msg = Message::PushTask {
+            task_id: self.spec.id,
+            actor: Some(actor.id),
+            spec,
+        };
+        Ok(Box::pin(w.push(self.spec.id, msg, pins)))
     }
 }
 
@@ -265,17 +287,16 @@ async fn finish(
     rt: Arc<Inner>,
     actor: Arc<ActorState>,
     call: ActorCall,
-    spec: Vec<u8>,
+    send: Outgoing,
     mut w: Arc<WorkerProc>,
-    outcome: impl std::future::Future<Output = std::result::Result<WireOutcome, String>> + Send + 'static,
+    mut pending: Pending,
     _guard: CallGuard,
 ) {
-    let mut pending: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = Box::pin(outcome);
     let mut retries_left = actor.max_task_retries;
     let mut attempt = 1;
     loop {
         let outcome = match pending.await {
-            Ok(o) => Outcome::from_wire(o),
+            Ok(o) => Outcome::from_wire(o, &rt),
             Err(reason) => Outcome::Crashed(reason),
         };
         let crashed = matches!(outcome, Outcome::Panicked(_) | Outcome::Crashed(_));
@@ -286,12 +307,14 @@ async fn finish(
         }
         if crashed && retries_left != 0 && !call.state.is_cancelled() {
             if let Ok(fresh) = actor.worker(Some(&w)).await {
-                retries_left -= i32::from(retries_left > 0);
-                attempt += 1;
-                call.state.set_remote(1, fresh.clone());
-                pending = Box::pin(fresh.push(call.state.id, push_message(&actor, &call, spec.clone())));
-                w = fresh;
-                continue;
+                if let Ok(p) = send.to(&rt, &actor, &fresh) {
+                    retries_left -= i32::from(retries_left > 0);
+                    attempt += 1;
+                    call.state.set_remote(1, fresh.clone());
+                    pending = p;
+                    w = fresh;
+                    continue;
+                }
             }
         }
         let outcome = match outcome {

@@ -377,11 +377,23 @@ impl ShmStore {
     }
 }
 
-impl Drop for ShmStore {
-    /// Removes every spill file of the store, and the spill directory if the
-    /// store created it and it is empty now. Writers and pins still alive
-    /// keep the arena mapped but can no longer reach spilled objects.
-    fn drop(&mut self) {
+impl ShmStore {
+    /// Removes every spill file of the store, and the spill directory if
+    /// the store created it and it is empty now: what the owner does at
+    /// shutdown, and what dropping the store does. Spilled objects are gone
+    /// after this; objects in memory stay readable.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let spill = dir.path().join("spill");
+    /// let store = rustyray_shm::ShmStore::new(rustyray_shm::StoreConfig::new(1 << 20, &spill))?;
+    /// store.put(1, &[1; 600_000])?;
+    /// store.put(2, &[2; 600_000])?; // spills object 1
+    /// store.remove_spill_files();
+    /// assert!(!spill.exists());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn remove_spill_files(&self) {
         let paths: Vec<PathBuf> = {
             let mut state = self.shared.state.lock();
             state.disk_bytes = 0;
@@ -394,6 +406,15 @@ impl Drop for ShmStore {
                     "spill directory not removed");
             }
         }
+    }
+}
+
+impl Drop for ShmStore {
+    /// Removes the store's spill files (see
+    /// [`ShmStore::remove_spill_files`]). Writers and pins still alive keep
+    /// the arena mapped but can no longer reach spilled objects.
+    fn drop(&mut self) {
+        self.remove_spill_files();
     }
 }
 
