@@ -7,7 +7,12 @@
 //! ```text
 //! rustyray microbenchmark                       # every row, human output
 //! rustyray microbenchmark --filter "actor" --json
+//! rustyray microbenchmark --mode both            # tasks on threads, then in processes
 //! ```
+//!
+//! The binary is also its own worker process: `main` carries
+//! `#[rustyray::main]`, so `--mode processes` starts this executable again
+//! as the node's workers.
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -5,9 +5,23 @@
 //! seconds each; the figure is the mean ± standard deviation of the trials'
 //! rates). Rows whose feature RustyRay does not have yet are reported as
 //! not supported, never with a number.
+//!
+//! `--mode` picks where tasks run: `threads` (the embedded worker threads),
+//! `processes` (worker processes, Ray's layout: this binary started again
+//! as a worker) or `both`, one mode after the other, each on its own
+//! runtime. A row that fails in a mode (say, an object reference that would
+//! have to cross processes) is reported as not supported in that mode,
+//! with the error, and the run goes on.
+//!
+//! Every human row line is Ray's (`<row> per second <mean> +- <std>`)
+//! followed by the mode in brackets (`[threads]`, `[processes]`); `--json`
+//! gives each row a `mode` field.
 
 use rustyray::prelude::*;
 use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Flags of `rustyray microbenchmark`.
@@ -30,13 +44,63 @@ pub struct Args {
     pub warmup_secs: f64,
     /// Also measure the scale figures (memory per queued task with 1M
     /// tasks pending, actor creation rate for 10k actors, memory per live
-    /// small object with 1M objects).
+    /// small object with 1M objects), in the threads mode only: in the
+    /// processes mode 10k actors would be 10k worker processes.
     #[arg(long)]
     pub scale: bool,
-    /// Where tasks and actors run: `threads` (the embedded worker threads).
-    /// Worker processes come with the worker-process mode.
-    #[arg(long, default_value = "threads")]
-    pub mode: String,
+    /// Seconds a row may go without completing a call before it is
+    /// reported as stalled (and the run goes on).
+    #[arg(long, default_value_t = 30.0)]
+    pub stall_secs: f64,
+    /// Where tasks run: `threads` (the embedded worker threads),
+    /// `processes` (worker processes of the node, this binary started
+    /// again; see `rustyray::WorkerMode::Processes` for what runs there) or
+    /// `both`, one after the other.
+    #[arg(long, value_enum, default_value_t = ModeChoice::Threads)]
+    pub mode: ModeChoice,
+}
+
+/// The modes `--mode` selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeChoice {
+    /// Tasks on the embedded worker threads.
+    Threads,
+    /// Tasks in worker processes.
+    Processes,
+    /// The threads mode, then the processes mode.
+    Both,
+}
+
+impl ModeChoice {
+    /// The modes to run, in order.
+    pub fn modes(self) -> &'static [Mode] {
+        match self {
+            ModeChoice::Threads => &[Mode::Threads],
+            ModeChoice::Processes => &[Mode::Processes],
+            ModeChoice::Both => &[Mode::Threads, Mode::Processes],
+        }
+    }
+}
+
+/// Where one row's tasks ran ([`rustyray::WorkerMode`], named as in the
+/// output).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// On the embedded worker threads.
+    Threads,
+    /// In worker processes.
+    Processes,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Threads => "threads",
+            Mode::Processes => "processes",
+        })
+    }
 }
 
 /// The outcome of one row.
@@ -44,12 +108,15 @@ pub struct Args {
 pub struct RowResult {
     /// Ray's row name.
     pub name: String,
+    /// The mode the row ran in.
+    pub mode: Mode,
     /// Mean rate over the trials (operations per second, times the row's
     /// multiplier, as Ray reports it); `None` when not supported.
     pub per_second: Option<f64>,
     /// Standard deviation of the trials' rates.
     pub std_dev: Option<f64>,
-    /// Why the row has no figure.
+    /// Why the row has no figure: the missing feature, or the error the
+    /// row met in its mode.
     pub not_supported: Option<String>,
 }
 
@@ -60,16 +127,18 @@ pub struct Report {
     pub system: &'static str,
     /// The crate version.
     pub version: &'static str,
-    /// Execution mode.
-    pub mode: String,
+    /// The modes run (`--mode`).
+    pub mode: ModeChoice,
     /// CPUs the runtime used.
     pub num_cpus: usize,
-    /// One entry per row, in Ray's order.
+    /// One entry per row and mode: every row of the first mode in Ray's
+    /// order, then every row of the next.
     pub rows: Vec<RowResult>,
     /// Plain memcpy bandwidth, the limit of the "put gigabytes" rows
     /// (measured when one of them runs).
     pub memcpy: Option<Memcpy>,
-    /// Scale figures, with `--scale`.
+    /// Scale figures, with `--scale` in a run that includes the threads
+    /// mode.
     pub scale: Option<Scale>,
 }
 
@@ -137,8 +206,14 @@ pub fn after_gate(_gate: (), x: u32) -> u32 {
     x
 }
 
-/// Measures [`Scale`].
+/// Measures [`Scale`] on `ray`, whose mode is `mode`.
 pub fn measure_scale(ray: &Ray) -> rustyray::Result<Scale> {
+    scale_figures(ray, &Progress::default())
+}
+
+/// [`measure_scale`], ticking `progress` as it goes.
+fn scale_figures(ray: &Ray, progress: &Progress) -> rustyray::Result<Scale> {
+    const TICK: u64 = 10_000;
     const TASKS: u64 = 1_000_000;
     const ACTORS: u64 = 10_000;
     const OBJECTS: u64 = 1_000_000;
@@ -146,7 +221,10 @@ pub fn measure_scale(ray: &Ray) -> rustyray::Result<Scale> {
     // 1M small objects kept alive.
     let before = rss_bytes();
     let objects = (0..OBJECTS)
-        .map(|i| ray.put(i as i64))
+        .map(|i| {
+            progress.tick_every(i, TICK);
+            ray.put(i as i64)
+        })
         .collect::<rustyray::Result<Vec<_>>>()?;
     let bytes_per_live_object = rss_bytes().saturating_sub(before) as f64 / OBJECTS as f64;
     drop(objects);
@@ -157,12 +235,14 @@ pub fn measure_scale(ray: &Ray) -> rustyray::Result<Scale> {
     let before = rss_bytes();
     let mut refs = Vec::with_capacity(TASKS as usize);
     for i in 0..TASKS {
+        progress.tick_every(i, TICK);
         refs.push(after_gate::remote(ray, &pending, i as u32)?);
     }
     let bytes_per_queued_task = rss_bytes().saturating_sub(before) as f64 / TASKS as f64;
     ray.get(&gate.open()?)?;
     for r in refs.iter().step_by(1000) {
         ray.get(r)?;
+        progress.tick();
     }
     ray.wait(&refs, refs.len(), None)?;
     drop(refs);
@@ -172,6 +252,7 @@ pub fn measure_scale(ray: &Ray) -> rustyray::Result<Scale> {
     let actors = (0..ACTORS)
         .map(|_| Actor::remote(ray))
         .collect::<rustyray::Result<Vec<_>>>()?;
+    progress.tick();
     let pings = actors
         .iter()
         .map(|a| a.small_value())
@@ -386,85 +467,279 @@ fn batch<T: rustyray::Data>(
 
 // ----- timing ----------------------------------------------------------
 
-/// Times `f` the way Ray's `timeit` does.
-struct Timer<'a> {
-    args: &'a Args,
-    rows: Vec<RowResult>,
-    index: usize,
-    total: usize,
+/// A row's figure: the mean rate over the trials and its standard
+/// deviation.
+#[derive(Debug, Clone, Copy)]
+struct Figure {
+    mean: f64,
+    std_dev: f64,
 }
 
-impl Timer<'_> {
-    fn selected(&self, name: &str) -> bool {
-        self.args.filter.as_deref().is_none_or(|f| name.contains(f))
+/// Ray's `timeit`: a warm-up, then timed trials.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    warmup: Duration,
+    trial: Duration,
+    trials: u32,
+}
+
+impl Timing {
+    fn new(args: &Args) -> Self {
+        Timing {
+            warmup: Duration::from_secs_f64(args.warmup_secs),
+            trial: Duration::from_secs_f64(args.trial_secs),
+            trials: args.trials.max(1),
+        }
     }
 
-    fn progress(&mut self, name: &str) {
-        self.index += 1;
-        eprintln!("[{}/{}] {name} ...", self.index, self.total);
-    }
-
-    fn timeit(
-        &mut self,
-        name: &str,
+    /// Runs `f` for the warm-up (at least once), then for each trial, and
+    /// returns the trials' mean rate times `multiplier`. `progress` ticks
+    /// after each warm-up call and each timed batch of calls (not each
+    /// call: the fastest rows would feel it).
+    fn measure(
+        &self,
+        progress: &Progress,
         multiplier: f64,
         mut f: impl FnMut() -> rustyray::Result<()>,
-    ) -> rustyray::Result<()> {
-        if !self.selected(name) {
-            return Ok(());
-        }
-        self.progress(name);
-        let warmup = Duration::from_secs_f64(self.args.warmup_secs);
+    ) -> rustyray::Result<Figure> {
         let start = Instant::now();
         let mut count = 0_u64;
-        while start.elapsed() < warmup || count == 0 {
+        while start.elapsed() < self.warmup || count == 0 {
             f()?;
+            progress.tick();
             count += 1;
         }
         let step = count / 10 + 1;
-        let trial = Duration::from_secs_f64(self.args.trial_secs);
-        let mut stats = Vec::with_capacity(self.args.trials as usize);
-        for _ in 0..self.args.trials.max(1) {
+        let mut stats = Vec::with_capacity(self.trials as usize);
+        for _ in 0..self.trials {
             let start = Instant::now();
             let mut count = 0_u64;
-            while start.elapsed() < trial {
+            while start.elapsed() < self.trial {
                 for _ in 0..step {
                     f()?;
                 }
+                progress.tick();
                 count += step;
             }
             stats.push(multiplier * count as f64 / start.elapsed().as_secs_f64());
         }
         let mean = stats.iter().sum::<f64>() / stats.len() as f64;
         let var = stats.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / stats.len() as f64;
-        let sd = var.sqrt();
-        if !self.args.json {
-            println!("{name} per second {:.2} +- {:.2}", mean, sd);
-        }
-        self.rows.push(RowResult {
-            name: name.to_owned(),
-            per_second: Some(mean),
-            std_dev: Some(sd),
-            not_supported: None,
-        });
-        Ok(())
+        Ok(Figure {
+            mean,
+            std_dev: var.sqrt(),
+        })
+    }
+}
+
+/// Counts the calls a row has finished, so that its watchdog can tell a
+/// slow row from a stuck one.
+#[derive(Debug, Clone, Default)]
+struct Progress(Arc<AtomicU64>);
+
+impl Progress {
+    fn tick(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Ticks when `i` is a multiple of `every`.
+    fn tick_every(&self, i: u64, every: u64) {
+        if i % every == 0 {
+            self.tick();
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs `body` on its own thread and waits for its result while it makes
+/// progress. A body that goes `stall` without a tick is abandoned (its
+/// thread stays blocked until the runtime shuts down) and reported as
+/// stalled: a call that never completes is a failure of the row, and it
+/// must not hold up the rows after it.
+fn guarded<T: Send + 'static>(
+    ray: &Ray,
+    stall: Duration,
+    body: impl FnOnce(&Ray, &Progress) -> rustyray::Result<T> + Send + 'static,
+) -> Result<T, String> {
+    let progress = Progress::default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (ray, p) = (ray.clone(), progress.clone());
+    std::thread::Builder::new()
+        .name("microbenchmark".to_owned())
+        .spawn(move || {
+            let _ = tx.send(body(&ray, &p));
+        })
+        .map_err(|e| format!("cannot start a thread for the row: {e}"))?;
+    let mut seen = progress.count();
+    loop {
+        match rx.recv_timeout(stall) {
+            Ok(result) => return result.map_err(|e| e.to_string()),
+            Err(RecvTimeoutError::Disconnected) => return Err("the row panicked".to_owned()),
+            Err(RecvTimeoutError::Timeout) => {
+                let now = progress.count();
+                if now == seen {
+                    return Err(format!(
+                        "stalled: no call completed for {} s",
+                        stall.as_secs_f64()
+                    ));
+                }
+                seen = now;
+            }
+        }
+    }
+}
+
+// ----- the suite -------------------------------------------------------
+
+/// How long the worker processes of a processes-mode runtime may take to
+/// start before the rows run anyway (and may then pay for starting them).
+const WORKER_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Starts the runtime of one mode. In the processes mode it also waits for
+/// the pool's worker processes and runs a task on each, so that no row's
+/// first trial pays for starting a process.
+fn start_runtime(mode: Mode) -> rustyray::Result<Ray> {
+    match mode {
+        Mode::Threads => rustyray::init(),
+        Mode::Processes => {
+            // The default worker command, the running executable, is this
+            // binary: its main starts with `worker_entry`.
+            let ray = rustyray::init_with(Config::new().worker_mode(WorkerMode::Processes))?;
+            let want = (ray.cluster_resources().get(rustyray::CPU).ceil() as usize).max(1);
+            let deadline = Instant::now() + WORKER_START_TIMEOUT;
+            while ray.worker_pids().len() < want && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let up = ray.worker_pids().len();
+            if up < want {
+                eprintln!(
+                    "warning: {up} of {want} worker processes started within {WORKER_START_TIMEOUT:?}; \
+                     the first rows may include process start-up"
+                );
+            }
+            // Batches as wide as the pool: every worker serves a few tasks.
+            for _ in 0..4 {
+                batch(&ray, want, |_| small_value::remote(&ray))?;
+            }
+            eprintln!("processes mode: worker processes {:?}", ray.worker_pids());
+            Ok(ray)
+        }
+    }
+}
+
+/// Runs the rows of one mode on its runtime and records their outcomes.
+struct Suite<'a> {
+    args: &'a Args,
+    mode: Mode,
+    /// The mode's runtime, or why it could not be started.
+    ray: Result<Ray, String>,
+    rows: &'a mut Vec<RowResult>,
+    index: &'a mut usize,
+    total: usize,
+}
+
+impl Suite<'_> {
+    fn stall(&self) -> Duration {
+        Duration::from_secs_f64(self.args.stall_secs)
+    }
+
+    fn selected(&self, name: &str) -> bool {
+        self.args.filter.as_deref().is_none_or(|f| name.contains(f))
+    }
+
+    fn progress(&mut self, name: &str) {
+        *self.index += 1;
+        eprintln!("[{}/{}] {name} ({} mode) ...", self.index, self.total, self.mode);
+    }
+
+    /// Runs one row: `body` sets it up on the runtime and times it. An
+    /// error makes the row "not supported in this mode", with the error,
+    /// and the runtime is replaced by a fresh one so that whatever the
+    /// failed row left behind cannot slow the next rows down.
+    fn row(
+        &mut self,
+        name: &str,
+        body: impl FnOnce(&Ray, &Progress) -> rustyray::Result<Figure> + Send + 'static,
+    ) {
+        if !self.selected(name) {
+            return;
+        }
+        self.progress(name);
+        let outcome = match &self.ray {
+            Ok(ray) => guarded(ray, self.stall(), body),
+            Err(why) => Err(why.clone()),
+        };
+        match outcome {
+            Ok(fig) => {
+                if !self.args.json {
+                    println!(
+                        "{name} per second {:.2} +- {:.2} [{}]",
+                        fig.mean, fig.std_dev, self.mode
+                    );
+                }
+                self.rows.push(RowResult {
+                    name: name.to_owned(),
+                    mode: self.mode,
+                    per_second: Some(fig.mean),
+                    std_dev: Some(fig.std_dev),
+                    not_supported: None,
+                });
+            }
+            Err(e) => {
+                let e = one_line(&e);
+                if !self.args.json {
+                    println!(
+                        "{name} per second not supported in {} mode ({e}) [{}]",
+                        self.mode, self.mode
+                    );
+                }
+                self.rows.push(RowResult {
+                    name: name.to_owned(),
+                    mode: self.mode,
+                    per_second: None,
+                    std_dev: None,
+                    not_supported: Some(e),
+                });
+                self.restart();
+            }
+        }
+    }
+
+    /// Records a row whose feature RustyRay does not have (in any mode).
     fn unsupported(&mut self, name: &str, why: &str) {
         if !self.selected(name) {
             return;
         }
         self.progress(name);
         if !self.args.json {
-            println!("{name} per second not supported ({why})");
+            println!("{name} per second not supported ({why}) [{}]", self.mode);
         }
         self.rows.push(RowResult {
             name: name.to_owned(),
+            mode: self.mode,
             per_second: None,
             std_dev: None,
             not_supported: Some(why.to_owned()),
         });
     }
+
+    /// Replaces a running runtime with a fresh one.
+    fn restart(&mut self) {
+        if let Ok(ray) = &self.ray {
+            if let Err(e) = ray.shutdown() {
+                eprintln!("warning: shutting the {} mode runtime down: {e}", self.mode);
+            }
+            self.ray = start_runtime(self.mode).map_err(|e| e.to_string());
+        }
+    }
+}
+
+/// `s` on one line (an error's text goes inside one row line).
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Ray's row names, in Ray's order.
@@ -504,13 +779,6 @@ pub const ROWS: &[&str] = &[
 
 /// Runs the suite and prints its results.
 pub fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
-    if args.mode != "threads" {
-        return Err(format!(
-            "mode {:?} is not available yet: worker processes come with the worker-process mode",
-            args.mode
-        )
-        .into());
-    }
     let report = run_suite(args)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -518,173 +786,76 @@ pub fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Runs every selected row and returns the results.
+/// Runs every selected row in each selected mode (all rows of one mode,
+/// then all of the next) and returns the results. A row that fails is
+/// recorded as not supported in its mode, with the error, and the run goes
+/// on.
 pub fn run_suite(args: &Args) -> rustyray::Result<Report> {
-    let total = ROWS
+    let modes = args.mode.modes();
+    let per_mode = ROWS
         .iter()
         .filter(|n| args.filter.as_deref().is_none_or(|f| n.contains(f)))
         .count();
-    let mut t = Timer {
-        args,
-        rows: Vec::new(),
-        index: 0,
-        total,
-    };
-    let ray = rustyray::init()?;
-    let num_cpus = ray.cluster_resources().get(rustyray::CPU) as usize;
-    // ray_perf.py: multiprocessing.cpu_count() // 2 actors in the 1:n and
-    // n:n rows (at least one).
-    let n_cpu = (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).max(1);
-
-    let value = ray.put(0_i64)?;
-    t.timeit(ROWS[0], 1.0, || ray.get(&value).map(drop))?;
-    t.timeit(ROWS[1], 1.0, || ray.put(0_i64).map(drop))?;
-    t.timeit(ROWS[2], 1000.0, || {
-        batch(&ray, 10, |_| do_put_small::remote(&ray))
-    })?;
-    if t.selected(ROWS[3]) {
-        // Ray puts one 800 MB numpy array (100 Mi int64) and keeps it, so
-        // every put copies it: `put_copy` does the same.
-        let arr = vec![0_i64; 100 * 1024 * 1024];
-        t.timeit(ROWS[3], 8.0 * 0.1, || ray.put_copy(&arr).map(drop))?;
+    let mut rows = Vec::new();
+    let mut index = 0;
+    let mut scale = None;
+    let mut num_cpus = None;
+    let measure_scale_in = |mode| args.scale && mode == Mode::Threads;
+    if args.scale && !modes.iter().any(|&m| measure_scale_in(m)) {
+        eprintln!("scale figures are measured in the threads mode only");
     }
-    t.timeit(ROWS[4], 1.0, || batch(&ray, 1000, |_| small_value::remote(&ray)))?;
-    t.timeit(ROWS[5], 10.0 * 8.0 * 0.1, || {
-        batch(&ray, 10, |_| do_put::remote(&ray))
-    })?;
-    if t.selected(ROWS[6]) {
-        let containing = create_object_containing_ref::remote(&ray)?;
-        t.timeit(ROWS[6], 1.0, || ray.get(&containing).map(drop))?;
-    }
-    t.timeit(ROWS[7], 1.0, || {
-        let mut not_ready = (0..1000)
-            .map(|_| small_value::remote(&ray))
-            .collect::<rustyray::Result<Vec<_>>>()?;
-        while !not_ready.is_empty() {
-            let (_ready, rest) = ray.wait(&not_ready, 1, None)?;
-            not_ready = rest;
+    for &mode in modes {
+        let any_row = per_mode > 0 || measure_scale_in(mode);
+        let ray = if any_row {
+            start_runtime(mode).map_err(|e| e.to_string())
+        } else {
+            Err("no row selected".to_owned())
+        };
+        if let Ok(r) = &ray {
+            num_cpus.get_or_insert(r.cluster_resources().get(rustyray::CPU) as usize);
         }
-        Ok(())
-    })?;
-    t.timeit(ROWS[8], 1.0, || ray.get(&small_value::remote(&ray)?).map(drop))?;
-    t.timeit(ROWS[9], 1000.0, || {
-        batch(&ray, 1000, |_| small_value::remote(&ray))
-    })?;
-    if t.selected(ROWS[10]) {
-        let (n, m) = (10_000, 4);
-        let actors = (0..m)
-            .map(|_| Actor::remote(&ray))
-            .collect::<rustyray::Result<Vec<_>>>()?;
-        t.timeit(ROWS[10], (n * m) as f64, || {
-            let refs = actors
-                .iter()
-                .map(|a| a.small_value_batch(n))
-                .collect::<rustyray::Result<Vec<_>>>()?;
-            ray.get_many(&refs).map(drop)
-        })?;
-    }
-    if t.selected(ROWS[11]) {
-        let a = Actor::remote(&ray)?;
-        t.timeit(ROWS[11], 1.0, || ray.get(&a.small_value()?).map(drop))?;
-    }
-    if t.selected(ROWS[12]) {
-        let a = Actor::remote(&ray)?;
-        t.timeit(ROWS[12], 1000.0, || batch(&ray, 1000, |_| a.small_value()))?;
-    }
-    if t.selected(ROWS[13]) {
-        let a = Actor::options().max_concurrency(16).remote(&ray)?;
-        t.timeit(ROWS[13], 1000.0, || batch(&ray, 1000, |_| a.small_value()))?;
-    }
-    if t.selected(ROWS[14]) {
-        let n = 5000;
-        let actors = (0..n_cpu)
-            .map(|_| Actor::remote(&ray))
-            .collect::<rustyray::Result<Vec<_>>>()?;
-        let client = Client::remote(&ray, actors)?;
-        t.timeit(ROWS[14], (n * n_cpu) as f64, || {
-            ray.get(&client.small_value_batch(n)?)
-        })?;
-    }
-    if t.selected(ROWS[15]) {
-        let (n, m) = (5000, 4);
-        let actors = (0..n_cpu)
-            .map(|_| Actor::remote(&ray))
-            .collect::<rustyray::Result<Vec<_>>>()?;
-        t.timeit(ROWS[15], (m * n) as f64, || {
-            batch(&ray, m, |_| work::remote(&ray, actors.clone(), n))
-        })?;
-    }
-    if t.selected(ROWS[16]) {
-        let n = 1000;
-        let clients = (0..n_cpu)
-            .map(|_| Client::remote(&ray, vec![Actor::remote(&ray)?]))
-            .collect::<rustyray::Result<Vec<_>>>()?;
-        t.timeit(ROWS[16], (n * clients.len()) as f64, || {
-            let refs = clients
-                .iter()
-                .map(|c| c.small_value_batch_arg(n))
-                .collect::<rustyray::Result<Vec<_>>>()?;
-            ray.get_many(&refs).map(drop)
-        })?;
-    }
-    if t.selected(ROWS[17]) {
-        let a = AsyncActor::remote(&ray)?;
-        t.timeit(ROWS[17], 1.0, || ray.get(&a.small_value()?).map(drop))?;
-    }
-    if t.selected(ROWS[18]) {
-        let a = AsyncActor::remote(&ray)?;
-        t.timeit(ROWS[18], 1000.0, || batch(&ray, 1000, |_| a.small_value()))?;
-    }
-    if t.selected(ROWS[19]) {
-        let a = AsyncActor::remote(&ray)?;
-        t.timeit(ROWS[19], 1000.0, || {
-            batch(&ray, 1000, |i| a.small_value_with_arg(i as i64))
-        })?;
-    }
-    if t.selected(ROWS[20]) {
-        let n = 5000;
-        let actors = (0..n_cpu)
-            .map(|_| AsyncActor::remote(&ray))
-            .collect::<rustyray::Result<Vec<_>>>()?;
-        let client = AsyncClient::remote(&ray, actors)?;
-        t.timeit(ROWS[20], (n * n_cpu) as f64, || {
-            ray.get(&client.small_value_batch(n)?)
-        })?;
-    }
-    if t.selected(ROWS[21]) {
-        let (n, m) = (5000, 4);
-        let actors = (0..n_cpu)
-            .map(|_| AsyncActor::remote(&ray))
-            .collect::<rustyray::Result<Vec<_>>>()?;
-        t.timeit(ROWS[21], (m * n) as f64, || {
-            batch(&ray, m, |_| async_actor_work::remote(&ray, actors.clone(), n))
-        })?;
-    }
-    t.unsupported(ROWS[22], "placement groups are not implemented yet");
-    for name in &ROWS[23..] {
-        t.unsupported(name, "Ray Client (a remote driver) is not implemented yet");
-    }
-    let scale = if args.scale {
-        eprintln!("scale figures ...");
-        let s = measure_scale(&ray)?;
-        if !args.json {
-            println!(
-                "scale: {} queued tasks use {:.0} bytes each; {} actors created at {:.0} per second; \
-                 {} live small objects use {:.0} bytes each",
-                s.queued_tasks,
-                s.bytes_per_queued_task,
-                s.actors,
-                s.actors_per_second,
-                s.live_objects,
-                s.bytes_per_live_object
-            );
+        let mut suite = Suite {
+            args,
+            mode,
+            ray,
+            rows: &mut rows,
+            index: &mut index,
+            total: per_mode * modes.len(),
+        };
+        run_rows(&mut suite);
+        if let (true, Ok(ray)) = (measure_scale_in(mode), &suite.ray) {
+            eprintln!("scale figures ({mode} mode) ...");
+            match guarded(ray, suite.stall(), scale_figures) {
+                Ok(s) => {
+                    if !args.json {
+                        println!(
+                            "scale: {} queued tasks use {:.0} bytes each; {} actors created at {:.0} per \
+                             second; {} live small objects use {:.0} bytes each [{mode}]",
+                            s.queued_tasks,
+                            s.bytes_per_queued_task,
+                            s.actors,
+                            s.actors_per_second,
+                            s.live_objects,
+                            s.bytes_per_live_object
+                        );
+                    }
+                    scale = Some(s);
+                }
+                Err(e) => {
+                    if !args.json {
+                        println!("scale: not supported in {mode} mode ({}) [{mode}]", one_line(&e));
+                    }
+                }
+            }
         }
-        Some(s)
-    } else {
-        None
-    };
-    ray.shutdown()?;
-    let memcpy = (t.selected(ROWS[3]) || t.selected(ROWS[5])).then(measure_memcpy);
+        if let Ok(ray) = &suite.ray {
+            if let Err(e) = ray.shutdown() {
+                eprintln!("warning: shutting the {mode} mode runtime down: {e}");
+            }
+        }
+    }
+    let selected = |name: &str| args.filter.as_deref().is_none_or(|f| name.contains(f));
+    let memcpy = (selected(ROWS[3]) || selected(ROWS[5])).then(measure_memcpy);
     if let (Some(m), false) = (memcpy, args.json) {
         println!(
             "memcpy of the 800 MiB array (reference) per second {:.2} GB",
@@ -696,8 +867,197 @@ pub fn run_suite(args: &Args) -> rustyray::Result<Report> {
         scale,
         system: "rustyray",
         version: env!("CARGO_PKG_VERSION"),
-        mode: args.mode.clone(),
-        num_cpus,
-        rows: t.rows,
+        mode: args.mode,
+        num_cpus: num_cpus.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        rows,
     })
+}
+
+/// Ray's rows, in Ray's order, on the suite's runtime.
+fn run_rows(t: &mut Suite<'_>) {
+    let timing = Timing::new(t.args);
+    // ray_perf.py: multiprocessing.cpu_count() // 2 actors in the 1:n and
+    // n:n rows (at least one).
+    let n_cpu = (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).max(1);
+
+    t.row(ROWS[0], move |ray, p| {
+        let value = ray.put(0_i64)?;
+        timing.measure(p, 1.0, || ray.get(&value).map(drop))
+    });
+    t.row(ROWS[1], move |ray, p| {
+        timing.measure(p, 1.0, || ray.put(0_i64).map(drop))
+    });
+    t.row(ROWS[2], move |ray, p| {
+        timing.measure(p, 1000.0, || batch(ray, 10, |_| do_put_small::remote(ray)))
+    });
+    t.row(ROWS[3], move |ray, p| {
+        // Ray puts one 800 MB numpy array (100 Mi int64) and keeps it, so
+        // every put copies it: `put_copy` does the same.
+        let arr = vec![0_i64; 100 * 1024 * 1024];
+        timing.measure(p, 8.0 * 0.1, || ray.put_copy(&arr).map(drop))
+    });
+    t.row(ROWS[4], move |ray, p| {
+        timing.measure(p, 1.0, || batch(ray, 1000, |_| small_value::remote(ray)))
+    });
+    t.row(ROWS[5], move |ray, p| {
+        timing.measure(p, 10.0 * 8.0 * 0.1, || batch(ray, 10, |_| do_put::remote(ray)))
+    });
+    t.row(ROWS[6], move |ray, p| {
+        let containing = create_object_containing_ref::remote(ray)?;
+        timing.measure(p, 1.0, || ray.get(&containing).map(drop))
+    });
+    t.row(ROWS[7], move |ray, p| {
+        timing.measure(p, 1.0, || {
+            let mut not_ready = (0..1000)
+                .map(|_| small_value::remote(ray))
+                .collect::<rustyray::Result<Vec<_>>>()?;
+            while !not_ready.is_empty() {
+                let (_ready, rest) = ray.wait(&not_ready, 1, None)?;
+                not_ready = rest;
+            }
+            Ok(())
+        })
+    });
+    t.row(ROWS[8], move |ray, p| {
+        timing.measure(p, 1.0, || ray.get(&small_value::remote(ray)?).map(drop))
+    });
+    t.row(ROWS[9], move |ray, p| {
+        timing.measure(p, 1000.0, || batch(ray, 1000, |_| small_value::remote(ray)))
+    });
+    t.row(ROWS[10], move |ray, p| {
+        let (n, m) = (10_000, 4);
+        let actors = (0..m)
+            .map(|_| Actor::remote(ray))
+            .collect::<rustyray::Result<Vec<_>>>()?;
+        timing.measure(p, (n * m) as f64, || {
+            let refs = actors
+                .iter()
+                .map(|a| a.small_value_batch(n))
+                .collect::<rustyray::Result<Vec<_>>>()?;
+            ray.get_many(&refs).map(drop)
+        })
+    });
+    t.row(ROWS[11], move |ray, p| {
+        let a = Actor::remote(ray)?;
+        timing.measure(p, 1.0, || ray.get(&a.small_value()?).map(drop))
+    });
+    t.row(ROWS[12], move |ray, p| {
+        let a = Actor::remote(ray)?;
+        timing.measure(p, 1000.0, || batch(ray, 1000, |_| a.small_value()))
+    });
+    t.row(ROWS[13], move |ray, p| {
+        let a = Actor::options().max_concurrency(16).remote(ray)?;
+        timing.measure(p, 1000.0, || batch(ray, 1000, |_| a.small_value()))
+    });
+    t.row(ROWS[14], move |ray, p| {
+        let n = 5000;
+        let actors = (0..n_cpu)
+            .map(|_| Actor::remote(ray))
+            .collect::<rustyray::Result<Vec<_>>>()?;
+        // The driver keeps its handles, as ray_perf.py's `actors` list.
+        let client = Client::remote(ray, actors.clone())?;
+        let fig = timing.measure(p, (n * n_cpu) as f64, || ray.get(&client.small_value_batch(n)?));
+        drop(actors);
+        fig
+    });
+    t.row(ROWS[15], move |ray, p| {
+        let (n, m) = (5000, 4);
+        let actors = (0..n_cpu)
+            .map(|_| Actor::remote(ray))
+            .collect::<rustyray::Result<Vec<_>>>()?;
+        timing.measure(p, (m * n) as f64, || {
+            batch(ray, m, |_| work::remote(ray, actors.clone(), n))
+        })
+    });
+    t.row(ROWS[16], move |ray, p| {
+        let n = 1000;
+        let clients = (0..n_cpu)
+            .map(|_| Client::remote(ray, vec![Actor::remote(ray)?]))
+            .collect::<rustyray::Result<Vec<_>>>()?;
+        timing.measure(p, (n * clients.len()) as f64, || {
+            let refs = clients
+                .iter()
+                .map(|c| c.small_value_batch_arg(n))
+                .collect::<rustyray::Result<Vec<_>>>()?;
+            ray.get_many(&refs).map(drop)
+        })
+    });
+    t.row(ROWS[17], move |ray, p| {
+        let a = AsyncActor::remote(ray)?;
+        timing.measure(p, 1.0, || ray.get(&a.small_value()?).map(drop))
+    });
+    t.row(ROWS[18], move |ray, p| {
+        let a = AsyncActor::remote(ray)?;
+        timing.measure(p, 1000.0, || batch(ray, 1000, |_| a.small_value()))
+    });
+    t.row(ROWS[19], move |ray, p| {
+        let a = AsyncActor::remote(ray)?;
+        timing.measure(p, 1000.0, || {
+            batch(ray, 1000, |i| a.small_value_with_arg(i as i64))
+        })
+    });
+    t.row(ROWS[20], move |ray, p| {
+        let n = 5000;
+        let actors = (0..n_cpu)
+            .map(|_| AsyncActor::remote(ray))
+            .collect::<rustyray::Result<Vec<_>>>()?;
+        // The driver keeps its handles, as ray_perf.py's `actors` list.
+        let client = AsyncClient::remote(ray, actors.clone())?;
+        let fig = timing.measure(p, (n * n_cpu) as f64, || ray.get(&client.small_value_batch(n)?));
+        drop(actors);
+        fig
+    });
+    t.row(ROWS[21], move |ray, p| {
+        let (n, m) = (5000, 4);
+        let actors = (0..n_cpu)
+            .map(|_| AsyncActor::remote(ray))
+            .collect::<rustyray::Result<Vec<_>>>()?;
+        timing.measure(p, (m * n) as f64, || {
+            batch(ray, m, |_| async_actor_work::remote(ray, actors.clone(), n))
+        })
+    });
+    t.unsupported(ROWS[22], "placement groups are not implemented yet");
+    for name in &ROWS[23..] {
+        t.unsupported(name, "Ray Client (a remote driver) is not implemented yet");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stuck_row_is_reported_and_released_by_shutdown() -> rustyray::Result<()> {
+        let ray = rustyray::init_with(Config::new().num_cpus(1.0))?;
+        let gate = Gate::options().num_cpus(0.0).remote(&ray)?;
+        let never = gate.wait()?;
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let stuck = guarded(&ray, Duration::from_millis(50), move |ray, _| {
+            let got = ray.get(&never);
+            let _ = done_tx.send(got.is_err());
+            got
+        });
+        assert!(stuck.is_err_and(|e| e.starts_with("stalled")));
+        // Shutting the runtime down ends the abandoned call.
+        ray.shutdown()?;
+        assert_eq!(done_rx.recv().ok(), Some(true));
+        Ok(())
+    }
+
+    #[test]
+    fn a_failing_row_reports_its_error() -> rustyray::Result<()> {
+        let ray = rustyray::init_with(Config::new().num_cpus(1.0))?;
+        let timing = Timing {
+            warmup: Duration::ZERO,
+            trial: Duration::from_millis(1),
+            trials: 1,
+        };
+        let failed = guarded(&ray, Duration::from_secs(60), move |ray, p| {
+            let a = Actor::remote(ray)?;
+            ray.kill(&a)?;
+            timing.measure(p, 1.0, || ray.get(&a.small_value()?).map(drop))
+        });
+        assert!(failed.is_err(), "{failed:?}");
+        Ok(())
+    }
 }

@@ -1,7 +1,9 @@
-//! The microbenchmark runs Ray's rows by name and reports unsupported ones
-//! without a figure. (Timings are not checked: speed is for benchmarks.)
+//! The microbenchmark runs Ray's rows by name, in each mode, and reports
+//! unsupported ones without a figure. (Timings are not checked: speed is
+//! for benchmarks.)
 
-use rustyray_cli::microbenchmark::{run_suite, Args, ROWS};
+use rustyray_cli::microbenchmark::{run_suite, Args, Mode, ModeChoice, ROWS};
+use std::process::Command;
 
 fn args(filter: &str) -> Args {
     Args {
@@ -11,8 +13,36 @@ fn args(filter: &str) -> Args {
         trials: 2,
         warmup_secs: 0.0,
         scale: false,
-        mode: "threads".to_owned(),
+        stall_secs: 30.0,
+        mode: ModeChoice::Threads,
     }
+}
+
+/// Runs the `rustyray` binary, which is its own worker process in the
+/// processes mode, with tiny trials; returns its standard output.
+fn rustyray_microbenchmark(extra: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_rustyray"))
+        .args([
+            "microbenchmark",
+            "--trial-secs",
+            "0.01",
+            "--trials",
+            "2",
+            "--warmup-secs",
+            "0",
+        ])
+        .args(extra)
+        .env_remove("TESTS_TO_RUN")
+        .output()
+        .expect("run the rustyray binary");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "rustyray microbenchmark {extra:?} failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
 
 #[test]
@@ -34,6 +64,7 @@ fn filtered_rows_run_and_report_figures() -> rustyray::Result<()> {
         assert_eq!(report.rows.len(), 1, "{filter}");
         let row = &report.rows[0];
         assert!(row.name.contains(filter));
+        assert_eq!(row.mode, Mode::Threads);
         assert!(row.per_second.is_some_and(|r| r > 0.0), "{row:?}");
         assert!(row.not_supported.is_none());
     }
@@ -52,4 +83,45 @@ fn unsupported_rows_have_no_number() -> rustyray::Result<()> {
     let json = serde_json::to_string(&pg).expect("json");
     assert!(json.contains("\"per_second\":null"), "{json}");
     Ok(())
+}
+
+#[test]
+fn task_rows_run_in_worker_processes() {
+    // "single client tasks" selects three task rows: a batch, sync calls
+    // and async batches.
+    let stdout =
+        rustyray_microbenchmark(&["--mode", "processes", "--json", "--filter", "single client tasks"]);
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
+    assert_eq!(report["mode"], "processes");
+    let rows = report["rows"].as_array().expect("rows");
+    let names: Vec<_> = rows.iter().map(|r| r["name"].as_str().expect("name")).collect();
+    assert_eq!(
+        names,
+        [
+            "single client tasks and get batch",
+            "single client tasks sync",
+            "single client tasks async"
+        ]
+    );
+    for row in rows {
+        assert_eq!(row["mode"], "processes", "{row}");
+        assert!(row["per_second"].as_f64().is_some_and(|r| r > 0.0), "{row}");
+        assert!(row["not_supported"].is_null(), "{row}");
+    }
+}
+
+#[test]
+fn both_modes_print_one_line_per_row_and_mode() {
+    let stdout = rustyray_microbenchmark(&["--mode", "both", "--filter", "single client tasks sync"]);
+    let lines: Vec<_> = stdout.lines().filter(|l| l.contains(" per second ")).collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    for (line, mode) in lines.iter().zip(["[threads]", "[processes]"]) {
+        let figure = line
+            .strip_prefix("single client tasks sync per second ")
+            .and_then(|rest| rest.strip_suffix(mode))
+            .unwrap_or_else(|| panic!("unexpected line {line:?}"));
+        let (mean, sd) = figure.trim().split_once(" +- ").expect("mean +- sd");
+        assert!(mean.parse::<f64>().is_ok_and(|m| m > 0.0), "{line}");
+        assert!(sd.parse::<f64>().is_ok(), "{line}");
+    }
 }

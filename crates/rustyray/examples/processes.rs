@@ -62,7 +62,11 @@ fn main() -> anyhow::Result<()> {
     let ray = rustyray::init_with(Config::new().num_cpus(2.0).worker_mode(WorkerMode::Processes))?;
     let driver = std::process::id();
 
-    let pids = ray.get_many(&(0..4).map(|_| whoami::remote(&ray)).collect::<Result<Vec<_>, _>>()?)?;
+    let pids = ray.get_many(
+        &(0..4)
+            .map(|_| whoami::remote(&ray))
+            .collect::<Result<Vec<_>, _>>()?,
+    )?;
     anyhow::ensure!(pids.iter().all(|&p| p != driver), "a task ran in the driver");
     println!("4 tasks ran in worker processes {pids:?} (driver {driver})");
 
