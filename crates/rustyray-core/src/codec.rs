@@ -155,6 +155,11 @@ fn with_payload(bytes: Payload, type_name: Cow<'static, str>, nested: Vec<KeepAl
 }
 
 fn encode_into_any<T: Data>(any: &(dyn Any + Send + Sync), buf: &mut [u8]) -> Result<()> {
+    match raw::write(any, buf) {
+        Some(true) => return Ok(()),
+        Some(false) => return Err(Error::serialization("value encoded to a different size than measured")),
+        None => {}
+    }
     match any.downcast_ref::<T>() {
         Some(v) => {
             let used = postcard::to_slice(v, buf).map_err(Error::serialization)?.len();
@@ -170,7 +175,85 @@ fn encode_into_any<T: Data>(any: &(dyn Any + Send + Sync), buf: &mut [u8]) -> Re
     }
 }
 
+/// Flat vectors of numbers travel as their raw little-endian elements (as
+/// Ray keeps numpy arrays), not as postcard's varints: a large put,
+/// argument or result is then one plain copy. Only a top-level value takes
+/// this form (its type is always known where it is decoded); inside other
+/// values they are ordinary postcard.
+mod raw {
+    use std::any::{Any, TypeId};
+
+    macro_rules! each_raw {
+        ($mac:ident) => {
+            $mac!(u8, i8, u16, i16, u32, i32, u64, i64, f32, f64)
+        };
+    }
+
+    /// The raw bytes form's length, when `any` is a flat vector of numbers.
+    pub(super) fn len(any: &dyn Any) -> Option<usize> {
+        macro_rules! try_len {
+            ($($e:ty),*) => { $(if let Some(v) = any.downcast_ref::<Vec<$e>>() {
+                return Some(std::mem::size_of_val(v.as_slice()));
+            })* };
+        }
+        each_raw!(try_len);
+        None
+    }
+
+    /// Writes the raw form into `buf` (exactly [`len`] long).
+    pub(super) fn write(any: &dyn Any, buf: &mut [u8]) -> Option<bool> {
+        macro_rules! try_write {
+            ($($e:ty),*) => { $(if let Some(v) = any.downcast_ref::<Vec<$e>>() {
+                const N: usize = std::mem::size_of::<$e>();
+                if buf.len() != v.len() * N {
+                    return Some(false);
+                }
+                for (out, x) in buf.chunks_exact_mut(N).zip(v) {
+                    out.copy_from_slice(&x.to_le_bytes());
+                }
+                return Some(true);
+            })* };
+        }
+        each_raw!(try_write);
+        None
+    }
+
+    /// The raw form, when `any` is a flat vector of numbers.
+    pub(super) fn to_vec(any: &dyn Any) -> Option<Vec<u8>> {
+        let mut out = vec![0_u8; len(any)?];
+        write(any, &mut out).map(|_| out)
+    }
+
+    /// Reads `T` from its raw form, when `T` is a flat vector of numbers.
+    #[allow(clippy::modulo_one)] // `u8` elements are one byte.
+    pub(super) fn read<T: 'static>(bytes: &[u8]) -> Option<Result<T, String>> {
+        macro_rules! try_read {
+            ($($e:ty),*) => { $(if TypeId::of::<T>() == TypeId::of::<Vec<$e>>() {
+                const N: usize = std::mem::size_of::<$e>();
+                if bytes.len() % N != 0 {
+                    return Some(Err(format!("{} raw bytes are not a whole number of elements", bytes.len())));
+                }
+                let v: Vec<$e> = bytes
+                    .chunks_exact(N)
+                    .map(|c| {
+                        let mut a = [0_u8; N];
+                        a.copy_from_slice(c);
+                        <$e>::from_le_bytes(a)
+                    })
+                    .collect();
+                let boxed: Box<dyn Any> = Box::new(v);
+                return boxed.downcast::<T>().ok().map(|b| Ok(*b));
+            })* };
+        }
+        each_raw!(try_read);
+        None
+    }
+}
+
 fn encode_any<T: Data>(any: &(dyn Any + Send + Sync)) -> Result<Vec<u8>> {
+    if let Some(v) = raw::to_vec(any) {
+        return Ok(v);
+    }
     match any.downcast_ref::<T>() {
         Some(v) => postcard::to_allocvec(v).map_err(Error::serialization),
         None => Err(Error::serialization("value does not have its recorded type")),
@@ -279,6 +362,9 @@ fn size_any<T: Data>(any: &(dyn Any + Send + Sync)) -> Result<usize> {
 }
 
 fn encoded_len_any<T: Data>(any: &(dyn Any + Send + Sync)) -> Result<usize> {
+    if let Some(n) = raw::len(any) {
+        return Ok(n);
+    }
     match any.downcast_ref::<T>() {
         Some(v) => postcard::serialize_with_flavor::<T, postcard::ser_flavors::Size, usize>(
             v,
@@ -301,6 +387,9 @@ impl Value {
     /// Encodes a typed value straight to bytes, collecting the references
     /// it mentions.
     pub fn encode<T: Data>(value: &T) -> Result<Self> {
+        if let Some(bytes) = raw::to_vec(value) {
+            return Ok(encoded(bytes, Cow::Borrowed(std::any::type_name::<T>()), Vec::new()));
+        }
         let (bytes, nested) = EncodeScope::run(|| postcard::to_allocvec(value))?;
         Ok(encoded(bytes, Cow::Borrowed(std::any::type_name::<T>()), nested))
     }
@@ -531,6 +620,9 @@ pub(crate) fn shared_source_covering(part: &[u8]) -> Option<(SharedBytes, usize)
 
 /// Decodes bytes as a `T`, rebuilding nested references against `rt`.
 pub(crate) fn decode<T: Data>(bytes: &[u8], rt: &Arc<Inner>) -> Result<T> {
+    if let Some(v) = raw::read::<T>(bytes) {
+        return v.map_err(Error::serialization);
+    }
     DecodeScope::run(rt, || {
         postcard::from_bytes(bytes).map_err(|e| {
             // postcard drops the text of custom errors; ours were stashed.
@@ -624,5 +716,40 @@ impl DecodeScope {
     /// The runtime of the decode call in progress, if any.
     pub(crate) fn runtime() -> Option<Arc<Inner>> {
         DECODE.with(|c| c.borrow().clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::Config;
+
+    #[test]
+    fn flat_number_vectors_travel_raw_and_come_back() -> Result<()> {
+        let rt = Inner::start(Config::new().num_cpus(1.0))?;
+        let ints: Vec<i64> = (0..1000).map(|i| i * 7919 - 3_000_000).collect();
+        let enc = Value::encode(&ints)?;
+        assert_eq!(enc.bytes().map(<[u8]>::len), Some(8 * ints.len()));
+        assert_eq!(enc.clone().take::<Vec<i64>>(&rt)?, ints);
+        // The erased path agrees with the typed one, also into a buffer.
+        let local = Value::local(ints.clone());
+        assert_eq!(local.encoded_len()?, 8 * ints.len());
+        let mut buf = vec![0_u8; local.encoded_len()?];
+        assert!(local.encode_into(&mut buf)?);
+        assert_eq!(Some(&buf[..]), enc.bytes());
+        let floats = vec![1.5_f64, -0.0, f64::MAX];
+        assert_eq!(Value::encode(&floats)?.take::<Vec<f64>>(&rt)?, floats);
+        let bytes = vec![1_u8, 2, 3];
+        assert_eq!(Value::encode(&bytes)?.take::<Vec<u8>>(&rt)?, bytes);
+        // Bytes that are not whole elements are an error, not a panic.
+        assert!(matches!(
+            Value::from_bytes(vec![1, 2, 3], std::any::type_name::<Vec<u32>>()).take::<Vec<u32>>(&rt),
+            Err(Error::Serialization(_))
+        ));
+        // Inside other values they are ordinary postcard.
+        let nested = (ints.clone(), 5_u8);
+        assert_eq!(Value::encode(&nested)?.take::<(Vec<i64>, u8)>(&rt)?, nested);
+        rt.shutdown_for_tests();
+        Ok(())
     }
 }

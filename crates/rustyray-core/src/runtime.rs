@@ -1092,6 +1092,12 @@ impl Inner {
 
     // ----- shutdown ---------------------------------------------------
 
+    /// Shuts down a runtime a unit test started without a `Ray` handle.
+    #[cfg(test)]
+    pub(crate) fn shutdown_for_tests(self: &Arc<Self>) {
+        self.shutdown_now();
+    }
+
     fn shutdown_now(self: &Arc<Self>) {
         if self.shut_down.swap(true, Ordering::AcqRel) {
             // Another thread is shutting down: wait for it to finish, unless
