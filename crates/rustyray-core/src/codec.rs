@@ -250,6 +250,17 @@ mod raw {
     }
 }
 
+/// The raw bytes form's length of a flat vector of numbers.
+pub(crate) fn raw_len<T: Data>(v: &T) -> Option<usize> {
+    raw::len(v)
+}
+
+/// Writes a flat vector of numbers' raw bytes form into `buf` (exactly
+/// [`raw_len`] long); false for any other value.
+pub(crate) fn raw_write<T: Data>(v: &T, buf: &mut [u8]) -> bool {
+    raw::write(v, buf) == Some(true)
+}
+
 fn encode_any<T: Data>(any: &(dyn Any + Send + Sync)) -> Result<Vec<u8>> {
     if let Some(v) = raw::to_vec(any) {
         return Ok(v);

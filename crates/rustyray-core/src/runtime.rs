@@ -1207,6 +1207,17 @@ impl Ray {
     /// ...) are copied into a buffer recycled from a freed object when one
     /// is kept, which avoids faulting in fresh memory.
     pub fn put_copy<T: Data + Clone>(&self, value: &T) -> Result<ObjectRef<T>> {
+        // A large value of the worker-process mode is written straight
+        // into shared memory: its only copy.
+        if let Some(node) = &self.inner.shm {
+            if let Some(object) = node.store_borrowed(value)? {
+                self.inner.check_open()?;
+                let v = Value::from_stored(object, std::any::type_name::<T>());
+                let id = self.inner.ids.object();
+                self.inner.store.insert_ready(id, v, 0)?;
+                return Ok(RawRef::adopt(id, self.inner.clone()).typed());
+            }
+        }
         let copy = crate::codec::recycled_copy(value, &self.inner.store).unwrap_or_else(|| value.clone());
         self.put(copy)
     }

@@ -46,6 +46,29 @@ impl NodeStore {
         }))
     }
 
+    /// Writes a borrowed value's bytes form into the store when it is
+    /// large enough for shared memory and a flat vector of numbers (whose
+    /// length is known without encoding it); `None` otherwise.
+    pub(crate) fn store_borrowed<T: crate::Data>(self: &Arc<Self>, v: &T) -> Result<Option<ShmObject>> {
+        let Some(len) = crate::codec::raw_len(v) else {
+            return Ok(None);
+        };
+        if len < self.threshold {
+            return Ok(None);
+        }
+        let id = self.ids.object().as_u128();
+        let mut w = self.store.create(id, len).map_err(shm_error)?;
+        if !crate::codec::raw_write(v, w.as_mut_slice()) {
+            return Ok(None);
+        }
+        w.seal();
+        Ok(Some(ShmObject {
+            node: self.clone(),
+            id,
+            len,
+        }))
+    }
+
     /// Writes a value's bytes form into the store. `None` when the value
     /// holds object references (those stay in the owner's memory).
     pub(crate) fn store_value(self: &Arc<Self>, v: &crate::Value) -> Result<Option<ShmObject>> {

@@ -564,6 +564,11 @@ fn checksum_of(v: Vec<u8>) -> u64 {
 }
 
 #[rustyray::remote]
+fn sum_ints(v: Vec<i64>) -> i64 {
+    v.iter().sum()
+}
+
+#[rustyray::remote]
 fn blob_in_place(b: rustyray::Blob) -> (bool, u64) {
     (b.is_shared(), checksum(&b))
 }
@@ -614,6 +619,14 @@ fn large_objects_are_written_once_into_shared_memory() -> rustyray::Result<()> {
         ray.get_timeout(&checksum_of::remote(&ray, inline.clone())?, LONG)?,
         checksum(&inline)
     );
+    // A copying put of a large flat vector writes it straight into
+    // shared memory; a worker reads it back.
+    let ints: Vec<i64> = (0..100_000).map(|i| i * 3 - 7).collect();
+    let copied = ray.put_copy(&ints)?;
+    assert_eq!(stats().objects_in_memory, 3);
+    assert_eq!(ray.get_timeout(&copied, LONG)?, ints);
+    assert_eq!(ray.get_timeout(&sum_ints::remote(&ray, &copied)?, LONG)?, ints.iter().sum::<i64>());
+    drop(copied);
     // Unreferenced objects are freed at once.
     drop((r, made));
     wait_until("the store is empty", || {
