@@ -48,9 +48,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::net::unix::OwnedReadHalf;
-use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use tokio::sync::oneshot;
 
 /// The environment variable that tells a process it was started as a
 /// worker: the node daemon's socket name.
@@ -94,12 +93,21 @@ impl WorkerCommand {
     }
 }
 
+/// What runs when a task pushed to a worker ends: with its outcome, or
+/// with why the worker could not finish it. Runs on the worker's reader
+/// thread (or wherever the worker is found dead).
+pub(crate) type Completion = Box<dyn FnOnce(std::result::Result<WireOutcome, String>) + Send>;
+
 /// One worker process and its connection.
 pub(crate) struct WorkerProc {
     pid: u32,
     child: Mutex<Option<Child>>,
-    tx: mpsc::UnboundedSender<Message>,
-    inflight: Mutex<HashMap<TaskId, oneshot::Sender<WireOutcome>>>,
+    /// The connection's writing side: frames are written whole, by the
+    /// thread that sends them.
+    out: Mutex<StdUnixStream>,
+    /// The thread reading the worker's messages.
+    reader: Mutex<Option<std::thread::JoinHandle<()>>>,
+    inflight: Mutex<HashMap<TaskId, Completion>>,
     dead: AtomicBool,
     /// Woken when the worker is found dead.
     died: tokio::sync::Notify,
@@ -125,7 +133,15 @@ impl WorkerProc {
         if force {
             self.kill();
         } else {
-            let _ = self.tx.send(Message::CancelTask { task_id: task, force });
+            self.send(&Message::CancelTask { task_id: task, force });
+        }
+    }
+
+    /// Writes one message; a failure means the worker is gone, which its
+    /// reader thread notices.
+    fn send(&self, msg: &Message) {
+        if let Err(e) = wire::write_message_blocking(&mut *self.out.lock(), msg) {
+            tracing::debug!(pid = self.pid, error = %e, "cannot write to worker process");
         }
     }
 
@@ -147,19 +163,13 @@ impl WorkerProc {
         }
     }
 
-    /// Sends a task to the worker; the returned future gives its outcome,
-    /// or why the worker could not finish it. The task is on its way when
-    /// this returns, so tasks sent one after the other arrive in order.
-    /// `pins` (the shared-memory arguments pinned for it) become the
-    /// worker's to release.
-    pub(crate) fn push(
-        &self,
-        task_id: TaskId,
-        msg: Message,
-        pins: Pins,
-    ) -> impl std::future::Future<Output = std::result::Result<WireOutcome, String>> + Send + 'static {
-        let (tx, rx) = oneshot::channel();
-        self.inflight.lock().insert(task_id, tx);
+    /// Sends a task to the worker; `done` runs with its outcome, or with
+    /// why the worker could not finish it. The task is on its way when this
+    /// returns, so tasks sent one after the other arrive in order. `pins`
+    /// (the shared-memory arguments pinned for it) become the worker's to
+    /// release.
+    pub(crate) fn push_then(&self, task_id: TaskId, msg: &Message, pins: Pins, done: Completion) {
+        self.inflight.lock().insert(task_id, done);
         let ids = pins.hand_over();
         if !ids.is_empty() {
             let mut held = self.pins.lock();
@@ -167,11 +177,38 @@ impl WorkerProc {
                 *held.entry(id).or_insert(0) += 1;
             }
         }
-        if self.tx.send(msg).is_err() || self.is_dead() {
-            self.inflight.lock().remove(&task_id);
+        // A worker found dead before the insert has already failed what it
+        // held; fail this one too (`lost` marks it dead before draining).
+        if self.is_dead() {
+            if let Some(done) = self.inflight.lock().remove(&task_id) {
+                done(Err(format!("worker process {} died", self.pid)));
+            }
+            return;
         }
+        self.send(msg);
+    }
+
+    /// [`WorkerProc::push_then`], as a future.
+    pub(crate) fn push(
+        &self,
+        task_id: TaskId,
+        msg: &Message,
+        pins: Pins,
+    ) -> impl std::future::Future<Output = std::result::Result<WireOutcome, String>> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        self.push_then(
+            task_id,
+            msg,
+            pins,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
         let pid = self.pid;
-        async move { rx.await.map_err(|_| format!("worker process {pid} died")) }
+        async move {
+            rx.await
+                .unwrap_or_else(|_| Err(format!("worker process {pid} died")))
+        }
     }
 
     /// Treats the worker as dead from now on (it reported a crash and is
@@ -213,7 +250,7 @@ impl WorkerProc {
     }
 }
 
-type Connection = std::result::Result<(UnixStream, FrameDecoder), String>;
+type Connection = std::result::Result<(StdUnixStream, FrameDecoder), String>;
 
 #[derive(Default)]
 struct PoolState {
@@ -231,7 +268,8 @@ pub(crate) struct Pool {
     /// The node's shared-memory store, whose arena every worker maps.
     shm: Arc<NodeStore>,
     state: Mutex<PoolState>,
-    handle: tokio::runtime::Handle,
+    /// Names the reader threads after the runtime.
+    thread_name: String,
 }
 
 impl std::fmt::Debug for Pool {
@@ -254,6 +292,7 @@ impl Pool {
         handle: &tokio::runtime::Handle,
         token: u128,
         shm: Arc<NodeStore>,
+        thread_name: String,
     ) -> Result<Arc<Pool>> {
         let name = format!("rustyray-{}-{:032x}", std::process::id(), token ^ 0x5a5a);
         let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
@@ -272,7 +311,7 @@ impl Pool {
             command,
             shm,
             state: Mutex::new(PoolState::default()),
-            handle: handle.clone(),
+            thread_name,
         });
         handle.spawn(accept_loop(Arc::downgrade(&pool), listener, token));
         for _ in 0..prestart {
@@ -287,33 +326,6 @@ impl Pool {
         Ok(pool)
     }
 
-    /// Runs one task on a leased worker: sends its spec, waits for its
-    /// outcome. `started` sees the worker before the task is sent (for
-    /// cancellation). `Err` carries why the worker could not run it (it
-    /// died, or none could be started).
-    pub(crate) async fn run_task(
-        self: &Arc<Self>,
-        task_id: TaskId,
-        (spec, pins): (Vec<u8>, Pins),
-        started: impl FnOnce(&Arc<WorkerProc>),
-    ) -> std::result::Result<WireOutcome, String> {
-        let w = self.lease().await.map_err(|e| e.to_string())?;
-        started(&w);
-        let outcome = w
-            .push(
-                task_id,
-                Message::PushTask {
-                    task_id,
-                    actor: None,
-                    spec,
-                },
-                pins,
-            )
-            .await?;
-        self.give_back(w);
-        Ok(outcome)
-    }
-
     /// Leases a worker for good and makes it host an actor: sends the
     /// constructor, waits for its outcome. The worker never returns to the
     /// pool; it ends with the actor.
@@ -325,39 +337,40 @@ impl Pool {
         max_concurrency: u32,
     ) -> std::result::Result<(Arc<WorkerProc>, WireOutcome), String> {
         let w = self.lease().await.map_err(|e| e.to_string())?;
-        let outcome = w
-            .push(
-                task_id,
-                Message::CreateActor {
-                    actor_id,
-                    task_id,
-                    spec,
-                    max_concurrency,
-                },
-                pins,
-            )
-            .await?;
+        let msg = Message::CreateActor {
+            actor_id,
+            task_id,
+            spec,
+            max_concurrency,
+        };
+        let outcome = w.push(task_id, &msg, pins).await?;
         Ok((w, outcome))
     }
 
-    async fn lease(self: &Arc<Self>) -> Result<Arc<WorkerProc>> {
-        loop {
-            let idle = {
-                let mut s = self.state.lock();
-                if s.closed {
-                    return Err(Error::Shutdown);
-                }
-                s.idle.pop()
-            };
-            match idle {
-                Some(w) if w.dead.load(Ordering::Acquire) => continue,
-                Some(w) => return Ok(w),
-                None => return self.spawn_worker().await,
-            }
+    /// Leases a worker: an idle one, else a new one.
+    pub(crate) async fn lease(self: &Arc<Self>) -> Result<Arc<WorkerProc>> {
+        match self.try_lease()? {
+            Some(w) => Ok(w),
+            None => self.spawn_worker().await,
         }
     }
 
-    fn give_back(&self, w: Arc<WorkerProc>) {
+    /// Leases an idle worker, if one is.
+    pub(crate) fn try_lease(&self) -> Result<Option<Arc<WorkerProc>>> {
+        let mut s = self.state.lock();
+        if s.closed {
+            return Err(Error::Shutdown);
+        }
+        while let Some(w) = s.idle.pop() {
+            if !w.is_dead() {
+                return Ok(Some(w));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Returns a leased worker to the pool.
+    pub(crate) fn give_back(&self, w: Arc<WorkerProc>) {
         let mut s = self.state.lock();
         if !s.closed && !w.dead.load(Ordering::Acquire) {
             s.idle.push(w);
@@ -423,12 +436,19 @@ impl Pool {
                 return Err(Error::invalid(reason));
             }
         };
-        let (rd, mut wr) = stream.into_split();
-        let (mtx, mut mrx) = mpsc::unbounded_channel::<Message>();
+        let mut rd = match stream.try_clone() {
+            Ok(rd) => rd,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::invalid(format!("cannot read from worker process {pid}: {e}")));
+            }
+        };
         let w = Arc::new(WorkerProc {
             pid,
             child: Mutex::new(Some(child)),
-            tx: mtx,
+            out: Mutex::new(stream),
+            reader: Mutex::new(None),
             inflight: Mutex::new(HashMap::new()),
             dead: AtomicBool::new(false),
             died: tokio::sync::Notify::new(),
@@ -444,16 +464,17 @@ impl Pool {
             }
             s.live.insert(pid, w.clone());
         }
-        self.handle.spawn(async move {
-            while let Some(m) = mrx.recv().await {
-                if let Err(e) = wire::write_message(&mut wr, &m).await {
-                    tracing::debug!(pid, error = %e, "cannot write to worker process");
-                    break;
-                }
+        let (pool, w2) = (Arc::downgrade(self), w.clone());
+        let reader = std::thread::Builder::new()
+            .name(self.thread_name.clone())
+            .spawn(move || read_loop(&pool, &w2, &mut rd, dec));
+        match reader {
+            Ok(h) => *w.reader.lock() = Some(h),
+            Err(e) => {
+                self.lost(&w, &format!("no reader thread: {e}"));
+                return Err(Error::invalid(format!("cannot start a reader thread: {e}")));
             }
-        });
-        self.handle
-            .spawn(read_loop(Arc::downgrade(self), w.clone(), rd, dec));
+        }
         tracing::debug!(pid, "worker process connected");
         Ok(w)
     }
@@ -478,10 +499,10 @@ impl Pool {
                 "worker process died"
             );
         }
-        // Dropping the senders fails the waiting tasks.
-        drop(inflight);
-        let w = w.clone();
-        self.handle.spawn_blocking(move || w.reap());
+        w.reap();
+        for (_, done) in inflight {
+            done(Err(format!("worker process {} died", w.pid)));
+        }
     }
 
     /// Worker processes alive now.
@@ -501,10 +522,20 @@ impl Pool {
         for w in &live {
             w.dead.store(true, Ordering::Release);
             w.died.notify_waiters();
-            let _ = w.tx.send(Message::Shutdown);
+            w.send(&Message::Shutdown);
             w.reap();
-            w.inflight.lock().clear();
+            let inflight = std::mem::take(&mut *w.inflight.lock());
+            drop(inflight);
             w.release_shared(&self.shm);
+        }
+        // The reader threads end with their connections.
+        for w in &live {
+            let reader = w.reader.lock().take();
+            if let Some(h) = reader {
+                if h.thread().id() != std::thread::current().id() {
+                    let _ = h.join();
+                }
+            }
         }
     }
 }
@@ -531,7 +562,11 @@ async fn accept_loop(pool: std::sync::Weak<Pool>, listener: tokio::net::UnixList
             let waiting = pool.state.lock().starting.remove(&pid);
             match (role, waiting) {
                 (Role::Worker, Some(tx)) => {
-                    let _ = tx.send(Ok((stream, dec)));
+                    let blocking = stream
+                        .into_std()
+                        .and_then(|s| s.set_nonblocking(false).map(|()| s))
+                        .map_err(|e| format!("cannot take over the connection of worker {pid}: {e}"));
+                    let _ = tx.send(blocking.map(|s| (s, dec)));
                 }
                 _ => tracing::warn!(pid, ?role, "closed a connection no worker start waits for"),
             }
@@ -539,15 +574,11 @@ async fn accept_loop(pool: std::sync::Weak<Pool>, listener: tokio::net::UnixList
     }
 }
 
-/// Reads a worker's messages until its connection ends.
-async fn read_loop(
-    pool: std::sync::Weak<Pool>,
-    w: Arc<WorkerProc>,
-    mut rd: OwnedReadHalf,
-    mut dec: FrameDecoder,
-) {
+/// Reads a worker's messages until its connection ends (on the worker's
+/// reader thread), then forgets the worker.
+fn read_loop(pool: &std::sync::Weak<Pool>, w: &Arc<WorkerProc>, rd: &mut StdUnixStream, mut dec: FrameDecoder) {
     let why = loop {
-        match wire::read_message(&mut rd, &mut dec).await {
+        match wire::read_message_blocking(rd, &mut dec) {
             Ok(Some(Message::TaskDone { task_id, outcome })) => {
                 let outcome = match outcome {
                     WireOutcome::Stored { type_name, id, len } => match w.writers.lock().remove(&id) {
@@ -561,9 +592,9 @@ async fn read_loop(
                     },
                     o => o,
                 };
-                let tx = w.inflight.lock().remove(&task_id);
-                if let Some(tx) = tx {
-                    let _ = tx.send(outcome);
+                let done = w.inflight.lock().remove(&task_id);
+                if let Some(done) = done {
+                    done(Ok(outcome));
                 }
             }
             Ok(Some(Message::CreateObject { id, len })) => {
@@ -578,7 +609,7 @@ async fn read_loop(
                         }),
                     None => Err(Error::Shutdown),
                 };
-                let _ = w.tx.send(Message::ObjectSlot { id, slot });
+                w.send(&Message::ObjectSlot { id, slot });
             }
             Ok(Some(Message::Unpin { id })) => {
                 let held = {
@@ -596,9 +627,7 @@ async fn read_loop(
                     let _ = pool.shm.store.unpin(id);
                 }
             }
-            Ok(Some(Message::Ping { nonce })) => {
-                let _ = w.tx.send(Message::Pong { nonce });
-            }
+            Ok(Some(Message::Ping { nonce })) => w.send(&Message::Pong { nonce }),
             Ok(Some(Message::Pong { .. })) => {}
             Ok(Some(other)) => {
                 break format!("unexpected message from a worker: {other:?}");
@@ -607,12 +636,14 @@ async fn read_loop(
             Err(e) => break format!("its connection failed: {e}"),
         }
     };
-    if let Some(pool) = pool.upgrade() {
-        pool.lost(&w, &why);
-    } else {
-        w.dead.store(true, Ordering::Release);
-        w.died.notify_waiters();
-        w.inflight.lock().clear();
-        w.reap();
+    match pool.upgrade() {
+        Some(pool) => pool.lost(w, &why),
+        None => {
+            w.dead.store(true, Ordering::Release);
+            w.died.notify_waiters();
+            w.reap();
+            let inflight = std::mem::take(&mut *w.inflight.lock());
+            drop(inflight);
+        }
     }
 }

@@ -482,6 +482,7 @@ impl Inner {
                     executor.handle(),
                     crate::ids::random_token(),
                     shm.clone(),
+                    format!("{thread_prefix}-n"),
                 )?;
                 (Some(pool), Some(shm))
             }
@@ -760,36 +761,62 @@ impl Inner {
         }
     }
 
-    /// Runs one attempt of a task in a worker process: resolves its
+    /// Runs one attempt of a task in a worker process: leases a worker
+    /// (an idle one at once, else a new one on the executor), resolves the
     /// arguments here (the owner's store holds them), pushes the spec with
-    /// the values inline, and finishes the task with what comes back.
+    /// the values inline, and finishes the task on the worker's reader
+    /// thread when the outcome comes back.
     fn start_in_process(self: &Arc<Self>, node: Arc<node::Pool>, run: Box<TaskRun>) {
-        let rt = self.clone();
-        self.handle.spawn(async move {
-            let mut guard = AsyncTaskGuard {
-                rt: rt.clone(),
-                run: Some(run),
-            };
-            let Some(r) = guard.run.as_ref() else { return };
-            let state = r.state.clone();
-            let attempt = r.attempt;
-            let spec = rt
-                .resolve_values(&r.spec, attempt)
-                .and_then(|values| r.spec.to_wire(&values, rt.shm.as_ref()));
-            let outcome = match spec {
-                Ok(bytes) => {
-                    let started = |w: &Arc<node::WorkerProc>| state.set_remote(attempt, w.clone());
-                    match node.run_task(state.id, bytes, started).await {
-                        Ok(o) => Outcome::from_wire(o, &rt),
-                        Err(reason) => Outcome::Crashed(reason),
+        match node.try_lease() {
+            Ok(Some(w)) => self.push_task(node, w, run),
+            Ok(None) => {
+                let rt = self.clone();
+                self.handle.spawn(async move {
+                    match node.lease().await {
+                        Ok(w) => rt.push_task(node, w, run),
+                        Err(e) => rt.finish_task(run, Outcome::Crashed(e.to_string())),
                     }
-                }
-                Err(e) => Outcome::Failed(e),
-            };
-            if let Some(run) = guard.run.take() {
-                rt.finish_task(run, outcome);
+                });
             }
-        });
+            Err(e) => self.finish_task(run, Outcome::Failed(e)),
+        }
+    }
+
+    fn push_task(self: &Arc<Self>, node: Arc<node::Pool>, w: Arc<node::WorkerProc>, run: Box<TaskRun>) {
+        let (id, attempt) = (run.state.id, run.attempt);
+        let spec = self
+            .resolve_values(&run.spec, attempt)
+            .and_then(|values| run.spec.to_wire(&values, self.shm.as_ref()));
+        let (spec, pins) = match spec {
+            Ok(s) => s,
+            Err(e) => {
+                node.give_back(w);
+                self.finish_task(run, Outcome::Failed(e));
+                return;
+            }
+        };
+        run.state.set_remote(attempt, w.clone());
+        let msg = crate::wire::Message::PushTask {
+            task_id: id,
+            actor: None,
+            spec,
+        };
+        let (rt, leased) = (self.clone(), w.clone());
+        w.push_then(
+            id,
+            &msg,
+            pins,
+            Box::new(move |r| {
+                let outcome = match r {
+                    Ok(o) => {
+                        node.give_back(leased);
+                        Outcome::from_wire(o, &rt)
+                    }
+                    Err(reason) => Outcome::Crashed(reason),
+                };
+                rt.finish_task(run, outcome);
+            }),
+        );
     }
 
     /// Produces the argument list of one attempt: through the bytes form

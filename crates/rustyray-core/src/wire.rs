@@ -322,6 +322,38 @@ pub async fn read_message<R: AsyncRead + Unpin>(
     }
 }
 
+/// Writes one message on a blocking stream.
+pub fn write_message_blocking<W: std::io::Write>(w: &mut W, msg: &Message) -> Result<(), WireError> {
+    w.write_all(&encode_frame(msg)?)?;
+    Ok(())
+}
+
+/// Reads the next message from a blocking stream; `Ok(None)` when the
+/// peer closed cleanly between frames.
+pub fn read_message_blocking<R: std::io::Read>(
+    r: &mut R,
+    dec: &mut FrameDecoder,
+) -> Result<Option<Message>, WireError> {
+    let mut chunk = [0_u8; 8192];
+    loop {
+        if let Some(msg) = dec.next_message()? {
+            return Ok(Some(msg));
+        }
+        let n = match r.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if n == 0 {
+            return match dec.pending() {
+                0 => Ok(None),
+                left => Err(WireError::Truncated(left)),
+            };
+        }
+        dec.push(&chunk[..n]);
+    }
+}
+
 /// The connecting side's handshake: sends `Hello`, expects `Welcome`.
 pub async fn connect_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,

@@ -36,7 +36,7 @@ use crate::wire::{self, FrameDecoder, Message, Role, WireOutcome};
 use parking_lot::Mutex;
 use rustyray_shm::ShmClient;
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
@@ -269,28 +269,8 @@ impl Worker {
 
 /// Reads the next message, blocking.
 fn read(stream: &mut UnixStream, dec: &mut FrameDecoder) -> Result<Option<Message>> {
-    let mut chunk = [0_u8; 8192];
-    loop {
-        if let Some(m) = dec
-            .next_message()
-            .map_err(|e| Error::invalid(format!("bad frame from the node daemon: {e}")))?
-        {
-            return Ok(Some(m));
-        }
-        let n = match stream.read(&mut chunk) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                return Err(Error::invalid(format!(
-                    "connection to the node daemon failed: {e}"
-                )))
-            }
-        };
-        if n == 0 {
-            return Ok(None);
-        }
-        dec.push(&chunk[..n]);
-    }
+    wire::read_message_blocking(stream, dec)
+        .map_err(|e| Error::invalid(format!("connection to the node daemon failed: {e}")))
 }
 
 /// Sends a task's outcome when dropped: on completion with the outcome
@@ -457,26 +437,55 @@ fn call_actor(worker: &Arc<Worker>, task_id: TaskId, actor_id: ActorId, spec: Ve
         }
     };
     worker.calls.lock().insert(task_id, r.clone());
-    let w = worker.clone();
-    rt.handle.spawn(async move {
-        let result = std::future::poll_fn(|cx| match w.rt.store.peek(r.id(), Some(cx.waker())) {
-            Ok(Peek::Pending) => std::task::Poll::Pending,
-            Ok(Peek::Ready(v)) => std::task::Poll::Ready(Ok(v)),
-            Ok(Peek::Failed(e)) | Err(e) => std::task::Poll::Ready(Err(e)),
-        })
-        .await;
-        w.calls.lock().remove(&task_id);
-        drop(r);
+    // The reply goes out from whichever thread completes the call (no hop
+    // through the executor).
+    let waker = std::task::Waker::from(Arc::new(ReplyWhenDone {
+        worker: worker.clone(),
+        task_id,
+        call: Mutex::new(Some(r.clone())),
+    }));
+    if !matches!(rt.store.peek(r.id(), Some(&waker)), Ok(Peek::Pending)) {
+        waker.wake();
+    }
+}
+
+/// Sends an actor call's outcome once its local object completes.
+struct ReplyWhenDone {
+    worker: Arc<Worker>,
+    task_id: TaskId,
+    /// The call's object, until the reply is sent.
+    call: Mutex<Option<RawRef>>,
+}
+
+impl std::task::Wake for ReplyWhenDone {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let w = &self.worker;
+        let result = {
+            let mut call = self.call.lock();
+            let Some(r) = call.as_ref() else { return };
+            let result = match w.rt.store.peek(r.id(), None) {
+                Ok(Peek::Pending) => return,
+                Ok(Peek::Ready(v)) => Ok(v),
+                Ok(Peek::Failed(e)) | Err(e) => Err(e),
+            };
+            *call = None;
+            result
+        };
+        w.calls.lock().remove(&self.task_id);
         let outcome = match result {
             Ok(v) => w.to_wire(Outcome::Value(v)),
             Err(e) => local_failure(e),
         };
         let crashed = matches!(outcome, WireOutcome::Panicked(_));
-        w.replies.done(task_id, outcome);
+        w.replies.done(self.task_id, outcome);
         if crashed {
             std::process::exit(1);
         }
-    });
+    }
 }
 
 /// How a local error looks to the owner: user errors and panics keep

@@ -232,16 +232,33 @@ pub(super) async fn drive(rt: Arc<Inner>, actor: Arc<ActorState>, mut rx: mpsc::
             }
         };
         let send = Outgoing { spec, values };
-        let outcome = match send.to(&rt, &actor, &w) {
-            Ok(o) => o,
+        let (msg, pins) = match send.message(&rt, &actor) {
+            Ok(m) => m,
             Err(e) => {
                 complete_call(&rt, &actor, &call, 1, Outcome::Failed(e));
                 continue;
             }
         };
         call.state.set_remote(1, w.clone());
-        rt.handle
-            .spawn(finish(rt.clone(), actor.clone(), call, send, w, outcome, guard));
+        let task_id = call.state.id;
+        let (rt2, actor2, w2) = (rt.clone(), actor.clone(), w.clone());
+        // The usual outcome completes the call on the worker's reader
+        // thread; a crash goes to `finish`, which may wait for a restart.
+        w.push_then(
+            task_id,
+            &msg,
+            pins,
+            Box::new(move |r| match r {
+                Ok(o) if !matches!(o, WireOutcome::Panicked(_)) => {
+                    complete_call(&rt2, &actor2, &call, 1, Outcome::from_wire(o, &rt2));
+                    drop(guard);
+                }
+                other => {
+                    let handle = rt2.handle.clone();
+                    handle.spawn(finish(rt2, actor2, call, send, w2, other, guard));
+                }
+            }),
+        );
     }
     // Out of scope: let the calls in flight finish, then end.
     let _all = in_flight.acquire_many(IN_FLIGHT_LIMIT).await;
@@ -270,14 +287,19 @@ type Pending =
     std::pin::Pin<Box<dyn std::future::Future<Output = std::result::Result<WireOutcome, String>> + Send>>;
 
 impl Outgoing {
-    fn to(&self, rt: &Arc<Inner>, actor: &ActorState, w: &Arc<WorkerProc>) -> crate::Result<Pending> {
+    fn message(&self, rt: &Arc<Inner>, actor: &ActorState) -> crate::Result<(Message, crate::shm::Pins)> {
         let (spec, pins) = self.spec.to_wire(&self.values, rt.shm.as_ref())?;
         let msg = Message::PushTask {
             task_id: self.spec.id,
             actor: Some(actor.id),
             spec,
         };
-        Ok(Box::pin(w.push(self.spec.id, msg, pins)))
+        Ok((msg, pins))
+    }
+
+    fn to(&self, rt: &Arc<Inner>, actor: &ActorState, w: &Arc<WorkerProc>) -> crate::Result<Pending> {
+        let (msg, pins) = self.message(rt, actor)?;
+        Ok(Box::pin(w.push(self.spec.id, &msg, pins)))
     }
 }
 
@@ -289,13 +311,20 @@ async fn finish(
     call: ActorCall,
     send: Outgoing,
     mut w: Arc<WorkerProc>,
-    mut pending: Pending,
+    first: std::result::Result<WireOutcome, String>,
     _guard: CallGuard,
 ) {
     let mut retries_left = actor.max_task_retries;
     let mut attempt = 1;
+    let mut pending: Option<Pending> = None;
+    let mut first = Some(first);
     loop {
-        let outcome = match pending.await {
+        let result = match (first.take(), pending.take()) {
+            (Some(r), _) => r,
+            (None, Some(p)) => p.await,
+            (None, None) => Err("no attempt in flight".to_owned()),
+        };
+        let outcome = match result {
             Ok(o) => Outcome::from_wire(o, &rt),
             Err(reason) => Outcome::Crashed(reason),
         };
@@ -311,7 +340,7 @@ async fn finish(
                     retries_left -= i32::from(retries_left > 0);
                     attempt += 1;
                     call.state.set_remote(1, fresh.clone());
-                    pending = p;
+                    pending = Some(p);
                     w = fresh;
                     continue;
                 }
