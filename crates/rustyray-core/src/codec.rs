@@ -157,7 +157,11 @@ fn with_payload(bytes: Payload, type_name: Cow<'static, str>, nested: Vec<KeepAl
 fn encode_into_any<T: Data>(any: &(dyn Any + Send + Sync), buf: &mut [u8]) -> Result<()> {
     match raw::write(any, buf) {
         Some(true) => return Ok(()),
-        Some(false) => return Err(Error::serialization("value encoded to a different size than measured")),
+        Some(false) => {
+            return Err(Error::serialization(
+                "value encoded to a different size than measured",
+            ))
+        }
         None => {}
     }
     match any.downcast_ref::<T>() {
@@ -399,7 +403,11 @@ impl Value {
     /// it mentions.
     pub fn encode<T: Data>(value: &T) -> Result<Self> {
         if let Some(bytes) = raw::to_vec(value) {
-            return Ok(encoded(bytes, Cow::Borrowed(std::any::type_name::<T>()), Vec::new()));
+            return Ok(encoded(
+                bytes,
+                Cow::Borrowed(std::any::type_name::<T>()),
+                Vec::new(),
+            ));
         }
         let (bytes, nested) = EncodeScope::run(|| postcard::to_allocvec(value))?;
         Ok(encoded(bytes, Cow::Borrowed(std::any::type_name::<T>()), nested))

@@ -43,12 +43,12 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use std::os::unix::net::UnixStream as StdUnixStream;
 use tokio::sync::oneshot;
 
 /// The environment variable that tells a process it was started as a
@@ -111,8 +111,9 @@ pub(crate) struct WorkerProc {
     dead: AtomicBool,
     /// Woken when the worker is found dead.
     died: tokio::sync::Notify,
-    /// Shared-memory objects pinned for this worker, with their counts.
-    pins: Mutex<HashMap<u128, u32>>,
+    /// Shared-memory objects pinned for this worker, with their counts;
+    /// `None` once the worker is gone and its pins were released.
+    pins: Mutex<Option<HashMap<u128, u32>>>,
     /// Allocations this worker is writing large results into.
     writers: Mutex<HashMap<u128, rustyray_shm::Writer>>,
 }
@@ -133,16 +134,25 @@ impl WorkerProc {
         if force {
             self.kill();
         } else {
-            self.send(&Message::CancelTask { task_id: task, force });
+            let _ = self.send(&Message::CancelTask { task_id: task, force });
         }
     }
 
-    /// Writes one message; a failure means the worker is gone, which its
-    /// reader thread notices.
-    fn send(&self, msg: &Message) {
-        if let Err(e) = wire::write_message_blocking(&mut *self.out.lock(), msg) {
+    /// Writes one message. A failed write means the worker is gone, which
+    /// its reader thread notices; a message too large to send is refused
+    /// whole (`false`).
+    fn send(&self, msg: &Message) -> bool {
+        let frame = match wire::encode_frame(msg) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(pid = self.pid, error = %e, "cannot send a message to a worker process");
+                return false;
+            }
+        };
+        if let Err(e) = std::io::Write::write_all(&mut *self.out.lock(), &frame) {
             tracing::debug!(pid = self.pid, error = %e, "cannot write to worker process");
         }
+        true
     }
 
     /// Whether the worker is known to be dead.
@@ -170,11 +180,14 @@ impl WorkerProc {
     /// release.
     pub(crate) fn push_then(&self, task_id: TaskId, msg: &Message, pins: Pins, done: Completion) {
         self.inflight.lock().insert(task_id, done);
-        let ids = pins.hand_over();
-        if !ids.is_empty() {
+        {
+            // Under the lock `release_shared` empties for good: pins handed
+            // to a worker already gone go back at once (when `pins` drops).
             let mut held = self.pins.lock();
-            for id in ids {
-                *held.entry(id).or_insert(0) += 1;
+            if let Some(held) = held.as_mut() {
+                for id in pins.hand_over() {
+                    *held.entry(id).or_insert(0) += 1;
+                }
             }
         }
         // A worker found dead before the insert has already failed what it
@@ -185,7 +198,13 @@ impl WorkerProc {
             }
             return;
         }
-        self.send(msg);
+        if !self.send(msg) {
+            if let Some(done) = self.inflight.lock().remove(&task_id) {
+                done(Err(format!(
+                    "task {task_id} is too large to send to a worker process"
+                )));
+            }
+        }
     }
 
     /// [`WorkerProc::push_then`], as a future.
@@ -231,7 +250,7 @@ impl WorkerProc {
     /// Releases what the worker held in shared memory: its pins, and the
     /// allocations of results it did not finish.
     fn release_shared(&self, shm: &NodeStore) {
-        let pins = std::mem::take(&mut *self.pins.lock());
+        let pins = self.pins.lock().take().unwrap_or_default();
         for (id, n) in pins {
             for _ in 0..n {
                 let _ = shm.store.unpin(id);
@@ -441,7 +460,9 @@ impl Pool {
             Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(Error::invalid(format!("cannot read from worker process {pid}: {e}")));
+                return Err(Error::invalid(format!(
+                    "cannot read from worker process {pid}: {e}"
+                )));
             }
         };
         let w = Arc::new(WorkerProc {
@@ -452,7 +473,7 @@ impl Pool {
             inflight: Mutex::new(HashMap::new()),
             dead: AtomicBool::new(false),
             died: tokio::sync::Notify::new(),
-            pins: Mutex::new(HashMap::new()),
+            pins: Mutex::new(Some(HashMap::new())),
             writers: Mutex::new(HashMap::new()),
         });
         {
@@ -489,6 +510,9 @@ impl Pool {
             s.live.remove(&w.pid);
             s.idle.retain(|i| !Arc::ptr_eq(i, w));
         }
+        // The process goes first: only then may what it held in shared
+        // memory be reused.
+        w.reap();
         w.release_shared(&self.shm);
         let inflight = std::mem::take(&mut *w.inflight.lock());
         if !inflight.is_empty() {
@@ -499,7 +523,6 @@ impl Pool {
                 "worker process died"
             );
         }
-        w.reap();
         for (_, done) in inflight {
             done(Err(format!("worker process {} died", w.pid)));
         }
@@ -522,7 +545,7 @@ impl Pool {
         for w in &live {
             w.dead.store(true, Ordering::Release);
             w.died.notify_waiters();
-            w.send(&Message::Shutdown);
+            let _ = w.send(&Message::Shutdown);
             w.reap();
             let inflight = std::mem::take(&mut *w.inflight.lock());
             drop(inflight);
@@ -545,8 +568,14 @@ impl Pool {
 /// waits for is closed; nothing else is affected.
 async fn accept_loop(pool: std::sync::Weak<Pool>, listener: tokio::net::UnixListener, token: u128) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
+        let mut stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, say: wait a little rather than spin.
+                tracing::warn!(error = %e, "cannot accept on the node socket");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let pool = pool.clone();
         tokio::spawn(async move {
@@ -576,7 +605,12 @@ async fn accept_loop(pool: std::sync::Weak<Pool>, listener: tokio::net::UnixList
 
 /// Reads a worker's messages until its connection ends (on the worker's
 /// reader thread), then forgets the worker.
-fn read_loop(pool: &std::sync::Weak<Pool>, w: &Arc<WorkerProc>, rd: &mut StdUnixStream, mut dec: FrameDecoder) {
+fn read_loop(
+    pool: &std::sync::Weak<Pool>,
+    w: &Arc<WorkerProc>,
+    rd: &mut StdUnixStream,
+    mut dec: FrameDecoder,
+) {
     let why = loop {
         match wire::read_message_blocking(rd, &mut dec) {
             Ok(Some(Message::TaskDone { task_id, outcome })) => {
@@ -593,8 +627,15 @@ fn read_loop(pool: &std::sync::Weak<Pool>, w: &Arc<WorkerProc>, rd: &mut StdUnix
                     o => o,
                 };
                 let done = w.inflight.lock().remove(&task_id);
-                if let Some(done) = done {
-                    done(Ok(outcome));
+                match (done, outcome) {
+                    (Some(done), outcome) => done(Ok(outcome)),
+                    // Nobody waits for it (a duplicate): free its object.
+                    (None, WireOutcome::Stored { id, .. }) => {
+                        if let Some(pool) = pool.upgrade() {
+                            let _ = pool.shm.store.delete(id);
+                        }
+                    }
+                    (None, _) => {}
                 }
             }
             Ok(Some(Message::CreateObject { id, len })) => {
@@ -609,11 +650,15 @@ fn read_loop(pool: &std::sync::Weak<Pool>, w: &Arc<WorkerProc>, rd: &mut StdUnix
                         }),
                     None => Err(Error::Shutdown),
                 };
-                w.send(&Message::ObjectSlot { id, slot });
+                let _ = w.send(&Message::ObjectSlot { id, slot });
+            }
+            Ok(Some(Message::AbortObject { id })) => {
+                w.writers.lock().remove(&id);
             }
             Ok(Some(Message::Unpin { id })) => {
                 let held = {
-                    let mut pins = w.pins.lock();
+                    let mut guard = w.pins.lock();
+                    let Some(pins) = guard.as_mut() else { continue };
                     match pins.get_mut(&id) {
                         Some(n) if *n > 1 => {
                             *n -= 1;
@@ -627,7 +672,9 @@ fn read_loop(pool: &std::sync::Weak<Pool>, w: &Arc<WorkerProc>, rd: &mut StdUnix
                     let _ = pool.shm.store.unpin(id);
                 }
             }
-            Ok(Some(Message::Ping { nonce })) => w.send(&Message::Pong { nonce }),
+            Ok(Some(Message::Ping { nonce })) => {
+                let _ = w.send(&Message::Pong { nonce });
+            }
             Ok(Some(Message::Pong { .. })) => {}
             Ok(Some(other)) => {
                 break format!("unexpected message from a worker: {other:?}");

@@ -177,9 +177,10 @@ impl Config {
 
     /// In the worker-process mode, values whose bytes form is at least
     /// this long live in the node's shared memory (default 100 KiB, as in
-    /// Ray); smaller ones travel inline.
+    /// Ray); smaller ones travel inline. At most 16 MiB, so that inline
+    /// values always fit the protocol's frames.
     pub fn shared_memory_threshold(mut self, bytes: usize) -> Self {
-        self.shared_memory_threshold = bytes;
+        self.shared_memory_threshold = bytes.min(16 << 20);
         self
     }
 }
@@ -788,14 +789,19 @@ impl Inner {
             .resolve_values(&run.spec, attempt)
             .and_then(|values| run.spec.to_wire(&values, self.shm.as_ref()));
         let (spec, pins) = match spec {
-            Ok(s) => s,
+            Ok(s) if !run.state.is_cancelled() => s,
+            Ok(_) => {
+                node.give_back(w);
+                self.finish_task(run, Outcome::Failed(Error::TaskCancelled(id)));
+                return;
+            }
             Err(e) => {
                 node.give_back(w);
                 self.finish_task(run, Outcome::Failed(e));
                 return;
             }
         };
-        run.state.set_remote(attempt, w.clone());
+        let state = run.state.clone();
         let msg = crate::wire::Message::PushTask {
             task_id: id,
             actor: None,
@@ -807,6 +813,7 @@ impl Inner {
             &msg,
             pins,
             Box::new(move |r| {
+                run.state.clear_remote();
                 let outcome = match r {
                     Ok(o) => {
                         node.give_back(leased);
@@ -817,6 +824,8 @@ impl Inner {
                 rt.finish_task(run, outcome);
             }),
         );
+        // After the push, so a cancel in between reaches the worker.
+        state.set_remote(attempt, w, true);
     }
 
     /// Produces the argument list of one attempt: through the bytes form

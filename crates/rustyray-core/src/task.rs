@@ -115,6 +115,17 @@ impl TaskSpec {
     /// Values in (or large enough for) the node's shared memory travel as
     /// their location, pinned for the receiver: the returned [`Pins`].
     pub(crate) fn to_wire(&self, values: &[Value], node: Option<&Arc<NodeStore>>) -> Result<(Vec<u8>, Pins)> {
+        // A user type's `Serialize` may panic: that is this task's error.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.to_wire_inner(values, node)))
+            .unwrap_or_else(|p| {
+                Err(Error::Serialization(format!(
+                    "Serialize panicked: {}",
+                    crate::runtime::panic_message(p.as_ref())
+                )))
+            })
+    }
+
+    fn to_wire_inner(&self, values: &[Value], node: Option<&Arc<NodeStore>>) -> Result<(Vec<u8>, Pins)> {
         let mut args = Vec::with_capacity(values.len());
         let mut pins = Pins::none();
         for v in values {
@@ -275,8 +286,9 @@ pub(crate) enum Phase {
         attempt: u32,
         /// The async task to abort on cancel.
         abort: Option<tokio::task::AbortHandle>,
-        /// The worker process running it, in the worker-process mode.
-        remote: Option<Arc<crate::node::WorkerProc>>,
+        /// The worker process running it, in the worker-process mode, and
+        /// whether a forced cancel may kill it (not an actor's process).
+        remote: Option<(Arc<crate::node::WorkerProc>, bool)>,
     },
     /// Finished, failed or cancelled.
     Done,
@@ -288,6 +300,8 @@ pub(crate) enum Phase {
 pub(crate) struct TaskState {
     pub(crate) id: TaskId,
     cancelled: AtomicBool,
+    /// The cancel asked to kill the worker process.
+    forced: AtomicBool,
     phase: Mutex<Phase>,
     children: Mutex<Children>,
 }
@@ -305,6 +319,7 @@ impl TaskState {
         Arc::new(TaskState {
             id,
             cancelled: AtomicBool::new(false),
+            forced: AtomicBool::new(false),
             phase: Mutex::new(Phase::Waiting),
             children: Mutex::new(Children::default()),
         })
@@ -371,9 +386,12 @@ impl TaskState {
         }
     }
 
-    /// Records the worker process running attempt `attempt`; asks it to
-    /// cancel at once if a cancel came in between.
-    pub(crate) fn set_remote(&self, attempt: u32, w: Arc<crate::node::WorkerProc>) {
+    /// Records the worker process running attempt `attempt` (call it once
+    /// the task was sent); passes on a cancel that came in between. A
+    /// forced cancel kills the process only when it is `killable` (a task's
+    /// leased worker, not an actor's process: Ray refuses to force-cancel
+    /// actor calls).
+    pub(crate) fn set_remote(&self, attempt: u32, w: Arc<crate::node::WorkerProc>, killable: bool) {
         let mut p = self.phase.lock();
         if let Phase::Running {
             attempt: a, remote, ..
@@ -381,18 +399,34 @@ impl TaskState {
         {
             if *a == attempt {
                 if self.is_cancelled() {
-                    w.cancel(self.id, false);
+                    w.cancel(self.id, killable && self.forced.load(Ordering::Acquire));
                 }
-                *remote = Some(w);
+                *remote = Some((w, killable));
             }
         }
     }
 
+    /// Forgets the worker process of the attempt that just ended (before
+    /// the worker goes back to the pool, so a late forced cancel cannot
+    /// kill the next task's process).
+    pub(crate) fn clear_remote(&self) {
+        if let Phase::Running { remote, .. } = &mut *self.phase.lock() {
+            *remote = None;
+        }
+    }
+
     /// Asks the worker process running the task, if any, to cancel it;
-    /// with `force` the process is killed.
+    /// with `force` a task's process is killed.
     pub(crate) fn cancel_remote(&self, force: bool) {
-        if let Phase::Running { remote: Some(w), .. } = &*self.phase.lock() {
-            w.cancel(self.id, force);
+        if force {
+            self.forced.store(true, Ordering::Release);
+        }
+        if let Phase::Running {
+            remote: Some((w, killable)),
+            ..
+        } = &*self.phase.lock()
+        {
+            w.cancel(self.id, force && *killable);
         }
     }
 

@@ -139,6 +139,13 @@ pub enum Message {
         /// Its offset in the arena, or the failure.
         slot: Result<u64, Error>,
     },
+    /// Worker → owner: the worker gives up the allocation `ObjectSlot`
+    /// gave it (it could not write the result); the owner frees it.
+    /// Idempotent.
+    AbortObject {
+        /// The object.
+        id: u128,
+    },
     /// Worker → owner: the worker dropped its last view of an object the
     /// owner pinned for it (a shared-memory argument). Idempotent per pin:
     /// each pin the owner took is released by one `Unpin`; a worker that
@@ -238,10 +245,14 @@ pub enum WireError {
 /// Encodes a message as one frame.
 pub fn encode_frame(msg: &Message) -> Result<Vec<u8>, WireError> {
     let mut out = postcard::to_extend(msg, vec![0_u8; 4]).map_err(|e| WireError::Malformed(e.to_string()))?;
-    let len = u32::try_from(out.len() - 4).map_err(|_| WireError::TooLarge {
-        len: u32::MAX,
-        max: u32::MAX,
-    })?;
+    let len = u32::try_from(out.len() - 4).unwrap_or(u32::MAX);
+    if len > DEFAULT_MAX_FRAME {
+        // The receiving side would refuse it and drop the connection.
+        return Err(WireError::TooLarge {
+            len,
+            max: DEFAULT_MAX_FRAME,
+        });
+    }
     out[..4].copy_from_slice(&len.to_le_bytes());
     Ok(out)
 }
@@ -458,6 +469,7 @@ mod tests {
                 slot: Ok(4096),
             },
             Message::Unpin { id: 3 },
+            Message::AbortObject { id: 3 },
             Message::TaskDone {
                 task_id: TaskId::from_u128(11),
                 outcome: WireOutcome::Stored {

@@ -205,6 +205,16 @@ impl Worker {
     /// How an attempt's outcome goes back: a large value is written into
     /// an allocation the node makes for it, the rest inline.
     fn to_wire(&self, outcome: Outcome) -> WireOutcome {
+        // A user type's `Serialize` may panic: that is this task's error.
+        std::panic::catch_unwind(AssertUnwindSafe(|| self.to_wire_inner(outcome))).unwrap_or_else(|p| {
+            WireOutcome::Failed(Error::Serialization(format!(
+                "Serialize panicked: {}",
+                crate::runtime::panic_message(p.as_ref())
+            )))
+        })
+    }
+
+    fn to_wire_inner(&self, outcome: Outcome) -> WireOutcome {
         let v = match outcome {
             Outcome::Value(v) => v,
             other => return other.into_wire(),
@@ -228,14 +238,23 @@ impl Worker {
         let offset = rx
             .recv()
             .map_err(|_| Error::invalid("the node daemon is gone"))??;
-        let offset = usize::try_from(offset).map_err(|_| Error::invalid("allocation out of range"))?;
-        let written = shm
-            .write_with(offset, len, |buf| v.encode_into(buf))
-            .map_err(|e| Error::invalid(format!("cannot write the result: {e}")))??;
-        if !written {
-            return Err(Error::invalid(
-                "a large result holding object references cannot leave a worker process yet",
-            ));
+        let written = usize::try_from(offset)
+            .map_err(|_| Error::invalid("allocation out of range"))
+            .and_then(|offset| {
+                shm.write_with(offset, len, |buf| v.encode_into(buf))
+                    .map_err(|e| Error::invalid(format!("cannot write the result: {e}")))
+            })
+            .and_then(|r| r)
+            .and_then(|written| {
+                written.then_some(()).ok_or_else(|| {
+                    Error::invalid(
+                        "a large result holding object references cannot leave a worker process yet",
+                    )
+                })
+            });
+        if let Err(e) = written {
+            self.replies.send(&Message::AbortObject { id });
+            return Err(e);
         }
         Ok(WireOutcome::Stored {
             type_name: v.type_name().to_owned(),

@@ -76,6 +76,15 @@ pub enum ShmError {
         /// Size of the arena or object the region was checked against.
         size: u64,
     },
+    /// A region `(offset, len)` overlaps one this process is writing (or,
+    /// for a write, reading or writing) through its [`crate::ShmClient`].
+    #[error("region of {len} bytes at offset {offset} is in use in this process")]
+    Conflict {
+        /// Start of the region.
+        offset: u64,
+        /// Length of the region.
+        len: u64,
+    },
     /// A spill file could not be written, read or removed.
     #[error("spill file {path}: {source}")]
     Io {

@@ -625,7 +625,10 @@ fn large_objects_are_written_once_into_shared_memory() -> rustyray::Result<()> {
     let copied = ray.put_copy(&ints)?;
     assert_eq!(stats().objects_in_memory, 3);
     assert_eq!(ray.get_timeout(&copied, LONG)?, ints);
-    assert_eq!(ray.get_timeout(&sum_ints::remote(&ray, &copied)?, LONG)?, ints.iter().sum::<i64>());
+    assert_eq!(
+        ray.get_timeout(&sum_ints::remote(&ray, &copied)?, LONG)?,
+        ints.iter().sum::<i64>()
+    );
     drop(copied);
     // Unreferenced objects are freed at once.
     drop((r, made));
@@ -730,5 +733,141 @@ fn a_dead_worker_releases_its_pins() -> rustyray::Result<()> {
     wait_until("the object is freed although its reader died", || {
         ray.shared_store_stats().is_some_and(|s| s.used == 0)
     });
+    Ok(())
+}
+
+// ----- edge cases found in review ------------------------------------------
+
+#[test]
+fn kill_with_restart_in_quick_succession_keeps_a_process_actor_usable() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let t = Tally::options().max_restarts(10).remote(&ray, 5)?;
+    // Right after creation, and twice in a row.
+    ray.kill_raw(t.raw(), false)?;
+    ray.kill_raw(t.raw(), false)?;
+    assert_eq!(ray.get_timeout(&t.add(1)?, LONG)?, 6);
+    let pid = ray.get_timeout(&t.pid()?, LONG)?;
+    ray.kill_raw(t.raw(), false)?;
+    // A call made right after the kill waits for the restarted actor.
+    assert_eq!(ray.get_timeout(&t.add(2)?, LONG)?, 7);
+    assert_ne!(ray.get_timeout(&t.pid()?, LONG)?, pid);
+    Ok(())
+}
+
+#[test]
+fn forced_cancels_of_queued_and_running_tasks_free_the_workers() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let dirs: Vec<_> = (0..4).map(|i| scratch(&format!("force-many-{i}"))).collect();
+    let refs = dirs
+        .iter()
+        .map(|d| {
+            park_forever::options()
+                .max_retries(0)
+                .remote(&ray, d.display().to_string())
+        })
+        .collect::<rustyray::Result<Vec<_>>>()?;
+    for r in &refs {
+        ray.cancel_with(
+            r,
+            rustyray::CancelOptions {
+                force: true,
+                ..Default::default()
+            },
+        )?;
+    }
+    for r in &refs {
+        assert!(matches!(ray.get_timeout(r, LONG), Err(Error::TaskCancelled(_))));
+    }
+    // Both CPUs are free again.
+    let sums = (0..4)
+        .map(|i| add::remote(&ray, i, 1))
+        .collect::<rustyray::Result<Vec<_>>>()?;
+    assert_eq!(ray.get_many_timeout(&sums, LONG)?, vec![1, 2, 3, 4]);
+    for d in dirs {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    Ok(())
+}
+
+#[rustyray::actor]
+struct Waiter;
+
+#[rustyray::actor]
+impl Waiter {
+    fn new() -> Self {
+        Waiter
+    }
+
+    fn wait_for_cancel(&self) -> bool {
+        while !rustyray::is_cancelled() {
+            std::thread::park_timeout(std::time::Duration::from_millis(5));
+        }
+        true
+    }
+
+    fn pid(&self) -> u32 {
+        std::process::id()
+    }
+}
+
+#[test]
+fn a_forced_cancel_does_not_kill_an_actor_process() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let w = Waiter::remote(&ray)?;
+    let pid = ray.get_timeout(&w.pid()?, LONG)?;
+    let r = w.wait_for_cancel()?;
+    ray.cancel_with(
+        &r,
+        rustyray::CancelOptions {
+            force: true,
+            ..Default::default()
+        },
+    )?;
+    assert!(matches!(ray.get_timeout(&r, LONG), Err(Error::TaskCancelled(_))));
+    // The actor (no restarts) is alive, in the same process.
+    assert_eq!(ray.get_timeout(&w.pid()?, LONG)?, pid);
+    Ok(())
+}
+
+/// A large value that holds a reference made inside the worker.
+#[rustyray::remote]
+fn large_with_ref() -> (Vec<u8>, ObjectRef<u8>) {
+    let ray = rustyray::current().expect("inside a task");
+    (vec![7; 300_000], ray.put(1_u8).expect("put"))
+}
+
+/// A value whose `Serialize` panics.
+#[derive(Debug, serde::Deserialize)]
+struct Bomb;
+
+impl serde::Serialize for Bomb {
+    fn serialize<S: serde::Serializer>(&self, _s: S) -> Result<S::Ok, S::Error> {
+        panic!("Bomb cannot be serialized")
+    }
+}
+
+#[rustyray::remote]
+fn take_bomb(_b: Bomb) -> u8 {
+    0
+}
+
+#[test]
+fn unsendable_values_are_errors_that_leak_nothing() -> rustyray::Result<()> {
+    let dir = scratch("unsendable");
+    let ray = shm_runtime(16 << 20, &dir.join("spill"));
+    for _ in 0..3 {
+        match ray.get_timeout(&large_with_ref::options().max_retries(0).remote(&ray)?, LONG) {
+            Err(e) => assert!(e.to_string().contains("object references"), "{e}"),
+            Ok(_) => panic!("a worker's reference left its process"),
+        }
+    }
+    wait_until("abandoned result allocations are freed", || {
+        ray.shared_store_stats().is_some_and(|s| s.used == 0)
+    });
+    match ray.get_timeout(&take_bomb::remote(&ray, Bomb)?, LONG) {
+        Err(Error::Serialization(m)) => assert!(m.contains("Bomb cannot be serialized"), "{m}"),
+        other => panic!("expected a serialization error, got {other:?}"),
+    }
+    let _ = std::fs::remove_dir_all(dir);
     Ok(())
 }

@@ -127,7 +127,9 @@ pub(crate) struct ActorState {
     lifetime: ResourceSet,
     max_concurrency: u32,
     max_task_retries: i32,
-    ctor_args: Vec<Arg>,
+    /// Kept for restarts (emptied once a hosted actor, which never
+    /// restarts here, is constructed).
+    ctor_args: Mutex<Vec<Arg>>,
     life: Mutex<Life>,
     mailbox: Mutex<Option<mpsc::UnboundedSender<Mail>>>,
     /// Sync actors' mailbox (`None` for async actors, which use `mailbox`
@@ -174,7 +176,7 @@ impl ActorState {
             lifetime: ResourceSet::new(),
             max_concurrency: 1,
             max_task_retries: 0,
-            ctor_args: Vec::new(),
+            ctor_args: Mutex::new(Vec::new()),
             life: Mutex::new(Life {
                 status: Status::Dead(reason),
                 instance: None,
@@ -259,7 +261,7 @@ impl ActorState {
         let spec = TaskSpec {
             id: rt.ids.task(),
             target: Target::Constructor(self.class),
-            args: self.ctor_args.clone(),
+            args: self.ctor_args.lock().clone(),
             name: None,
         };
         let args = rt.resolve_args(&spec, 1)?;
@@ -1296,6 +1298,8 @@ pub(crate) async fn host(
     let raw = create_raw_with(ray, class, &opts, args, true)?;
     let actor = raw.0.actor.clone();
     actor.until_created().await;
+    // Arguments in shared memory stay pinned while held: let them go.
+    actor.ctor_args.lock().clear();
     match actor.dead_error() {
         Some(e) => Err(e),
         None => Ok(raw),
@@ -1360,7 +1364,7 @@ fn create_raw_with(
         lifetime,
         max_concurrency,
         max_task_retries: opts.max_task_retries.unwrap_or(d.max_task_retries),
-        ctor_args: args,
+        ctor_args: Mutex::new(args),
         life: Mutex::new(Life {
             status: Status::Pending,
             instance: None,
@@ -1403,7 +1407,7 @@ fn create_raw_with(
     } else if class.is_async {
         rt.handle.spawn(drive(rt.clone(), actor.clone(), rx));
     }
-    let deps = ref_ids(&actor.ctor_args);
+    let deps = ref_ids(&actor.ctor_args.lock());
     rt.when_ready(&deps, Work::Actor(actor));
     Ok(handle)
 }
@@ -1440,10 +1444,14 @@ impl Ray {
         }
         let running = std::mem::take(&mut actor.life.lock().running);
         fail_running(rt, running, &actor.died("it was killed and restarted", None));
-        let worker = actor.remote.lock().clone();
-        if let Some(w) = worker {
-            // Its monitor restarts it.
-            w.kill();
+        if rt.node.is_some() {
+            // A process actor: its monitor restarts it once its process is
+            // gone; calls made from now on wait for that. Without a
+            // process, a start or restart is already under way.
+            let worker = actor.remote.lock().clone();
+            if let Some(w) = worker {
+                w.condemn();
+            }
             return Ok(());
         }
         // Calls made from now on go to the restarted actor.

@@ -67,7 +67,7 @@ async fn launch(rt: &Arc<Inner>, actor: &Arc<ActorState>) -> crate::Result<Arc<W
     let spec = TaskSpec {
         id: rt.ids.task(),
         target: Target::Constructor(actor.class),
-        args: actor.ctor_args.clone(),
+        args: actor.ctor_args.lock().clone(),
         name: None,
     };
     let task_id = spec.id;
@@ -219,7 +219,27 @@ pub(super) async fn drive(rt: Arc<Inner>, actor: Arc<ActorState>, mut rx: mpsc::
         // retry) from `values`.
         spec.args.clear();
         let (values, w) = match values {
+            Ok(_) if call.state.is_cancelled() => {
+                complete_call(
+                    &rt,
+                    &actor,
+                    &call,
+                    1,
+                    Outcome::Failed(Error::TaskCancelled(call.state.id)),
+                );
+                continue;
+            }
             Ok(v) => match actor.worker(None).await {
+                Ok(_) if call.state.is_cancelled() => {
+                    complete_call(
+                        &rt,
+                        &actor,
+                        &call,
+                        1,
+                        Outcome::Failed(Error::TaskCancelled(call.state.id)),
+                    );
+                    continue;
+                }
                 Ok(w) => (v, w),
                 Err(e) => {
                     complete_call(&rt, &actor, &call, 1, Outcome::Failed(e));
@@ -239,8 +259,8 @@ pub(super) async fn drive(rt: Arc<Inner>, actor: Arc<ActorState>, mut rx: mpsc::
                 continue;
             }
         };
-        call.state.set_remote(1, w.clone());
         let task_id = call.state.id;
+        let state = call.state.clone();
         let (rt2, actor2, w2) = (rt.clone(), actor.clone(), w.clone());
         // The usual outcome completes the call on the worker's reader
         // thread; a crash goes to `finish`, which may wait for a restart.
@@ -259,6 +279,7 @@ pub(super) async fn drive(rt: Arc<Inner>, actor: Arc<ActorState>, mut rx: mpsc::
                 }
             }),
         );
+        state.set_remote(1, w, false);
     }
     // Out of scope: let the calls in flight finish, then end.
     let _all = in_flight.acquire_many(IN_FLIGHT_LIMIT).await;
@@ -339,7 +360,7 @@ async fn finish(
                 if let Ok(p) = send.to(&rt, &actor, &fresh) {
                     retries_left -= i32::from(retries_left > 0);
                     attempt += 1;
-                    call.state.set_remote(1, fresh.clone());
+                    call.state.set_remote(1, fresh.clone(), false);
                     pending = Some(p);
                     w = fresh;
                     continue;
