@@ -418,6 +418,28 @@ impl Value {
         encoded(bytes, type_name.into(), Vec::new())
     }
 
+    /// Wraps bytes received from elsewhere that refer to objects: `keep`
+    /// holds them alive with the value.
+    pub(crate) fn from_bytes_keeping(
+        bytes: Vec<u8>,
+        type_name: impl Into<Cow<'static, str>>,
+        keep: Vec<KeepAlive>,
+    ) -> Self {
+        encoded(bytes, type_name.into(), keep)
+    }
+
+    /// The ids of the objects an encoded value refers to.
+    pub(crate) fn nested_object_ids(&self) -> Vec<crate::ids::ObjectId> {
+        match &*self.0 {
+            Repr::Encoded(e) => e
+                ._nested
+                .iter()
+                .filter_map(crate::object_ref::kept_object)
+                .collect(),
+            Repr::Local { .. } => Vec::new(),
+        }
+    }
+
     /// Wraps bytes in shared memory, pinned here.
     pub(crate) fn from_shared(bytes: SharedBytes, type_name: impl Into<Cow<'static, str>>) -> Self {
         with_payload(Payload::Pinned(bytes), type_name.into(), Vec::new())

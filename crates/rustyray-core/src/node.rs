@@ -116,6 +116,8 @@ pub(crate) struct WorkerProc {
     pins: Mutex<Option<HashMap<u128, u32>>>,
     /// Allocations this worker is writing large results into.
     writers: Mutex<HashMap<u128, rustyray_shm::Writer>>,
+    /// Objects the worker put, kept for it until it releases them.
+    borrows: Mutex<HashMap<crate::ids::ObjectId, crate::RawRef>>,
 }
 
 impl std::fmt::Debug for WorkerProc {
@@ -257,6 +259,8 @@ impl WorkerProc {
             }
         }
         self.writers.lock().clear();
+        let borrows = std::mem::take(&mut *self.borrows.lock());
+        drop(borrows);
     }
 
     /// Kills the process if it still runs and waits for it to be gone.
@@ -289,6 +293,9 @@ pub(crate) struct Pool {
     state: Mutex<PoolState>,
     /// Names the reader threads after the runtime.
     thread_name: String,
+    /// The owner (the driver's runtime), for calls workers make on its
+    /// actors.
+    owner: std::sync::OnceLock<std::sync::Weak<crate::runtime::Inner>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -331,6 +338,7 @@ impl Pool {
             shm,
             state: Mutex::new(PoolState::default()),
             thread_name,
+            owner: std::sync::OnceLock::new(),
         });
         handle.spawn(accept_loop(Arc::downgrade(&pool), listener, token));
         for _ in 0..prestart {
@@ -475,6 +483,7 @@ impl Pool {
             died: tokio::sync::Notify::new(),
             pins: Mutex::new(Some(HashMap::new())),
             writers: Mutex::new(HashMap::new()),
+            borrows: Mutex::new(HashMap::new()),
         });
         {
             let mut s = self.state.lock();
@@ -526,6 +535,11 @@ impl Pool {
         for (_, done) in inflight {
             done(Err(format!("worker process {} died", w.pid)));
         }
+    }
+
+    /// Names the runtime that owns this node's work.
+    pub(crate) fn set_owner(&self, rt: &Arc<crate::runtime::Inner>) {
+        let _ = self.owner.set(Arc::downgrade(rt));
     }
 
     /// Worker processes alive now.
@@ -603,6 +617,47 @@ async fn accept_loop(pool: std::sync::Weak<Pool>, listener: tokio::net::UnixList
     }
 }
 
+/// A result or put in shared memory is sealed when the worker reports it
+/// (it wrote it into the allocation `CreateObject` gave it).
+fn seal_stored(w: &WorkerProc, outcome: WireOutcome) -> WireOutcome {
+    match outcome {
+        WireOutcome::Stored { type_name, id, len } => match w.writers.lock().remove(&id) {
+            Some(writer) if writer.len() as u64 == len => {
+                writer.seal();
+                WireOutcome::Stored { type_name, id, len }
+            }
+            _ => WireOutcome::Failed(Error::invalid(format!(
+                "the worker reported object {id:x} it was given no room for"
+            ))),
+        },
+        o => o,
+    }
+}
+
+/// A value as a worker receives it inline (a value in shared memory is
+/// copied out).
+fn inline_outcome(v: &crate::Value) -> Result<WireOutcome> {
+    if let Some(o) = v.stored() {
+        let bytes = o.pin()?;
+        return Ok(WireOutcome::Value {
+            type_name: v.type_name().to_owned(),
+            bytes: bytes.to_vec(),
+            refs: Vec::new(),
+        });
+    }
+    let enc = v.to_encoded()?;
+    if !enc.nested_object_ids().is_empty() {
+        return Err(Error::invalid(
+            "a value holding the owner's object references cannot go to a worker process yet",
+        ));
+    }
+    Ok(WireOutcome::Value {
+        type_name: enc.type_name().to_owned(),
+        bytes: enc.bytes().map(<[u8]>::to_vec).unwrap_or_default(),
+        refs: Vec::new(),
+    })
+}
+
 /// Reads a worker's messages until its connection ends (on the worker's
 /// reader thread), then forgets the worker.
 fn read_loop(
@@ -614,18 +669,7 @@ fn read_loop(
     let why = loop {
         match wire::read_message_blocking(rd, &mut dec) {
             Ok(Some(Message::TaskDone { task_id, outcome })) => {
-                let outcome = match outcome {
-                    WireOutcome::Stored { type_name, id, len } => match w.writers.lock().remove(&id) {
-                        Some(writer) if writer.len() as u64 == len => {
-                            writer.seal();
-                            WireOutcome::Stored { type_name, id, len }
-                        }
-                        _ => WireOutcome::Failed(Error::invalid(format!(
-                            "the worker reported object {id:x} it was given no room for"
-                        ))),
-                    },
-                    o => o,
-                };
+                let outcome = seal_stored(w, outcome);
                 let done = w.inflight.lock().remove(&task_id);
                 match (done, outcome) {
                     (Some(done), outcome) => done(Ok(outcome)),
@@ -651,6 +695,56 @@ fn read_loop(
                     None => Err(Error::Shutdown),
                 };
                 let _ = w.send(&Message::ObjectSlot { id, slot });
+            }
+            Ok(Some(Message::CallActor {
+                actor_id,
+                task_id,
+                spec,
+            })) => {
+                let owner = pool
+                    .upgrade()
+                    .and_then(|p| p.owner.get().and_then(std::sync::Weak::upgrade));
+                let to = w.clone();
+                let reply: crate::actor::Reply = Box::new(move |result| {
+                    let outcome = match result.and_then(|v| inline_outcome(&v)) {
+                        Ok(o) => o,
+                        Err(e) => WireOutcome::Failed(e),
+                    };
+                    let _ = to.send(&Message::ObjectReady { task_id, outcome });
+                });
+                match owner {
+                    Some(rt) => crate::actor::call_for_worker(
+                        &rt,
+                        actor_id,
+                        task_id,
+                        &crate::Value::from_bytes(spec, "TaskSpec"),
+                        reply,
+                    ),
+                    None => reply(Err(Error::Shutdown)),
+                }
+            }
+            Ok(Some(Message::Put { id, value })) => {
+                let owner = pool
+                    .upgrade()
+                    .and_then(|p| p.owner.get().and_then(std::sync::Weak::upgrade));
+                if let Some(rt) = owner {
+                    let kept = match crate::runtime::Outcome::from_wire(seal_stored(w, value), &rt) {
+                        crate::runtime::Outcome::Value(v) => rt.put_as(id, v),
+                        _ => Err(Error::invalid("a put without a value")),
+                    };
+                    match kept {
+                        Ok(r) => {
+                            w.borrows.lock().insert(id, r);
+                        }
+                        Err(e) => {
+                            tracing::warn!(object = %id, error = %e, "could not keep a worker's object")
+                        }
+                    }
+                }
+            }
+            Ok(Some(Message::Release { id })) => {
+                let r = w.borrows.lock().remove(&id);
+                drop(r);
             }
             Ok(Some(Message::AbortObject { id })) => {
                 w.writers.lock().remove(&id);

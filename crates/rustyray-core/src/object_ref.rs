@@ -31,8 +31,18 @@ struct RefHandle {
 
 impl Drop for RefHandle {
     fn drop(&mut self) {
-        self.rt.store.release(self.id);
+        if self.rt.store.release(self.id) {
+            if let Some(up) = self.rt.upstream.get() {
+                up.released(self.id);
+            }
+        }
     }
+}
+
+/// The object a kept-alive handle (see [`crate::codec::KeepAlive`]) holds,
+/// if it is an object reference.
+pub(crate) fn kept_object(keep: &crate::codec::KeepAlive) -> Option<ObjectId> {
+    keep.downcast_ref::<RefHandle>().map(|h| h.id)
 }
 
 /// An untyped object reference: the core's currency. Clones share one
@@ -65,6 +75,11 @@ impl RawRef {
 
     pub(crate) fn runtime(&self) -> &Arc<Inner> {
         &self.0.rt
+    }
+
+    /// This reference as something a value keeps alive.
+    pub(crate) fn keep_alive(&self) -> crate::codec::KeepAlive {
+        self.0.clone()
     }
 
     /// Types this reference. Reading it as the wrong type is reported by

@@ -329,6 +329,8 @@ pub(crate) struct Inner {
     pub(crate) node: Option<Arc<node::Pool>>,
     /// The node's shared-memory store, in the worker-process mode.
     pub(crate) shm: Option<Arc<NodeStore>>,
+    /// In a worker process: the way to the owner (its node daemon).
+    pub(crate) upstream: std::sync::OnceLock<Arc<crate::worker::Upstream>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -488,7 +490,7 @@ impl Inner {
                 (Some(pool), Some(shm))
             }
         };
-        Ok(Arc::new(Inner {
+        let inner = Arc::new(Inner {
             store: Store::new(store_memory, config.object_store_full_timeout),
             registry,
             sched: Scheduler::new(total),
@@ -504,7 +506,12 @@ impl Inner {
             ids,
             node,
             shm,
-        }))
+            upstream: std::sync::OnceLock::new(),
+        });
+        if let Some(node) = &inner.node {
+            node.set_owner(&inner);
+        }
+        Ok(inner)
     }
 
     pub(crate) fn check_open(&self) -> Result<()> {
@@ -580,6 +587,12 @@ impl Inner {
         }
         self.tasks.lock().insert(id, state.clone());
         Ok((state, ret))
+    }
+
+    /// Registers a task created with an id minted elsewhere (a call a
+    /// worker process sent), for cancellation.
+    pub(crate) fn register_task(&self, state: &Arc<TaskState>) {
+        self.tasks.lock().insert(state.id, state.clone());
     }
 
     pub(crate) fn forget_task(&self, id: TaskId) {
@@ -932,8 +945,20 @@ impl Inner {
 
     pub(crate) fn put_value(self: &Arc<Self>, v: Value) -> Result<RawRef> {
         self.check_open()?;
+        if let Some(up) = self.upstream.get() {
+            return up.put(self, v);
+        }
         let (v, size) = self.admit(v)?;
         let id = self.ids.object();
+        self.store.insert_ready(id, v, size)?;
+        Ok(RawRef::adopt(id, self.clone()))
+    }
+
+    /// Stores an object under an id minted elsewhere (an object a worker
+    /// process put).
+    pub(crate) fn put_as(self: &Arc<Self>, id: ObjectId, v: Value) -> Result<RawRef> {
+        self.check_open()?;
+        let (v, size) = self.admit(v)?;
         self.store.insert_ready(id, v, size)?;
         Ok(RawRef::adopt(id, self.clone()))
     }

@@ -356,7 +356,8 @@ impl Store {
     }
 
     /// Drops a reference; frees the object when it was the last.
-    pub(crate) fn release(&self, id: ObjectId) {
+    /// Drops one count; true when that freed the object.
+    pub(crate) fn release(&self, id: ObjectId) -> bool {
         let removed = {
             let mut shard = self.shard(id).lock();
             match shard.get_mut(&id) {
@@ -379,7 +380,9 @@ impl Store {
                 State::Pending(wakers) => wakers.into_iter().for_each(Waker::wake),
                 State::Failed(_) => {}
             }
+            return true;
         }
+        false
     }
 
     /// Looks at an object; when pending and `waker` is given, registers it

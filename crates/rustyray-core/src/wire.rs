@@ -28,7 +28,7 @@
 //! the connection ends: the decoder waits for the rest.
 
 use crate::error::Error;
-use crate::ids::{ActorId, TaskId};
+use crate::ids::{ActorId, ObjectId, TaskId};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -139,6 +139,22 @@ pub enum Message {
         /// Its offset in the arena, or the failure.
         slot: Result<u64, Error>,
     },
+    /// Worker → owner: code in the worker put an object (`id` minted by the
+    /// worker). The owner keeps it, for the worker, until `Release`, so
+    /// references to it may leave the worker. Not idempotent.
+    Put {
+        /// The object.
+        id: ObjectId,
+        /// Its value, inline or in shared memory (`Stored`).
+        value: WireOutcome,
+    },
+    /// Worker → owner: the worker dropped its last reference to an object
+    /// it put; the owner drops the count it kept for it. Idempotent per
+    /// `Put`. A worker that dies has its counts dropped for it.
+    Release {
+        /// The object.
+        id: ObjectId,
+    },
     /// Worker → owner: the worker gives up the allocation `ObjectSlot`
     /// gave it (it could not write the result); the owner frees it.
     /// Idempotent.
@@ -153,6 +169,27 @@ pub enum Message {
     Unpin {
         /// The object.
         id: u128,
+    },
+    /// Worker → owner: a call, made by code running in the worker, on an
+    /// actor of the owner (whose handle the worker received). The owner
+    /// runs it as if it had made it and answers `ObjectReady` for
+    /// `task_id` (minted by the worker) with its outcome. Not idempotent.
+    /// If the worker dies first, the answer is dropped.
+    CallActor {
+        /// The owner's actor.
+        actor_id: ActorId,
+        /// The call.
+        task_id: TaskId,
+        /// The call's spec bytes, arguments inline.
+        spec: Vec<u8>,
+    },
+    /// Owner → worker: the outcome of a `CallActor`. Idempotent: a second
+    /// one for the same call is ignored.
+    ObjectReady {
+        /// The call.
+        task_id: TaskId,
+        /// Its outcome (a value inline, or the error).
+        outcome: WireOutcome,
     },
     /// Owner → worker: cancel a task. Idempotent. With `force` the daemon
     /// kills the worker process instead.
@@ -179,12 +216,15 @@ pub enum Message {
 /// How one attempt of a task ended in a worker process.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum WireOutcome {
-    /// It returned a value: its type name and postcard bytes.
+    /// It returned a value: its type name and bytes form.
     Value {
         /// The value's type name.
         type_name: String,
         /// The encoded value.
         bytes: Vec<u8>,
+        /// The objects it refers to (owned by the receiver, which keeps
+        /// them alive with the value).
+        refs: Vec<ObjectId>,
     },
     /// The user code returned an `Err`; its message.
     Returned(String),
@@ -443,6 +483,7 @@ mod tests {
                 outcome: WireOutcome::Value {
                     type_name: "i64".into(),
                     bytes: vec![42],
+                    refs: vec![ObjectId::from_u128(5)],
                 },
             },
             Message::TaskDone {
@@ -470,6 +511,22 @@ mod tests {
             },
             Message::Unpin { id: 3 },
             Message::AbortObject { id: 3 },
+            Message::Put {
+                id: ObjectId::from_u128(13),
+                value: WireOutcome::Panicked("x".into()),
+            },
+            Message::Release {
+                id: ObjectId::from_u128(13),
+            },
+            Message::CallActor {
+                actor_id: ActorId::from_u128(9),
+                task_id: TaskId::from_u128(12),
+                spec: vec![6],
+            },
+            Message::ObjectReady {
+                task_id: TaskId::from_u128(12),
+                outcome: WireOutcome::Returned("no".into()),
+            },
             Message::TaskDone {
                 task_id: TaskId::from_u128(11),
                 outcome: WireOutcome::Stored {

@@ -22,7 +22,7 @@ use crate::actor::RawActor;
 use crate::codec::Value;
 use crate::context::{self, TaskContext};
 use crate::error::{Error, Result};
-use crate::ids::{ActorId, TaskId};
+use crate::ids::{ActorId, ObjectId, TaskId};
 use crate::node::{THRESHOLD_ENV, TOKEN_ENV, WORKER_ENV};
 use crate::object_ref::Arg;
 use crate::object_ref::RawRef;
@@ -100,6 +100,178 @@ impl Replies {
     }
 }
 
+/// The way from code running in a worker process to its owner: calls on
+/// the owner's actors go there, and their outcomes come back into this
+/// process's store.
+pub(crate) struct Upstream {
+    replies: Replies,
+    /// Calls sent and not answered yet.
+    pending: Mutex<HashMap<TaskId, Arc<TaskState>>>,
+    /// Objects put here and handed to the owner, who keeps them for this
+    /// process until it releases them.
+    mirrored: Mutex<std::collections::HashSet<ObjectId>>,
+    /// The node's arena, when the node handed one over.
+    shm: Option<ShmClient>,
+    /// Values at least this long go to shared memory.
+    threshold: usize,
+    /// Values waiting for their allocation (`ObjectSlot`).
+    slots: Mutex<HashMap<u128, std::sync::mpsc::Sender<Result<u64>>>>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("pending", &self.pending.lock().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    /// Puts an object created by code running here: kept here for local
+    /// reads, and handed to the owner (who keeps it for this process until
+    /// it is released here), so a reference to it may leave the process.
+    pub(crate) fn put(&self, rt: &Arc<Inner>, v: Value) -> Result<RawRef> {
+        let (v, size) = rt.admit(v)?;
+        let id = rt.ids.object();
+        let payload = match self.encode(&v) {
+            WireOutcome::Failed(e) => return Err(e),
+            p => p,
+        };
+        rt.store.insert_ready(id, v, size)?;
+        self.mirrored.lock().insert(id);
+        self.replies.send(&Message::Put { id, value: payload });
+        Ok(RawRef::adopt(id, rt.clone()))
+    }
+
+    /// The last reference here to object `id` went: the owner may let go.
+    pub(crate) fn released(&self, id: ObjectId) {
+        if self.mirrored.lock().remove(&id) {
+            self.replies.send(&Message::Release { id });
+        }
+    }
+
+    /// How a value goes to the owner: a large one is written into an
+    /// allocation the node makes for it, the rest inline (with the ids of
+    /// the references it holds, which the owner keeps alive with it).
+    fn encode(&self, v: &Value) -> WireOutcome {
+        // A user type's `Serialize` may panic: that is this value's error.
+        std::panic::catch_unwind(AssertUnwindSafe(|| self.encode_inner(v))).unwrap_or_else(|p| {
+            WireOutcome::Failed(Error::Serialization(format!(
+                "Serialize panicked: {}",
+                crate::runtime::panic_message(p.as_ref())
+            )))
+        })
+    }
+
+    fn encode_inner(&self, v: &Value) -> WireOutcome {
+        if let (Some(shm), Ok(len)) = (&self.shm, v.encoded_len()) {
+            if len >= self.threshold {
+                match self.store(shm, v, len) {
+                    Ok(Some(stored)) => return stored,
+                    // Holds references: inline, with them.
+                    Ok(None) => {}
+                    Err(e) => return WireOutcome::Failed(e),
+                }
+            }
+        }
+        match v.to_encoded() {
+            Ok(enc) => WireOutcome::Value {
+                type_name: enc.type_name().to_owned(),
+                bytes: enc.bytes().map(<[u8]>::to_vec).unwrap_or_default(),
+                refs: enc.nested_object_ids(),
+            },
+            Err(e) => WireOutcome::Failed(e),
+        }
+    }
+
+    /// Writes a value into an allocation the node makes for it. `None`
+    /// when the value holds object references (it travels inline).
+    fn store(&self, shm: &ShmClient, v: &Value, len: usize) -> Result<Option<WireOutcome>> {
+        let id = ObjectId::from_u128(crate::ids::random_token());
+        let id = id.as_u128();
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.slots.lock().insert(id, tx);
+        self.replies.send(&Message::CreateObject { id, len: len as u64 });
+        // The reader thread hands over the answer; a closed channel means
+        // the connection ended, and the process with it.
+        let offset = rx
+            .recv()
+            .map_err(|_| Error::invalid("the node daemon is gone"))??;
+        let written = usize::try_from(offset)
+            .map_err(|_| Error::invalid("allocation out of range"))
+            .and_then(|offset| {
+                shm.write_with(offset, len, |buf| v.encode_into(buf))
+                    .map_err(|e| Error::invalid(format!("cannot write the value: {e}")))
+            })
+            .and_then(|r| r);
+        match written {
+            Ok(true) => Ok(Some(WireOutcome::Stored {
+                type_name: v.type_name().to_owned(),
+                id,
+                len: len as u64,
+            })),
+            other => {
+                self.replies.send(&Message::AbortObject { id });
+                other.map(|_| None)
+            }
+        }
+    }
+
+    /// Sends a call on the owner's actor `actor_id`; its object, local to
+    /// this process, completes when the owner answers.
+    pub(crate) fn call_actor(
+        &self,
+        rt: &Arc<Inner>,
+        actor_id: ActorId,
+        method: &'static crate::registry::MethodEntry,
+        args: Vec<Arg>,
+    ) -> Result<RawRef> {
+        let mut values = Vec::with_capacity(args.len());
+        for (i, a) in args.into_iter().enumerate() {
+            values.push(match a {
+                Arg::Value(v) => v,
+                Arg::Ref(r) => match rt.store.peek(r.id(), None)? {
+                    Peek::Ready(v) => v,
+                    _ => return Err(Error::invalid(format!(
+                        "{}: argument {i} must be ready to pass to the owner's actor from a worker process",
+                        method.name
+                    ))),
+                },
+            });
+        }
+        let (state, ret) = rt.new_task()?;
+        let spec = TaskSpec {
+            id: state.id,
+            target: Target::Method(actor_id, method),
+            args: Vec::new(),
+            name: None,
+        };
+        let (bytes, _no_pins) = spec.to_wire(&values, None)?;
+        self.pending.lock().insert(state.id, state.clone());
+        self.replies.send(&Message::CallActor {
+            actor_id,
+            task_id: state.id,
+            spec: bytes,
+        });
+        Ok(ret)
+    }
+
+    /// The owner's answer to a call.
+    fn ready(&self, rt: &Arc<Inner>, task_id: TaskId, outcome: WireOutcome) {
+        let Some(state) = self.pending.lock().remove(&task_id) else {
+            return;
+        };
+        let result = match Outcome::from_wire(outcome, rt) {
+            Outcome::Value(v) => rt.admit(v),
+            Outcome::Failed(e) => Err(e),
+            Outcome::Returned(m) | Outcome::Panicked(m) | Outcome::Crashed(m) => Err(Error::invalid(m)),
+        };
+        rt.store.complete(task_id.return_object(), result);
+        state.finish();
+        rt.forget_task(task_id);
+    }
+}
+
 /// A worker process's state, shared by its reader thread and the threads
 /// that finish tasks.
 struct Worker {
@@ -112,12 +284,8 @@ struct Worker {
     /// Actor calls in progress: the owner's task id → the local call's
     /// object.
     calls: Mutex<HashMap<TaskId, RawRef>>,
-    /// The node's arena, when the node handed one over.
-    shm: Option<ShmClient>,
-    /// Results at least this long go to shared memory.
-    threshold: usize,
-    /// Results waiting for their allocation (`ObjectSlot`).
-    slots: Mutex<HashMap<u128, std::sync::mpsc::Sender<Result<u64>>>>,
+    /// The way to the owner.
+    up: Arc<Upstream>,
 }
 
 fn serve(socket: &str) -> Result<()> {
@@ -150,15 +318,23 @@ fn serve(socket: &str) -> Result<()> {
         }
         other => return Err(Error::invalid(format!("expected Welcome, got {other:?}"))),
     }
+    let rt = Inner::start(Config::default())?;
+    let up = Arc::new(Upstream {
+        replies: replies.clone(),
+        pending: Mutex::default(),
+        mirrored: Mutex::default(),
+        shm,
+        threshold,
+        slots: Mutex::default(),
+    });
+    let _ = rt.upstream.set(up.clone());
     let worker = Arc::new(Worker {
-        rt: Inner::start(Config::default())?,
+        rt,
+        up,
         replies,
         running: Mutex::default(),
         actors: Mutex::default(),
         calls: Mutex::default(),
-        shm,
-        threshold,
-        slots: Mutex::default(),
     });
     loop {
         match read(&mut stream, &mut dec)? {
@@ -178,8 +354,13 @@ fn serve(socket: &str) -> Result<()> {
                 spec,
                 max_concurrency,
             }) => create_actor(&worker, actor_id, task_id, spec, max_concurrency),
+            Some(Message::ObjectReady { task_id, outcome }) => {
+                if let Some(up) = worker.rt.upstream.get() {
+                    up.ready(&worker.rt, task_id, outcome);
+                }
+            }
             Some(Message::ObjectSlot { id, slot }) => {
-                if let Some(tx) = worker.slots.lock().remove(&id) {
+                if let Some(tx) = worker.up.slots.lock().remove(&id) {
                     let _ = tx.send(slot);
                 }
             }
@@ -202,71 +383,11 @@ fn serve(socket: &str) -> Result<()> {
 }
 
 impl Worker {
-    /// How an attempt's outcome goes back: a large value is written into
-    /// an allocation the node makes for it, the rest inline.
-    fn to_wire(&self, outcome: Outcome) -> WireOutcome {
-        // A user type's `Serialize` may panic: that is this task's error.
-        std::panic::catch_unwind(AssertUnwindSafe(|| self.to_wire_inner(outcome))).unwrap_or_else(|p| {
-            WireOutcome::Failed(Error::Serialization(format!(
-                "Serialize panicked: {}",
-                crate::runtime::panic_message(p.as_ref())
-            )))
-        })
-    }
-
-    fn to_wire_inner(&self, outcome: Outcome) -> WireOutcome {
-        let v = match outcome {
-            Outcome::Value(v) => v,
-            other => return other.into_wire(),
-        };
-        match (&self.shm, v.encoded_len()) {
-            (Some(shm), Ok(len)) if len >= self.threshold => match self.store(shm, &v, len) {
-                Ok(stored) => stored,
-                Err(e) => WireOutcome::Failed(e),
-            },
-            _ => Outcome::Value(v).into_wire(),
-        }
-    }
-
-    fn store(&self, shm: &ShmClient, v: &Value, len: usize) -> Result<WireOutcome> {
-        let id = self.rt.ids.object().as_u128();
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.slots.lock().insert(id, tx);
-        self.replies.send(&Message::CreateObject { id, len: len as u64 });
-        // The reader thread hands over the answer; a closed channel means
-        // the connection ended, and the process with it.
-        let offset = rx
-            .recv()
-            .map_err(|_| Error::invalid("the node daemon is gone"))??;
-        let written = usize::try_from(offset)
-            .map_err(|_| Error::invalid("allocation out of range"))
-            .and_then(|offset| {
-                shm.write_with(offset, len, |buf| v.encode_into(buf))
-                    .map_err(|e| Error::invalid(format!("cannot write the result: {e}")))
-            })
-            .and_then(|r| r)
-            .and_then(|written| {
-                written.then_some(()).ok_or_else(|| {
-                    Error::invalid(
-                        "a large result holding object references cannot leave a worker process yet",
-                    )
-                })
-            });
-        if let Err(e) = written {
-            self.replies.send(&Message::AbortObject { id });
-            return Err(e);
-        }
-        Ok(WireOutcome::Stored {
-            type_name: v.type_name().to_owned(),
-            id,
-            len: len as u64,
-        })
-    }
-
     /// The value of a shared-memory argument: a view of the node's arena,
     /// whose pin is released (by an `Unpin`) when the last view goes.
     fn shared_arg(&self, type_name: String, id: u128, offset: u64, len: u64) -> Result<Value> {
         let shm = self
+            .up
             .shm
             .as_ref()
             .ok_or_else(|| Error::invalid("a shared-memory argument, but no arena was handed over"))?;
@@ -298,11 +419,21 @@ struct Finish {
     task_id: TaskId,
     worker: Arc<Worker>,
     outcome: Option<WireOutcome>,
+    /// The value sent, dropped only after the reply: the references it
+    /// holds must reach the owner before their releases do.
+    _sent: Option<Value>,
 }
 
 impl Finish {
     fn complete(mut self, outcome: Outcome) {
-        self.outcome = Some(self.worker.to_wire(outcome));
+        self.outcome = Some(match outcome {
+            Outcome::Value(v) => {
+                let wire = self.worker.up.encode(&v);
+                self._sent = Some(v);
+                wire
+            }
+            other => other.into_wire(),
+        });
     }
 }
 
@@ -323,6 +454,7 @@ fn run_task(worker: &Arc<Worker>, task_id: TaskId, spec: Vec<u8>) {
         task_id,
         worker: worker.clone(),
         outcome: None,
+        _sent: None,
     };
     let (entry, args) = match decode(worker, spec) {
         Ok(x) => x,
@@ -422,6 +554,7 @@ fn create_actor(
                 WireOutcome::Value {
                     type_name: String::new(),
                     bytes: Vec::new(),
+                    refs: Vec::new(),
                 }
             }
             Err(e) => local_failure(e),
@@ -495,9 +628,11 @@ impl std::task::Wake for ReplyWhenDone {
             result
         };
         w.calls.lock().remove(&self.task_id);
-        let outcome = match result {
-            Ok(v) => w.to_wire(Outcome::Value(v)),
-            Err(e) => local_failure(e),
+        // The value lives until the reply is out: the references it holds
+        // must reach the owner before their releases do.
+        let (outcome, _sent) = match result {
+            Ok(v) => (w.up.encode(&v), Some(v)),
+            Err(e) => (local_failure(e), None),
         };
         let crashed = matches!(outcome, WireOutcome::Panicked(_));
         w.replies.done(self.task_id, outcome);
@@ -538,6 +673,7 @@ impl Outcome {
                 Ok(enc) => WireOutcome::Value {
                     type_name: enc.type_name().to_owned(),
                     bytes: enc.bytes().map(<[u8]>::to_vec).unwrap_or_default(),
+                    refs: enc.nested_object_ids(),
                 },
                 Err(e) => WireOutcome::Failed(e),
             },
@@ -549,9 +685,28 @@ impl Outcome {
     }
 
     /// The outcome a worker reported.
-    pub(crate) fn from_wire(w: WireOutcome, rt: &Inner) -> Self {
+    pub(crate) fn from_wire(w: WireOutcome, rt: &Arc<Inner>) -> Self {
         match w {
-            WireOutcome::Value { type_name, bytes } => Outcome::Value(Value::from_bytes(bytes, type_name)),
+            WireOutcome::Value {
+                type_name,
+                bytes,
+                refs,
+            } if refs.is_empty() => Outcome::Value(Value::from_bytes(bytes, type_name)),
+            // The references it holds are kept alive with it.
+            WireOutcome::Value {
+                type_name,
+                bytes,
+                refs,
+            } => match refs
+                .into_iter()
+                .map(|id| RawRef::acquire(id, rt.clone()).map(|r| r.keep_alive()))
+                .collect::<Result<Vec<_>>>()
+            {
+                Ok(keep) => Outcome::Value(Value::from_bytes_keeping(bytes, type_name, keep)),
+                Err(e) => Outcome::Failed(Error::invalid(format!(
+                    "the value holds a reference this process cannot keep: {e}"
+                ))),
+            },
             WireOutcome::Stored { type_name, id, len } => match (&rt.shm, usize::try_from(len)) {
                 (Some(node), Ok(len)) => Outcome::Value(Value::from_stored(
                     ShmObject {

@@ -27,7 +27,7 @@
 //! returns the actor's resources and closes its mailbox; the driver fails
 //! whatever is still queued.
 
-use crate::codec::{DecodeScope, EncodeScope};
+use crate::codec::{DecodeScope, EncodeScope, Value};
 use crate::context::{self, TaskContext};
 use crate::error::{Error, Result, TaskFailure};
 use crate::ids::ActorId;
@@ -147,6 +147,9 @@ pub(crate) struct ActorState {
     /// The worker process hosting the actor, in the worker-process mode
     /// (`None` while it starts or restarts, and in the threads mode).
     remote: Mutex<Option<Arc<crate::node::WorkerProc>>>,
+    /// A handle decoded in a worker process for an actor of its owner:
+    /// calls go to the owner.
+    proxy: bool,
 }
 
 impl std::fmt::Debug for ActorState {
@@ -192,7 +195,19 @@ impl ActorState {
             restarted: Notify::new(),
             handles: AtomicUsize::new(0),
             remote: Mutex::new(None),
+            proxy: false,
         })
+    }
+
+    /// The local stand-in, in a worker process, for an actor of the
+    /// owner: its calls are sent to the owner.
+    fn proxy(id: ActorId, class: &'static ActorEntry) -> Arc<Self> {
+        let mut a = Self::tombstone(id, class);
+        if let Some(state) = Arc::get_mut(&mut a) {
+            state.life.get_mut().status = Status::Alive;
+            state.proxy = true;
+        }
+        a
     }
 
     pub(crate) fn placement_request(&self) -> &ResourceSet {
@@ -1142,9 +1157,102 @@ impl RawActor {
             )));
         }
         let rt = self.0.ray.inner();
+        if actor.proxy {
+            let upstream = rt
+                .upstream
+                .get()
+                .ok_or_else(|| Error::invalid("an owner's actor outside a worker process"))?;
+            return upstream.call_actor(rt, actor.id, method, args);
+        }
         let (state, ret) = rt.new_task()?;
         actor.submit(rt, ActorCall { state, method, args });
         Ok(ret)
+    }
+}
+
+/// Where the outcome of a call made for a worker process goes.
+pub(crate) type Reply = Box<dyn FnOnce(Result<Value>) + Send>;
+
+/// Runs a call a worker process sent for one of this owner's actors, and
+/// hands its outcome to `reply` once it completes.
+pub(crate) fn call_for_worker(
+    rt: &Arc<Inner>,
+    actor_id: ActorId,
+    task_id: crate::ids::TaskId,
+    spec: &Value,
+    reply: Reply,
+) {
+    let submitted = (|| -> Result<RawRef> {
+        let spec = TaskSpec::from_bytes(spec, rt, &rt.registry)?;
+        let Target::Method(_, method) = spec.target else {
+            return Err(Error::invalid(format!("{} is not a method", spec.target.name())));
+        };
+        let actor = rt
+            .actors
+            .actors
+            .lock()
+            .get(&actor_id)
+            .cloned()
+            .ok_or_else(|| Error::ActorDied {
+                class: method.class.to_owned(),
+                actor_id,
+                reason: "it is not an actor of this owner (or it is gone)".to_owned(),
+                cause: None,
+            })?;
+        rt.check_open()?;
+        rt.store.create_pending(task_id.return_object())?;
+        let ret = RawRef::adopt(task_id.return_object(), rt.clone());
+        let state = TaskState::new(task_id);
+        rt.register_task(&state);
+        actor.submit(
+            rt,
+            ActorCall {
+                state,
+                method,
+                args: spec.args,
+            },
+        );
+        Ok(ret)
+    })();
+    let r = match submitted {
+        Ok(r) => r,
+        Err(e) => return reply(Err(e)),
+    };
+    let waker = std::task::Waker::from(Arc::new(WhenDone {
+        rt: rt.clone(),
+        call: Mutex::new(Some((r.clone(), reply))),
+    }));
+    if !matches!(rt.store.peek(r.id(), Some(&waker)), Ok(Peek::Pending)) {
+        waker.wake();
+    }
+}
+
+/// Hands a call's outcome over once its object completes.
+struct WhenDone {
+    rt: Arc<Inner>,
+    call: Mutex<Option<(RawRef, Reply)>>,
+}
+
+impl std::task::Wake for WhenDone {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let (result, reply) = {
+            let mut call = self.call.lock();
+            let Some((r, _)) = call.as_ref() else { return };
+            let result = match self.rt.store.peek(r.id(), None) {
+                Ok(Peek::Pending) => return,
+                Ok(Peek::Ready(v)) => Ok(v),
+                Ok(Peek::Failed(e)) | Err(e) => Err(e),
+            };
+            match call.take() {
+                Some((_, reply)) => (result, reply),
+                None => return,
+            }
+        };
+        reply(result);
     }
 }
 
@@ -1171,6 +1279,12 @@ impl<'de> Deserialize<'de> for RawActor {
         let actor = rt.actors.actors.lock().get(&id).cloned();
         let actor = match actor {
             Some(a) => a,
+            // In a worker process: an actor of the owner, reached through it.
+            None if rt.upstream.get().is_some() => {
+                let class = rt.registry.class(&class).map_err(DecodeScope::fail)?;
+                let proxy = ActorState::proxy(id, class);
+                rt.actors.actors.lock().entry(id).or_insert(proxy).clone()
+            }
             // The actor is gone: the handle still decodes, as in Ray, and
             // its calls fail with ActorDied.
             None => {
@@ -1384,6 +1498,7 @@ fn create_raw_with(
         restarted: Notify::new(),
         handles: AtomicUsize::new(0),
         remote: Mutex::new(None),
+        proxy: false,
     });
     if let Some(name) = &opts.name {
         let mut names = rt.actors.names.lock();
