@@ -17,6 +17,15 @@
 //! finishes a task. When the connection ends (the driver exited or was
 //! killed) the process exits at once, even in the middle of a task, so no
 //! worker outlives its driver.
+//!
+//! Code running in a worker reaches the owner (the driver) through
+//! [`Upstream`]: calls on the owner's actors (whose handles the worker
+//! received) go to the owner, which runs them and sends their outcomes
+//! back; objects put in the worker are handed to the owner, which keeps
+//! them for the worker until it releases them, so references to them may
+//! leave the worker (in a result, or as arguments to the owner's actors).
+//! Tasks submitted in a worker still run on its own embedded runtime, and
+//! references to their results stay in the worker.
 
 use crate::actor::RawActor;
 use crate::codec::Value;
