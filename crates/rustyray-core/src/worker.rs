@@ -241,10 +241,12 @@ impl Upstream {
                 Arg::Value(v) => v,
                 Arg::Ref(r) => match rt.store.peek(r.id(), None)? {
                     Peek::Ready(v) => v,
-                    _ => return Err(Error::invalid(format!(
+                    _ => {
+                        return Err(Error::invalid(format!(
                         "{}: argument {i} must be ready to pass to the owner's actor from a worker process",
                         method.name
-                    ))),
+                    )))
+                    }
                 },
             });
         }

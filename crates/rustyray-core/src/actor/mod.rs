@@ -150,6 +150,12 @@ pub(crate) struct ActorState {
     /// A handle decoded in a worker process for an actor of its owner:
     /// calls go to the owner.
     proxy: bool,
+    /// Process actors: calls in the mailbox not yet sent to the worker
+    /// (a call may skip the mailbox only when none are).
+    queued: AtomicUsize,
+    /// Process actors: one permit per call in flight, so the driver can
+    /// wait for the last one when the actor goes out of scope.
+    in_flight: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for ActorState {
@@ -196,6 +202,8 @@ impl ActorState {
             handles: AtomicUsize::new(0),
             remote: Mutex::new(None),
             proxy: false,
+            queued: AtomicUsize::new(0),
+            in_flight: Arc::new(Semaphore::new(remote::IN_FLIGHT_LIMIT as usize)),
         })
     }
 
@@ -458,8 +466,20 @@ impl ActorState {
             }
             return;
         }
+        let in_process = rt.node.is_some();
+        let call = if in_process {
+            match remote::try_send_now(rt, self, call) {
+                Some(call) => call,
+                None => return,
+            }
+        } else {
+            call
+        };
         let refused = {
             let mailbox = self.mailbox.lock();
+            if in_process {
+                self.queued.fetch_add(1, Ordering::AcqRel);
+            }
             match mailbox.as_ref() {
                 Some(tx) => match tx.send(Mail::Call(call)) {
                     Ok(()) => None,
@@ -469,6 +489,9 @@ impl ActorState {
                 None => Some(call),
             }
         };
+        if refused.is_some() && in_process {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
         if let Some(call) = refused {
             let err = self
                 .dead_error()
@@ -1499,6 +1522,8 @@ fn create_raw_with(
         handles: AtomicUsize::new(0),
         remote: Mutex::new(None),
         proxy: false,
+        queued: AtomicUsize::new(0),
+        in_flight: Arc::new(Semaphore::new(remote::IN_FLIGHT_LIMIT as usize)),
     });
     if let Some(name) = &opts.name {
         let mut names = rt.actors.names.lock();

@@ -25,11 +25,11 @@ use crate::task::{Target, TaskSpec};
 use crate::wire::{Message, WireOutcome};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 
 /// More calls than can ever be in flight: the permits that let the driver
 /// wait for the last one to finish.
-const IN_FLIGHT_LIMIT: u32 = 1 << 28;
+pub(super) const IN_FLIGHT_LIMIT: u32 = 1 << 28;
 
 /// Starts a placed actor in a worker process of its own.
 pub(super) async fn start(rt: Arc<Inner>, actor: Arc<ActorState>) {
@@ -175,12 +175,13 @@ impl ActorState {
 /// The actor's driver: takes calls in order and sends them to its worker.
 pub(super) async fn drive(rt: Arc<Inner>, actor: Arc<ActorState>, mut rx: mpsc::UnboundedReceiver<Mail>) {
     actor.until_created().await;
-    let in_flight = Arc::new(Semaphore::new(IN_FLIGHT_LIMIT as usize));
     while let Some(mail) = rx.recv().await {
-        let mut call = match mail {
+        let call = match mail {
             Mail::Call(c) => c,
             Mail::Stop => break,
         };
+        // Counted as queued until sent (or failed): see `try_send_now`.
+        let _sent = Dequeued(&actor);
         if let Some(e) = actor.dead_error() {
             fail_call(&rt, &call, e);
             continue;
@@ -194,106 +195,127 @@ pub(super) async fn drive(rt: Arc<Inner>, actor: Arc<ActorState>, mut rx: mpsc::
             }
             .await;
         }
-        if !call.state.start(1) {
-            rt.forget_task(call.state.id);
-            continue;
-        }
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+        let Ok(permit) = actor.in_flight.clone().acquire_owned().await else {
             break;
         };
-        actor.life.lock().running.push(call.state.clone());
-        let guard = CallGuard {
-            rt: rt.clone(),
-            actor: actor.clone(),
-            state: call.state.clone(),
-            _permit: Some(permit),
-        };
-        let mut spec = TaskSpec {
-            id: call.state.id,
-            target: Target::Method(actor.id, call.method),
-            args: std::mem::take(&mut call.args),
-            name: None,
-        };
-        let values = rt.resolve_values(&spec, 1);
-        // The spec keeps its target; the values are sent (again, on a
-        // retry) from `values`.
-        spec.args.clear();
-        let (values, w) = match values {
-            Ok(_) if call.state.is_cancelled() => {
-                complete_call(
-                    &rt,
-                    &actor,
-                    &call,
-                    1,
-                    Outcome::Failed(Error::TaskCancelled(call.state.id)),
-                );
-                continue;
-            }
-            Ok(v) => match actor.worker(None).await {
-                Ok(_) if call.state.is_cancelled() => {
-                    complete_call(
-                        &rt,
-                        &actor,
-                        &call,
-                        1,
-                        Outcome::Failed(Error::TaskCancelled(call.state.id)),
-                    );
-                    continue;
-                }
-                Ok(w) => (v, w),
-                Err(e) => {
-                    complete_call(&rt, &actor, &call, 1, Outcome::Failed(e));
-                    continue;
-                }
-            },
+        let w = match actor.worker(None).await {
+            Ok(w) => w,
             Err(e) => {
-                complete_call(&rt, &actor, &call, 1, Outcome::Failed(e));
+                fail_call(&rt, &call, e);
                 continue;
             }
         };
-        let send = Outgoing { spec, values };
-        let (msg, pins) = match send.message(&rt, &actor) {
-            Ok(m) => m,
-            Err(e) => {
-                complete_call(&rt, &actor, &call, 1, Outcome::Failed(e));
-                continue;
-            }
-        };
-        let task_id = call.state.id;
-        let state = call.state.clone();
-        let (rt2, actor2, w2) = (rt.clone(), actor.clone(), w.clone());
-        // The usual outcome completes the call on the worker's reader
-        // thread; a crash goes to `finish`, which may wait for a restart.
-        w.push_then(
-            task_id,
-            &msg,
-            pins,
-            Box::new(move |r| match r {
-                Ok(o) if !matches!(o, WireOutcome::Panicked(_)) => {
-                    complete_call(&rt2, &actor2, &call, 1, Outcome::from_wire(o, &rt2));
-                    drop(guard);
-                }
-                other => {
-                    let handle = rt2.handle.clone();
-                    handle.spawn(finish(rt2, actor2, call, send, w2, other, guard));
-                }
-            }),
-        );
-        state.set_remote(1, w, false);
+        send_call(&rt, &actor, call, &w, permit);
     }
     // Out of scope: let the calls in flight finish, then end.
-    let _all = in_flight.acquire_many(IN_FLIGHT_LIMIT).await;
+    let _all = actor.in_flight.acquire_many(IN_FLIGHT_LIMIT).await;
     let e = actor.died("all handles to it were dropped", None);
     actor.die(&rt, e);
     rx.close();
     while let Ok(mail) = rx.try_recv() {
         if let Mail::Call(call) = mail {
+            let _sent = Dequeued(&actor);
             let e = actor
                 .dead_error()
                 .unwrap_or_else(|| actor.died("it was stopped", None));
             fail_call(&rt, &call, e);
         }
     }
+}
+
+/// Marks a call taken from the mailbox as no longer queued (once it was
+/// sent or failed).
+struct Dequeued<'a>(&'a ActorState);
+
+impl Drop for Dequeued<'_> {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Sends a call from the caller's thread, skipping the mailbox, when
+/// nothing is queued before it (so calls still reach the worker in
+/// submission order), its arguments are values, and the actor's worker is
+/// up. Gives the call back otherwise.
+pub(super) fn try_send_now(rt: &Arc<Inner>, actor: &Arc<ActorState>, call: ActorCall) -> Option<ActorCall> {
+    if actor.queued.load(Ordering::Acquire) != 0 || call.args.iter().any(|a| matches!(a, crate::Arg::Ref(_)))
+    {
+        return Some(call);
+    }
+    let w = match actor.remote.lock().clone() {
+        Some(w) if !w.is_dead() => w,
+        _ => return Some(call),
+    };
+    let Ok(permit) = actor.in_flight.clone().try_acquire_owned() else {
+        return Some(call);
+    };
+    send_call(rt, actor, call, &w, permit);
+    None
+}
+
+/// Sends a call whose arguments are ready to the actor's worker; its
+/// outcome completes it on the worker's reader thread (a crash goes to
+/// `finish`, which may wait for a restart).
+fn send_call(
+    rt: &Arc<Inner>,
+    actor: &Arc<ActorState>,
+    mut call: ActorCall,
+    w: &Arc<WorkerProc>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    if !call.state.start(1) {
+        rt.forget_task(call.state.id);
+        return;
+    }
+    actor.life.lock().running.push(call.state.clone());
+    let guard = CallGuard {
+        rt: rt.clone(),
+        actor: actor.clone(),
+        state: call.state.clone(),
+        _permit: Some(permit),
+    };
+    let mut spec = TaskSpec {
+        id: call.state.id,
+        target: Target::Method(actor.id, call.method),
+        args: std::mem::take(&mut call.args),
+        name: None,
+    };
+    let values = rt.resolve_values(&spec, 1);
+    // The spec keeps its target; the values are sent (again, on a retry)
+    // from `values`.
+    spec.args.clear();
+    let values = match values {
+        Ok(_) if call.state.is_cancelled() => {
+            let e = Error::TaskCancelled(call.state.id);
+            return complete_call(rt, actor, &call, 1, Outcome::Failed(e));
+        }
+        Ok(v) => v,
+        Err(e) => return complete_call(rt, actor, &call, 1, Outcome::Failed(e)),
+    };
+    let send = Outgoing { spec, values };
+    let (msg, pins) = match send.message(rt, actor) {
+        Ok(m) => m,
+        Err(e) => return complete_call(rt, actor, &call, 1, Outcome::Failed(e)),
+    };
+    let task_id = call.state.id;
+    let state = call.state.clone();
+    let (rt2, actor2, w2) = (rt.clone(), actor.clone(), w.clone());
+    w.push_then(
+        task_id,
+        &msg,
+        pins,
+        Box::new(move |r| match r {
+            Ok(o) if !matches!(o, WireOutcome::Panicked(_)) => {
+                complete_call(&rt2, &actor2, &call, 1, Outcome::from_wire(o, &rt2));
+                drop(guard);
+            }
+            other => {
+                let handle = rt2.handle.clone();
+                handle.spawn(finish(rt2, actor2, call, send, w2, other, guard));
+            }
+        }),
+    );
+    state.set_remote(1, w.clone(), false);
 }
 
 /// What a call sends: its spec (target) and its argument values, encoded
