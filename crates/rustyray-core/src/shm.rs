@@ -56,26 +56,25 @@ impl NodeStore {
         if len < self.threshold {
             return Ok(None);
         }
-        let id = self.ids.object().as_u128();
-        let mut w = self.store.create(id, len).map_err(shm_error)?;
-        if !crate::codec::raw_write(v, w.as_mut_slice()) {
-            return Ok(None);
-        }
-        w.seal();
-        Ok(Some(ShmObject {
-            node: self.clone(),
-            id,
-            len,
-        }))
+        self.write_new(len, |buf| Ok(crate::codec::raw_write(v, buf)))
     }
 
     /// Writes a value's bytes form into the store. `None` when the value
     /// holds object references (those stay in the owner's memory).
     pub(crate) fn store_value(self: &Arc<Self>, v: &crate::Value) -> Result<Option<ShmObject>> {
-        let len = v.encoded_len()?;
+        self.write_new(v.encoded_len()?, |buf| v.encode_into(buf))
+    }
+
+    /// Makes a new object of `len` bytes that `fill` writes; `None` (and
+    /// nothing kept) when `fill` declines.
+    fn write_new(
+        self: &Arc<Self>,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<bool>,
+    ) -> Result<Option<ShmObject>> {
         let id = self.ids.object().as_u128();
         let mut w = self.store.create(id, len).map_err(shm_error)?;
-        if !v.encode_into(w.as_mut_slice())? {
+        if !fill(w.as_mut_slice())? {
             return Ok(None);
         }
         w.seal();

@@ -840,19 +840,9 @@ async fn drive(rt: Arc<Inner>, actor: Arc<ActorState>, mut rx: mpsc::UnboundedRe
             Mail::Call(c) => c,
             Mail::Stop => break,
         };
-        if let Some(e) = actor.dead_error() {
-            fail_call(&rt, &call, e);
+        let Some(call) = ready_call(&rt, &actor, call).await else {
             continue;
-        }
-        let deps = ref_ids(&call.args);
-        if !deps.is_empty() {
-            DepsOrCancelled {
-                rt: &rt,
-                deps,
-                state: &call.state,
-            }
-            .await;
-        }
+        };
         if call.state.is_cancelled() {
             call.state.finish();
             rt.forget_task(call.state.id);
@@ -892,6 +882,26 @@ async fn drive(rt: Arc<Inner>, actor: Arc<ActorState>, mut rx: mpsc::UnboundedRe
             fail_call(&rt, &call, e);
         }
     }
+}
+
+/// A call taken from the mailbox, once its reference arguments are
+/// complete (or it was cancelled); `None` when the actor is dead, which
+/// fails the call.
+async fn ready_call(rt: &Arc<Inner>, actor: &ActorState, call: ActorCall) -> Option<ActorCall> {
+    if let Some(e) = actor.dead_error() {
+        fail_call(rt, &call, e);
+        return None;
+    }
+    let deps = ref_ids(&call.args);
+    if !deps.is_empty() {
+        DepsOrCancelled {
+            rt,
+            deps,
+            state: &call.state,
+        }
+        .await;
+    }
+    Some(call)
 }
 
 /// Ends a call: forgets it and frees its permit. Runs on every path,

@@ -17,10 +17,10 @@
 //! `ActorDied`. A method that panics takes its worker down with it, as a
 //! crashing actor process does in Ray.
 
-use super::{complete_call, fail_call, ActorCall, ActorState, CallGuard, DepsOrCancelled, Mail, Status};
+use super::{complete_call, fail_call, ActorCall, ActorState, CallGuard, Mail, Status};
 use crate::error::{Error, TaskFailure};
 use crate::node::WorkerProc;
-use crate::runtime::{ref_ids, Inner, Outcome};
+use crate::runtime::{Inner, Outcome};
 use crate::task::{Target, TaskSpec};
 use crate::wire::{Message, WireOutcome};
 use std::sync::atomic::Ordering;
@@ -182,19 +182,9 @@ pub(super) async fn drive(rt: Arc<Inner>, actor: Arc<ActorState>, mut rx: mpsc::
         };
         // Counted as queued until sent (or failed): see `try_send_now`.
         let _sent = Dequeued(&actor);
-        if let Some(e) = actor.dead_error() {
-            fail_call(&rt, &call, e);
+        let Some(call) = super::ready_call(&rt, &actor, call).await else {
             continue;
-        }
-        let deps = ref_ids(&call.args);
-        if !deps.is_empty() {
-            DepsOrCancelled {
-                rt: &rt,
-                deps,
-                state: &call.state,
-            }
-            .await;
-        }
+        };
         let Ok(permit) = actor.in_flight.clone().acquire_owned().await else {
             break;
         };
