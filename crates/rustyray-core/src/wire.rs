@@ -321,6 +321,19 @@ impl FrameDecoder {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Takes what one read returned; false when it returned nothing (the
+    /// peer closed), which is clean only between frames.
+    fn after_read(&mut self, got: &[u8]) -> Result<bool, WireError> {
+        if got.is_empty() {
+            return match self.pending() {
+                0 => Ok(false),
+                left => Err(WireError::Truncated(left)),
+            };
+        }
+        self.push(got);
+        Ok(true)
+    }
+
     /// Bytes received but not yet decoded.
     pub fn pending(&self) -> usize {
         self.buf.len()
@@ -363,13 +376,9 @@ pub async fn read_message<R: AsyncRead + Unpin>(
             return Ok(Some(msg));
         }
         let n = r.read(&mut chunk).await?;
-        if n == 0 {
-            return match dec.pending() {
-                0 => Ok(None),
-                left => Err(WireError::Truncated(left)),
-            };
+        if !dec.after_read(&chunk[..n])? {
+            return Ok(None);
         }
-        dec.push(&chunk[..n]);
     }
 }
 
@@ -395,13 +404,9 @@ pub fn read_message_blocking<R: std::io::Read>(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e.into()),
         };
-        if n == 0 {
-            return match dec.pending() {
-                0 => Ok(None),
-                left => Err(WireError::Truncated(left)),
-            };
+        if !dec.after_read(&chunk[..n])? {
+            return Ok(None);
         }
-        dec.push(&chunk[..n]);
     }
 }
 
