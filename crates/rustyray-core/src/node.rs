@@ -22,14 +22,24 @@
 //!
 //! `Pool::state` (one mutex) holds the idle workers, every live worker by
 //! process id, and the starts waiting for their connection. Each
-//! [`WorkerProc`] has its own `inflight` map (task id → the sender its
-//! result goes to) and its `Child`. Nothing is held across an await.
+//! [`WorkerProc`] has its own locks: `out` (the connection's writing side;
+//! a frame is written whole under it, by the thread that sends it),
+//! `inflight` (task id → the completion its outcome goes to), `pins`,
+//! `writers` and `borrows` (what it holds in the owner's stores), and its
+//! `Child`. Each worker has a reader thread that owns the reading side and
+//! runs completions as outcomes arrive; no lock is held while a completion
+//! runs, and nothing is held across an await.
+//!
+//! The reader also serves the worker's requests to its owner: allocations
+//! for large results (`CreateObject`), objects the worker put (`Put`,
+//! `Release`), calls on the owner's actors (`CallActor`), and unpins.
 //!
 //! # Failure
 //!
-//! A worker's death shows as its connection ending: the reader fails every
-//! task in flight on it (the owner retries them per `max_retries`, else
-//! reports `WorkerCrashed`), reaps the process and forgets the worker. A
+//! A worker's death shows as its connection ending: the reader reaps the
+//! process, then releases what it held in shared memory and the objects
+//! kept for it, and fails every task in flight on it (the owner retries
+//! them per `max_retries`, else reports `WorkerCrashed`). A
 //! worker that exits before connecting fails the lease with an error that
 //! names its exit status. Shutdown kills and reaps every worker; a driver
 //! that dies without shutting down closes the workers' connections, and
