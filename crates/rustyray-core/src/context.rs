@@ -85,8 +85,14 @@ pub(crate) struct Blocked(Arc<TaskContext>);
 impl Blocked {
     pub(crate) fn enter() -> Option<Blocked> {
         let ctx = current()?;
-        if ctx.blocked.fetch_add(1, Ordering::AcqRel) == 0 && !ctx.cpu.is_empty() {
-            ctx.rt.lend_back(&ctx.cpu);
+        if ctx.blocked.fetch_add(1, Ordering::AcqRel) == 0 {
+            if !ctx.cpu.is_empty() {
+                ctx.rt.lend_back(&ctx.cpu);
+            }
+            // In a worker process, the CPU is the owner's to lend.
+            if let Some(up) = ctx.rt.upstream.get() {
+                up.blocked(ctx.task.id, true);
+            }
         }
         Some(Blocked(ctx))
     }
@@ -95,8 +101,13 @@ impl Blocked {
 impl Drop for Blocked {
     fn drop(&mut self) {
         let ctx = &self.0;
-        if ctx.blocked.fetch_sub(1, Ordering::AcqRel) == 1 && !ctx.cpu.is_empty() {
-            ctx.rt.take_back(&ctx.cpu);
+        if ctx.blocked.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if !ctx.cpu.is_empty() {
+                ctx.rt.take_back(&ctx.cpu);
+            }
+            if let Some(up) = ctx.rt.upstream.get() {
+                up.blocked(ctx.task.id, false);
+            }
         }
     }
 }

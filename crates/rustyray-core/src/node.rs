@@ -128,6 +128,9 @@ pub(crate) struct WorkerProc {
     writers: Mutex<HashMap<u128, rustyray_shm::Writer>>,
     /// Objects the worker put, kept for it until it releases them.
     borrows: Mutex<HashMap<crate::ids::ObjectId, crate::RawRef>>,
+    /// Tasks running here: their CPU, and whether it is lent out while the
+    /// task blocks.
+    cpu: Mutex<HashMap<TaskId, (crate::ResourceSet, bool)>>,
 }
 
 impl std::fmt::Debug for WorkerProc {
@@ -240,6 +243,34 @@ impl WorkerProc {
             rx.await
                 .unwrap_or_else(|_| Err(format!("worker process {pid} died")))
         }
+    }
+
+    /// Records the CPU of a task sent here (`Some`), or forgets it when the
+    /// task ends (`None`): then returns the CPU if it was still lent out.
+    pub(crate) fn running_cpu(
+        &self,
+        task: TaskId,
+        cpu: Option<crate::ResourceSet>,
+    ) -> Option<crate::ResourceSet> {
+        let mut m = self.cpu.lock();
+        match cpu {
+            Some(c) => {
+                m.insert(task, (c, false));
+                None
+            }
+            None => m.remove(&task).and_then(|(c, lent)| lent.then_some(c)),
+        }
+    }
+
+    /// A task here blocks or resumes: its CPU to lend or take back, if the
+    /// state changed.
+    fn lend(&self, task: TaskId, blocked: bool) -> Option<crate::ResourceSet> {
+        let mut m = self.cpu.lock();
+        let (c, lent) = m.get_mut(&task)?;
+        (*lent != blocked).then(|| {
+            *lent = blocked;
+            c.clone()
+        })
     }
 
     /// Treats the worker as dead from now on (it reported a crash and is
@@ -494,6 +525,7 @@ impl Pool {
             pins: Mutex::new(Some(HashMap::new())),
             writers: Mutex::new(HashMap::new()),
             borrows: Mutex::new(HashMap::new()),
+            cpu: Mutex::new(HashMap::new()),
         });
         {
             let mut s = self.state.lock();
@@ -731,6 +763,53 @@ fn read_loop(
                         reply,
                     ),
                     None => reply(Err(Error::Shutdown)),
+                }
+            }
+            Ok(Some(Message::SubmitTask {
+                task_id,
+                spec,
+                resources,
+                max_retries,
+                retry_exceptions,
+            })) => {
+                let owner = pool
+                    .upgrade()
+                    .and_then(|p| p.owner.get().and_then(std::sync::Weak::upgrade));
+                let to = w.clone();
+                let reply: crate::actor::Reply = Box::new(move |result| {
+                    let outcome = match result.and_then(|v| inline_outcome(&v)) {
+                        Ok(o) => o,
+                        Err(e) => WireOutcome::Failed(e),
+                    };
+                    let _ = to.send(&Message::ObjectReady { task_id, outcome });
+                });
+                let submitted = owner.ok_or(Error::Shutdown).and_then(|rt| {
+                    let spec = crate::Value::from_bytes(spec, "TaskSpec");
+                    rt.submit_for_worker(task_id, &spec, &resources, max_retries, retry_exceptions)
+                        .map(|r| (rt, r))
+                });
+                match submitted {
+                    Ok((rt, r)) => {
+                        w.borrows.lock().insert(r.id(), r.clone());
+                        crate::actor::reply_when_done(&rt, r, reply);
+                    }
+                    Err(e) => reply(Err(e)),
+                }
+            }
+            Ok(Some(Message::Blocked { task_id })) => {
+                let owner = pool
+                    .upgrade()
+                    .and_then(|p| p.owner.get().and_then(std::sync::Weak::upgrade));
+                if let (Some(rt), Some(cpu)) = (owner, w.lend(task_id, true)) {
+                    rt.lend_back(&cpu);
+                }
+            }
+            Ok(Some(Message::Unblocked { task_id })) => {
+                let owner = pool
+                    .upgrade()
+                    .and_then(|p| p.owner.get().and_then(std::sync::Weak::upgrade));
+                if let (Some(rt), Some(cpu)) = (owner, w.lend(task_id, false)) {
+                    rt.take_back(&cpu);
                 }
             }
             Ok(Some(Message::Put { id, value })) => {

@@ -606,6 +606,9 @@ impl Inner {
         args: Vec<Arg>,
         opts: &TaskOptions,
     ) -> Result<RawRef> {
+        if let Some(up) = self.upstream.get() {
+            return up.submit_task(self, entry, args, opts);
+        }
         let request = opts.request(&entry.options)?;
         let (state, ret) = self.new_task()?;
         let run = TaskRun {
@@ -623,6 +626,49 @@ impl Inner {
                 .or(entry.options.max_retries)
                 .unwrap_or(DEFAULT_MAX_RETRIES),
             retry_exceptions: opts.retry_exceptions.unwrap_or(entry.options.retry_exceptions),
+            attempt: 1,
+        };
+        let deps = ref_ids(&run.spec.args);
+        self.when_ready(&deps, Work::Task(Box::new(run)));
+        Ok(ret)
+    }
+
+    /// Submits a task a worker process sent (ids minted there); returns
+    /// the reference the owner keeps for that worker.
+    pub(crate) fn submit_for_worker(
+        self: &Arc<Self>,
+        task_id: TaskId,
+        spec: &Value,
+        resources: &[(String, f64)],
+        max_retries: i32,
+        retry_exceptions: bool,
+    ) -> Result<RawRef> {
+        self.check_open()?;
+        let spec = TaskSpec::from_bytes(spec, self, &self.registry)?;
+        let Target::Function(entry) = spec.target else {
+            return Err(Error::invalid(format!(
+                "{} is not a function",
+                spec.target.name()
+            )));
+        };
+        if spec.id != task_id {
+            return Err(Error::invalid("a submitted task's spec names another task"));
+        }
+        let mut request = ResourceSet::new();
+        for (name, amount) in resources {
+            request.set(name, *amount)?;
+        }
+        self.store.create_pending(task_id.return_object())?;
+        let ret = RawRef::adopt(task_id.return_object(), self.clone());
+        let state = TaskState::new(task_id);
+        self.register_task(&state);
+        let run = TaskRun {
+            spec,
+            entry,
+            state,
+            request,
+            max_retries,
+            retry_exceptions,
             attempt: 1,
         };
         let deps = ref_ids(&run.spec.args);
@@ -820,6 +866,7 @@ impl Inner {
             actor: None,
             spec,
         };
+        w.running_cpu(id, Some(run.request.cpu_only()));
         let (rt, leased) = (self.clone(), w.clone());
         w.push_then(
             id,
@@ -827,6 +874,11 @@ impl Inner {
             pins,
             Box::new(move |r| {
                 run.state.clear_remote();
+                // A task that ended while blocked (its worker died) takes
+                // its lent CPU back before its resources are returned.
+                if let Some(cpu) = leased.running_cpu(id, None) {
+                    rt.take_back(&cpu);
+                }
                 let outcome = match r {
                     Ok(o) => {
                         node.give_back(leased);

@@ -183,6 +183,34 @@ pub enum Message {
         /// The call's spec bytes, arguments inline.
         spec: Vec<u8>,
     },
+    /// Worker → owner: a task submitted by code running in the worker. The
+    /// owner runs it as its own (`task_id` minted by the worker), keeps its
+    /// result for the worker until `Release`, and answers `ObjectReady`
+    /// when it completes. Not idempotent.
+    SubmitTask {
+        /// The task.
+        task_id: TaskId,
+        /// Its spec's bytes form (arguments inline or as object ids).
+        spec: Vec<u8>,
+        /// The resources it asks for.
+        resources: Vec<(String, f64)>,
+        /// Its `max_retries`.
+        max_retries: i32,
+        /// Its `retry_exceptions`.
+        retry_exceptions: bool,
+    },
+    /// Worker → owner: the task `task_id` running in the worker blocks
+    /// (in `get`/`wait`): the owner lends its CPU to other tasks until
+    /// `Unblocked`. Ignored for a task the owner does not know.
+    Blocked {
+        /// The task.
+        task_id: TaskId,
+    },
+    /// Worker → owner: the task `task_id` resumes after `Blocked`.
+    Unblocked {
+        /// The task.
+        task_id: TaskId,
+    },
     /// Owner → worker: the outcome of a `CallActor`. Idempotent: a second
     /// one for the same call is ignored.
     ObjectReady {
@@ -522,6 +550,19 @@ mod tests {
             },
             Message::Release {
                 id: ObjectId::from_u128(13),
+            },
+            Message::SubmitTask {
+                task_id: TaskId::from_u128(14),
+                spec: vec![1],
+                resources: vec![("CPU".into(), 1.0)],
+                max_retries: 3,
+                retry_exceptions: false,
+            },
+            Message::Blocked {
+                task_id: TaskId::from_u128(14),
+            },
+            Message::Unblocked {
+                task_id: TaskId::from_u128(14),
             },
             Message::CallActor {
                 actor_id: ActorId::from_u128(9),

@@ -152,6 +152,55 @@ impl Upstream {
         Ok(RawRef::adopt(id, rt.clone()))
     }
 
+    /// Submits a task to the owner, which runs it as its own and keeps its
+    /// result for this process; the result's object here completes when
+    /// the owner answers.
+    pub(crate) fn submit_task(
+        &self,
+        rt: &Arc<Inner>,
+        entry: &'static crate::registry::FunctionEntry,
+        args: Vec<Arg>,
+        opts: &crate::options::TaskOptions,
+    ) -> Result<RawRef> {
+        let request = opts.request(&entry.options)?;
+        let (state, ret) = rt.new_task()?;
+        let spec = TaskSpec {
+            id: state.id,
+            target: Target::Function(entry),
+            args,
+            name: opts.name.as_deref().map(Arc::from),
+        };
+        // Values inline, references as ids (the owner holds their objects).
+        let bytes = spec.to_bytes()?;
+        let spec_bytes = bytes
+            .bytes()
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| Error::serialization("a task spec without bytes"))?;
+        self.pending.lock().insert(state.id, state.clone());
+        self.mirrored.lock().insert(ret.id());
+        self.replies.send(&Message::SubmitTask {
+            task_id: state.id,
+            spec: spec_bytes,
+            resources: request.iter().map(|(n, v)| (n.to_owned(), v)).collect(),
+            max_retries: opts
+                .max_retries
+                .or(entry.options.max_retries)
+                .unwrap_or(crate::options::DEFAULT_MAX_RETRIES),
+            retry_exceptions: opts.retry_exceptions.unwrap_or(entry.options.retry_exceptions),
+        });
+        Ok(ret)
+    }
+
+    /// The task `task_id` blocks (`true`) or resumes: its owner lends or
+    /// takes back its CPU.
+    pub(crate) fn blocked(&self, task_id: TaskId, blocked: bool) {
+        self.replies.send(&if blocked {
+            Message::Blocked { task_id }
+        } else {
+            Message::Unblocked { task_id }
+        });
+    }
+
     /// The last reference here to object `id` went: the owner may let go.
     pub(crate) fn released(&self, id: ObjectId) {
         if self.mirrored.lock().remove(&id) {

@@ -963,3 +963,34 @@ fn objects_put_in_a_worker_outlive_it_in_the_owner() -> rustyray::Result<()> {
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
 }
+
+/// Fibonacci by nested tasks: every level blocks on its children.
+#[rustyray::remote]
+fn fib(n: u64) -> rustyray::Result<u64> {
+    if n < 2 {
+        return Ok(n);
+    }
+    let ray = rustyray::current()?;
+    let a = fib::remote(&ray, n - 1)?;
+    let b = fib::remote(&ray, n - 2)?;
+    Ok(ray.get(&a)? + ray.get(&b)?)
+}
+
+/// Submits a task and returns the reference to its result.
+#[rustyray::remote]
+fn submit_and_return(x: i64) -> rustyray::Result<ObjectRef<i64>> {
+    let ray = rustyray::current()?;
+    add::remote(&ray, x, 1)
+}
+
+#[test]
+fn tasks_submitted_in_workers_run_in_worker_processes_without_deadlock() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    // Two CPUs, and every level waits for its children: the CPUs of
+    // blocked tasks are lent to their children, as in the threads mode.
+    assert_eq!(ray.get_timeout(&fib::remote(&ray, 7)?, LONG)?, 13);
+    // A reference to a nested task's result leaves the worker.
+    let inner = ray.get_timeout(&submit_and_return::remote(&ray, 41)?, LONG)?;
+    assert_eq!(ray.get_timeout(&inner, LONG)?, 42);
+    Ok(())
+}

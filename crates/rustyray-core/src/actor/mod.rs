@@ -1247,10 +1247,15 @@ pub(crate) fn call_for_worker(
         );
         Ok(ret)
     })();
-    let r = match submitted {
-        Ok(r) => r,
-        Err(e) => return reply(Err(e)),
-    };
+    match submitted {
+        Ok(r) => reply_when_done(rt, r, reply),
+        Err(e) => reply(Err(e)),
+    }
+}
+
+/// Hands the value (or error) of `r` to `reply` once it completes, from
+/// the thread that completes it.
+pub(crate) fn reply_when_done(rt: &Arc<Inner>, r: RawRef, reply: Reply) {
     let waker = std::task::Waker::from(Arc::new(WhenDone {
         rt: rt.clone(),
         call: Mutex::new(Some((r.clone(), reply))),
