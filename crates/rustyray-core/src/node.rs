@@ -32,7 +32,9 @@
 //!
 //! The reader also serves the worker's requests to its owner: allocations
 //! for large results (`CreateObject`), objects the worker put (`Put`,
-//! `Release`), calls on the owner's actors (`CallActor`), and unpins.
+//! `Release`), tasks it submits (`SubmitTask`), calls on the owner's
+//! actors (`CallActor`), the CPU of a task that blocks (`Blocked`,
+//! `Unblocked`), and unpins.
 //!
 //! # Failure
 //!

@@ -19,13 +19,15 @@
 //! worker outlives its driver.
 //!
 //! Code running in a worker reaches the owner (the driver) through
-//! [`Upstream`]: calls on the owner's actors (whose handles the worker
-//! received) go to the owner, which runs them and sends their outcomes
-//! back; objects put in the worker are handed to the owner, which keeps
-//! them for the worker until it releases them, so references to them may
-//! leave the worker (in a result, or as arguments to the owner's actors).
-//! Tasks submitted in a worker still run on its own embedded runtime, and
-//! references to their results stay in the worker.
+//! [`Upstream`]: tasks it submits and calls on the owner's actors (whose
+//! handles the worker received) go to the owner, which runs them (tasks in
+//! worker processes) and sends their outcomes back; objects put in the
+//! worker are handed to the owner. The owner keeps those results and
+//! objects for the worker until it releases them, so references to them
+//! may leave the worker (in a result, or as arguments). A task blocked in
+//! `get`/`wait` here tells the owner, which lends its CPU to other tasks
+//! meanwhile, so nested task trees cannot deadlock. Actors created inside
+//! a worker are hosted by the worker's own runtime.
 
 use crate::actor::RawActor;
 use crate::codec::Value;
