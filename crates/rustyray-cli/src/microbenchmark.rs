@@ -594,13 +594,9 @@ fn guarded<T: Send + 'static>(
 
 // ----- the suite -------------------------------------------------------
 
-/// How long the worker processes of a processes-mode runtime may take to
-/// start before the rows run anyway (and may then pay for starting them).
-const WORKER_START_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Starts the runtime of one mode. In the processes mode it also waits for
-/// the pool's worker processes and runs a task on each, so that no row's
-/// first trial pays for starting a process.
+/// Starts the runtime of one mode. In the processes mode it also runs
+/// batches of tasks as wide as the pool, which starts every worker process
+/// the rows will use, so that no row's first trial pays for it.
 fn start_runtime(mode: Mode) -> rustyray::Result<Ray> {
     match mode {
         Mode::Threads => rustyray::init(),
@@ -609,18 +605,8 @@ fn start_runtime(mode: Mode) -> rustyray::Result<Ray> {
             // binary: its main starts with `worker_entry`.
             let ray = rustyray::init_with(Config::new().worker_mode(WorkerMode::Processes))?;
             let want = (ray.cluster_resources().get(rustyray::CPU).ceil() as usize).max(1);
-            let deadline = Instant::now() + WORKER_START_TIMEOUT;
-            while ray.worker_pids().len() < want && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            let up = ray.worker_pids().len();
-            if up < want {
-                eprintln!(
-                    "warning: {up} of {want} worker processes started within {WORKER_START_TIMEOUT:?}; \
-                     the first rows may include process start-up"
-                );
-            }
-            // Batches as wide as the pool: every worker serves a few tasks.
+            // Batches as wide as the pool: a task that finds no idle worker
+            // starts one, and every worker serves a few tasks.
             for _ in 0..4 {
                 batch(&ray, want, |_| small_value::remote(&ray))?;
             }

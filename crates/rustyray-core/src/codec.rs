@@ -68,9 +68,9 @@ struct LocalVt {
 struct Encoded {
     bytes: Payload,
     type_name: Cow<'static, str>,
-    /// References the bytes mention, kept alive with them (only their
-    /// presence is ever read: holding them is the point).
-    _nested: Vec<KeepAlive>,
+    /// References the bytes mention, kept alive with them; their ids go
+    /// with the bytes to another process.
+    nested: Vec<KeepAlive>,
 }
 
 /// Where encoded bytes live.
@@ -150,7 +150,7 @@ fn with_payload(bytes: Payload, type_name: Cow<'static, str>, nested: Vec<KeepAl
     Value(Arc::new(Repr::Encoded(Box::new(Encoded {
         bytes,
         type_name,
-        _nested: nested,
+        nested,
     }))))
 }
 
@@ -432,7 +432,7 @@ impl Value {
     pub(crate) fn nested_object_ids(&self) -> Vec<crate::ids::ObjectId> {
         match &*self.0 {
             Repr::Encoded(e) => e
-                ._nested
+                .nested
                 .iter()
                 .filter_map(crate::object_ref::kept_object)
                 .collect(),
@@ -479,7 +479,7 @@ impl Value {
                 let nested = EncodeScope::run(|| (vt.encode_into)(&**any, buf))?.1;
                 Ok(nested.is_empty())
             }
-            Repr::Encoded(e) if !e._nested.is_empty() => Ok(false),
+            Repr::Encoded(e) if !e.nested.is_empty() => Ok(false),
             Repr::Encoded(e) => {
                 let bytes = e.bytes.read()?;
                 let src: &[u8] = match &bytes {

@@ -661,6 +661,24 @@ async fn accept_loop(pool: std::sync::Weak<Pool>, listener: tokio::net::UnixList
     }
 }
 
+/// The owner's runtime, while the pool and the runtime are up.
+fn owner(pool: &std::sync::Weak<Pool>) -> Option<Arc<crate::runtime::Inner>> {
+    pool.upgrade()
+        .and_then(|p| p.owner.get().and_then(std::sync::Weak::upgrade))
+}
+
+/// Answers a worker's `CallActor` or `SubmitTask` with `ObjectReady`.
+fn object_ready(w: &Arc<WorkerProc>, task_id: TaskId) -> crate::actor::Reply {
+    let to = w.clone();
+    Box::new(move |result| {
+        let outcome = match result.and_then(|v| inline_outcome(&v)) {
+            Ok(o) => o,
+            Err(e) => WireOutcome::Failed(e),
+        };
+        let _ = to.send(&Message::ObjectReady { task_id, outcome });
+    })
+}
+
 /// A result or put in shared memory is sealed when the worker reports it
 /// (it wrote it into the allocation `CreateObject` gave it).
 fn seal_stored(w: &WorkerProc, outcome: WireOutcome) -> WireOutcome {
@@ -745,17 +763,8 @@ fn read_loop(
                 task_id,
                 spec,
             })) => {
-                let owner = pool
-                    .upgrade()
-                    .and_then(|p| p.owner.get().and_then(std::sync::Weak::upgrade));
-                let to = w.clone();
-                let reply: crate::actor::Reply = Box::new(move |result| {
-                    let outcome = match result.and_then(|v| inline_outcome(&v)) {
-                        Ok(o) => o,
-                        Err(e) => WireOutcome::Failed(e),
-                    };
-                    let _ = to.send(&Message::ObjectReady { task_id, outcome });
-                });
+                let owner = owner(pool);
+                let reply = object_ready(w, task_id);
                 match owner {
                     Some(rt) => crate::actor::call_for_worker(
                         &rt,
@@ -774,17 +783,8 @@ fn read_loop(
                 max_retries,
                 retry_exceptions,
             })) => {
-                let owner = pool
-                    .upgrade()
-                    .and_then(|p| p.owner.get().and_then(std::sync::Weak::upgrade));
-                let to = w.clone();
-                let reply: crate::actor::Reply = Box::new(move |result| {
-                    let outcome = match result.and_then(|v| inline_outcome(&v)) {
-                        Ok(o) => o,
-                        Err(e) => WireOutcome::Failed(e),
-                    };
-                    let _ = to.send(&Message::ObjectReady { task_id, outcome });
-                });
+                let owner = owner(pool);
+                let reply = object_ready(w, task_id);
                 let submitted = owner.ok_or(Error::Shutdown).and_then(|rt| {
                     let spec = crate::Value::from_bytes(spec, "TaskSpec");
                     rt.submit_for_worker(task_id, &spec, &resources, max_retries, retry_exceptions)
@@ -799,25 +799,19 @@ fn read_loop(
                 }
             }
             Ok(Some(Message::Blocked { task_id })) => {
-                let owner = pool
-                    .upgrade()
-                    .and_then(|p| p.owner.get().and_then(std::sync::Weak::upgrade));
+                let owner = owner(pool);
                 if let (Some(rt), Some(cpu)) = (owner, w.lend(task_id, true)) {
                     rt.lend_back(&cpu);
                 }
             }
             Ok(Some(Message::Unblocked { task_id })) => {
-                let owner = pool
-                    .upgrade()
-                    .and_then(|p| p.owner.get().and_then(std::sync::Weak::upgrade));
+                let owner = owner(pool);
                 if let (Some(rt), Some(cpu)) = (owner, w.lend(task_id, false)) {
                     rt.take_back(&cpu);
                 }
             }
             Ok(Some(Message::Put { id, value })) => {
-                let owner = pool
-                    .upgrade()
-                    .and_then(|p| p.owner.get().and_then(std::sync::Weak::upgrade));
+                let owner = owner(pool);
                 if let Some(rt) = owner {
                     let kept = match crate::runtime::Outcome::from_wire(seal_stored(w, value), &rt) {
                         crate::runtime::Outcome::Value(v) => rt.put_as(id, v),

@@ -410,12 +410,6 @@ pub async fn read_message<R: AsyncRead + Unpin>(
     }
 }
 
-/// Writes one message on a blocking stream.
-pub fn write_message_blocking<W: std::io::Write>(w: &mut W, msg: &Message) -> Result<(), WireError> {
-    w.write_all(&encode_frame(msg)?)?;
-    Ok(())
-}
-
 /// Reads the next message from a blocking stream; `Ok(None)` when the
 /// peer closed cleanly between frames.
 pub fn read_message_blocking<R: std::io::Read>(

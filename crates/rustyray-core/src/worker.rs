@@ -247,8 +247,7 @@ impl Upstream {
     /// Writes a value into an allocation the node makes for it. `None`
     /// when the value holds object references (it travels inline).
     fn store(&self, shm: &ShmClient, v: &Value, len: usize) -> Result<Option<WireOutcome>> {
-        let id = ObjectId::from_u128(crate::ids::random_token());
-        let id = id.as_u128();
+        let id = crate::ids::random_token();
         let (tx, rx) = std::sync::mpsc::channel();
         self.slots.lock().insert(id, tx);
         self.replies.send(&Message::CreateObject { id, len: len as u64 });
@@ -338,7 +337,6 @@ impl Upstream {
 /// that finish tasks.
 struct Worker {
     rt: Arc<Inner>,
-    replies: Replies,
     /// Function tasks running here, for cancellation.
     running: Mutex<HashMap<TaskId, Arc<TaskState>>>,
     /// The actors this worker hosts, by their owner's id (one, in practice).
@@ -382,7 +380,7 @@ fn serve(socket: &str) -> Result<()> {
     }
     let rt = Inner::start(Config::default())?;
     let up = Arc::new(Upstream {
-        replies: replies.clone(),
+        replies,
         pending: Mutex::default(),
         mirrored: Mutex::default(),
         shm,
@@ -393,7 +391,6 @@ fn serve(socket: &str) -> Result<()> {
     let worker = Arc::new(Worker {
         rt,
         up,
-        replies,
         running: Mutex::default(),
         actors: Mutex::default(),
         calls: Mutex::default(),
@@ -437,7 +434,7 @@ fn serve(socket: &str) -> Result<()> {
                     let _ = worker.rt.cancel(r.id(), crate::options::CancelOptions::default());
                 }
             }
-            Some(Message::Ping { nonce }) => worker.replies.send(&Message::Pong { nonce }),
+            Some(Message::Ping { nonce }) => worker.up.replies.send(&Message::Pong { nonce }),
             Some(Message::Shutdown) | None => return Ok(()),
             Some(other) => return Err(Error::invalid(format!("unexpected message {other:?}"))),
         }
@@ -457,7 +454,7 @@ impl Worker {
             (Ok(o), Ok(l)) => (o, l),
             _ => return Err(Error::invalid("shared-memory argument out of range")),
         };
-        let replies = self.replies.clone();
+        let replies = self.up.replies.clone();
         let view = shm
             .view(
                 offset,
@@ -506,7 +503,7 @@ impl Drop for Finish {
             .outcome
             .take()
             .unwrap_or(WireOutcome::Failed(Error::TaskCancelled(self.task_id)));
-        self.worker.replies.done(self.task_id, outcome);
+        self.worker.up.replies.done(self.task_id, outcome);
     }
 }
 
@@ -621,7 +618,7 @@ fn create_actor(
             }
             Err(e) => local_failure(e),
         };
-        w.replies.done(task_id, outcome);
+        w.up.replies.done(task_id, outcome);
     });
 }
 
@@ -646,7 +643,7 @@ fn call_actor(worker: &Arc<Worker>, task_id: TaskId, actor_id: ActorId, spec: Ve
     let r = match submitted {
         Ok(r) => r,
         Err(e) => {
-            worker.replies.done(task_id, WireOutcome::Failed(e));
+            worker.up.replies.done(task_id, WireOutcome::Failed(e));
             return;
         }
     };
@@ -697,7 +694,7 @@ impl std::task::Wake for ReplyWhenDone {
             Err(e) => (local_failure(e), None),
         };
         let crashed = matches!(outcome, WireOutcome::Panicked(_));
-        w.replies.done(self.task_id, outcome);
+        w.up.replies.done(self.task_id, outcome);
         if crashed {
             std::process::exit(1);
         }

@@ -732,13 +732,7 @@ fn run_queue(rt: &Arc<Inner>, actor: &Arc<ActorState>) {
             rt.forget_task(call.state.id);
             continue;
         }
-        actor.life.lock().running.push(call.state.clone());
-        let guard = CallGuard {
-            rt: rt.clone(),
-            actor: actor.clone(),
-            state: call.state.clone(),
-            _permit: None,
-        };
+        let guard = CallGuard::running(rt, actor, &call.state, None);
         let spec = TaskSpec {
             id: call.state.id,
             target: Target::Method(actor.id, call.method),
@@ -866,7 +860,6 @@ async fn drive(rt: Arc<Inner>, actor: Arc<ActorState>, mut rx: mpsc::UnboundedRe
             rt.forget_task(call.state.id);
             continue;
         }
-        actor.life.lock().running.push(call.state.clone());
         dispatch(&rt, &actor, call, permit, held);
     }
     // Out of scope (or dead): let running calls finish, then end.
@@ -911,6 +904,25 @@ struct CallGuard {
     actor: Arc<ActorState>,
     state: Arc<TaskState>,
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl CallGuard {
+    /// Records a started call among the actor's running calls; the guard
+    /// ends it.
+    fn running(
+        rt: &Arc<Inner>,
+        actor: &Arc<ActorState>,
+        state: &Arc<TaskState>,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> CallGuard {
+        actor.life.lock().running.push(state.clone());
+        CallGuard {
+            rt: rt.clone(),
+            actor: actor.clone(),
+            state: state.clone(),
+            _permit: permit,
+        }
+    }
 }
 
 impl Drop for CallGuard {
@@ -1051,12 +1063,7 @@ fn dispatch(
     permit: tokio::sync::OwnedSemaphorePermit,
     held: Held,
 ) {
-    let guard = CallGuard {
-        rt: rt.clone(),
-        actor: actor.clone(),
-        state: call.state.clone(),
-        _permit: Some(permit),
-    };
+    let guard = CallGuard::running(rt, actor, &call.state, Some(permit));
     let spec = TaskSpec {
         id: call.state.id,
         target: Target::Method(actor.id, call.method),

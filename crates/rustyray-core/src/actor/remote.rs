@@ -257,13 +257,7 @@ fn send_call(
         rt.forget_task(call.state.id);
         return;
     }
-    actor.life.lock().running.push(call.state.clone());
-    let guard = CallGuard {
-        rt: rt.clone(),
-        actor: actor.clone(),
-        state: call.state.clone(),
-        _permit: Some(permit),
-    };
+    let guard = CallGuard::running(rt, actor, &call.state, Some(permit));
     let mut spec = TaskSpec {
         id: call.state.id,
         target: Target::Method(actor.id, call.method),
