@@ -413,6 +413,14 @@ impl Value {
         Ok(encoded(bytes, Cow::Borrowed(std::any::type_name::<T>()), nested))
     }
 
+    /// Encodes a typed value, keeping `keep` alive with the bytes besides
+    /// the references serialized in it.
+    pub(crate) fn encode_keeping<T: Data>(value: &T, mut keep: Vec<KeepAlive>) -> Result<Self> {
+        let (bytes, nested) = EncodeScope::run(|| postcard::to_allocvec(value))?;
+        keep.extend(nested);
+        Ok(encoded(bytes, Cow::Borrowed(std::any::type_name::<T>()), keep))
+    }
+
     /// Wraps bytes received from elsewhere.
     pub fn from_bytes(bytes: Vec<u8>, type_name: impl Into<Cow<'static, str>>) -> Self {
         encoded(bytes, type_name.into(), Vec::new())
@@ -436,6 +444,14 @@ impl Value {
                 .iter()
                 .filter_map(crate::object_ref::kept_object)
                 .collect(),
+            Repr::Local { .. } => Vec::new(),
+        }
+    }
+
+    /// The references an encoded value holds (new handles on them).
+    pub(crate) fn nested_refs(&self) -> Vec<crate::RawRef> {
+        match &*self.0 {
+            Repr::Encoded(e) => e.nested.iter().filter_map(crate::object_ref::kept_ref).collect(),
             Repr::Local { .. } => Vec::new(),
         }
     }

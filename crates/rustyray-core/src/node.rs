@@ -31,10 +31,16 @@
 //! runs, and nothing is held across an await.
 //!
 //! The reader also serves the worker's requests to its owner: allocations
-//! for large results (`CreateObject`), objects the worker put (`Put`,
-//! `Release`), tasks it submits (`SubmitTask`), calls on the owner's
+//! for large results (`CreateObject`), objects the worker shares (`Put`),
+//! values of objects lent to it (`Fetch`), counts it gives back
+//! (`Release`), tasks it submits (`SubmitTask`), calls on the owner's
 //! actors (`CallActor`), the CPU of a task that blocks (`Blocked`,
 //! `Unblocked`), and unpins.
+//!
+//! What a message to a worker lends it (a [`Loan`]: pins on shared-memory
+//! values, counts on the objects its values name) is recorded in `pins`
+//! and `borrows` before the message is written, so the worker's `Unpin`
+//! or `Release` always finds it.
 //!
 //! # Failure
 //!
@@ -49,7 +55,7 @@
 
 use crate::error::{Error, Result};
 use crate::ids::TaskId;
-use crate::shm::{shm_error, NodeStore, Pins, ARENA_ENV};
+use crate::shm::{shm_error, Loan, NodeStore, ARENA_ENV};
 use crate::wire::{self, FrameDecoder, Message, Role, WireOutcome};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -128,8 +134,11 @@ pub(crate) struct WorkerProc {
     pins: Mutex<Option<HashMap<u128, u32>>>,
     /// Allocations this worker is writing large results into.
     writers: Mutex<HashMap<u128, rustyray_shm::Writer>>,
-    /// Objects the worker put, kept for it until it releases them.
-    borrows: Mutex<HashMap<crate::ids::ObjectId, crate::RawRef>>,
+    /// The owner's objects held for the worker, with how many counts: one
+    /// per object it put or task it submitted, and one per time a message
+    /// lent it the object. Kept until the worker's `Release` gives the
+    /// counts back.
+    borrows: Mutex<HashMap<crate::ids::ObjectId, (crate::RawRef, u32)>>,
     /// Tasks running here: their CPU, and whether it is lent out while the
     /// task blocks.
     cpu: Mutex<HashMap<TaskId, (crate::ResourceSet, bool)>>,
@@ -192,21 +201,12 @@ impl WorkerProc {
 
     /// Sends a task to the worker; `done` runs with its outcome, or with
     /// why the worker could not finish it. The task is on its way when this
-    /// returns, so tasks sent one after the other arrive in order. `pins`
-    /// (the shared-memory arguments pinned for it) become the worker's to
-    /// release.
-    pub(crate) fn push_then(&self, task_id: TaskId, msg: &Message, pins: Pins, done: Completion) {
+    /// returns, so tasks sent one after the other arrive in order. `loan`
+    /// (the shared-memory arguments pinned for it, the objects its values
+    /// refer to) becomes the worker's to give back.
+    pub(crate) fn push_then(&self, task_id: TaskId, msg: &Message, loan: Loan, done: Completion) {
         self.inflight.lock().insert(task_id, done);
-        {
-            // Under the lock `release_shared` empties for good: pins handed
-            // to a worker already gone go back at once (when `pins` drops).
-            let mut held = self.pins.lock();
-            if let Some(held) = held.as_mut() {
-                for id in pins.hand_over() {
-                    *held.entry(id).or_insert(0) += 1;
-                }
-            }
-        }
+        self.take_loan(loan);
         // A worker found dead before the insert has already failed what it
         // held; fail this one too (`lost` marks it dead before draining).
         if self.is_dead() {
@@ -224,18 +224,51 @@ impl WorkerProc {
         }
     }
 
+    /// Records what a message lends the worker, before the message goes.
+    fn take_loan(&self, loan: Loan) {
+        // Under the lock `release_shared` empties for good: what is lent to
+        // a worker already gone goes back at once (when `loan` drops).
+        let mut held = self.pins.lock();
+        if let Some(held) = held.as_mut() {
+            let (pins, refs) = loan.hand_over();
+            for id in pins {
+                *held.entry(id).or_insert(0) += 1;
+            }
+            if !refs.is_empty() {
+                let mut borrows = self.borrows.lock();
+                for r in refs {
+                    borrows.entry(r.id()).or_insert((r, 0)).1 += 1;
+                }
+            }
+        }
+    }
+
+    /// Sends a message that lends the worker `loan` (see `push_then`).
+    fn send_lending(&self, msg: &Message, loan: Loan) {
+        self.take_loan(loan);
+        // A message that cannot be built was logged; what it lent stays
+        // counted for the worker until it goes.
+        let _ = self.send(msg);
+    }
+
+    /// Keeps `r` for the worker (an object it put or a task it submitted)
+    /// until it gives the count back.
+    fn keep_for(&self, r: crate::RawRef) {
+        self.borrows.lock().entry(r.id()).or_insert((r, 0)).1 += 1;
+    }
+
     /// [`WorkerProc::push_then`], as a future.
     pub(crate) fn push(
         &self,
         task_id: TaskId,
         msg: &Message,
-        pins: Pins,
+        loan: Loan,
     ) -> impl std::future::Future<Output = std::result::Result<WireOutcome, String>> + Send + 'static {
         let (tx, rx) = oneshot::channel();
         self.push_then(
             task_id,
             msg,
-            pins,
+            loan,
             Box::new(move |r| {
                 let _ = tx.send(r);
             }),
@@ -403,7 +436,7 @@ impl Pool {
         self: &Arc<Self>,
         actor_id: crate::ids::ActorId,
         task_id: TaskId,
-        (spec, pins): (Vec<u8>, Pins),
+        (spec, loan): (Vec<u8>, Loan),
         max_concurrency: u32,
     ) -> std::result::Result<(Arc<WorkerProc>, WireOutcome), String> {
         let w = self.lease().await.map_err(|e| e.to_string())?;
@@ -413,7 +446,7 @@ impl Pool {
             spec,
             max_concurrency,
         };
-        let outcome = w.push(task_id, &msg, pins).await?;
+        let outcome = w.push(task_id, &msg, loan).await?;
         Ok((w, outcome))
     }
 
@@ -668,15 +701,39 @@ fn owner(pool: &std::sync::Weak<Pool>) -> Option<Arc<crate::runtime::Inner>> {
 }
 
 /// Answers a worker's `CallActor` or `SubmitTask` with `ObjectReady`.
-fn object_ready(w: &Arc<WorkerProc>, task_id: TaskId) -> crate::actor::Reply {
-    let to = w.clone();
+fn object_ready(pool: &std::sync::Weak<Pool>, w: &Arc<WorkerProc>, task_id: TaskId) -> crate::actor::Reply {
+    let (to, node) = (w.clone(), pool.upgrade().map(|p| p.shm.clone()));
     Box::new(move |result| {
-        let outcome = match result.and_then(|v| inline_outcome(&v)) {
-            Ok(o) => o,
-            Err(e) => WireOutcome::Failed(e),
-        };
-        let _ = to.send(&Message::ObjectReady { task_id, outcome });
+        let (outcome, loan) = lend_outcome(result, node.as_ref());
+        to.send_lending(&Message::ObjectReady { task_id, outcome }, loan);
     })
+}
+
+/// Answers a worker's `Fetch` with `Fetched`.
+fn fetched(
+    pool: &std::sync::Weak<Pool>,
+    w: &Arc<WorkerProc>,
+    id: crate::ids::ObjectId,
+) -> crate::actor::Reply {
+    let (to, node) = (w.clone(), pool.upgrade().map(|p| p.shm.clone()));
+    Box::new(move |result| {
+        let (outcome, loan) = lend_outcome(result, node.as_ref());
+        to.send_lending(&Message::Fetched { id, outcome }, loan);
+    })
+}
+
+/// An object's value (or error) as a worker receives it, and what that
+/// lends the worker: a value in shared memory is pinned for it, one
+/// inline lends the objects it refers to.
+fn lend_outcome(result: Result<crate::Value>, node: Option<&Arc<NodeStore>>) -> (WireOutcome, Loan) {
+    let mut loan = Loan::none();
+    let outcome = result
+        .and_then(|v| {
+            let type_name = v.type_name().to_owned();
+            loan.lend(&v, node).map(|lent| lent.into_outcome(type_name))
+        })
+        .unwrap_or_else(WireOutcome::Failed);
+    (outcome, loan)
 }
 
 /// A result or put in shared memory is sealed when the worker reports it
@@ -694,30 +751,6 @@ fn seal_stored(w: &WorkerProc, outcome: WireOutcome) -> WireOutcome {
         },
         o => o,
     }
-}
-
-/// A value as a worker receives it inline (a value in shared memory is
-/// copied out).
-fn inline_outcome(v: &crate::Value) -> Result<WireOutcome> {
-    if let Some(o) = v.stored() {
-        let bytes = o.pin()?;
-        return Ok(WireOutcome::Value {
-            type_name: v.type_name().to_owned(),
-            bytes: bytes.to_vec(),
-            refs: Vec::new(),
-        });
-    }
-    let enc = v.to_encoded()?;
-    if !enc.nested_object_ids().is_empty() {
-        return Err(Error::invalid(
-            "a value holding the owner's object references cannot go to a worker process yet",
-        ));
-    }
-    Ok(WireOutcome::Value {
-        type_name: enc.type_name().to_owned(),
-        bytes: enc.bytes().map(<[u8]>::to_vec).unwrap_or_default(),
-        refs: Vec::new(),
-    })
 }
 
 /// Reads a worker's messages until its connection ends (on the worker's
@@ -764,7 +797,7 @@ fn read_loop(
                 spec,
             })) => {
                 let owner = owner(pool);
-                let reply = object_ready(w, task_id);
+                let reply = object_ready(pool, w, task_id);
                 match owner {
                     Some(rt) => crate::actor::call_for_worker(
                         &rt,
@@ -784,7 +817,7 @@ fn read_loop(
                 retry_exceptions,
             })) => {
                 let owner = owner(pool);
-                let reply = object_ready(w, task_id);
+                let reply = object_ready(pool, w, task_id);
                 let submitted = owner.ok_or(Error::Shutdown).and_then(|rt| {
                     let spec = crate::Value::from_bytes(spec, "TaskSpec");
                     rt.submit_for_worker(task_id, &spec, &resources, max_retries, retry_exceptions)
@@ -792,7 +825,7 @@ fn read_loop(
                 });
                 match submitted {
                     Ok((rt, r)) => {
-                        w.borrows.lock().insert(r.id(), r.clone());
+                        w.keep_for(r.clone());
                         crate::actor::reply_when_done(&rt, r, reply);
                     }
                     Err(e) => reply(Err(e)),
@@ -818,18 +851,40 @@ fn read_loop(
                         _ => Err(Error::invalid("a put without a value")),
                     };
                     match kept {
-                        Ok(r) => {
-                            w.borrows.lock().insert(id, r);
-                        }
+                        Ok(r) => w.keep_for(r),
                         Err(e) => {
                             tracing::warn!(object = %id, error = %e, "could not keep a worker's object")
                         }
                     }
                 }
             }
-            Ok(Some(Message::Release { id })) => {
-                let r = w.borrows.lock().remove(&id);
+            Ok(Some(Message::Release { id, count })) => {
+                let r = {
+                    let mut borrows = w.borrows.lock();
+                    match borrows.get_mut(&id) {
+                        Some((_, n)) if *n > count => {
+                            *n -= count;
+                            None
+                        }
+                        Some(_) => borrows.remove(&id),
+                        None => None,
+                    }
+                };
+                // Dropped outside the lock: freeing the object may free
+                // the objects it refers to.
                 drop(r);
+            }
+            Ok(Some(Message::Fetch { id })) => {
+                let reply = fetched(pool, w, id);
+                // The worker holds a count on the object (this owner keeps
+                // it for the worker), so it is here unless shut down.
+                match owner(pool).ok_or(Error::Shutdown) {
+                    Ok(rt) => match crate::RawRef::acquire(id, rt.clone()) {
+                        Ok(r) => crate::actor::reply_when_done(&rt, r, reply),
+                        Err(e) => reply(Err(e)),
+                    },
+                    Err(e) => reply(Err(e)),
+                }
             }
             Ok(Some(Message::AbortObject { id })) => {
                 w.writers.lock().remove(&id);

@@ -31,9 +31,11 @@ struct RefHandle {
 
 impl Drop for RefHandle {
     fn drop(&mut self) {
-        if self.rt.store.release(self.id) {
+        // Counts the owner process kept for this one go back with the
+        // last handle (only in a worker process are there any).
+        if let Some(lent @ 1..) = self.rt.store.release(self.id) {
             if let Some(up) = self.rt.upstream.get() {
-                up.released(self.id);
+                up.released(self.id, lent);
             }
         }
     }
@@ -43,6 +45,11 @@ impl Drop for RefHandle {
 /// if it is an object reference.
 pub(crate) fn kept_object(keep: &crate::codec::KeepAlive) -> Option<ObjectId> {
     keep.downcast_ref::<RefHandle>().map(|h| h.id)
+}
+
+/// The reference a kept-alive handle is, if it is one (sharing its count).
+pub(crate) fn kept_ref(keep: &crate::codec::KeepAlive) -> Option<RawRef> {
+    keep.clone().downcast::<RefHandle>().ok().map(RawRef)
 }
 
 /// An untyped object reference: the core's currency. Clones share one

@@ -532,6 +532,24 @@ impl Inner {
         }
     }
 
+    /// Holds the objects a received value refers to, for as long as the
+    /// value lives. In a worker process they are the owner's, lent with the
+    /// message (counted until released, and fetched when first looked at);
+    /// in the owner they are its own, kept for the sending worker.
+    pub(crate) fn hold_received(self: &Arc<Self>, ids: &[ObjectId]) -> Result<Vec<crate::codec::KeepAlive>> {
+        let lent = self.upstream.get().is_some();
+        ids.iter()
+            .map(|&id| {
+                let r = if lent {
+                    self.store.borrow(id).map(|()| RawRef::adopt(id, self.clone()))
+                } else {
+                    RawRef::acquire(id, self.clone())
+                };
+                r.map(|r| r.keep_alive())
+            })
+            .collect()
+    }
+
     /// Makes room for a value about to enter the store. Encoding and
     /// sizing run the value's `Serialize`, which is user code: a panic there
     /// becomes a serialization error. Waiting for room on an executor
@@ -847,7 +865,7 @@ impl Inner {
         let spec = self
             .resolve_values(&run.spec, attempt)
             .and_then(|values| run.spec.to_wire(&values, self.shm.as_ref()));
-        let (spec, pins) = match spec {
+        let (spec, loan) = match spec {
             Ok(s) if !run.state.is_cancelled() => s,
             Ok(_) => {
                 node.give_back(w);
@@ -871,7 +889,7 @@ impl Inner {
         w.push_then(
             id,
             &msg,
-            pins,
+            loan,
             Box::new(move |r| {
                 run.state.clear_remote();
                 // A task that ended while blocked (its worker died) takes
@@ -997,9 +1015,8 @@ impl Inner {
 
     pub(crate) fn put_value(self: &Arc<Self>, v: Value) -> Result<RawRef> {
         self.check_open()?;
-        if let Some(up) = self.upstream.get() {
-            return up.put(self, v);
-        }
+        // In a worker process too the object stays here: the owner gets it
+        // only if a reference to it leaves the process (`Upstream::share`).
         let (v, size) = self.admit(v)?;
         let id = self.ids.object();
         self.store.insert_ready(id, v, size)?;

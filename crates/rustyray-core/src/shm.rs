@@ -11,7 +11,7 @@
 //! pinned bytes keeps the pin and reads them without a copy.
 //!
 //! A task argument in shared memory travels as its location, pinned for
-//! the worker that receives it ([`Pins`]); the worker's view tells the
+//! the worker that receives it ([`Loan`]); the worker's view tells the
 //! daemon to unpin when the worker drops it, and a worker that dies has
 //! its pins released for it. A large result is written by the worker
 //! straight into an allocation the daemon made for it, then sealed.
@@ -143,36 +143,122 @@ impl Deref for SharedBytes {
     }
 }
 
-/// Pins taken on behalf of a worker that is about to receive a spec; they
-/// go back to the store unless [`Pins::hand_over`] gives them to the
-/// worker.
+/// What a message lends the worker that receives it: pins on
+/// shared-memory objects (its arguments or a value it fetched) and counts
+/// on the owner's objects that the message's values refer to. Both go
+/// back when the loan drops, unless [`Loan::hand_over`] gives them to the
+/// worker, which returns them with `Unpin` and `Release`.
 #[derive(Debug)]
-pub(crate) struct Pins {
+pub(crate) struct Loan {
     node: Option<Arc<NodeStore>>,
     ids: Vec<u128>,
+    refs: Vec<crate::RawRef>,
 }
 
-impl Pins {
+impl Loan {
     pub(crate) fn none() -> Self {
-        Pins {
+        Loan {
             node: None,
             ids: Vec::new(),
+            refs: Vec::new(),
         }
     }
 
-    pub(crate) fn add(&mut self, node: &Arc<NodeStore>, id: u128) {
+    /// Pins object `id` of `node`; returns where its bytes lie.
+    pub(crate) fn pin(&mut self, node: &Arc<NodeStore>, id: u128) -> Result<(u64, u64)> {
+        let at = node.pin_remote(id)?;
         self.node.get_or_insert_with(|| node.clone());
         self.ids.push(id);
+        Ok(at)
     }
 
-    /// The pinned ids, now the receiver's to release.
-    pub(crate) fn hand_over(mut self) -> Vec<u128> {
+    /// Lends the objects `value` refers to; returns their ids.
+    pub(crate) fn lend_refs(&mut self, value: &crate::Value) -> Vec<crate::ids::ObjectId> {
+        let refs = value.nested_refs();
+        let ids = refs.iter().map(crate::RawRef::id).collect();
+        self.refs.extend(refs);
+        ids
+    }
+
+    /// Lends a value to the worker receiving it: its location when it is in
+    /// `node`'s shared memory (written there first when large enough and
+    /// not there yet), pinned; else its bytes, lending the objects they
+    /// refer to.
+    pub(crate) fn lend(&mut self, v: &crate::Value, node: Option<&Arc<NodeStore>>) -> Result<Lent> {
+        let fresh;
+        let stored = match (v.stored(), node) {
+            (Some(o), _) => Some(o),
+            (None, Some(node)) if v.size()? >= node.threshold => {
+                // Freed once the worker unpins it: nothing else holds it.
+                fresh = node.store_value(v)?;
+                fresh.as_ref()
+            }
+            _ => None,
+        };
+        if let Some(o) = stored {
+            let (offset, len) = self.pin(&o.node, o.id)?;
+            return Ok(Lent::Shared {
+                id: o.id,
+                offset,
+                len,
+            });
+        }
+        let enc = v.to_encoded()?;
+        Ok(Lent::Inline {
+            bytes: enc.bytes().map(<[u8]>::to_vec).unwrap_or_default(),
+            refs: self.lend_refs(&enc),
+        })
+    }
+
+    /// The pinned ids and the lent references, now the receiver's.
+    pub(crate) fn hand_over(mut self) -> (Vec<u128>, Vec<crate::RawRef>) {
         self.node = None;
-        std::mem::take(&mut self.ids)
+        (std::mem::take(&mut self.ids), std::mem::take(&mut self.refs))
     }
 }
 
-impl Drop for Pins {
+/// A value as a worker receives it (see [`Loan::lend`]).
+#[derive(Debug)]
+pub(crate) enum Lent {
+    /// In the node's shared memory, pinned for the worker.
+    Shared {
+        /// The node-store object.
+        id: u128,
+        /// Where its bytes start in the arena.
+        offset: u64,
+        /// Their length.
+        len: u64,
+    },
+    /// Its bytes, with the ids of the objects they refer to (lent).
+    Inline {
+        /// The bytes form.
+        bytes: Vec<u8>,
+        /// The lent objects.
+        refs: Vec<crate::ids::ObjectId>,
+    },
+}
+
+impl Lent {
+    /// The value as an outcome a worker receives.
+    pub(crate) fn into_outcome(self, type_name: String) -> crate::wire::WireOutcome {
+        use crate::wire::WireOutcome;
+        match self {
+            Lent::Shared { id, offset, len } => WireOutcome::Pinned {
+                type_name,
+                id,
+                offset,
+                len,
+            },
+            Lent::Inline { bytes, refs } => WireOutcome::Value {
+                type_name,
+                bytes,
+                refs,
+            },
+        }
+    }
+}
+
+impl Drop for Loan {
     fn drop(&mut self) {
         if let Some(node) = &self.node {
             for id in self.ids.drain(..) {

@@ -7,12 +7,21 @@
 //! `Mutex<HashMap>` each, chosen by the id's counter bits). An entry holds:
 //!
 //! * `state`: `Pending` (with the wakers of everyone waiting for it),
-//!   `Ready` (the value and its size) or `Failed` (the error);
+//!   `Remote` (lent by the owner, not asked for yet), `Ready` (the value
+//!   and its size) or `Failed` (the error);
 //! * `refs`: how many live reference handles name the object. Every
 //!   `ObjectRef` clone shares one handle; handles are created by `put`, by
 //!   task submission (the return object), and by decoding bytes that mention
 //!   the object. A pending task's arguments and values nested in other
-//!   objects hold handles too, which is how they keep their objects alive.
+//!   objects hold handles too, which is how they keep their objects alive;
+//! * `lent` (in a worker process): how many counts the owner keeps on the
+//!   object for this process. An object the owner lent here (a reference
+//!   inside a value it sent) starts `Remote`: nothing is asked for until
+//!   someone looks at it, and then the owner is asked once (`set_fetch`)
+//!   and the entry waits, `Pending`, for its answer. When the entry goes,
+//!   `release` hands back `lent` so the owner can drop that many counts;
+//!   because the count lives in the entry, a loan that arrives while the
+//!   entry is going is counted in the next entry, never in the one going.
 //!
 //! Invariants: an entry exists exactly while `refs > 0`; a state leaves
 //! `Pending` once and never returns to it (the first completion wins, so a
@@ -58,6 +67,10 @@ pub struct StoreStats {
 
 enum State {
     Pending(Vec<Waker>),
+    /// Owned by another process, which lent it here, and not asked for yet:
+    /// the first look at it asks the owner (see [`Store::set_fetch`]) and
+    /// makes it `Pending`.
+    Remote,
     Ready(Value, u64),
     /// Boxed: errors are large and rare, entries are many.
     Failed(Box<Error>),
@@ -66,6 +79,10 @@ enum State {
 struct Entry {
     state: State,
     refs: u32,
+    /// Counts the owner process keeps on this object for this one (it lent
+    /// the object here, or keeps what this process made); given back, all
+    /// at once, when the entry goes.
+    lent: u32,
 }
 
 /// The result of looking at an object without waiting.
@@ -87,6 +104,8 @@ pub(crate) struct Store {
     space_waiters: AtomicUsize,
     shut_down: AtomicBool,
     recycler: Mutex<Recycler>,
+    /// Asks the owner for a lent object's value (in a worker process).
+    fetch: std::sync::OnceLock<Box<dyn Fn(ObjectId) + Send + Sync>>,
 }
 
 /// Buffers of freed large plain-data objects, kept for `put_copy` to copy
@@ -123,6 +142,86 @@ impl Store {
             space_waiters: AtomicUsize::new(0),
             shut_down: AtomicBool::new(false),
             recycler: Mutex::new(Recycler::default()),
+            fetch: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Sets how this store asks the owner for an object lent to it, the
+    /// first time anyone looks at it. Set once, by a worker process.
+    pub(crate) fn set_fetch(&self, fetch: Box<dyn Fn(ObjectId) + Send + Sync>) {
+        let _ = self.fetch.set(fetch);
+    }
+
+    fn request(&self, id: ObjectId) {
+        if let Some(fetch) = self.fetch.get() {
+            fetch(id);
+        }
+    }
+
+    /// Takes a count on an object another process owns and lent here
+    /// (counting the loan), creating it (not fetched yet) when this store
+    /// has no entry for it.
+    pub(crate) fn borrow(&self, id: ObjectId) -> Result<()> {
+        let mut shard = self.shard(id).lock();
+        // Checked under the shard lock, as in `create_pending`.
+        if self.shut_down.load(Ordering::Acquire) {
+            return Err(Error::Shutdown);
+        }
+        match shard.get_mut(&id) {
+            Some(entry) => {
+                entry.refs += 1;
+                entry.lent += 1;
+            }
+            None => {
+                shard.insert(
+                    id,
+                    Entry {
+                        state: State::Remote,
+                        refs: 1,
+                        lent: 1,
+                    },
+                );
+                self.entries.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts one more count the owner process keeps on object `id` for
+    /// this one (it keeps an object this process put or submitted).
+    pub(crate) fn kept_upstream(&self, id: ObjectId) -> Result<()> {
+        match self.shard(id).lock().get_mut(&id) {
+            Some(entry) => {
+                entry.lent += 1;
+                Ok(())
+            }
+            None => Err(self.missing(id)),
+        }
+    }
+
+    /// Hands a ready object that only this process holds to the owner
+    /// process: counts the count the owner will keep for this one, and
+    /// returns the value to send it. `None` when the owner already keeps
+    /// the object (or lent it), or it is not ready. The caller sends the
+    /// value, or gives the count back with [`Store::unshare`].
+    pub(crate) fn share_with_owner(&self, id: ObjectId) -> Option<Value> {
+        match self.shard(id).lock().get_mut(&id) {
+            Some(Entry {
+                state: State::Ready(v, _),
+                lent: lent @ 0,
+                ..
+            }) => {
+                *lent = 1;
+                Some(v.clone())
+            }
+            _ => None,
+        }
+    }
+
+    /// Undoes [`Store::share_with_owner`] for a value that could not be sent.
+    pub(crate) fn unshare(&self, id: ObjectId) {
+        if let Some(e) = self.shard(id).lock().get_mut(&id) {
+            e.lent = e.lent.saturating_sub(1);
         }
     }
 
@@ -204,6 +303,7 @@ impl Store {
             Entry {
                 state: State::Pending(Vec::new()),
                 refs: 1,
+                lent: 0,
             },
         );
         // Counted under the lock, before anyone can remove the entry and
@@ -299,6 +399,7 @@ impl Store {
             Entry {
                 state: State::Ready(value, size),
                 refs: 1,
+                lent: 0,
             },
         );
         self.entries.fetch_add(1, Ordering::Relaxed);
@@ -316,7 +417,7 @@ impl Store {
         let wakers = {
             let mut shard = self.shard(id).lock();
             match shard.get_mut(&id) {
-                Some(entry) if matches!(entry.state, State::Pending(_)) => {
+                Some(entry) if matches!(entry.state, State::Pending(_) | State::Remote) => {
                     let new = match outcome {
                         Ok((value, size)) => {
                             self.ready.fetch_add(1, Ordering::Relaxed);
@@ -355,9 +456,10 @@ impl Store {
         }
     }
 
-    /// Drops a reference; frees the object when it was the last.
-    /// Drops one count; true when that freed the object.
-    pub(crate) fn release(&self, id: ObjectId) -> bool {
+    /// Drops one count. When that freed the object, returns the counts the
+    /// owner process kept on it for this one (see [`Store::borrow`]), for
+    /// the caller to give back.
+    pub(crate) fn release(&self, id: ObjectId) -> Option<u32> {
         let removed = {
             let mut shard = self.shard(id).lock();
             match shard.get_mut(&id) {
@@ -378,35 +480,42 @@ impl Store {
                     self.free_value(value, size);
                 }
                 State::Pending(wakers) => wakers.into_iter().for_each(Waker::wake),
-                State::Failed(_) => {}
+                State::Remote | State::Failed(_) => {}
             }
-            return true;
+            return Some(entry.lent);
         }
-        false
+        None
     }
 
     /// Looks at an object; when pending and `waker` is given, registers it
     /// to be woken on completion.
     pub(crate) fn peek(&self, id: ObjectId, waker: Option<&Waker>) -> Result<Peek> {
         let mut shard = self.shard(id).lock();
-        match shard.get_mut(&id) {
-            Some(entry) => Ok(match &mut entry.state {
-                State::Ready(v, _) => Peek::Ready(v.clone()),
-                State::Failed(e) => Peek::Failed((**e).clone()),
-                State::Pending(wakers) => {
-                    if let Some(w) = waker {
-                        // Re-polls register the same waker again; looking at
-                        // the last few keeps that from piling up without
-                        // making a million distinct waiters quadratic.
-                        if !wakers.iter().rev().take(8).any(|x| x.will_wake(w)) {
-                            wakers.push(w.clone());
-                        }
-                    }
-                    Peek::Pending
-                }
-            }),
-            None => Err(self.missing(id)),
+        let Some(entry) = shard.get_mut(&id) else {
+            return Err(self.missing(id));
+        };
+        if matches!(entry.state, State::Remote) {
+            entry.state = State::Pending(waker.into_iter().cloned().collect());
+            drop(shard);
+            self.request(id);
+            return Ok(Peek::Pending);
         }
+        Ok(match &mut entry.state {
+            State::Ready(v, _) => Peek::Ready(v.clone()),
+            State::Failed(e) => Peek::Failed((**e).clone()),
+            State::Pending(wakers) => {
+                if let Some(w) = waker {
+                    // Re-polls register the same waker again; looking at
+                    // the last few keeps that from piling up without
+                    // making a million distinct waiters quadratic.
+                    if !wakers.iter().rev().take(8).any(|x| x.will_wake(w)) {
+                        wakers.push(w.clone());
+                    }
+                }
+                Peek::Pending
+            }
+            State::Remote => Peek::Pending,
+        })
     }
 
     /// Polls an object for its value.
@@ -438,20 +547,31 @@ impl Store {
             next[sh] += 1;
         }
         let mut done = vec![false; ids.len()];
+        // Lent objects looked at for the first time are asked for, after
+        // the locks are released.
+        let mut fetch = Vec::new();
         for sh in 0..SHARDS {
             let range = &order[starts[sh]..starts[sh + 1]];
             if range.is_empty() {
                 continue;
             }
-            let shard = self.shards[sh].lock();
+            let mut shard = self.shards[sh].lock();
             for &pos in range {
                 let id = ids[pos as usize];
-                match shard.get(&id) {
-                    Some(e) => done[pos as usize] = !matches!(e.state, State::Pending(_)),
+                match shard.get_mut(&id) {
+                    Some(e) => match e.state {
+                        State::Pending(_) => {}
+                        State::Remote => {
+                            e.state = State::Pending(Vec::new());
+                            fetch.push(id);
+                        }
+                        _ => done[pos as usize] = true,
+                    },
                     None => return Err(self.missing(id)),
                 }
             }
         }
+        fetch.into_iter().for_each(|id| self.request(id));
         Ok(done)
     }
 
@@ -484,7 +604,7 @@ impl Store {
                         self.unreserve(size);
                         drop(value);
                     }
-                    State::Failed(_) => {}
+                    State::Remote | State::Failed(_) => {}
                 }
             }
         }

@@ -11,11 +11,11 @@
 
 use crate::codec::{Data, Value};
 use crate::error::{Error, Result};
-use crate::ids::{ActorId, TaskId};
+use crate::ids::{ActorId, ObjectId, TaskId};
 use crate::object_ref::{Arg, RawRef};
 use crate::registry::{ActorEntry, FunctionEntry, MethodEntry, Registry};
 use crate::runtime::Inner;
-use crate::shm::{NodeStore, Pins};
+use crate::shm::{Lent, Loan, NodeStore};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,6 +61,10 @@ enum WireArg {
     Value {
         type_name: String,
         bytes: Vec<u8>,
+        /// The objects the value refers to: the sender keeps them alive
+        /// until the receiver holds them (an owner lends them to a worker,
+        /// see [`Loan`]).
+        refs: Vec<ObjectId>,
     },
     Ref(RawRef),
     /// A value in the node's shared memory, pinned for the receiver.
@@ -90,31 +94,41 @@ impl TaskSpec {
     pub(crate) fn to_bytes(&self) -> Result<Value> {
         let target = self.wire_target();
         let mut args = Vec::with_capacity(self.args.len());
+        // The references inside argument values, kept alive with the bytes.
+        let mut keep = Vec::new();
         for a in &self.args {
             args.push(match a {
                 Arg::Value(v) => {
                     let enc = v.to_encoded()?;
+                    let refs = enc.nested_refs();
+                    let ids = refs.iter().map(RawRef::id).collect();
+                    keep.extend(refs.iter().map(RawRef::keep_alive));
                     WireArg::Value {
                         type_name: enc.type_name().to_owned(),
                         bytes: enc.bytes().map(<[u8]>::to_vec).unwrap_or_default(),
+                        refs: ids,
                     }
                 }
                 Arg::Ref(r) => WireArg::Ref(r.clone()),
             });
         }
-        Value::encode(&WireSpec {
-            id: self.id,
-            target,
-            args,
-            name: self.name.as_deref().map(str::to_owned),
-        })
+        Value::encode_keeping(
+            &WireSpec {
+                id: self.id,
+                target,
+                args,
+                name: self.name.as_deref().map(str::to_owned),
+            },
+            keep,
+        )
     }
 
     /// The bytes a worker process receives: the spec with `values` (the
     /// resolved arguments, in order) inline.
     /// Values in (or large enough for) the node's shared memory travel as
-    /// their location, pinned for the receiver: the returned [`Pins`].
-    pub(crate) fn to_wire(&self, values: &[Value], node: Option<&Arc<NodeStore>>) -> Result<(Vec<u8>, Pins)> {
+    /// their location, pinned for the receiver; the objects values refer to
+    /// are lent to it: both in the returned [`Loan`].
+    pub(crate) fn to_wire(&self, values: &[Value], node: Option<&Arc<NodeStore>>) -> Result<(Vec<u8>, Loan)> {
         // A user type's `Serialize` may panic: that is this task's error.
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.to_wire_inner(values, node)))
             .unwrap_or_else(|p| {
@@ -125,34 +139,23 @@ impl TaskSpec {
             })
     }
 
-    fn to_wire_inner(&self, values: &[Value], node: Option<&Arc<NodeStore>>) -> Result<(Vec<u8>, Pins)> {
+    fn to_wire_inner(&self, values: &[Value], node: Option<&Arc<NodeStore>>) -> Result<(Vec<u8>, Loan)> {
         let mut args = Vec::with_capacity(values.len());
-        let mut pins = Pins::none();
+        let mut loan = Loan::none();
         for v in values {
-            let fresh;
-            let stored = match (v.stored(), node) {
-                (Some(o), _) => Some(o),
-                (None, Some(node)) if v.size()? >= node.threshold => {
-                    fresh = node.store_value(v)?;
-                    fresh.as_ref()
-                }
-                _ => None,
-            };
-            if let Some(o) = stored {
-                let (offset, len) = o.node.pin_remote(o.id)?;
-                pins.add(&o.node, o.id);
-                args.push(WireArg::Shared {
-                    type_name: v.type_name().to_owned(),
-                    id: o.id,
+            let type_name = v.type_name().to_owned();
+            args.push(match loan.lend(v, node)? {
+                Lent::Shared { id, offset, len } => WireArg::Shared {
+                    type_name,
+                    id,
                     offset,
                     len,
-                });
-                continue;
-            }
-            let enc = v.to_encoded()?;
-            args.push(WireArg::Value {
-                type_name: enc.type_name().to_owned(),
-                bytes: enc.bytes().map(<[u8]>::to_vec).unwrap_or_default(),
+                },
+                Lent::Inline { bytes, refs } => WireArg::Value {
+                    type_name,
+                    bytes,
+                    refs,
+                },
             });
         }
         let wire = WireSpec {
@@ -162,7 +165,7 @@ impl TaskSpec {
             name: self.name.as_deref().map(str::to_owned),
         };
         let bytes = postcard::to_allocvec(&wire).map_err(|e| Error::serialization(e.to_string()))?;
-        Ok((bytes, pins))
+        Ok((bytes, loan))
     }
 
     fn wire_target(&self) -> WireTarget {
@@ -200,7 +203,20 @@ impl TaskSpec {
             .into_iter()
             .map(|a| {
                 Ok(match a {
-                    WireArg::Value { type_name, bytes } => Arg::Value(Value::from_bytes(bytes, type_name)),
+                    WireArg::Value {
+                        type_name,
+                        bytes,
+                        refs,
+                    } if refs.is_empty() => Arg::Value(Value::from_bytes(bytes, type_name)),
+                    WireArg::Value {
+                        type_name,
+                        bytes,
+                        refs,
+                    } => Arg::Value(Value::from_bytes_keeping(
+                        bytes,
+                        type_name,
+                        rt.hold_received(&refs)?,
+                    )),
                     WireArg::Ref(r) => Arg::Ref(r),
                     WireArg::Shared {
                         type_name,

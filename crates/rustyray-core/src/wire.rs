@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The first bytes of every `Hello`.
 pub const MAGIC: [u8; 4] = *b"RRAY";
@@ -149,11 +149,34 @@ pub enum Message {
         value: WireOutcome,
     },
     /// Worker → owner: the worker dropped its last reference to an object
-    /// it put; the owner drops the count it kept for it. Idempotent per
-    /// `Put`. A worker that dies has its counts dropped for it.
+    /// the owner keeps counts on for it: one per `Put` or `SubmitTask` that
+    /// made it, and one per time the owner lent it (a reference inside a
+    /// value the owner sent). The owner drops `count` of them. Not
+    /// idempotent: each count is given back once. A worker that dies has
+    /// its counts dropped for it.
     Release {
         /// The object.
         id: ObjectId,
+        /// How many counts go back.
+        count: u32,
+    },
+    /// Worker → owner: code in the worker looked at an object the owner
+    /// lent it (it holds a count on it, so the object exists). The owner
+    /// answers `Fetched` once the object is complete. Idempotent: a second
+    /// answer for the same object is ignored.
+    Fetch {
+        /// The object.
+        id: ObjectId,
+    },
+    /// Owner → worker: the value (or error) of an object the worker asked
+    /// for with `Fetch`. Idempotent: the first answer completes the object
+    /// and later ones are dropped (releasing what they lend).
+    Fetched {
+        /// The object.
+        id: ObjectId,
+        /// Its value inline (lending the references it holds), pinned in
+        /// shared memory (`Pinned`), or the error.
+        outcome: WireOutcome,
     },
     /// Worker → owner: the worker gives up the allocation `ObjectSlot`
     /// gave it (it could not write the result); the owner frees it.
@@ -211,12 +234,13 @@ pub enum Message {
         /// The task.
         task_id: TaskId,
     },
-    /// Owner → worker: the outcome of a `CallActor`. Idempotent: a second
-    /// one for the same call is ignored.
+    /// Owner → worker: the outcome of a `CallActor` or `SubmitTask`.
+    /// Idempotent: a second one for the same call is ignored.
     ObjectReady {
         /// The call.
         task_id: TaskId,
-        /// Its outcome (a value inline, or the error).
+        /// Its outcome: a value inline (lending the references it holds),
+        /// pinned in shared memory (`Pinned`), or the error.
         outcome: WireOutcome,
     },
     /// Owner → worker: cancel a task. Idempotent. With `force` the daemon
@@ -250,9 +274,22 @@ pub enum WireOutcome {
         type_name: String,
         /// The encoded value.
         bytes: Vec<u8>,
-        /// The objects it refers to (owned by the receiver, which keeps
-        /// them alive with the value).
+        /// The objects it refers to, kept alive with the value: a worker
+        /// sends objects its owner holds for it; an owner lends its own
+        /// (counted until the worker's `Release`).
         refs: Vec<ObjectId>,
+    },
+    /// Owner → worker: a value in the node's shared memory, pinned for the
+    /// worker until its `Unpin` (a worker that dies has it unpinned).
+    Pinned {
+        /// The value's type name.
+        type_name: String,
+        /// The object holding its bytes.
+        id: u128,
+        /// Where they start in the arena.
+        offset: u64,
+        /// Their length.
+        len: u64,
     },
     /// The user code returned an `Err`; its message.
     Returned(String),
@@ -498,7 +535,9 @@ mod tests {
     fn sample() -> Vec<Message> {
         vec![
             Message::hello(Role::Worker, 3),
-            Message::Welcome { version: 1 },
+            Message::Welcome {
+                version: PROTOCOL_VERSION,
+            },
             Message::Refused { reason: "no".into() },
             Message::PushTask {
                 task_id: TaskId::from_u128(7),
@@ -544,6 +583,19 @@ mod tests {
             },
             Message::Release {
                 id: ObjectId::from_u128(13),
+                count: 2,
+            },
+            Message::Fetch {
+                id: ObjectId::from_u128(13),
+            },
+            Message::Fetched {
+                id: ObjectId::from_u128(13),
+                outcome: WireOutcome::Pinned {
+                    type_name: "Vec<u8>".into(),
+                    id: 3,
+                    offset: 4096,
+                    len: 1 << 20,
+                },
             },
             Message::SubmitTask {
                 task_id: TaskId::from_u128(14),
@@ -674,7 +726,7 @@ mod tests {
             connect_handshake(&mut c, &mut dec, Role::Worker, 5)
                 .await
                 .expect("hs"),
-            1
+            PROTOCOL_VERSION
         );
         write_message(&mut c, &Message::Ping { nonce: 11 })
             .await

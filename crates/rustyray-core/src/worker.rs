@@ -21,13 +21,29 @@
 //! Code running in a worker reaches the owner (the driver) through
 //! [`Upstream`]: tasks it submits and calls on the owner's actors (whose
 //! handles the worker received) go to the owner, which runs them (tasks in
-//! worker processes) and sends their outcomes back; objects put in the
-//! worker are handed to the owner. The owner keeps those results and
-//! objects for the worker until it releases them, so references to them
+//! worker processes) and sends their outcomes back. The owner keeps those
+//! results for the worker until it releases them, so references to them
 //! may leave the worker (in a result, or as arguments). A task blocked in
 //! `get`/`wait` here tells the owner, which lends its CPU to other tasks
 //! meanwhile, so nested task trees cannot deadlock. Actors created inside
 //! a worker are hosted by the worker's own runtime.
+//!
+//! # Objects between a worker and its owner
+//!
+//! * An object put here stays in this process's store, uncopied, for as
+//!   long as no reference to it leaves the process (as Ray keeps small
+//!   objects in the owner's in-process store). When a message to the owner
+//!   names it (a result, a task argument, a value inside either), it is
+//!   handed over first, as a `Put` ([`Upstream::share`]), together with
+//!   the objects its value names; from then on the owner keeps it for this
+//!   process until `Release`.
+//! * A reference inside a value the owner sends (an argument, a result, a
+//!   fetched value) is lent: the owner counts a loan per message, and this
+//!   process makes an entry that is fetched (`Fetch`/`Fetched`) only when
+//!   code here first looks at it. Large values arrive as locations in the
+//!   node's shared memory, read in place.
+//! * The store entry counts what the owner keeps for this process; the
+//!   last local reference gives it all back in one `Release`.
 
 use crate::actor::RawActor;
 use crate::codec::Value;
@@ -118,9 +134,8 @@ pub(crate) struct Upstream {
     replies: Replies,
     /// Calls sent and not answered yet.
     pending: Mutex<HashMap<TaskId, Arc<TaskState>>>,
-    /// Objects put here and handed to the owner, who keeps them for this
-    /// process until it releases them.
-    mirrored: Mutex<std::collections::HashSet<ObjectId>>,
+    /// Orders messages after the `Put`s of the objects they name.
+    sharing: Mutex<()>,
     /// The node's arena, when the node handed one over.
     shm: Option<ShmClient>,
     /// Values at least this long go to shared memory.
@@ -138,20 +153,51 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    /// Puts an object created by code running here: kept here for local
-    /// reads, and handed to the owner (who keeps it for this process until
-    /// it is released here), so a reference to it may leave the process.
-    pub(crate) fn put(&self, rt: &Arc<Inner>, v: Value) -> Result<RawRef> {
-        let (v, size) = rt.admit(v)?;
-        let id = rt.ids.object();
-        let payload = match self.encode(&v) {
-            WireOutcome::Failed(e) => return Err(e),
-            p => p,
-        };
-        rt.store.insert_ready(id, v, size)?;
-        self.mirrored.lock().insert(id);
-        self.replies.send(&Message::Put { id, value: payload });
-        Ok(RawRef::adopt(id, rt.clone()))
+    /// Hands the owner every object `ids` names that only this process
+    /// holds (objects put here stay here until a reference to them leaves
+    /// the process), each as a `Put`, before the message naming them goes.
+    pub(crate) fn share(&self, rt: &Arc<Inner>, ids: &[ObjectId]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        // Held until the `Put`s are out: a message naming an object that
+        // another thread is sharing waits here, so it never reaches the
+        // owner before the object does.
+        let _order = self.sharing.lock();
+        self.share_each(rt, ids)
+    }
+
+    fn share_each(&self, rt: &Arc<Inner>, ids: &[ObjectId]) -> Result<()> {
+        for &id in ids {
+            let Some(v) = rt.store.share_with_owner(id) else {
+                continue;
+            };
+            let mut value = self.encode(&v);
+            // The objects it names go first.
+            if let WireOutcome::Value { refs, .. } = &value {
+                if let Err(e) = self.share_each(rt, refs) {
+                    value = WireOutcome::Failed(e);
+                }
+            }
+            if let WireOutcome::Failed(e) = value {
+                rt.store.unshare(id);
+                return Err(e);
+            }
+            self.replies.send(&Message::Put { id, value });
+        }
+        Ok(())
+    }
+
+    /// A value as it goes to the owner (see [`Upstream::encode`]), after
+    /// sharing the objects it names.
+    fn to_owner(&self, rt: &Arc<Inner>, v: &Value) -> WireOutcome {
+        let value = self.encode(v);
+        if let WireOutcome::Value { refs, .. } = &value {
+            if let Err(e) = self.share(rt, refs) {
+                return WireOutcome::Failed(e);
+            }
+        }
+        value
     }
 
     /// Submits a task to the owner, which runs it as its own and keeps its
@@ -174,12 +220,13 @@ impl Upstream {
         };
         // Values inline, references as ids (the owner holds their objects).
         let bytes = spec.to_bytes()?;
+        self.share(rt, &bytes.nested_object_ids())?;
         let spec_bytes = bytes
             .bytes()
             .map(<[u8]>::to_vec)
             .ok_or_else(|| Error::serialization("a task spec without bytes"))?;
         self.pending.lock().insert(state.id, state.clone());
-        self.mirrored.lock().insert(ret.id());
+        rt.store.kept_upstream(ret.id())?;
         self.replies.send(&Message::SubmitTask {
             task_id: state.id,
             spec: spec_bytes,
@@ -203,11 +250,33 @@ impl Upstream {
         });
     }
 
-    /// The last reference here to object `id` went: the owner may let go.
-    pub(crate) fn released(&self, id: ObjectId) {
-        if self.mirrored.lock().remove(&id) {
-            self.replies.send(&Message::Release { id });
-        }
+    /// The last reference here to object `id` went: the owner drops the
+    /// `count` counts it kept on it for this process.
+    pub(crate) fn released(&self, id: ObjectId, count: u32) {
+        self.replies.send(&Message::Release { id, count });
+    }
+
+    /// The value of an object in the node's shared memory that the owner
+    /// pinned for this process: a view of the arena, whose pin goes back
+    /// (with an `Unpin`) when the last view goes.
+    fn shared_value(&self, type_name: String, id: u128, offset: u64, len: u64) -> Result<Value> {
+        let shm = self
+            .shm
+            .as_ref()
+            .ok_or_else(|| Error::invalid("a shared-memory value, but no arena was handed over"))?;
+        let (offset, len) = match (usize::try_from(offset), usize::try_from(len)) {
+            (Ok(o), Ok(l)) => (o, l),
+            _ => return Err(Error::invalid("shared-memory value out of range")),
+        };
+        let replies = self.replies.clone();
+        let view = shm
+            .view(
+                offset,
+                len,
+                Box::new(move || replies.send(&Message::Unpin { id })),
+            )
+            .map_err(|e| Error::invalid(format!("bad shared-memory value: {e}")))?;
+        Ok(Value::from_shared(SharedBytes::Worker(view), type_name))
     }
 
     /// How a value goes to the owner: a large one is written into an
@@ -307,7 +376,9 @@ impl Upstream {
             args: Vec::new(),
             name: None,
         };
-        let (bytes, _no_pins) = spec.to_wire(&values, None)?;
+        let (bytes, loan) = spec.to_wire(&values, None)?;
+        let named: Vec<ObjectId> = loan.hand_over().1.iter().map(RawRef::id).collect();
+        self.share(rt, &named)?;
         self.pending.lock().insert(state.id, state.clone());
         self.replies.send(&Message::CallActor {
             actor_id,
@@ -322,15 +393,21 @@ impl Upstream {
         let Some(state) = self.pending.lock().remove(&task_id) else {
             return;
         };
-        let result = match Outcome::from_wire(outcome, rt) {
-            Outcome::Value(v) => rt.admit(v),
-            Outcome::Failed(e) => Err(e),
-            Outcome::Returned(m) | Outcome::Panicked(m) | Outcome::Crashed(m) => Err(Error::invalid(m)),
-        };
-        rt.store.complete(task_id.return_object(), result);
+        complete(rt, task_id.return_object(), outcome);
         state.finish();
         rt.forget_task(task_id);
     }
+}
+
+/// Completes object `id` here with the owner's answer (to a call, or to a
+/// `Fetch`).
+fn complete(rt: &Arc<Inner>, id: ObjectId, outcome: WireOutcome) {
+    let result = match Outcome::from_wire(outcome, rt) {
+        Outcome::Value(v) => rt.admit(v),
+        Outcome::Failed(e) => Err(e),
+        Outcome::Returned(m) | Outcome::Panicked(m) | Outcome::Crashed(m) => Err(Error::invalid(m)),
+    };
+    rt.store.complete(id, result);
 }
 
 /// A worker process's state, shared by its reader thread and the threads
@@ -379,10 +456,14 @@ fn serve(socket: &str) -> Result<()> {
         other => return Err(Error::invalid(format!("expected Welcome, got {other:?}"))),
     }
     let rt = Inner::start(Config::default())?;
+    // Objects the owner lent are asked for when first looked at.
+    let fetch = replies.clone();
+    rt.store
+        .set_fetch(Box::new(move |id| fetch.send(&Message::Fetch { id })));
     let up = Arc::new(Upstream {
         replies,
         pending: Mutex::default(),
-        mirrored: Mutex::default(),
+        sharing: Mutex::default(),
         shm,
         threshold,
         slots: Mutex::default(),
@@ -418,6 +499,7 @@ fn serve(socket: &str) -> Result<()> {
                     up.ready(&worker.rt, task_id, outcome);
                 }
             }
+            Some(Message::Fetched { id, outcome }) => complete(&worker.rt, id, outcome),
             Some(Message::ObjectSlot { id, slot }) => {
                 if let Some(tx) = worker.up.slots.lock().remove(&id) {
                     let _ = tx.send(slot);
@@ -438,31 +520,6 @@ fn serve(socket: &str) -> Result<()> {
             Some(Message::Shutdown) | None => return Ok(()),
             Some(other) => return Err(Error::invalid(format!("unexpected message {other:?}"))),
         }
-    }
-}
-
-impl Worker {
-    /// The value of a shared-memory argument: a view of the node's arena,
-    /// whose pin is released (by an `Unpin`) when the last view goes.
-    fn shared_arg(&self, type_name: String, id: u128, offset: u64, len: u64) -> Result<Value> {
-        let shm = self
-            .up
-            .shm
-            .as_ref()
-            .ok_or_else(|| Error::invalid("a shared-memory argument, but no arena was handed over"))?;
-        let (offset, len) = match (usize::try_from(offset), usize::try_from(len)) {
-            (Ok(o), Ok(l)) => (o, l),
-            _ => return Err(Error::invalid("shared-memory argument out of range")),
-        };
-        let replies = self.up.replies.clone();
-        let view = shm
-            .view(
-                offset,
-                len,
-                Box::new(move || replies.send(&Message::Unpin { id })),
-            )
-            .map_err(|e| Error::invalid(format!("bad shared-memory argument: {e}")))?;
-        Ok(Value::from_shared(SharedBytes::Worker(view), type_name))
     }
 }
 
@@ -487,7 +544,7 @@ impl Finish {
     fn complete(mut self, outcome: Outcome) {
         self.outcome = Some(match outcome {
             Outcome::Value(v) => {
-                let wire = self.worker.up.encode(&v);
+                let wire = self.worker.up.to_owner(&self.worker.rt, &v);
                 self._sent = Some(v);
                 wire
             }
@@ -552,7 +609,7 @@ fn run_task(worker: &Arc<Worker>, task_id: TaskId, spec: Vec<u8>) {
 /// to a value.
 fn decode_spec(worker: &Worker, spec: Vec<u8>) -> Result<TaskSpec> {
     let rt = &worker.rt;
-    let shared = |t, id, o, l| worker.shared_arg(t, id, o, l);
+    let shared = |t, id, o, l| worker.up.shared_value(t, id, o, l);
     let spec = TaskSpec::from_wire(
         &Value::from_bytes(spec, "TaskSpec"),
         rt,
@@ -690,7 +747,7 @@ impl std::task::Wake for ReplyWhenDone {
         // The value lives until the reply is out: the references it holds
         // must reach the owner before their releases do.
         let (outcome, _sent) = match result {
-            Ok(v) => (w.up.encode(&v), Some(v)),
+            Ok(v) => (w.up.to_owner(&w.rt, &v), Some(v)),
             Err(e) => (local_failure(e), None),
         };
         let crashed = matches!(outcome, WireOutcome::Panicked(_));
@@ -756,11 +813,7 @@ impl Outcome {
                 type_name,
                 bytes,
                 refs,
-            } => match refs
-                .into_iter()
-                .map(|id| RawRef::acquire(id, rt.clone()).map(|r| r.keep_alive()))
-                .collect::<Result<Vec<_>>>()
-            {
+            } => match rt.hold_received(&refs) {
                 Ok(keep) => Outcome::Value(Value::from_bytes_keeping(bytes, type_name, keep)),
                 Err(e) => Outcome::Failed(Error::invalid(format!(
                     "the value holds a reference this process cannot keep: {e}"
@@ -776,6 +829,19 @@ impl Outcome {
                     type_name,
                 )),
                 _ => Outcome::Failed(Error::invalid("a shared-memory result without a node store")),
+            },
+            // Only an owner sends these, and only to a worker.
+            WireOutcome::Pinned {
+                type_name,
+                id,
+                offset,
+                len,
+            } => match rt.upstream.get() {
+                Some(up) => match up.shared_value(type_name, id, offset, len) {
+                    Ok(v) => Outcome::Value(v),
+                    Err(e) => Outcome::Failed(e),
+                },
+                None => Outcome::Failed(Error::invalid("a pinned value sent to an owner")),
             },
             WireOutcome::Returned(m) => Outcome::Returned(m),
             WireOutcome::Panicked(m) => Outcome::Panicked(m),

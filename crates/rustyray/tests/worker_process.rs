@@ -994,3 +994,163 @@ fn tasks_submitted_in_workers_run_in_worker_processes_without_deadlock() -> rust
     assert_eq!(ray.get_timeout(&inner, LONG)?, 42);
     Ok(())
 }
+
+/// Reads every object of a list it was handed (inside a worker, where the
+/// objects are the owner's).
+#[rustyray::remote]
+fn sum_lent(refs: Vec<ObjectRef<i64>>) -> rustyray::Result<i64> {
+    let ray = rustyray::current()?;
+    Ok(ray.get_many(&refs)?.iter().sum())
+}
+
+/// Checksums lent large objects, read in place from shared memory.
+#[rustyray::remote]
+fn checksums_lent(refs: Vec<ObjectRef<rustyray::Blob>>) -> rustyray::Result<Vec<(bool, u64)>> {
+    let ray = rustyray::current()?;
+    refs.iter()
+        .map(|r| ray.get(r).map(|b| (b.is_shared(), checksum(&b))))
+        .collect()
+}
+
+/// Hands lent references back, unread.
+#[rustyray::remote]
+fn pass_back(refs: Vec<ObjectRef<i64>>) -> Vec<ObjectRef<i64>> {
+    refs
+}
+
+/// Reads a list of references that a nested task returned to this worker.
+#[rustyray::remote]
+fn sum_nested(n: u32) -> rustyray::Result<u64> {
+    let ray = rustyray::current()?;
+    let refs = ray.get(&put_many::remote(&ray, n)?)?;
+    Ok(ray.get_many(&refs)?.into_iter().map(u64::from).sum())
+}
+
+/// Waits for the object of a lent reference whose task is still running.
+#[rustyray::remote]
+fn await_lent(refs: Vec<ObjectRef<u32>>) -> rustyray::Result<u32> {
+    let ray = rustyray::current()?;
+    Ok(ray.get_many(&refs)?.into_iter().sum())
+}
+
+#[test]
+fn references_inside_values_are_lent_to_workers() -> rustyray::Result<()> {
+    let dir = scratch("lent-refs");
+    let ray = shm_runtime(64 << 20, &dir.join("spill"));
+    let baseline = ray.store_stats().num_entries;
+    let small = (1..=100_i64)
+        .map(|i| ray.put(i))
+        .collect::<rustyray::Result<Vec<_>>>()?;
+    assert_eq!(
+        ray.get_timeout(&sum_lent::remote(&ray, small.clone())?, LONG)?,
+        5050
+    );
+    // Large objects are read in place, whether put in the driver or made
+    // by a task in a worker.
+    let blobs = [
+        ray.put(rustyray::Blob::from(pattern(1, 300_000)))?,
+        ray.put(rustyray::Blob::from(pattern(2, 200_000)))?,
+    ];
+    let got = ray.get_timeout(&checksums_lent::remote(&ray, blobs.to_vec())?, LONG)?;
+    assert_eq!(
+        got,
+        vec![
+            (true, checksum(&pattern(1, 300_000))),
+            (true, checksum(&pattern(2, 200_000)))
+        ]
+    );
+    // References a worker hands back unread are still good.
+    let back = ray.get_timeout(&pass_back::remote(&ray, small[..3].to_vec())?, LONG)?;
+    assert_eq!(ray.get_many_timeout(&back, LONG)?, vec![1, 2, 3]);
+    // A nested task's list of references reaches the worker that made it.
+    assert_eq!(ray.get_timeout(&sum_nested::remote(&ray, 300)?, LONG)?, 44_850);
+    // A reference to an object not made yet: the worker waits for it.
+    let gate = scratch("lent-refs-gate");
+    let slow = park_forever::remote(&ray, gate.to_string_lossy().into_owned())?;
+    let waiting = await_lent::remote(&ray, vec![slow.clone()])?;
+    read_pid(&gate);
+    ray.cancel(&slow)?;
+    match ray.get_timeout(&waiting, LONG) {
+        Err(Error::Task { message, .. }) => assert!(message.contains("cancel"), "{message}"),
+        other => panic!("expected the cancelled task's error, got {other:?}"),
+    }
+    // Every count lent to the workers comes back: with the driver's
+    // references gone, so are the objects.
+    drop((small, blobs, back, slow, waiting));
+    wait_until("lent objects are freed once nobody holds them", || {
+        ray.store_stats().num_entries <= baseline && ray.shared_store_stats().is_some_and(|s| s.used == 0)
+    });
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(gate);
+    Ok(())
+}
+
+/// Puts objects and drops them, keeping nothing.
+#[rustyray::remote]
+fn put_and_drop(n: u32) -> rustyray::Result<u32> {
+    let ray = rustyray::current()?;
+    for i in 0..n {
+        ray.put(vec![i; 1_000])?;
+    }
+    let kept = ray.put(7_u32)?;
+    ray.get(&kept)
+}
+
+/// Returns a put object that refers to two other put objects.
+#[rustyray::remote]
+fn put_nested() -> rustyray::Result<ObjectRef<Vec<ObjectRef<Vec<u8>>>>> {
+    let ray = rustyray::current()?;
+    let large = ray.put(pattern(3, 200_000))?;
+    let small = ray.put(pattern(4, 10))?;
+    ray.put(vec![large, small])
+}
+
+/// Passes an object put here to a task it submits.
+#[rustyray::remote]
+fn put_then_submit() -> rustyray::Result<u64> {
+    let ray = rustyray::current()?;
+    let x = ray.put(pattern(5, 1_000))?;
+    let nested = ray.put(vec![x.clone()])?;
+    let direct = ray.get(&checksum_of::remote(&ray, &x)?)?;
+    let inside = ray.get(&checksums_nested::remote(&ray, nested)?)?;
+    Ok(direct ^ inside)
+}
+
+#[rustyray::remote]
+fn checksums_nested(refs: Vec<ObjectRef<Vec<u8>>>) -> rustyray::Result<u64> {
+    let ray = rustyray::current()?;
+    Ok(ray
+        .get_many(&refs)?
+        .iter()
+        .map(|v| checksum(v))
+        .fold(0, |a, b| a ^ b.rotate_left(1)))
+}
+
+#[test]
+fn objects_put_in_a_worker_stay_there_until_a_reference_leaves() -> rustyray::Result<()> {
+    let dir = scratch("local-puts");
+    let ray = shm_runtime(64 << 20, &dir.join("spill"));
+    let baseline = ray.store_stats().num_entries;
+    // Nothing left the worker: the owner was handed none of its puts (a
+    // `Put` would have reached it before the task's result).
+    assert_eq!(ray.get_timeout(&put_and_drop::remote(&ray, 100)?, LONG)?, 7);
+    assert_eq!(ray.store_stats().num_entries, baseline);
+    assert!(ray.shared_store_stats().is_some_and(|s| s.used == 0));
+    // A returned reference takes its object along, and the objects that
+    // object names.
+    let outer = ray.get_timeout(&put_nested::remote(&ray)?, LONG)?;
+    let inner = ray.get_timeout(&outer, LONG)?;
+    assert_eq!(
+        ray.get_many_timeout(&inner, LONG)?,
+        vec![pattern(3, 200_000), pattern(4, 10)]
+    );
+    // So does a reference passed to a task, directly or inside a value.
+    let expected = checksum(&pattern(5, 1_000)) ^ checksum(&pattern(5, 1_000)).rotate_left(1);
+    assert_eq!(ray.get_timeout(&put_then_submit::remote(&ray)?, LONG)?, expected);
+    drop((outer, inner));
+    wait_until("shared objects are freed once nobody holds them", || {
+        ray.store_stats().num_entries <= baseline && ray.shared_store_stats().is_some_and(|s| s.used == 0)
+    });
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}

@@ -100,6 +100,10 @@ async fn launch(rt: &Arc<Inner>, actor: &Arc<ActorState>) -> crate::Result<Arc<W
         })?;
     let err = match outcome {
         WireOutcome::Value { .. } | WireOutcome::Stored { .. } => return Ok(w),
+        WireOutcome::Pinned { .. } => actor.died(
+            "its worker process answered with a value only an owner sends",
+            None,
+        ),
         WireOutcome::Returned(m) => failed(TaskFailure::Returned, m),
         WireOutcome::Panicked(m) => failed(TaskFailure::Panicked, m),
         WireOutcome::Failed(e) => actor.died("its constructor failed", Some(e)),
@@ -277,7 +281,7 @@ fn send_call(
         Err(e) => return complete_call(rt, actor, &call, 1, Outcome::Failed(e)),
     };
     let send = Outgoing { spec, values };
-    let (msg, pins) = match send.message(rt, actor) {
+    let (msg, loan) = match send.message(rt, actor) {
         Ok(m) => m,
         Err(e) => return complete_call(rt, actor, &call, 1, Outcome::Failed(e)),
     };
@@ -287,7 +291,7 @@ fn send_call(
     w.push_then(
         task_id,
         &msg,
-        pins,
+        loan,
         Box::new(move |r| match r {
             Ok(o) if !matches!(o, WireOutcome::Panicked(_)) => {
                 complete_call(&rt2, &actor2, &call, 1, Outcome::from_wire(o, &rt2));
@@ -314,19 +318,19 @@ type Pending =
     std::pin::Pin<Box<dyn std::future::Future<Output = std::result::Result<WireOutcome, String>> + Send>>;
 
 impl Outgoing {
-    fn message(&self, rt: &Arc<Inner>, actor: &ActorState) -> crate::Result<(Message, crate::shm::Pins)> {
-        let (spec, pins) = self.spec.to_wire(&self.values, rt.shm.as_ref())?;
+    fn message(&self, rt: &Arc<Inner>, actor: &ActorState) -> crate::Result<(Message, crate::shm::Loan)> {
+        let (spec, loan) = self.spec.to_wire(&self.values, rt.shm.as_ref())?;
         let msg = Message::PushTask {
             task_id: self.spec.id,
             actor: Some(actor.id),
             spec,
         };
-        Ok((msg, pins))
+        Ok((msg, loan))
     }
 
     fn to(&self, rt: &Arc<Inner>, actor: &ActorState, w: &Arc<WorkerProc>) -> crate::Result<Pending> {
-        let (msg, pins) = self.message(rt, actor)?;
-        Ok(Box::pin(w.push(self.spec.id, &msg, pins)))
+        let (msg, loan) = self.message(rt, actor)?;
+        Ok(Box::pin(w.push(self.spec.id, &msg, loan)))
     }
 }
 
