@@ -9,14 +9,19 @@
 //! the process runs the same executable, its link-time registry is the
 //! driver's, entry for entry.
 //!
-//! A worker runs each pushed task on an embedded runtime of its own: sync
-//! functions on its worker threads, async ones on its executor, with the
-//! task's context set, so `rustyray::is_cancelled()` works and the code
-//! runs exactly as it does in the threads mode. A reader thread owns the
-//! socket; replies are written whole, under a lock, by whichever thread
-//! finishes a task. When the connection ends (the driver exited or was
-//! killed) the process exits at once, even in the middle of a task, so no
-//! worker outlives its driver.
+//! A worker runs each pushed task on an embedded runtime of its own, with
+//! the task's context set, so `rustyray::is_cancelled()` works and the
+//! code runs exactly as it does in the threads mode: async functions on
+//! its executor, sync functions on the thread that read them. Reading is
+//! a role any thread may hold (the `inbox` lock): a thread that takes a
+//! sync task hands reading to a standby thread (or starts one) and runs
+//! the task itself, so a task starts without a hop to another thread, no
+//! thread spins waiting for tasks, and messages (a cancel, the answers a
+//! blocked task waits for) are still read while it runs. Replies are
+//! written whole, under a lock, by whichever thread finishes a task. When
+//! the connection ends (the driver exited or was killed) the process exits
+//! at once, even in the middle of a task, so no worker outlives its
+//! driver.
 //!
 //! Code running in a worker reaches the owner (the driver) through
 //! [`Upstream`]: tasks it submits and calls on the owner's actors (whose
@@ -67,6 +72,7 @@ use std::io::Write;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Runs the worker loop and exits the process when this process was
@@ -86,14 +92,7 @@ pub fn worker_entry() {
     let Some(socket) = std::env::var_os(WORKER_ENV) else {
         return;
     };
-    let code = match serve(&socket.to_string_lossy()) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("rustyray worker process {}: {e}", std::process::id());
-            1
-        }
-    };
-    std::process::exit(code);
+    exit_when_served(serve(&socket.to_string_lossy()))
 }
 
 /// Whether this process was started as a worker.
@@ -423,6 +422,17 @@ struct Worker {
     calls: Mutex<HashMap<TaskId, RawRef>>,
     /// The way to the owner.
     up: Arc<Upstream>,
+    /// The connection's reading side, held by the thread reading it.
+    inbox: Mutex<Inbox>,
+    /// Threads serving messages (reading, or waiting to), not running a
+    /// task.
+    readers: AtomicUsize,
+}
+
+/// The reading side of the connection to the node daemon.
+struct Inbox {
+    stream: UnixStream,
+    dec: FrameDecoder,
 }
 
 fn serve(socket: &str) -> Result<()> {
@@ -475,25 +485,39 @@ fn serve(socket: &str) -> Result<()> {
         running: Mutex::default(),
         actors: Mutex::default(),
         calls: Mutex::default(),
+        inbox: Mutex::new(Inbox { stream, dec }),
+        readers: AtomicUsize::new(1),
     });
+    serve_messages(&worker)
+}
+
+/// One reader's loop: takes the connection, reads one message, hands the
+/// connection on and handles the message. Returns when the connection
+/// ends.
+fn serve_messages(worker: &Arc<Worker>) -> Result<()> {
     loop {
-        match read(&mut stream, &mut dec)? {
+        let msg = {
+            let mut inbox = worker.inbox.lock();
+            let Inbox { stream, dec } = &mut *inbox;
+            read(stream, dec)?
+        };
+        match msg {
             Some(Message::PushTask {
                 task_id,
                 actor: None,
                 spec,
-            }) => run_task(&worker, task_id, spec),
+            }) => run_task(worker, task_id, spec),
             Some(Message::PushTask {
                 task_id,
                 actor: Some(actor_id),
                 spec,
-            }) => call_actor(&worker, task_id, actor_id, spec),
+            }) => call_actor(worker, task_id, actor_id, spec),
             Some(Message::CreateActor {
                 actor_id,
                 task_id,
                 spec,
                 max_concurrency,
-            }) => create_actor(&worker, actor_id, task_id, spec, max_concurrency),
+            }) => create_actor(worker, actor_id, task_id, spec, max_concurrency),
             Some(Message::ObjectReady { task_id, outcome }) => {
                 if let Some(up) = worker.rt.upstream.get() {
                     up.ready(&worker.rt, task_id, outcome);
@@ -521,6 +545,42 @@ fn serve(socket: &str) -> Result<()> {
             Some(other) => return Err(Error::invalid(format!("unexpected message {other:?}"))),
         }
     }
+}
+
+impl Worker {
+    /// Runs `job` (a sync task) on this reading thread, first making sure
+    /// another thread reads the connection meanwhile: a standby reader, or
+    /// a new one. The task starts without a hand-off to another thread,
+    /// and no thread spins waiting for tasks; the next reader's wake-up is
+    /// off the task's path.
+    fn run_here(self: &Arc<Self>, job: impl FnOnce()) {
+        if self.readers.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.readers.fetch_add(1, Ordering::AcqRel);
+            let w = self.clone();
+            let started = std::thread::Builder::new()
+                .name("rustyray-reader".to_owned())
+                .spawn(move || exit_when_served(serve_messages(&w)));
+            if let Err(e) = started {
+                // No reader besides this thread: the task waits for it.
+                self.readers.fetch_sub(1, Ordering::AcqRel);
+                tracing::warn!(error = %e, "could not start a reader thread");
+            }
+        }
+        job();
+        self.readers.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// Ends the process once a reader saw the connection end (or fail).
+fn exit_when_served(served: Result<()>) -> ! {
+    let code = match served {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("rustyray worker process {}: {e}", std::process::id());
+            1
+        }
+    };
+    std::process::exit(code)
 }
 
 /// Reads the next message, blocking.
@@ -585,14 +645,13 @@ fn run_task(worker: &Arc<Worker>, task_id: TaskId, spec: Vec<u8>) {
     let ctx = TaskContext::new(rt.clone(), state.clone(), ResourceSet::new(), false);
     match entry.body {
         FunctionBody::Sync(f) => {
-            let job = Box::new(move || {
+            let job = move || {
                 let outcome = Outcome::from_invoke(context::with_sync(ctx, || {
                     std::panic::catch_unwind(AssertUnwindSafe(|| f(args)))
                 }));
                 finish.complete(outcome);
-            });
-            // A closed pool drops the job, which reports it cancelled.
-            let _ = rt.pool.execute(job);
+            };
+            worker.run_here(job);
         }
         FunctionBody::Async(f) => {
             let ctx = TaskContext::new(rt.clone(), state.clone(), ResourceSet::new(), true);
