@@ -456,6 +456,25 @@ impl Value {
         }
     }
 
+    /// The actor handles an encoded value holds (new handles on them).
+    pub(crate) fn nested_actors(&self) -> Vec<crate::actor::RawActor> {
+        match &*self.0 {
+            Repr::Encoded(e) => e.nested.iter().filter_map(crate::actor::kept_actor).collect(),
+            Repr::Local { .. } => Vec::new(),
+        }
+    }
+
+    /// What an encoded value names, as the wire lists it: its objects and
+    /// its actors.
+    pub(crate) fn named(&self) -> (Vec<crate::ids::ObjectId>, Vec<crate::wire::NamedActor>) {
+        let actors = self
+            .nested_actors()
+            .iter()
+            .map(crate::actor::RawActor::named)
+            .collect();
+        (self.nested_object_ids(), actors)
+    }
+
     /// Wraps bytes in shared memory, pinned here.
     pub(crate) fn from_shared(bytes: SharedBytes, type_name: impl Into<Cow<'static, str>>) -> Self {
         with_payload(Payload::Pinned(bytes), type_name.into(), Vec::new())

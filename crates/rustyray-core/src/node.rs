@@ -139,6 +139,9 @@ pub(crate) struct WorkerProc {
     /// lent it the object. Kept until the worker's `Release` gives the
     /// counts back.
     borrows: Mutex<HashMap<crate::ids::ObjectId, (crate::RawRef, u32)>>,
+    /// The owner's actors lent to the worker, with how many handles (one
+    /// per message that lent it), kept until the worker's `ReleaseActor`.
+    actors: Mutex<HashMap<crate::ids::ActorId, (crate::actor::RawActor, u32)>>,
     /// Tasks running here: their CPU, and whether it is lent out while the
     /// task blocks.
     cpu: Mutex<HashMap<TaskId, (crate::ResourceSet, bool)>>,
@@ -230,7 +233,7 @@ impl WorkerProc {
         // a worker already gone goes back at once (when `loan` drops).
         let mut held = self.pins.lock();
         if let Some(held) = held.as_mut() {
-            let (pins, refs) = loan.hand_over();
+            let (pins, refs, actors) = loan.hand_over();
             for id in pins {
                 *held.entry(id).or_insert(0) += 1;
             }
@@ -238,6 +241,12 @@ impl WorkerProc {
                 let mut borrows = self.borrows.lock();
                 for r in refs {
                     borrows.entry(r.id()).or_insert((r, 0)).1 += 1;
+                }
+            }
+            if !actors.is_empty() {
+                let mut lent = self.actors.lock();
+                for a in actors {
+                    lent.entry(a.id()).or_insert((a, 0)).1 += 1;
                 }
             }
         }
@@ -337,6 +346,8 @@ impl WorkerProc {
         self.writers.lock().clear();
         let borrows = std::mem::take(&mut *self.borrows.lock());
         drop(borrows);
+        let actors = std::mem::take(&mut *self.actors.lock());
+        drop(actors);
     }
 
     /// Kills the process if it still runs and waits for it to be gone.
@@ -560,6 +571,7 @@ impl Pool {
             pins: Mutex::new(Some(HashMap::new())),
             writers: Mutex::new(HashMap::new()),
             borrows: Mutex::new(HashMap::new()),
+            actors: Mutex::new(HashMap::new()),
             cpu: Mutex::new(HashMap::new()),
         });
         {
@@ -700,7 +712,26 @@ fn owner(pool: &std::sync::Weak<Pool>) -> Option<Arc<crate::runtime::Inner>> {
         .and_then(|p| p.owner.get().and_then(std::sync::Weak::upgrade))
 }
 
-/// Answers a worker's `CallActor` or `SubmitTask` with `ObjectReady`.
+/// Gives back `count` of the counts a worker held on `key`; returns the
+/// held value once none are left, for the caller to drop outside the lock.
+fn give_back<K: std::hash::Hash + Eq, V>(
+    held: &Mutex<HashMap<K, (V, u32)>>,
+    key: K,
+    count: u32,
+) -> Option<V> {
+    let mut held = held.lock();
+    match held.get_mut(&key) {
+        Some((_, n)) if *n > count => {
+            *n -= count;
+            None
+        }
+        Some(_) => held.remove(&key).map(|(v, _)| v),
+        None => None,
+    }
+}
+
+/// Answers a worker's `CallActor`, `SubmitTask`, `SpawnActor` or
+/// `GetActor` with `ObjectReady`.
 fn object_ready(pool: &std::sync::Weak<Pool>, w: &Arc<WorkerProc>, task_id: TaskId) -> crate::actor::Reply {
     let (to, node) = (w.clone(), pool.upgrade().map(|p| p.shm.clone()));
     Box::new(move |result| {
@@ -799,13 +830,14 @@ fn read_loop(
                 let owner = owner(pool);
                 let reply = object_ready(pool, w, task_id);
                 match owner {
-                    Some(rt) => crate::actor::call_for_worker(
-                        &rt,
-                        actor_id,
-                        task_id,
-                        &crate::Value::from_bytes(spec, "TaskSpec"),
-                        reply,
-                    ),
+                    Some(rt) => {
+                        let spec = crate::Value::from_bytes(spec, "TaskSpec");
+                        // The call's result is kept for the worker, so a
+                        // reference to it may leave the worker.
+                        if let Some(r) = crate::actor::call_for_worker(&rt, actor_id, task_id, &spec, reply) {
+                            w.keep_for(r);
+                        }
+                    }
                     None => reply(Err(Error::Shutdown)),
                 }
             }
@@ -859,20 +891,37 @@ fn read_loop(
                 }
             }
             Ok(Some(Message::Release { id, count })) => {
-                let r = {
-                    let mut borrows = w.borrows.lock();
-                    match borrows.get_mut(&id) {
-                        Some((_, n)) if *n > count => {
-                            *n -= count;
-                            None
-                        }
-                        Some(_) => borrows.remove(&id),
-                        None => None,
-                    }
-                };
                 // Dropped outside the lock: freeing the object may free
                 // the objects it refers to.
+                let r = give_back(&w.borrows, id, count);
                 drop(r);
+            }
+            Ok(Some(Message::ReleaseActor { actor, count })) => {
+                let a = give_back(&w.actors, actor, count);
+                drop(a);
+            }
+            Ok(Some(Message::SpawnActor {
+                task_id,
+                spec,
+                options,
+            })) => {
+                let reply = object_ready(pool, w, task_id);
+                let created = owner(pool).ok_or(Error::Shutdown).and_then(|rt| {
+                    crate::actor::spawn_for_worker(&rt, &crate::Value::from_bytes(spec, "TaskSpec"), &options)
+                });
+                reply(created.map(crate::Value::local));
+            }
+            Ok(Some(Message::GetActor { task_id, name })) => {
+                let reply = object_ready(pool, w, task_id);
+                let found = owner(pool)
+                    .ok_or(Error::Shutdown)
+                    .and_then(|rt| crate::actor::named(&rt, &name));
+                reply(found.map(crate::Value::local));
+            }
+            Ok(Some(Message::KillActor { actor, no_restart })) => {
+                if let Some(rt) = owner(pool) {
+                    crate::actor::kill_for_worker(&rt, actor, no_restart);
+                }
             }
             Ok(Some(Message::Fetch { id })) => {
                 let reply = fetched(pool, w, id);

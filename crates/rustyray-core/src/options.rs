@@ -22,7 +22,7 @@ pub const DEFAULT_MAX_RETRIES: i32 = 3;
 
 /// Options of one actor creation. Unset fields fall back to the class's
 /// attribute, then to Ray's defaults.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ActorOptions {
     pub(crate) num_cpus: Option<f64>,
     pub(crate) num_gpus: Option<f64>,

@@ -532,22 +532,35 @@ impl Inner {
         }
     }
 
-    /// Holds the objects a received value refers to, for as long as the
-    /// value lives. In a worker process they are the owner's, lent with the
-    /// message (counted until released, and fetched when first looked at);
-    /// in the owner they are its own, kept for the sending worker.
-    pub(crate) fn hold_received(self: &Arc<Self>, ids: &[ObjectId]) -> Result<Vec<crate::codec::KeepAlive>> {
+    /// Holds the objects and actors a received value names, for as long as
+    /// the value lives. In a worker process they are the owner's, lent with
+    /// the message (counted until released; objects are fetched when first
+    /// looked at); in the owner they are its own, kept for the sending
+    /// worker.
+    pub(crate) fn hold_received(
+        self: &Arc<Self>,
+        ids: &[ObjectId],
+        actors: &[crate::wire::NamedActor],
+    ) -> Result<Vec<crate::codec::KeepAlive>> {
         let lent = self.upstream.get().is_some();
-        ids.iter()
-            .map(|&id| {
-                let r = if lent {
-                    self.store.borrow(id).map(|()| RawRef::adopt(id, self.clone()))
-                } else {
-                    RawRef::acquire(id, self.clone())
-                };
-                r.map(|r| r.keep_alive())
-            })
-            .collect()
+        let mut keep = Vec::with_capacity(ids.len() + actors.len());
+        for &id in ids {
+            let r = if lent {
+                self.store.borrow(id).map(|()| RawRef::adopt(id, self.clone()))?
+            } else {
+                RawRef::acquire(id, self.clone())?
+            };
+            keep.push(r.keep_alive());
+        }
+        for a in actors {
+            let handle = if lent {
+                Some(actor::borrow_actor(self, a.id, &a.class)?)
+            } else {
+                actor::hold_actor(self, a.id)
+            };
+            keep.extend(handle.map(|h| h.keep_alive()));
+        }
+        Ok(keep)
     }
 
     /// Makes room for a value about to enter the store. Encoding and

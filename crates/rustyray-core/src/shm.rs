@@ -153,7 +153,12 @@ pub(crate) struct Loan {
     node: Option<Arc<NodeStore>>,
     ids: Vec<u128>,
     refs: Vec<crate::RawRef>,
+    actors: Vec<crate::actor::RawActor>,
 }
+
+/// What a loan hands over to its worker: pinned node-store ids, and the
+/// owner's objects and actors lent.
+pub(crate) type HandedOver = (Vec<u128>, Vec<crate::RawRef>, Vec<crate::actor::RawActor>);
 
 impl Loan {
     pub(crate) fn none() -> Self {
@@ -161,6 +166,7 @@ impl Loan {
             node: None,
             ids: Vec::new(),
             refs: Vec::new(),
+            actors: Vec::new(),
         }
     }
 
@@ -172,12 +178,19 @@ impl Loan {
         Ok(at)
     }
 
-    /// Lends the objects `value` refers to; returns their ids.
-    pub(crate) fn lend_refs(&mut self, value: &crate::Value) -> Vec<crate::ids::ObjectId> {
+    /// Lends the objects and actors an encoded value names; returns them
+    /// as the wire lists them.
+    pub(crate) fn lend_named(
+        &mut self,
+        value: &crate::Value,
+    ) -> (Vec<crate::ids::ObjectId>, Vec<crate::wire::NamedActor>) {
         let refs = value.nested_refs();
         let ids = refs.iter().map(crate::RawRef::id).collect();
         self.refs.extend(refs);
-        ids
+        let actors = value.nested_actors();
+        let named = actors.iter().map(crate::actor::RawActor::named).collect();
+        self.actors.extend(actors);
+        (ids, named)
     }
 
     /// Lends a value to the worker receiving it: its location when it is in
@@ -204,16 +217,22 @@ impl Loan {
             });
         }
         let enc = v.to_encoded()?;
+        let (refs, actors) = self.lend_named(&enc);
         Ok(Lent::Inline {
             bytes: enc.bytes().map(<[u8]>::to_vec).unwrap_or_default(),
-            refs: self.lend_refs(&enc),
+            refs,
+            actors,
         })
     }
 
-    /// The pinned ids and the lent references, now the receiver's.
-    pub(crate) fn hand_over(mut self) -> (Vec<u128>, Vec<crate::RawRef>) {
+    /// The pinned ids and the lent objects and actors, now the receiver's.
+    pub(crate) fn hand_over(mut self) -> HandedOver {
         self.node = None;
-        (std::mem::take(&mut self.ids), std::mem::take(&mut self.refs))
+        (
+            std::mem::take(&mut self.ids),
+            std::mem::take(&mut self.refs),
+            std::mem::take(&mut self.actors),
+        )
     }
 }
 
@@ -229,12 +248,14 @@ pub(crate) enum Lent {
         /// Their length.
         len: u64,
     },
-    /// Its bytes, with the ids of the objects they refer to (lent).
+    /// Its bytes, with what they name (lent).
     Inline {
         /// The bytes form.
         bytes: Vec<u8>,
         /// The lent objects.
         refs: Vec<crate::ids::ObjectId>,
+        /// The lent actors.
+        actors: Vec<crate::wire::NamedActor>,
     },
 }
 
@@ -249,10 +270,11 @@ impl Lent {
                 offset,
                 len,
             },
-            Lent::Inline { bytes, refs } => WireOutcome::Value {
+            Lent::Inline { bytes, refs, actors } => WireOutcome::Value {
                 type_name,
                 bytes,
                 refs,
+                actors,
             },
         }
     }

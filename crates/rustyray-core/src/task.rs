@@ -16,6 +16,7 @@ use crate::object_ref::{Arg, RawRef};
 use crate::registry::{ActorEntry, FunctionEntry, MethodEntry, Registry};
 use crate::runtime::Inner;
 use crate::shm::{Lent, Loan, NodeStore};
+use crate::wire::NamedActor;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,6 +66,8 @@ enum WireArg {
         /// until the receiver holds them (an owner lends them to a worker,
         /// see [`Loan`]).
         refs: Vec<ObjectId>,
+        /// The actors the value holds handles to, kept alive likewise.
+        actors: Vec<NamedActor>,
     },
     Ref(RawRef),
     /// A value in the node's shared memory, pinned for the receiver.
@@ -101,12 +104,14 @@ impl TaskSpec {
                 Arg::Value(v) => {
                     let enc = v.to_encoded()?;
                     let refs = enc.nested_refs();
-                    let ids = refs.iter().map(RawRef::id).collect();
+                    let actors = enc.nested_actors();
                     keep.extend(refs.iter().map(RawRef::keep_alive));
+                    keep.extend(actors.iter().map(crate::actor::RawActor::keep_alive));
                     WireArg::Value {
                         type_name: enc.type_name().to_owned(),
                         bytes: enc.bytes().map(<[u8]>::to_vec).unwrap_or_default(),
-                        refs: ids,
+                        refs: refs.iter().map(RawRef::id).collect(),
+                        actors: actors.iter().map(crate::actor::RawActor::named).collect(),
                     }
                 }
                 Arg::Ref(r) => WireArg::Ref(r.clone()),
@@ -151,10 +156,11 @@ impl TaskSpec {
                     offset,
                     len,
                 },
-                Lent::Inline { bytes, refs } => WireArg::Value {
+                Lent::Inline { bytes, refs, actors } => WireArg::Value {
                     type_name,
                     bytes,
                     refs,
+                    actors,
                 },
             });
         }
@@ -207,15 +213,19 @@ impl TaskSpec {
                         type_name,
                         bytes,
                         refs,
-                    } if refs.is_empty() => Arg::Value(Value::from_bytes(bytes, type_name)),
+                        actors,
+                    } if refs.is_empty() && actors.is_empty() => {
+                        Arg::Value(Value::from_bytes(bytes, type_name))
+                    }
                     WireArg::Value {
                         type_name,
                         bytes,
                         refs,
+                        actors,
                     } => Arg::Value(Value::from_bytes_keeping(
                         bytes,
                         type_name,
-                        rt.hold_received(&refs)?,
+                        rt.hold_received(&refs, &actors)?,
                     )),
                     WireArg::Ref(r) => Arg::Ref(r),
                     WireArg::Shared {

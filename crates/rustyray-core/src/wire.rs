@@ -160,6 +160,48 @@ pub enum Message {
         /// How many counts go back.
         count: u32,
     },
+    /// Worker → owner: the worker dropped its last handle to an actor of
+    /// the owner that the owner lent it (a handle inside a value it sent,
+    /// or the answer to `SpawnActor`/`GetActor`): the owner drops `count`
+    /// of the handles it kept for the worker. Not idempotent. A worker
+    /// that dies has its handles dropped for it.
+    ReleaseActor {
+        /// The actor.
+        actor: ActorId,
+        /// How many handles go back.
+        count: u32,
+    },
+    /// Worker → owner: code in the worker creates an actor. The owner
+    /// creates it as its own (in a worker process of its own) and answers
+    /// `ObjectReady` for `task_id` with a handle to it (lent), or the
+    /// error (a taken name, say). Not idempotent.
+    SpawnActor {
+        /// The request, answered by `ObjectReady`.
+        task_id: TaskId,
+        /// The constructor task's spec bytes (arguments inline or as
+        /// object ids).
+        spec: Vec<u8>,
+        /// The creation's options.
+        options: crate::options::ActorOptions,
+    },
+    /// Worker → owner: code in the worker looks up a named actor. Answered
+    /// by `ObjectReady` for `task_id` with a handle (lent), or
+    /// `ActorNotFound`. Idempotent.
+    GetActor {
+        /// The request.
+        task_id: TaskId,
+        /// The actor's name.
+        name: String,
+    },
+    /// Worker → owner: code in the worker kills an actor of the owner
+    /// (`no_restart`: for good; otherwise restarted if it has restarts
+    /// left). Idempotent for `no_restart`.
+    KillActor {
+        /// The actor.
+        actor: ActorId,
+        /// Do not restart it.
+        no_restart: bool,
+    },
     /// Worker → owner: code in the worker looked at an object the owner
     /// lent it (it holds a count on it, so the object exists). The owner
     /// answers `Fetched` once the object is complete. Idempotent: a second
@@ -265,6 +307,16 @@ pub enum Message {
     Shutdown,
 }
 
+/// An actor a value holds a handle to: enough for the receiver to make
+/// its own handle before the value is decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamedActor {
+    /// The actor.
+    pub id: ActorId,
+    /// Its class's registry name.
+    pub class: String,
+}
+
 /// How one attempt of a task ended in a worker process.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum WireOutcome {
@@ -278,6 +330,10 @@ pub enum WireOutcome {
         /// sends objects its owner holds for it; an owner lends its own
         /// (counted until the worker's `Release`).
         refs: Vec<ObjectId>,
+        /// The actors it holds handles to, kept alive with the value: all
+        /// of them the owner's; an owner lends them (counted until the
+        /// worker's `ReleaseActor`).
+        actors: Vec<NamedActor>,
     },
     /// Owner → worker: a value in the node's shared memory, pinned for the
     /// worker until its `Unpin` (a worker that dies has it unpinned).
@@ -550,6 +606,10 @@ mod tests {
                     type_name: "i64".into(),
                     bytes: vec![42],
                     refs: vec![ObjectId::from_u128(5)],
+                    actors: vec![NamedActor {
+                        id: ActorId::from_u128(6),
+                        class: "Counter".into(),
+                    }],
                 },
             },
             Message::TaskDone {
@@ -587,6 +647,23 @@ mod tests {
             },
             Message::Fetch {
                 id: ObjectId::from_u128(13),
+            },
+            Message::ReleaseActor {
+                actor: ActorId::from_u128(6),
+                count: 3,
+            },
+            Message::SpawnActor {
+                task_id: TaskId::from_u128(15),
+                spec: vec![1, 2],
+                options: crate::options::ActorOptions::default(),
+            },
+            Message::GetActor {
+                task_id: TaskId::from_u128(16),
+                name: "x".into(),
+            },
+            Message::KillActor {
+                actor: ActorId::from_u128(6),
+                no_restart: true,
             },
             Message::Fetched {
                 id: ObjectId::from_u128(13),

@@ -30,8 +30,9 @@
 //! results for the worker until it releases them, so references to them
 //! may leave the worker (in a result, or as arguments). A task blocked in
 //! `get`/`wait` here tells the owner, which lends its CPU to other tasks
-//! meanwhile, so nested task trees cannot deadlock. Actors created inside
-//! a worker are hosted by the worker's own runtime.
+//! meanwhile, so nested task trees cannot deadlock. Actors created here
+//! are created by the owner (`SpawnActor`), in processes of their own;
+//! `get_actor` and `kill` go to the owner too.
 //!
 //! # Objects between a worker and its owner
 //!
@@ -49,6 +50,9 @@
 //!   node's shared memory, read in place.
 //! * The store entry counts what the owner keeps for this process; the
 //!   last local reference gives it all back in one `Release`.
+//! * Actor handles inside values the owner sends are lent the same way:
+//!   the proxy here counts the loans and gives them back (`ReleaseActor`)
+//!   with its last local handle.
 
 use crate::actor::RawActor;
 use crate::codec::Value;
@@ -217,13 +221,7 @@ impl Upstream {
             args,
             name: opts.name.as_deref().map(Arc::from),
         };
-        // Values inline, references as ids (the owner holds their objects).
-        let bytes = spec.to_bytes()?;
-        self.share(rt, &bytes.nested_object_ids())?;
-        let spec_bytes = bytes
-            .bytes()
-            .map(<[u8]>::to_vec)
-            .ok_or_else(|| Error::serialization("a task spec without bytes"))?;
+        let (_named, spec_bytes) = self.spec_for_owner(rt, &spec)?;
         self.pending.lock().insert(state.id, state.clone());
         rt.store.kept_upstream(ret.id())?;
         self.replies.send(&Message::SubmitTask {
@@ -253,6 +251,12 @@ impl Upstream {
     /// `count` counts it kept on it for this process.
     pub(crate) fn released(&self, id: ObjectId, count: u32) {
         self.replies.send(&Message::Release { id, count });
+    }
+
+    /// The last handle here to the owner's actor `actor` went: the owner
+    /// drops the `count` handles it kept for this process.
+    pub(crate) fn released_actor(&self, actor: ActorId, count: u32) {
+        self.replies.send(&Message::ReleaseActor { actor, count });
     }
 
     /// The value of an object in the node's shared memory that the owner
@@ -302,14 +306,7 @@ impl Upstream {
                 }
             }
         }
-        match v.to_encoded() {
-            Ok(enc) => WireOutcome::Value {
-                type_name: enc.type_name().to_owned(),
-                bytes: enc.bytes().map(<[u8]>::to_vec).unwrap_or_default(),
-                refs: enc.nested_object_ids(),
-            },
-            Err(e) => WireOutcome::Failed(e),
-        }
+        inline(v)
     }
 
     /// Writes a value into an allocation the node makes for it. `None`
@@ -353,38 +350,83 @@ impl Upstream {
         method: &'static crate::registry::MethodEntry,
         args: Vec<Arg>,
     ) -> Result<RawRef> {
-        let mut values = Vec::with_capacity(args.len());
-        for (i, a) in args.into_iter().enumerate() {
-            values.push(match a {
-                Arg::Value(v) => v,
-                Arg::Ref(r) => match rt.store.peek(r.id(), None)? {
-                    Peek::Ready(v) => v,
-                    _ => {
-                        return Err(Error::invalid(format!(
-                        "{}: argument {i} must be ready to pass to the owner's actor from a worker process",
-                        method.name
-                    )))
-                    }
-                },
-            });
-        }
         let (state, ret) = rt.new_task()?;
         let spec = TaskSpec {
             id: state.id,
             target: Target::Method(actor_id, method),
-            args: Vec::new(),
+            args,
             name: None,
         };
-        let (bytes, loan) = spec.to_wire(&values, None)?;
-        let named: Vec<ObjectId> = loan.hand_over().1.iter().map(RawRef::id).collect();
-        self.share(rt, &named)?;
+        let (_named, bytes) = self.spec_for_owner(rt, &spec)?;
         self.pending.lock().insert(state.id, state.clone());
+        // The owner keeps the call's result for this process.
+        rt.store.kept_upstream(ret.id())?;
         self.replies.send(&Message::CallActor {
             actor_id,
             task_id: state.id,
             spec: bytes,
         });
         Ok(ret)
+    }
+
+    /// A spec as the owner receives it: values inline, references as ids,
+    /// after sharing the objects it names. The returned value keeps what
+    /// it names alive; hold it until the message is sent.
+    fn spec_for_owner(&self, rt: &Arc<Inner>, spec: &TaskSpec) -> Result<(Value, Vec<u8>)> {
+        let named = spec.to_bytes()?;
+        self.share(rt, &named.nested_object_ids())?;
+        let bytes = named
+            .bytes()
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| Error::serialization("a task spec without bytes"))?;
+        Ok((named, bytes))
+    }
+
+    /// Asks the owner something it answers with `ObjectReady`, and waits
+    /// for the answer.
+    fn ask(&self, rt: &Arc<Inner>, request: impl FnOnce(TaskId) -> Message) -> Result<Value> {
+        let (state, ret) = rt.new_task()?;
+        self.pending.lock().insert(state.id, state.clone());
+        self.replies.send(&request(state.id));
+        rt.get_value(&ret, None)
+    }
+
+    /// Has the owner create an actor (see `Message::SpawnActor`); returns
+    /// a handle to it once the owner made it.
+    pub(crate) fn spawn_actor(
+        &self,
+        rt: &Arc<Inner>,
+        class: &'static crate::registry::ActorEntry,
+        opts: &crate::options::ActorOptions,
+        args: Vec<Arg>,
+    ) -> Result<RawActor> {
+        let spec = TaskSpec {
+            id: rt.ids.task(),
+            target: Target::Constructor(class),
+            args,
+            name: None,
+        };
+        let (_named, spec) = self.spec_for_owner(rt, &spec)?;
+        self.ask(rt, |task_id| Message::SpawnActor {
+            task_id,
+            spec,
+            options: opts.clone(),
+        })?
+        .take(rt)
+    }
+
+    /// Has the owner look up the named actor `name`.
+    pub(crate) fn get_actor(&self, rt: &Arc<Inner>, name: &str) -> Result<RawActor> {
+        self.ask(rt, |task_id| Message::GetActor {
+            task_id,
+            name: name.to_owned(),
+        })?
+        .take(rt)
+    }
+
+    /// Has the owner kill its actor `actor`.
+    pub(crate) fn kill_actor(&self, actor: ActorId, no_restart: bool) {
+        self.replies.send(&Message::KillActor { actor, no_restart });
     }
 
     /// The owner's answer to a call.
@@ -730,6 +772,7 @@ fn create_actor(
                     type_name: String::new(),
                     bytes: Vec::new(),
                     refs: Vec::new(),
+                    actors: Vec::new(),
                 }
             }
             Err(e) => local_failure(e),
@@ -840,18 +883,27 @@ fn local_failure(e: Error) -> WireOutcome {
     }
 }
 
+/// A value's bytes inline, with what they name.
+fn inline(v: &Value) -> WireOutcome {
+    match v.to_encoded() {
+        Ok(enc) => {
+            let (refs, actors) = enc.named();
+            WireOutcome::Value {
+                type_name: enc.type_name().to_owned(),
+                bytes: enc.bytes().map(<[u8]>::to_vec).unwrap_or_default(),
+                refs,
+                actors,
+            }
+        }
+        Err(e) => WireOutcome::Failed(e),
+    }
+}
+
 impl Outcome {
     /// The outcome as a worker reports it.
     pub(crate) fn into_wire(self) -> WireOutcome {
         match self {
-            Outcome::Value(v) => match v.to_encoded() {
-                Ok(enc) => WireOutcome::Value {
-                    type_name: enc.type_name().to_owned(),
-                    bytes: enc.bytes().map(<[u8]>::to_vec).unwrap_or_default(),
-                    refs: enc.nested_object_ids(),
-                },
-                Err(e) => WireOutcome::Failed(e),
-            },
+            Outcome::Value(v) => inline(&v),
             Outcome::Returned(m) => WireOutcome::Returned(m),
             Outcome::Panicked(m) => WireOutcome::Panicked(m),
             Outcome::Failed(e) => WireOutcome::Failed(e),
@@ -866,13 +918,15 @@ impl Outcome {
                 type_name,
                 bytes,
                 refs,
-            } if refs.is_empty() => Outcome::Value(Value::from_bytes(bytes, type_name)),
-            // The references it holds are kept alive with it.
+                actors,
+            } if refs.is_empty() && actors.is_empty() => Outcome::Value(Value::from_bytes(bytes, type_name)),
+            // The objects and actors it names are kept alive with it.
             WireOutcome::Value {
                 type_name,
                 bytes,
                 refs,
-            } => match rt.hold_received(&refs) {
+                actors,
+            } => match rt.hold_received(&refs, &actors) {
                 Ok(keep) => Outcome::Value(Value::from_bytes_keeping(bytes, type_name, keep)),
                 Err(e) => Outcome::Failed(Error::invalid(format!(
                     "the value holds a reference this process cannot keep: {e}"

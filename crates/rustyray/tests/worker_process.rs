@@ -1154,3 +1154,83 @@ fn objects_put_in_a_worker_stay_there_until_a_reference_leaves() -> rustyray::Re
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
 }
+
+/// Creates an actor and returns its handle, with this worker's pid.
+#[rustyray::remote]
+fn make_tally(start: i64) -> rustyray::Result<(ActorHandle<Tally>, u32)> {
+    let ray = rustyray::current()?;
+    let t = Tally::remote(&ray, start)?;
+    ray.get(&t.add(1)?)?;
+    Ok((t, std::process::id()))
+}
+
+/// Creates an actor, uses it and drops it; returns the actor's pid.
+#[rustyray::remote]
+fn use_and_drop_tally() -> rustyray::Result<u32> {
+    let ray = rustyray::current()?;
+    let t = Tally::remote(&ray, 0)?;
+    ray.get(&t.pid()?)
+}
+
+/// Creates a named actor.
+#[rustyray::remote]
+fn make_named(name: String) -> rustyray::Result<u32> {
+    let ray = rustyray::current()?;
+    let t = Tally::options().name(&name).remote(&ray, 100)?;
+    // Reachable by name while this handle keeps it alive.
+    let found: ActorHandle<Tally> = ray.get_actor(&name)?;
+    ray.get(&found.add(1)?)?;
+    ray.get(&t.pid()?)
+}
+
+/// Kills the actor it was handed.
+#[rustyray::remote]
+fn kill_it(t: ActorHandle<Tally>) -> rustyray::Result<()> {
+    let ray = rustyray::current()?;
+    ray.kill(&t)
+}
+
+#[test]
+fn actors_created_in_workers_are_the_owners_in_their_own_processes() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    // The actor lives in a process of its own, neither the driver nor the
+    // worker that created it, and the driver may use the handle.
+    let (t, creator) = ray.get_timeout(&make_tally::remote(&ray, 10)?, LONG)?;
+    let home = ray.get_timeout(&t.pid()?, LONG)?;
+    assert_ne!(home, creator);
+    assert_ne!(home, std::process::id());
+    assert_eq!(ray.get_timeout(&t.add(5)?, LONG)?, 16);
+    // Killed from a worker, it is dead for everyone.
+    ray.get_timeout(&kill_it::remote(&ray, t.clone())?, LONG)?;
+    match ray.get_timeout(&t.add(1)?, LONG) {
+        Err(Error::ActorDied { .. }) => {}
+        other => panic!("expected ActorDied, got {other:?}"),
+    }
+    // An actor whose handles all went (the worker's last one with its
+    // task) ends, and its process with it.
+    let pid = ray.get_timeout(&use_and_drop_tally::remote(&ray)?, LONG)?;
+    wait_until("an actor with no handles left ends its process", || gone(pid));
+    // Names are the owner's: a worker finds the actor it named.
+    let named = ray.get_timeout(&make_named::remote(&ray, "tally-from-worker".to_owned())?, LONG)?;
+    wait_until("the named actor ends with its last handle", || gone(named));
+    Ok(())
+}
+
+/// Calls the owner's actor with a reference to a result not made yet, and
+/// returns the call's reference unread.
+#[rustyray::remote]
+fn call_with_pending(t: ActorHandle<Tally>) -> rustyray::Result<ObjectRef<i64>> {
+    let ray = rustyray::current()?;
+    let by = add::remote(&ray, 2, 3)?;
+    t.add(&by)
+}
+
+#[test]
+fn workers_pass_references_to_the_owners_actors_and_return_call_results() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let t = Tally::remote(&ray, 10)?;
+    let call = ray.get_timeout(&call_with_pending::remote(&ray, t.clone())?, LONG)?;
+    assert_eq!(ray.get_timeout(&call, LONG)?, 15);
+    assert_eq!(ray.get_timeout(&t.add(0)?, LONG)?, 15);
+    Ok(())
+}

@@ -150,6 +150,10 @@ pub(crate) struct ActorState {
     /// A handle decoded in a worker process for an actor of its owner:
     /// calls go to the owner.
     proxy: bool,
+    /// Proxies: the handles the owner keeps for this process (one per
+    /// time it lent the actor here), given back when the last local handle
+    /// goes.
+    lent: std::sync::atomic::AtomicU32,
     /// Process actors: calls in the mailbox not yet sent to the worker
     /// (a call may skip the mailbox only when none are).
     queued: AtomicUsize,
@@ -202,6 +206,7 @@ impl ActorState {
             handles: AtomicUsize::new(0),
             remote: Mutex::new(None),
             proxy: false,
+            lent: std::sync::atomic::AtomicU32::new(0),
             queued: AtomicUsize::new(0),
             in_flight: Arc::new(Semaphore::new(remote::IN_FLIGHT_LIMIT as usize)),
         })
@@ -1139,7 +1144,10 @@ struct HandleInner {
 
 impl Drop for HandleInner {
     fn drop(&mut self) {
-        if self.actor.handles.fetch_sub(1, Ordering::AcqRel) == 1 && !self.actor.detached {
+        let last = self.actor.handles.fetch_sub(1, Ordering::AcqRel) == 1;
+        if last && self.actor.proxy {
+            release_proxy(self.ray.inner(), &self.actor);
+        } else if last && !self.actor.detached {
             if let Some(q) = &self.actor.runq {
                 q.lock().stop = true;
                 kick(self.ray.inner(), &self.actor);
@@ -1148,6 +1156,89 @@ impl Drop for HandleInner {
             }
         }
     }
+}
+
+/// The last local handle of a proxy went: forgets it and gives the owner
+/// back the handles it kept for this process.
+fn release_proxy(rt: &Arc<Inner>, actor: &Arc<ActorState>) {
+    let lent = {
+        let mut table = rt.actors.actors.lock();
+        // A loan that arrived meanwhile made a new handle (under this
+        // lock): the proxy stays, with that loan counted.
+        if actor.handles.load(Ordering::Acquire) != 0 {
+            return;
+        }
+        if table.get(&actor.id).is_some_and(|a| Arc::ptr_eq(a, actor)) {
+            table.remove(&actor.id);
+        }
+        actor.lent.swap(0, Ordering::AcqRel)
+    };
+    if let (1.., Some(up)) = (lent, rt.upstream.get()) {
+        up.released_actor(actor.id, lent);
+    }
+}
+
+/// In a worker process: takes a handle on the owner's actor `id`, which a
+/// message lent this process (counted, and given back by
+/// `release_proxy`).
+pub(crate) fn borrow_actor(rt: &Arc<Inner>, id: ActorId, class: &str) -> Result<RawActor> {
+    let class = rt.registry.class(class)?;
+    let mut table = rt.actors.actors.lock();
+    let actor = table
+        .entry(id)
+        .or_insert_with(|| ActorState::proxy(id, class))
+        .clone();
+    actor.lent.fetch_add(1, Ordering::AcqRel);
+    // Under the table lock, so `release_proxy` sees the new handle.
+    let handle = RawActor::new(actor, rt);
+    drop(table);
+    Ok(handle)
+}
+
+/// In the owner: a handle on its actor `id`, named in a value a worker
+/// sent, kept with the value; `None` when the actor is gone (the value's
+/// handle then decodes as dead).
+pub(crate) fn hold_actor(rt: &Arc<Inner>, id: ActorId) -> Option<RawActor> {
+    let actor = rt.actors.actors.lock().get(&id).cloned()?;
+    Some(RawActor::new(actor, rt))
+}
+
+/// Creates an actor that code in a worker process asked for, as this
+/// owner's own: placed, restarted and ended exactly like one the driver
+/// made.
+pub(crate) fn spawn_for_worker(rt: &Arc<Inner>, spec: &Value, opts: &ActorOptions) -> Result<RawActor> {
+    let spec = TaskSpec::from_bytes(spec, rt, &rt.registry)?;
+    let Target::Constructor(class) = spec.target else {
+        return Err(Error::invalid(format!(
+            "{} is not a constructor",
+            spec.target.name()
+        )));
+    };
+    create_raw(&Ray::non_owning(rt.clone()), class, opts, spec.args)
+}
+
+/// The handle of the named actor `name` (Ray's `ray.get_actor`).
+pub(crate) fn named(rt: &Arc<Inner>, name: &str) -> Result<RawActor> {
+    let id = rt.actors.names.lock().get(name).copied();
+    let actor = id.and_then(|id| rt.actors.actors.lock().get(&id).cloned());
+    match actor {
+        Some(a) => Ok(RawActor::new(a, rt)),
+        None => Err(Error::ActorNotFound {
+            name: name.to_owned(),
+        }),
+    }
+}
+
+/// Kills this owner's actor `id` for code in a worker process.
+pub(crate) fn kill_for_worker(rt: &Arc<Inner>, id: ActorId, no_restart: bool) {
+    if let Some(handle) = hold_actor(rt, id) {
+        let _ = Ray::non_owning(rt.clone()).kill_raw(&handle, no_restart);
+    }
+}
+
+/// The actor handle a kept-alive handle is, if it is one.
+pub(crate) fn kept_actor(keep: &crate::codec::KeepAlive) -> Option<RawActor> {
+    keep.clone().downcast::<HandleInner>().ok().map(RawActor)
 }
 
 /// An untyped actor handle. Clones share one count on the actor; the actor
@@ -1179,6 +1270,19 @@ impl RawActor {
     /// The actor's registered class name.
     pub fn class_name(&self) -> &'static str {
         self.0.actor.class.name
+    }
+
+    /// The actor as a value's list of actors names it on the wire.
+    pub(crate) fn named(&self) -> crate::wire::NamedActor {
+        crate::wire::NamedActor {
+            id: self.id(),
+            class: self.class_name().to_owned(),
+        }
+    }
+
+    /// This handle as something a value keeps alive.
+    pub(crate) fn keep_alive(&self) -> crate::codec::KeepAlive {
+        self.0.clone()
     }
 
     /// The runtime the actor lives in.
@@ -1214,14 +1318,15 @@ impl RawActor {
 pub(crate) type Reply = Box<dyn FnOnce(Result<Value>) + Send>;
 
 /// Runs a call a worker process sent for one of this owner's actors, and
-/// hands its outcome to `reply` once it completes.
+/// hands its outcome to `reply` once it completes; returns the call's
+/// object, if it was submitted.
 pub(crate) fn call_for_worker(
     rt: &Arc<Inner>,
     actor_id: ActorId,
     task_id: crate::ids::TaskId,
     spec: &Value,
     reply: Reply,
-) {
+) -> Option<RawRef> {
     let submitted = (|| -> Result<RawRef> {
         let spec = TaskSpec::from_bytes(spec, rt, &rt.registry)?;
         let Target::Method(_, method) = spec.target else {
@@ -1255,8 +1360,14 @@ pub(crate) fn call_for_worker(
         Ok(ret)
     })();
     match submitted {
-        Ok(r) => reply_when_done(rt, r, reply),
-        Err(e) => reply(Err(e)),
+        Ok(r) => {
+            reply_when_done(rt, r.clone(), reply);
+            Some(r)
+        }
+        Err(e) => {
+            reply(Err(e));
+            None
+        }
     }
 }
 
@@ -1485,6 +1596,10 @@ fn create_raw_with(
 ) -> Result<RawActor> {
     let rt = ray.inner();
     rt.check_open()?;
+    // In a worker process, the owner creates the actor, as its own.
+    if let (false, Some(up)) = (hosted, rt.upstream.get()) {
+        return up.spawn_actor(rt, class, opts, args);
+    }
     let d = &class.options;
     let explicit_cpus = opts.num_cpus.or(d.num_cpus);
     let lifetime = if hosted {
@@ -1544,6 +1659,7 @@ fn create_raw_with(
         handles: AtomicUsize::new(0),
         remote: Mutex::new(None),
         proxy: false,
+        lent: std::sync::atomic::AtomicU32::new(0),
         queued: AtomicUsize::new(0),
         in_flight: Arc::new(Semaphore::new(remote::IN_FLIGHT_LIMIT as usize)),
     });
@@ -1575,17 +1691,15 @@ fn create_raw_with(
 }
 
 impl Ray {
-    /// Looks up a named actor (Ray's `ray.get_actor`).
+    /// Looks up a named actor (Ray's `ray.get_actor`). In a worker
+    /// process the owner looks it up.
     pub fn get_actor<A: ActorClass>(&self, name: &str) -> Result<ActorHandle<A>> {
         let rt = self.inner();
-        let id = rt.actors.names.lock().get(name).copied();
-        let actor = id.and_then(|id| rt.actors.actors.lock().get(&id).cloned());
-        match actor {
-            Some(a) => ActorHandle::from_raw(RawActor::new(a, rt)),
-            None => Err(Error::ActorNotFound {
-                name: name.to_owned(),
-            }),
-        }
+        let raw = match rt.upstream.get() {
+            Some(up) => up.get_actor(rt, name)?,
+            None => named(rt, name)?,
+        };
+        ActorHandle::from_raw(raw)
     }
 
     /// Kills an actor (Ray's `ray.kill` with `no_restart=True`): queued and
@@ -1599,6 +1713,12 @@ impl Ray {
     pub fn kill_raw(&self, handle: &RawActor, no_restart: bool) -> Result<()> {
         let rt = self.inner();
         let actor = handle.0.actor.clone();
+        if actor.proxy {
+            if let Some(up) = rt.upstream.get() {
+                up.kill_actor(actor.id, no_restart);
+            }
+            return Ok(());
+        }
         if no_restart {
             let e = actor.died("it was killed", None);
             actor.die(rt, e);
