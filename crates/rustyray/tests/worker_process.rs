@@ -1033,6 +1033,21 @@ fn await_lent(refs: Vec<ObjectRef<u32>>) -> rustyray::Result<u32> {
     Ok(ray.get_many(&refs)?.into_iter().sum())
 }
 
+/// Waits for lent references with `wait`, then awaits them.
+#[rustyray::remote]
+async fn wait_then_await(refs: Vec<ObjectRef<i64>>) -> rustyray::Result<i64> {
+    let ray = rustyray::current()?;
+    let (ready, rest) = ray.wait(&refs, refs.len(), Some(LONG))?;
+    if !rest.is_empty() {
+        return Err(rustyray::Error::InvalidArgument("wait returned early".into()));
+    }
+    let mut sum = 0;
+    for r in ready {
+        sum += r.await?;
+    }
+    Ok(sum)
+}
+
 #[test]
 fn references_inside_values_are_lent_to_workers() -> rustyray::Result<()> {
     let dir = scratch("lent-refs");
@@ -1044,6 +1059,10 @@ fn references_inside_values_are_lent_to_workers() -> rustyray::Result<()> {
     assert_eq!(
         ray.get_timeout(&sum_lent::remote(&ray, small.clone())?, LONG)?,
         5050
+    );
+    assert_eq!(
+        ray.get_timeout(&wait_then_await::remote(&ray, small[..10].to_vec())?, LONG)?,
+        55
     );
     // Large objects are read in place, whether put in the driver or made
     // by a task in a worker.
