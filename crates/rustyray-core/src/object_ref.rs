@@ -213,6 +213,7 @@ impl<T: Data> Future for GetFuture<T> {
             }
             Poll::Pending => {
                 if self.blocked.is_none() {
+                    rt.will_wait();
                     self.blocked = context::Blocked::enter();
                 }
                 Poll::Pending

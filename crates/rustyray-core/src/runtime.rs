@@ -1056,6 +1056,15 @@ impl Inner {
         }
     }
 
+    /// A thread of this process is about to wait for an object. In a worker
+    /// process the answer comes as a message: makes sure a thread reads
+    /// the connection meanwhile (see `worker::reading`).
+    pub(crate) fn will_wait(&self) {
+        if let Some(up) = self.upstream.get() {
+            up.reading.claim();
+        }
+    }
+
     /// Waits for an object's value, lending the current task's CPU back
     /// while it blocks.
     pub(crate) fn get_value(
@@ -1070,6 +1079,7 @@ impl Inner {
             Peek::Failed(e) => return Err(e),
             Peek::Pending => {}
         }
+        self.will_wait();
         // A short wait first: a small task or call on another thread often
         // completes within microseconds, sparing two thread wake-ups.
         let spin_start = Instant::now();
@@ -1168,6 +1178,7 @@ impl Inner {
             }
             return Ok((ready, rest));
         }
+        self.will_wait();
         let run = || {
             let _blocked = Blocked::enter();
             let waker = ThreadWaker::current();

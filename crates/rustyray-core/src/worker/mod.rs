@@ -13,11 +13,11 @@
 //! the task's context set, so `rustyray::is_cancelled()` works and the
 //! code runs exactly as it does in the threads mode: async functions on
 //! its executor, sync functions on the thread that read them. Reading is
-//! a role any thread may hold (the `inbox` lock): a thread that takes a
-//! sync task hands reading to a standby thread (or starts one) and runs
-//! the task itself, so a task starts without a hop to another thread, no
-//! thread spins waiting for tasks, and messages (a cancel, the answers a
-//! blocked task waits for) are still read while it runs. Replies are
+//! a role ([`reading`]): the thread that reads a sync task runs it and
+//! then reads on, so a task starts and ends with no hop to another thread
+//! and no thread spins waiting for tasks; should a message be needed while
+//! it runs (the answer a blocked task waits for, a cancel), a standby
+//! thread takes over reading. Replies are
 //! written whole, under a lock, by whichever thread finishes a task. When
 //! the connection ends (the driver exited or was killed) the process exits
 //! at once, even in the middle of a task, so no worker outlives its
@@ -54,6 +54,8 @@
 //!   the proxy here counts the loans and gives them back (`ReleaseActor`)
 //!   with its last local handle.
 
+mod reading;
+
 use crate::actor::RawActor;
 use crate::codec::Value;
 use crate::context::{self, TaskContext};
@@ -70,13 +72,13 @@ use crate::store::Peek;
 use crate::task::{ArgList, Target, TaskSpec, TaskState};
 use crate::wire::{self, FrameDecoder, Message, Role, WireOutcome};
 use parking_lot::Mutex;
+use reading::{Inbox, Reading};
 use rustyray_shm::ShmClient;
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Runs the worker loop and exits the process when this process was
@@ -139,6 +141,8 @@ pub(crate) struct Upstream {
     pending: Mutex<HashMap<TaskId, Arc<TaskState>>>,
     /// Orders messages after the `Put`s of the objects they name.
     sharing: Mutex<()>,
+    /// Who reads the connection.
+    pub(crate) reading: Reading,
     /// The node's arena, when the node handed one over.
     shm: Option<ShmClient>,
     /// Values at least this long go to shared memory.
@@ -316,8 +320,9 @@ impl Upstream {
         let (tx, rx) = std::sync::mpsc::channel();
         self.slots.lock().insert(id, tx);
         self.replies.send(&Message::CreateObject { id, len: len as u64 });
-        // The reader thread hands over the answer; a closed channel means
+        // A reader thread hands over the answer; a closed channel means
         // the connection ended, and the process with it.
+        self.reading.claim();
         let offset = rx
             .recv()
             .map_err(|_| Error::invalid("the node daemon is gone"))??;
@@ -464,17 +469,6 @@ struct Worker {
     calls: Mutex<HashMap<TaskId, RawRef>>,
     /// The way to the owner.
     up: Arc<Upstream>,
-    /// The connection's reading side, held by the thread reading it.
-    inbox: Mutex<Inbox>,
-    /// Threads serving messages (reading, or waiting to), not running a
-    /// task.
-    readers: AtomicUsize,
-}
-
-/// The reading side of the connection to the node daemon.
-struct Inbox {
-    stream: UnixStream,
-    dec: FrameDecoder,
 }
 
 fn serve(socket: &str) -> Result<()> {
@@ -516,6 +510,7 @@ fn serve(socket: &str) -> Result<()> {
         replies,
         pending: Mutex::default(),
         sharing: Mutex::default(),
+        reading: Reading::new(),
         shm,
         threshold,
         slots: Mutex::default(),
@@ -527,28 +522,47 @@ fn serve(socket: &str) -> Result<()> {
         running: Mutex::default(),
         actors: Mutex::default(),
         calls: Mutex::default(),
-        inbox: Mutex::new(Inbox { stream, dec }),
-        readers: AtomicUsize::new(1),
     });
-    serve_messages(&worker)
+    // A claim with no standby thread starts a new reader.
+    let weak = Arc::downgrade(&worker);
+    worker.up.reading.set_spawn(Box::new(move || {
+        let w = weak.clone();
+        std::thread::Builder::new()
+            .name("rustyray-reader".to_owned())
+            .spawn(move || {
+                if let Some(w) = w.upgrade() {
+                    exit_when_served(serve_messages(&w, None));
+                }
+            })
+            .map(drop)
+    }));
+    let up = worker.up.clone();
+    std::thread::Builder::new()
+        .name("rustyray-watch".to_owned())
+        .spawn(move || up.reading.watch())
+        .map_err(|e| Error::invalid(format!("cannot start the reading watchdog: {e}")))?;
+    serve_messages(&worker, Some(Inbox { stream, dec }))
 }
 
-/// One reader's loop: takes the connection, reads one message, hands the
-/// connection on and handles the message. Returns when the connection
-/// ends.
-fn serve_messages(worker: &Arc<Worker>) -> Result<()> {
+/// One reader's loop (see [`reading`]): reads and handles messages,
+/// running sync tasks itself. Starts with `first` (the connection's
+/// reading side) or stands by for it. Returns when the connection ends.
+fn serve_messages(worker: &Arc<Worker>, first: Option<Inbox>) -> Result<()> {
+    let reading = &worker.up.reading;
+    let mut inbox = first.unwrap_or_else(|| reading.take());
     loop {
-        let msg = {
-            let mut inbox = worker.inbox.lock();
-            let Inbox { stream, dec } = &mut *inbox;
-            read(stream, dec)?
-        };
-        match msg {
+        match read(&mut inbox.stream, &mut inbox.dec)? {
             Some(Message::PushTask {
                 task_id,
                 actor: None,
                 spec,
-            }) => run_task(worker, task_id, spec),
+            }) => {
+                if let Some(job) = run_task(worker, task_id, spec) {
+                    reading.leave(inbox);
+                    job();
+                    inbox = reading.retake().unwrap_or_else(|| reading.take());
+                }
+            }
             Some(Message::PushTask {
                 task_id,
                 actor: Some(actor_id),
@@ -586,30 +600,6 @@ fn serve_messages(worker: &Arc<Worker>) -> Result<()> {
             Some(Message::Shutdown) | None => return Ok(()),
             Some(other) => return Err(Error::invalid(format!("unexpected message {other:?}"))),
         }
-    }
-}
-
-impl Worker {
-    /// Runs `job` (a sync task) on this reading thread, first making sure
-    /// another thread reads the connection meanwhile: a standby reader, or
-    /// a new one. The task starts without a hand-off to another thread,
-    /// and no thread spins waiting for tasks; the next reader's wake-up is
-    /// off the task's path.
-    fn run_here(self: &Arc<Self>, job: impl FnOnce()) {
-        if self.readers.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.readers.fetch_add(1, Ordering::AcqRel);
-            let w = self.clone();
-            let started = std::thread::Builder::new()
-                .name("rustyray-reader".to_owned())
-                .spawn(move || exit_when_served(serve_messages(&w)));
-            if let Err(e) = started {
-                // No reader besides this thread: the task waits for it.
-                self.readers.fetch_sub(1, Ordering::AcqRel);
-                tracing::warn!(error = %e, "could not start a reader thread");
-            }
-        }
-        job();
-        self.readers.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -666,7 +656,9 @@ impl Drop for Finish {
     }
 }
 
-fn run_task(worker: &Arc<Worker>, task_id: TaskId, spec: Vec<u8>) {
+/// Starts a pushed function task: an async one on the executor; a sync
+/// one is returned, for the reading thread to run.
+fn run_task(worker: &Arc<Worker>, task_id: TaskId, spec: Vec<u8>) -> Option<Box<dyn FnOnce() + Send>> {
     let rt = &worker.rt;
     let mut finish = Finish {
         task_id,
@@ -678,7 +670,7 @@ fn run_task(worker: &Arc<Worker>, task_id: TaskId, spec: Vec<u8>) {
         Ok(x) => x,
         Err(e) => {
             finish.outcome = Some(WireOutcome::Failed(e));
-            return;
+            return None;
         }
     };
     let state = TaskState::new(task_id);
@@ -686,15 +678,12 @@ fn run_task(worker: &Arc<Worker>, task_id: TaskId, spec: Vec<u8>) {
     state.start(1);
     let ctx = TaskContext::new(rt.clone(), state.clone(), ResourceSet::new(), false);
     match entry.body {
-        FunctionBody::Sync(f) => {
-            let job = move || {
-                let outcome = Outcome::from_invoke(context::with_sync(ctx, || {
-                    std::panic::catch_unwind(AssertUnwindSafe(|| f(args)))
-                }));
-                finish.complete(outcome);
-            };
-            worker.run_here(job);
-        }
+        FunctionBody::Sync(f) => Some(Box::new(move || {
+            let outcome = Outcome::from_invoke(context::with_sync(ctx, || {
+                std::panic::catch_unwind(AssertUnwindSafe(|| f(args)))
+            }));
+            finish.complete(outcome);
+        })),
         FunctionBody::Async(f) => {
             let ctx = TaskContext::new(rt.clone(), state.clone(), ResourceSet::new(), true);
             let h = rt.handle.spawn(async move {
@@ -702,6 +691,7 @@ fn run_task(worker: &Arc<Worker>, task_id: TaskId, spec: Vec<u8>) {
                 finish.complete(outcome);
             });
             state.set_abort(1, h.abort_handle());
+            None
         }
     }
 }
