@@ -171,17 +171,31 @@ impl WorkerProc {
     /// its reader thread notices; a message too large to send is refused
     /// whole (`false`).
     fn send(&self, msg: &Message) -> bool {
-        let frame = match wire::encode_frame(msg) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(pid = self.pid, error = %e, "cannot send a message to a worker process");
-                return false;
+        match self.frame(msg) {
+            Some(frame) => {
+                self.write(&frame);
+                true
             }
-        };
-        if let Err(e) = std::io::Write::write_all(&mut *self.out.lock(), &frame) {
+            None => false,
+        }
+    }
+
+    /// A message's frame; `None` (logged) when it cannot be sent, e.g. it
+    /// is over the size limit.
+    fn frame(&self, msg: &Message) -> Option<Vec<u8>> {
+        wire::encode_frame(msg)
+            .map_err(
+                |e| tracing::warn!(pid = self.pid, error = %e, "cannot send a message to a worker process"),
+            )
+            .ok()
+    }
+
+    /// Writes a frame whole. A failed write means the worker is gone, which
+    /// its reader thread notices.
+    fn write(&self, frame: &[u8]) {
+        if let Err(e) = std::io::Write::write_all(&mut *self.out.lock(), frame) {
             tracing::debug!(pid = self.pid, error = %e, "cannot write to worker process");
         }
-        true
     }
 
     /// Whether the worker is known to be dead.
@@ -208,6 +222,14 @@ impl WorkerProc {
     /// (the shared-memory arguments pinned for it, the objects its values
     /// refer to) becomes the worker's to give back.
     pub(crate) fn push_then(&self, task_id: TaskId, msg: &Message, loan: Loan, done: Completion) {
+        // Built first: a message that cannot go lends nothing (the loan
+        // goes back as it drops).
+        let Some(frame) = self.frame(msg) else {
+            done(Err(format!(
+                "task {task_id} is too large to send to a worker process"
+            )));
+            return;
+        };
         self.inflight.lock().insert(task_id, done);
         self.take_loan(loan);
         // A worker found dead before the insert has already failed what it
@@ -218,13 +240,7 @@ impl WorkerProc {
             }
             return;
         }
-        if !self.send(msg) {
-            if let Some(done) = self.inflight.lock().remove(&task_id) {
-                done(Err(format!(
-                    "task {task_id} is too large to send to a worker process"
-                )));
-            }
-        }
+        self.write(&frame);
     }
 
     /// Records what a message lends the worker, before the message goes.
@@ -252,12 +268,15 @@ impl WorkerProc {
         }
     }
 
-    /// Sends a message that lends the worker `loan` (see `push_then`).
-    fn send_lending(&self, msg: &Message, loan: Loan) {
+    /// Sends a message that lends the worker `loan` (see `push_then`);
+    /// false, lending nothing, when it cannot be sent.
+    fn send_lending(&self, msg: &Message, loan: Loan) -> bool {
+        let Some(frame) = self.frame(msg) else {
+            return false;
+        };
         self.take_loan(loan);
-        // A message that cannot be built was logged; what it lent stays
-        // counted for the worker until it goes.
-        let _ = self.send(msg);
+        self.write(&frame);
+        true
     }
 
     /// Keeps `r` for the worker (an object it put or a task it submitted)
@@ -267,19 +286,23 @@ impl WorkerProc {
     }
 
     /// [`WorkerProc::push_then`], as a future.
-    pub(crate) fn push(
+    /// `convert` turns the outcome into what the future yields, on the
+    /// reader thread as the outcome arrives: the objects it names must be
+    /// taken before the worker's next messages (a `Release`) are read.
+    pub(crate) fn push<T: Send + 'static>(
         &self,
         task_id: TaskId,
         msg: &Message,
         loan: Loan,
-    ) -> impl std::future::Future<Output = std::result::Result<WireOutcome, String>> + Send + 'static {
+        convert: impl FnOnce(WireOutcome) -> T + Send + 'static,
+    ) -> impl std::future::Future<Output = std::result::Result<T, String>> + Send + 'static {
         let (tx, rx) = oneshot::channel();
         self.push_then(
             task_id,
             msg,
             loan,
             Box::new(move |r| {
-                let _ = tx.send(r);
+                let _ = tx.send(r.map(convert));
             }),
         );
         let pid = self.pid;
@@ -457,7 +480,7 @@ impl Pool {
             spec,
             max_concurrency,
         };
-        let outcome = w.push(task_id, &msg, loan).await?;
+        let outcome = w.push(task_id, &msg, loan, |o| o).await?;
         Ok((w, outcome))
     }
 
@@ -736,7 +759,12 @@ fn object_ready(pool: &std::sync::Weak<Pool>, w: &Arc<WorkerProc>, task_id: Task
     let (to, node) = (w.clone(), pool.upgrade().map(|p| p.shm.clone()));
     Box::new(move |result| {
         let (outcome, loan) = lend_outcome(result, node.as_ref());
-        to.send_lending(&Message::ObjectReady { task_id, outcome }, loan);
+        if !to.send_lending(&Message::ObjectReady { task_id, outcome }, loan) {
+            let outcome = WireOutcome::Failed(Error::invalid(
+                "the value is too large to send to a worker process",
+            ));
+            to.send(&Message::ObjectReady { task_id, outcome });
+        }
     })
 }
 
@@ -749,7 +777,12 @@ fn fetched(
     let (to, node) = (w.clone(), pool.upgrade().map(|p| p.shm.clone()));
     Box::new(move |result| {
         let (outcome, loan) = lend_outcome(result, node.as_ref());
-        to.send_lending(&Message::Fetched { id, outcome }, loan);
+        if !to.send_lending(&Message::Fetched { id, outcome }, loan) {
+            let outcome = WireOutcome::Failed(Error::invalid(
+                "the value is too large to send to a worker process",
+            ));
+            to.send(&Message::Fetched { id, outcome });
+        }
     })
 }
 

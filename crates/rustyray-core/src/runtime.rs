@@ -542,25 +542,41 @@ impl Inner {
         ids: &[ObjectId],
         actors: &[crate::wire::NamedActor],
     ) -> Result<Vec<crate::codec::KeepAlive>> {
-        let lent = self.upstream.get().is_some();
+        let up = self.upstream.get();
         let mut keep = Vec::with_capacity(ids.len() + actors.len());
+        // Every entry is taken even after a failure: a loan not taken is
+        // given back at once, the rest when `keep` drops.
+        let mut failed = None;
         for &id in ids {
-            let r = if lent {
-                self.store.borrow(id).map(|()| RawRef::adopt(id, self.clone()))?
-            } else {
-                RawRef::acquire(id, self.clone())?
+            let r = match up {
+                Some(up) => self
+                    .store
+                    .borrow(id)
+                    .map(|()| RawRef::adopt(id, self.clone()))
+                    .inspect_err(|_| up.released(id, 1)),
+                None => RawRef::acquire(id, self.clone()),
             };
-            keep.push(r.keep_alive());
+            match r {
+                Ok(r) => keep.push(r.keep_alive()),
+                Err(e) => failed = failed.or(Some(e)),
+            }
         }
         for a in actors {
-            let handle = if lent {
-                Some(actor::borrow_actor(self, a.id, &a.class)?)
-            } else {
-                actor::hold_actor(self, a.id)
+            let handle = match up {
+                Some(up) => actor::borrow_actor(self, a.id, &a.class)
+                    .inspect_err(|_| up.released_actor(a.id, 1))
+                    .map(Some),
+                None => Ok(actor::hold_actor(self, a.id)),
             };
-            keep.extend(handle.map(|h| h.keep_alive()));
+            match handle {
+                Ok(h) => keep.extend(h.map(|h| h.keep_alive())),
+                Err(e) => failed = failed.or(Some(e)),
+            }
         }
-        Ok(keep)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(keep),
+        }
     }
 
     /// Makes room for a value about to enter the store. Encoding and

@@ -199,11 +199,6 @@ impl TaskSpec {
             .bytes()
             .ok_or_else(|| Error::serialization("a task spec must be in bytes form"))?;
         let wire: WireSpec = crate::codec::decode(raw, rt)?;
-        let target = match wire.target {
-            WireTarget::Function(n) => Target::Function(registry.function(&n)?),
-            WireTarget::Constructor(n) => Target::Constructor(registry.class(&n)?),
-            WireTarget::Method(a, n) => Target::Method(a, registry.method(&n)?),
-        };
         let args = wire
             .args
             .into_iter()
@@ -243,7 +238,16 @@ impl TaskSpec {
                     },
                 })
             })
+            // Every argument is taken before the first error is reported,
+            // so what the others lend goes back when they drop.
+            .collect::<Vec<Result<Arg>>>()
+            .into_iter()
             .collect::<Result<Vec<_>>>()?;
+        let target = match wire.target {
+            WireTarget::Function(n) => Target::Function(registry.function(&n)?),
+            WireTarget::Constructor(n) => Target::Constructor(registry.class(&n)?),
+            WireTarget::Method(a, n) => Target::Method(a, registry.method(&n)?),
+        };
         Ok(TaskSpec {
             id: wire.id,
             target,

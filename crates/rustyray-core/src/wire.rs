@@ -83,9 +83,10 @@ pub enum Message {
         /// Why.
         reason: String,
     },
-    /// Owner → worker: run a task. Idempotent by `task_id`: a worker that
-    /// already ran or runs the task ignores the duplicate. If the worker
-    /// dies before `TaskDone`, the owner retries the task elsewhere.
+    /// Owner → worker: run a task. Not idempotent: the owner sends each
+    /// attempt once, to one worker (a duplicate would run the task twice
+    /// and lend its arguments twice). If the worker dies before
+    /// `TaskDone`, the owner retries the task elsewhere.
     PushTask {
         /// The task.
         task_id: TaskId,
@@ -107,9 +108,10 @@ pub enum Message {
     /// of a constructor task, arguments inline). The worker answers
     /// `TaskDone` for `task_id` once the constructor ran. The worker is the
     /// actor's alone from then on; method calls arrive as `PushTask` with
-    /// `actor` set, in the caller's submission order. Idempotent by
-    /// `actor_id`. If the worker dies, the owner restarts the actor in a
-    /// new worker per `max_restarts`.
+    /// `actor` set, in the caller's submission order. Not idempotent: sent
+    /// once per start of the actor, each time to a fresh worker. If the
+    /// worker dies, the owner restarts the actor in a new worker per
+    /// `max_restarts`.
     CreateActor {
         /// The actor.
         actor_id: ActorId,
@@ -139,9 +141,10 @@ pub enum Message {
         /// Its offset in the arena, or the failure.
         slot: Result<u64, Error>,
     },
-    /// Worker → owner: code in the worker put an object (`id` minted by the
-    /// worker). The owner keeps it, for the worker, until `Release`, so
-    /// references to it may leave the worker. Not idempotent.
+    /// Worker → owner: an object put in the worker (`id` minted by the
+    /// worker), sent when a reference to it first leaves the worker and
+    /// always before any message that names it. The owner keeps it, for
+    /// the worker, until `Release`. Not idempotent: sent once per object.
     Put {
         /// The object.
         id: ObjectId,
@@ -149,9 +152,9 @@ pub enum Message {
         value: WireOutcome,
     },
     /// Worker → owner: the worker dropped its last reference to an object
-    /// the owner keeps counts on for it: one per `Put` or `SubmitTask` that
-    /// made it, and one per time the owner lent it (a reference inside a
-    /// value the owner sent). The owner drops `count` of them. Not
+    /// the owner keeps counts on for it: one per `Put`, `SubmitTask` or
+    /// `CallActor` that made it, and one per time the owner lent it (a
+    /// reference inside a value the owner sent). The owner drops `count` of them. Not
     /// idempotent: each count is given back once. A worker that dies has
     /// its counts dropped for it.
     Release {
@@ -228,7 +231,8 @@ pub enum Message {
         id: u128,
     },
     /// Worker → owner: the worker dropped its last view of an object the
-    /// owner pinned for it (a shared-memory argument). Idempotent per pin:
+    /// owner pinned for it (a shared-memory argument, or a `Pinned` value
+    /// in `ObjectReady` or `Fetched`). Idempotent per pin:
     /// each pin the owner took is released by one `Unpin`; a worker that
     /// dies has its pins released for it.
     Unpin {
@@ -238,8 +242,9 @@ pub enum Message {
     /// Worker → owner: a call, made by code running in the worker, on an
     /// actor of the owner (whose handle the worker received). The owner
     /// runs it as if it had made it and answers `ObjectReady` for
-    /// `task_id` (minted by the worker) with its outcome. Not idempotent.
-    /// If the worker dies first, the answer is dropped.
+    /// `task_id` (minted by the worker) with its outcome, and keeps the
+    /// call's result for the worker until `Release`. Not idempotent. If
+    /// the worker dies first, the answer is dropped.
     CallActor {
         /// The owner's actor.
         actor_id: ActorId,
@@ -276,8 +281,9 @@ pub enum Message {
         /// The task.
         task_id: TaskId,
     },
-    /// Owner → worker: the outcome of a `CallActor` or `SubmitTask`.
-    /// Idempotent: a second one for the same call is ignored.
+    /// Owner → worker: the answer to a `CallActor`, `SubmitTask`,
+    /// `SpawnActor` or `GetActor`. Idempotent: a second one for the same
+    /// request is ignored (what it lends is given back at once).
     ObjectReady {
         /// The call.
         task_id: TaskId,

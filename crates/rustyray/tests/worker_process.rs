@@ -1253,3 +1253,141 @@ fn workers_pass_references_to_the_owners_actors_and_return_call_results() -> rus
     assert_eq!(ray.get_timeout(&t.add(0)?, LONG)?, 15);
     Ok(())
 }
+
+// ----- regressions found in review -------------------------------------
+
+#[rustyray::actor]
+struct Seq {
+    seen: Vec<u32>,
+}
+
+#[rustyray::actor]
+impl Seq {
+    fn new() -> Self {
+        Seq { seen: Vec::new() }
+    }
+
+    fn push(&mut self, i: u32) -> u32 {
+        self.seen.push(i);
+        i
+    }
+
+    fn seen(&self) -> Vec<u32> {
+        self.seen.clone()
+    }
+}
+
+#[test]
+fn actor_calls_keep_their_order_on_a_worker_that_ran_tasks() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    for _ in 0..3 {
+        let refs = (0..20)
+            .map(|i| add::remote(&ray, i, 1))
+            .collect::<rustyray::Result<Vec<_>>>()?;
+        ray.get_many_timeout(&refs, LONG)?;
+    }
+    for _ in 0..3 {
+        let s = Seq::remote(&ray)?;
+        let refs = (0..2000)
+            .map(|i| s.push(i))
+            .collect::<rustyray::Result<Vec<_>>>()?;
+        ray.get_many_timeout(&refs, LONG)?;
+        let seen = ray.get_timeout(&s.seen()?, LONG)?;
+        assert_eq!(seen, (0..2000).collect::<Vec<_>>());
+    }
+    Ok(())
+}
+
+#[rustyray::remote]
+fn first_len(v: (Vec<u8>, ObjectRef<i64>)) -> u64 {
+    v.0.len() as u64
+}
+
+#[test]
+fn a_task_too_large_to_send_lends_nothing() -> rustyray::Result<()> {
+    let dir = scratch("too-large");
+    let ray = shm_runtime(256 << 20, &dir.join("spill"));
+    assert_eq!(ray.get_timeout(&add::remote(&ray, 1, 1)?, LONG)?, 2);
+    let baseline = ray.store_stats().num_entries;
+    let r = ray.put(5_i64)?;
+    // A value holding a reference travels inline, and this one is over
+    // the frame limit.
+    let res = first_len::options()
+        .max_retries(0)
+        .remote(&ray, (vec![1_u8; 65 << 20], r.clone()))?;
+    assert!(ray.get_timeout(&res, LONG).is_err());
+    drop((r, res));
+    wait_until("the referenced object is freed", || {
+        ray.store_stats().num_entries <= baseline
+    });
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
+
+#[rustyray::actor]
+struct Crasher;
+
+#[rustyray::actor]
+impl Crasher {
+    fn new() -> Self {
+        Crasher
+    }
+
+    /// Aborts the process the first time; then puts an object and returns
+    /// its reference.
+    fn put_after_crash(&self, dir: String) -> rustyray::Result<ObjectRef<u64>> {
+        let marker = Path::new(&dir).join("crashed");
+        if !marker.exists() && std::fs::write(&marker, std::process::id().to_string()).is_ok() {
+            std::process::abort();
+        }
+        rustyray::current()?.put(42_u64)
+    }
+}
+
+#[test]
+fn a_retried_call_may_return_a_reference_to_an_object_it_put() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    for i in 0..5 {
+        let dir = scratch(&format!("retry-put-{i}"));
+        let c = Crasher::options()
+            .max_restarts(1)
+            .max_task_retries(1)
+            .remote(&ray)?;
+        let r = ray.get_timeout(&c.put_after_crash(dir.display().to_string())?, LONG)?;
+        assert_eq!(ray.get_timeout(&r, LONG)?, 42);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    Ok(())
+}
+
+#[rustyray::actor]
+struct Big;
+
+#[rustyray::actor]
+impl Big {
+    fn new() -> Self {
+        Big
+    }
+
+    /// A result above the shared-memory threshold.
+    fn big(&self, k: u32) -> Vec<u8> {
+        vec![k as u8; 120_000]
+    }
+}
+
+#[test]
+fn large_actor_results_never_stall_the_actors_reader() -> rustyray::Result<()> {
+    let dir = scratch("big-actor");
+    let ray = shm_runtime(512 << 20, &dir.join("spill"));
+    let b = Big::remote(&ray)?;
+    for _ in 0..10 {
+        let refs = (0..200).map(|k| b.big(k)).collect::<rustyray::Result<Vec<_>>>()?;
+        let got = ray.get_many_timeout(&refs, LONG)?;
+        assert!(got
+            .iter()
+            .enumerate()
+            .all(|(k, v)| v.len() == 120_000 && v[0] == k as u8));
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}

@@ -292,9 +292,11 @@ fn send_call(
         task_id,
         &msg,
         loan,
-        Box::new(move |r| match r {
-            Ok(o) if !matches!(o, WireOutcome::Panicked(_)) => {
-                complete_call(&rt2, &actor2, &call, 1, Outcome::from_wire(o, &rt2));
+        // Converted here, on the reader thread: what the value names is
+        // taken before the worker's next message (a release) is read.
+        Box::new(move |r| match r.map(|o| Outcome::from_wire(o, &rt2)) {
+            Ok(o) if !matches!(o, Outcome::Panicked(_)) => {
+                complete_call(&rt2, &actor2, &call, 1, o);
                 drop(guard);
             }
             other => {
@@ -315,7 +317,7 @@ struct Outgoing {
 }
 
 type Pending =
-    std::pin::Pin<Box<dyn std::future::Future<Output = std::result::Result<WireOutcome, String>> + Send>>;
+    std::pin::Pin<Box<dyn std::future::Future<Output = std::result::Result<Outcome, String>> + Send>>;
 
 impl Outgoing {
     fn message(&self, rt: &Arc<Inner>, actor: &ActorState) -> crate::Result<(Message, crate::shm::Loan)> {
@@ -330,7 +332,10 @@ impl Outgoing {
 
     fn to(&self, rt: &Arc<Inner>, actor: &ActorState, w: &Arc<WorkerProc>) -> crate::Result<Pending> {
         let (msg, loan) = self.message(rt, actor)?;
-        Ok(Box::pin(w.push(self.spec.id, &msg, loan)))
+        let rt = rt.clone();
+        Ok(Box::pin(w.push(self.spec.id, &msg, loan, move |o| {
+            Outcome::from_wire(o, &rt)
+        })))
     }
 }
 
@@ -342,7 +347,7 @@ async fn finish(
     call: ActorCall,
     send: Outgoing,
     mut w: Arc<WorkerProc>,
-    first: std::result::Result<WireOutcome, String>,
+    first: std::result::Result<Outcome, String>,
     _guard: CallGuard,
 ) {
     let mut retries_left = actor.max_task_retries;
@@ -355,10 +360,7 @@ async fn finish(
             (None, Some(p)) => p.await,
             (None, None) => Err("no attempt in flight".to_owned()),
         };
-        let outcome = match result {
-            Ok(o) => Outcome::from_wire(o, &rt),
-            Err(reason) => Outcome::Crashed(reason),
-        };
+        let outcome = result.unwrap_or_else(Outcome::Crashed);
         let crashed = matches!(outcome, Outcome::Panicked(_) | Outcome::Crashed(_));
         if crashed {
             // A panic ends the worker; calls made from now on must go to

@@ -225,9 +225,11 @@ impl Upstream {
             args,
             name: opts.name.as_deref().map(Arc::from),
         };
-        let (_named, spec_bytes) = self.spec_for_owner(rt, &spec)?;
+        let (_named, spec_bytes) = self
+            .spec_for_owner(rt, &spec)
+            .and_then(|named| rt.store.kept_upstream(ret.id()).map(|()| named))
+            .inspect_err(|_| rt.forget_task(state.id))?;
         self.pending.lock().insert(state.id, state.clone());
-        rt.store.kept_upstream(ret.id())?;
         self.replies.send(&Message::SubmitTask {
             task_id: state.id,
             spec: spec_bytes,
@@ -362,10 +364,12 @@ impl Upstream {
             args,
             name: None,
         };
-        let (_named, bytes) = self.spec_for_owner(rt, &spec)?;
-        self.pending.lock().insert(state.id, state.clone());
         // The owner keeps the call's result for this process.
-        rt.store.kept_upstream(ret.id())?;
+        let (_named, bytes) = self
+            .spec_for_owner(rt, &spec)
+            .and_then(|named| rt.store.kept_upstream(ret.id()).map(|()| named))
+            .inspect_err(|_| rt.forget_task(state.id))?;
+        self.pending.lock().insert(state.id, state.clone());
         self.replies.send(&Message::CallActor {
             actor_id,
             task_id: state.id,
@@ -437,6 +441,8 @@ impl Upstream {
     /// The owner's answer to a call.
     fn ready(&self, rt: &Arc<Inner>, task_id: TaskId, outcome: WireOutcome) {
         let Some(state) = self.pending.lock().remove(&task_id) else {
+            // A duplicate: what it lends is taken and given back at once.
+            drop(Outcome::from_wire(outcome, rt));
             return;
         };
         complete(rt, task_id.return_object(), outcome);
@@ -805,7 +811,11 @@ fn call_actor(worker: &Arc<Worker>, task_id: TaskId, actor_id: ActorId, spec: Ve
         call: Mutex::new(Some(r.clone())),
     }));
     if !matches!(rt.store.peek(r.id(), Some(&waker)), Ok(Peek::Pending)) {
-        waker.wake();
+        // Not on this thread: it reads the connection, and sending a large
+        // value waits for a message (its allocation) only a reader reads.
+        if let Err(job) = rt.pool.execute(Box::new(move || waker.wake())) {
+            job();
+        }
     }
 }
 
