@@ -195,6 +195,19 @@ impl Upstream {
         Ok(())
     }
 
+    /// A value as it goes to the owner when that needs no message back: it
+    /// is below the shared-memory threshold and names no object (which
+    /// might have to be shared first). `None` otherwise.
+    fn small(&self, v: &Value) -> Option<WireOutcome> {
+        if v.encoded_len().ok()? >= self.threshold {
+            return None;
+        }
+        match inline(v) {
+            WireOutcome::Value { refs, .. } if !refs.is_empty() => None,
+            out => Some(out),
+        }
+    }
+
     /// A value as it goes to the owner (see [`Upstream::encode`]), after
     /// sharing the objects it names.
     fn to_owner(&self, rt: &Arc<Inner>, v: &Value) -> WireOutcome {
@@ -805,17 +818,14 @@ fn call_actor(worker: &Arc<Worker>, task_id: TaskId, actor_id: ActorId, spec: Ve
     worker.calls.lock().insert(task_id, r.clone());
     // The reply goes out from whichever thread completes the call (no hop
     // through the executor).
-    let waker = std::task::Waker::from(Arc::new(ReplyWhenDone {
+    let reply = Arc::new(ReplyWhenDone {
         worker: worker.clone(),
         task_id,
         call: Mutex::new(Some(r.clone())),
-    }));
+    });
+    let waker = std::task::Waker::from(reply.clone());
     if !matches!(rt.store.peek(r.id(), Some(&waker)), Ok(Peek::Pending)) {
-        // Not on this thread: it reads the connection, and sending a large
-        // value waits for a message (its allocation) only a reader reads.
-        if let Err(job) = rt.pool.execute(Box::new(move || waker.wake())) {
-            job();
-        }
+        reply.reply(true);
     }
 }
 
@@ -833,6 +843,16 @@ impl std::task::Wake for ReplyWhenDone {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
+        self.reply(false);
+    }
+}
+
+impl ReplyWhenDone {
+    /// Sends the outcome once the call completed. On the thread that reads
+    /// the connection (`on_reader`), a reply that must wait for a message
+    /// (a large value's allocation, or sharing what it names) is sent from
+    /// a pool thread instead: only a reader could read that message.
+    fn reply(self: &Arc<Self>, on_reader: bool) {
         let w = &self.worker;
         let result = {
             let mut call = self.call.lock();
@@ -849,7 +869,21 @@ impl std::task::Wake for ReplyWhenDone {
         // The value lives until the reply is out: the references it holds
         // must reach the owner before their releases do.
         let (outcome, _sent) = match result {
-            Ok(v) => (w.up.to_owner(&w.rt, &v), Some(v)),
+            Ok(v) => match w.up.small(&v) {
+                Some(outcome) => (outcome, Some(v)),
+                None if on_reader => {
+                    let me = self.clone();
+                    let job = Box::new(move || {
+                        let outcome = me.worker.up.to_owner(&me.worker.rt, &v);
+                        me.worker.up.replies.done(me.task_id, outcome);
+                    });
+                    if let Err(job) = w.rt.pool.execute(job) {
+                        job();
+                    }
+                    return;
+                }
+                None => (w.up.to_owner(&w.rt, &v), Some(v)),
+            },
             Err(e) => (local_failure(e), None),
         };
         let crashed = matches!(outcome, WireOutcome::Panicked(_));
