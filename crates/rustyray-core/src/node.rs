@@ -756,16 +756,7 @@ fn give_back<K: std::hash::Hash + Eq, V>(
 /// Answers a worker's `CallActor`, `SubmitTask`, `SpawnActor` or
 /// `GetActor` with `ObjectReady`.
 fn object_ready(pool: &std::sync::Weak<Pool>, w: &Arc<WorkerProc>, task_id: TaskId) -> crate::actor::Reply {
-    let (to, node) = (w.clone(), pool.upgrade().map(|p| p.shm.clone()));
-    Box::new(move |result| {
-        let (outcome, loan) = lend_outcome(result, node.as_ref());
-        if !to.send_lending(&Message::ObjectReady { task_id, outcome }, loan) {
-            let outcome = WireOutcome::Failed(Error::invalid(
-                "the value is too large to send to a worker process",
-            ));
-            to.send(&Message::ObjectReady { task_id, outcome });
-        }
-    })
+    answer(pool, w, move |outcome| Message::ObjectReady { task_id, outcome })
 }
 
 /// Answers a worker's `Fetch` with `Fetched`.
@@ -774,14 +765,24 @@ fn fetched(
     w: &Arc<WorkerProc>,
     id: crate::ids::ObjectId,
 ) -> crate::actor::Reply {
+    answer(pool, w, move |outcome| Message::Fetched { id, outcome })
+}
+
+/// Sends a worker the answer `message` makes of an outcome, lending what
+/// the value names; an answer too large to send goes as an error.
+fn answer(
+    pool: &std::sync::Weak<Pool>,
+    w: &Arc<WorkerProc>,
+    message: impl Fn(WireOutcome) -> Message + Send + 'static,
+) -> crate::actor::Reply {
     let (to, node) = (w.clone(), pool.upgrade().map(|p| p.shm.clone()));
     Box::new(move |result| {
         let (outcome, loan) = lend_outcome(result, node.as_ref());
-        if !to.send_lending(&Message::Fetched { id, outcome }, loan) {
+        if !to.send_lending(&message(outcome), loan) {
             let outcome = WireOutcome::Failed(Error::invalid(
                 "the value is too large to send to a worker process",
             ));
-            to.send(&Message::Fetched { id, outcome });
+            to.send(&message(outcome));
         }
     })
 }

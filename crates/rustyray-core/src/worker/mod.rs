@@ -238,11 +238,7 @@ impl Upstream {
             args,
             name: opts.name.as_deref().map(Arc::from),
         };
-        let (_named, spec_bytes) = self
-            .spec_for_owner(rt, &spec)
-            .and_then(|named| rt.store.kept_upstream(ret.id()).map(|()| named))
-            .inspect_err(|_| rt.forget_task(state.id))?;
-        self.pending.lock().insert(state.id, state.clone());
+        let (_named, spec_bytes) = self.request(rt, &state, &ret, &spec)?;
         self.replies.send(&Message::SubmitTask {
             task_id: state.id,
             spec: spec_bytes,
@@ -377,18 +373,32 @@ impl Upstream {
             args,
             name: None,
         };
-        // The owner keeps the call's result for this process.
-        let (_named, bytes) = self
-            .spec_for_owner(rt, &spec)
-            .and_then(|named| rt.store.kept_upstream(ret.id()).map(|()| named))
-            .inspect_err(|_| rt.forget_task(state.id))?;
-        self.pending.lock().insert(state.id, state.clone());
+        let (_named, bytes) = self.request(rt, &state, &ret, &spec)?;
         self.replies.send(&Message::CallActor {
             actor_id,
             task_id: state.id,
             spec: bytes,
         });
         Ok(ret)
+    }
+
+    /// Readies a request whose result the owner keeps for this process
+    /// (a task or an actor call): the spec's bytes (see
+    /// [`Upstream::spec_for_owner`]), the result counted as kept upstream,
+    /// the request pending its answer. On failure nothing is left behind.
+    fn request(
+        &self,
+        rt: &Arc<Inner>,
+        state: &Arc<TaskState>,
+        ret: &RawRef,
+        spec: &TaskSpec,
+    ) -> Result<(Value, Vec<u8>)> {
+        let out = self
+            .spec_for_owner(rt, spec)
+            .and_then(|named| rt.store.kept_upstream(ret.id()).map(|()| named))
+            .inspect_err(|_| rt.forget_task(state.id))?;
+        self.pending.lock().insert(state.id, state.clone());
+        Ok(out)
     }
 
     /// A spec as the owner receives it: values inline, references as ids,
