@@ -97,26 +97,30 @@ impl TaskSpec {
     pub(crate) fn to_bytes(&self) -> Result<Value> {
         let target = self.wire_target();
         let mut args = Vec::with_capacity(self.args.len());
-        // The references inside argument values, kept alive with the bytes.
-        let mut keep = Vec::new();
+        // What argument values name, kept alive with the bytes (a loan
+        // that is never handed to a worker).
+        let mut named = Loan::none();
         for a in &self.args {
             args.push(match a {
                 Arg::Value(v) => {
                     let enc = v.to_encoded()?;
-                    let refs = enc.nested_refs();
-                    let actors = enc.nested_actors();
-                    keep.extend(refs.iter().map(RawRef::keep_alive));
-                    keep.extend(actors.iter().map(crate::actor::RawActor::keep_alive));
+                    let (refs, actors) = named.lend_named(&enc);
                     WireArg::Value {
                         type_name: enc.type_name().to_owned(),
                         bytes: enc.bytes().map(<[u8]>::to_vec).unwrap_or_default(),
-                        refs: refs.iter().map(RawRef::id).collect(),
-                        actors: actors.iter().map(crate::actor::RawActor::named).collect(),
+                        refs,
+                        actors,
                     }
                 }
                 Arg::Ref(r) => WireArg::Ref(r.clone()),
             });
         }
+        let (_, refs, actors) = named.hand_over();
+        let keep = refs
+            .iter()
+            .map(RawRef::keep_alive)
+            .chain(actors.iter().map(crate::actor::RawActor::keep_alive))
+            .collect();
         Value::encode_keeping(
             &WireSpec {
                 id: self.id,
