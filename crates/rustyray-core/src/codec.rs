@@ -208,14 +208,7 @@ mod raw {
     pub(super) fn write(any: &dyn Any, buf: &mut [u8]) -> Option<bool> {
         macro_rules! try_write {
             ($($e:ty),*) => { $(if let Some(v) = any.downcast_ref::<Vec<$e>>() {
-                const N: usize = std::mem::size_of::<$e>();
-                if buf.len() != v.len() * N {
-                    return Some(false);
-                }
-                for (out, x) in buf.chunks_exact_mut(N).zip(v) {
-                    out.copy_from_slice(&x.to_le_bytes());
-                }
-                return Some(true);
+                return Some(rustyray_shm::plain::write_le(v, buf));
             })* };
         }
         each_raw!(try_write);
@@ -229,22 +222,12 @@ mod raw {
     }
 
     /// Reads `T` from its raw form, when `T` is a flat vector of numbers.
-    #[allow(clippy::modulo_one)] // `u8` elements are one byte.
     pub(super) fn read<T: 'static>(bytes: &[u8]) -> Option<Result<T, String>> {
         macro_rules! try_read {
             ($($e:ty),*) => { $(if TypeId::of::<T>() == TypeId::of::<Vec<$e>>() {
-                const N: usize = std::mem::size_of::<$e>();
-                if bytes.len() % N != 0 {
+                let Some(v) = rustyray_shm::plain::read_le::<$e>(bytes) else {
                     return Some(Err(format!("{} raw bytes are not a whole number of elements", bytes.len())));
-                }
-                let v: Vec<$e> = bytes
-                    .chunks_exact(N)
-                    .map(|c| {
-                        let mut a = [0_u8; N];
-                        a.copy_from_slice(c);
-                        <$e>::from_le_bytes(a)
-                    })
-                    .collect();
+                };
                 let boxed: Box<dyn Any> = Box::new(v);
                 return boxed.downcast::<T>().ok().map(|b| Ok(*b));
             })* };
@@ -359,8 +342,13 @@ pub(crate) fn recycled_copy<T: Data>(value: &T, store: &crate::store::Store) -> 
                 return None;
             }
             let mut buf = store.take_buffer::<$e>(v.len())?;
-            buf.clear();
-            buf.extend_from_slice(v);
+            // A buffer of the same length (the usual case: the same array
+            // put again) is copied over in place, on several threads when
+            // large; another is refilled.
+            if !rustyray_shm::plain::copy(v, &mut buf) {
+                buf.clear();
+                buf.extend_from_slice(v);
+            }
             let boxed: Box<dyn Any> = Box::new(buf);
             return boxed.downcast::<T>().ok().map(|b| *b);
         })* };

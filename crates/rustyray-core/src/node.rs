@@ -116,13 +116,98 @@ impl WorkerCommand {
 /// thread (or wherever the worker is found dead).
 pub(crate) type Completion = Box<dyn FnOnce(std::result::Result<WireOutcome, String>) + Send>;
 
+/// A worker connection's writing side.
+struct Out {
+    stream: StdUnixStream,
+    /// Whole frames held back by a corked thread, sent before any later
+    /// frame.
+    held: Vec<u8>,
+}
+
+impl Out {
+    /// Writes the held frames.
+    fn flush(&mut self) -> std::io::Result<()> {
+        let written = std::io::Write::write_all(&mut self.stream, &self.held);
+        self.held.clear();
+        written
+    }
+}
+
+/// Write coalescing on a worker's reader thread.
+///
+/// A reader that finds several messages in one read answers each of them
+/// with a frame or two to other workers (a relayed actor call, a result
+/// going back to its caller). Sent one by one, every frame costs a system
+/// call here and a wake-up and a read on the other side. While a reader
+/// handles messages it has already read, its frames are held back per
+/// worker instead, and sent when it runs out of messages and is about to
+/// read again: one write per worker per batch. Other threads never hold
+/// frames back, and a frame they write goes after the held ones, so every
+/// connection keeps its order.
+///
+/// Only handlers that never wait on another process run corked (the
+/// reader flushes before any other), so a held frame can never be one
+/// that the wait depends on.
+mod cork {
+    use super::WorkerProc;
+    use std::cell::RefCell;
+    use std::sync::{Arc, Weak};
+
+    /// Bytes held back for one worker before they are sent anyway.
+    pub(super) const HOLD_MAX: usize = 64 * 1024;
+
+    thread_local! {
+        /// `Some` while this thread is corked: the workers with frames
+        /// held back.
+        static HELD: RefCell<Option<Vec<Arc<WorkerProc>>>> = const { RefCell::new(None) };
+    }
+
+    /// Starts holding this thread's frames back (until [`flush`]).
+    pub(super) fn start() {
+        HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            if h.is_none() {
+                *h = Some(Vec::new());
+            }
+        });
+    }
+
+    /// Whether a frame for `w` is to be held back: this thread is corked
+    /// (and `w` is recorded for the flush when it holds nothing yet).
+    pub(super) fn hold(w: &Weak<WorkerProc>, first: bool) -> bool {
+        HELD.with(|h| match h.try_borrow_mut().as_deref_mut() {
+            Ok(Some(held)) => {
+                if first {
+                    match w.upgrade() {
+                        Some(w) => held.push(w),
+                        None => return false,
+                    }
+                }
+                true
+            }
+            _ => false,
+        })
+    }
+
+    /// Sends every frame this thread held back and stops holding.
+    pub(super) fn flush() {
+        let held = HELD.with(|h| h.borrow_mut().take());
+        for w in held.into_iter().flatten() {
+            w.flush();
+        }
+    }
+}
+
 /// One worker process and its connection.
 pub(crate) struct WorkerProc {
     pid: u32,
     child: Mutex<Option<Child>>,
     /// The connection's writing side: frames are written whole, by the
-    /// thread that sends them.
-    out: Mutex<StdUnixStream>,
+    /// thread that sends them, or held back while a reader thread is
+    /// corked (see [`cork`]).
+    out: Mutex<Out>,
+    /// This worker, for a corked thread to find it again when it flushes.
+    me: std::sync::Weak<WorkerProc>,
     /// The thread reading the worker's messages.
     reader: Mutex<Option<std::thread::JoinHandle<()>>>,
     inflight: Mutex<HashMap<TaskId, Completion>>,
@@ -190,10 +275,29 @@ impl WorkerProc {
             .ok()
     }
 
-    /// Writes a frame whole. A failed write means the worker is gone, which
-    /// its reader thread notices.
+    /// Writes a frame whole, after any frames held back before it; on a
+    /// corked thread it is held back too. A failed write means the worker
+    /// is gone, which its reader thread notices.
     fn write(&self, frame: &[u8]) {
-        if let Err(e) = std::io::Write::write_all(&mut *self.out.lock(), frame) {
+        let mut out = self.out.lock();
+        if out.held.len() < cork::HOLD_MAX && cork::hold(&self.me, out.held.is_empty()) {
+            out.held.extend_from_slice(frame);
+            return;
+        }
+        let written = if out.held.is_empty() {
+            std::io::Write::write_all(&mut out.stream, frame)
+        } else {
+            out.held.extend_from_slice(frame);
+            out.flush()
+        };
+        if let Err(e) = written {
+            tracing::debug!(pid = self.pid, error = %e, "cannot write to worker process");
+        }
+    }
+
+    /// Writes the frames held back for this worker.
+    fn flush(&self) {
+        if let Err(e) = self.out.lock().flush() {
             tracing::debug!(pid = self.pid, error = %e, "cannot write to worker process");
         }
     }
@@ -583,10 +687,14 @@ impl Pool {
                 )));
             }
         };
-        let w = Arc::new(WorkerProc {
+        let w = Arc::new_cyclic(|me| WorkerProc {
             pid,
             child: Mutex::new(Some(child)),
-            out: Mutex::new(stream),
+            out: Mutex::new(Out {
+                stream,
+                held: Vec::new(),
+            }),
+            me: me.clone(),
             reader: Mutex::new(None),
             inflight: Mutex::new(HashMap::new()),
             dead: AtomicBool::new(false),
@@ -827,7 +935,31 @@ fn read_loop(
     mut dec: FrameDecoder,
 ) {
     let why = loop {
-        match wire::read_message_blocking(rd, &mut dec) {
+        let msg = match dec.next_message() {
+            Ok(Some(msg)) => Ok(Some(msg)),
+            // Out of messages: what they held back goes before the read.
+            Ok(None) => {
+                cork::flush();
+                wire::read_message_blocking(rd, &mut dec)
+            }
+            Err(e) => Err(e),
+        };
+        if matches!(
+            msg,
+            Ok(Some(
+                Message::TaskDone { .. }
+                    | Message::CallActor { .. }
+                    | Message::SubmitTask { .. }
+                    | Message::Release { .. }
+                    | Message::ReleaseActor { .. }
+                    | Message::Unpin { .. }
+            ))
+        ) {
+            cork::start();
+        } else {
+            cork::flush();
+        }
+        match msg {
             Ok(Some(Message::TaskDone { task_id, outcome })) => {
                 let outcome = seal_stored(w, outcome);
                 let done = w.inflight.lock().remove(&task_id);
@@ -1000,6 +1132,7 @@ fn read_loop(
             Err(e) => break format!("its connection failed: {e}"),
         }
     };
+    cork::flush();
     match pool.upgrade() {
         Some(pool) => pool.lost(w, &why),
         None => {

@@ -19,10 +19,12 @@
 //!   child process;
 //! - [`ShmClient`] and [`RemoteView`]: the arena in a worker process, which
 //!   reads and writes only the regions the node daemon hands it;
-//! - [`ShmError`]: every failure, as plain data.
+//! - [`ShmError`]: every failure, as plain data;
+//! - [`plain`]: flat arrays of numbers to and from their bytes form at
+//!   memory speed.
 //!
 //! This is the only RustyRay crate that uses `unsafe` (decision 11), and only
-//! in its `arena` and `client` modules and the store's `shared` and `handles` files, which
+//! in its `arena`, `client` and `plain` modules and the store's `shared` and `handles` files, which
 //! the compiler enforces (`unsafe_code` is denied everywhere else). The
 //! aliasing contract that makes it sound is described on the [`arena`]
 //! module. Linux only.
@@ -64,6 +66,8 @@ pub mod arena;
 #[allow(unsafe_code)]
 mod client;
 mod error;
+#[allow(unsafe_code)]
+pub mod plain;
 mod spill;
 #[allow(unsafe_code)]
 mod store;

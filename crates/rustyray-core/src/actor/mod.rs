@@ -30,7 +30,7 @@
 use crate::codec::{DecodeScope, EncodeScope, Value};
 use crate::context::{self, TaskContext};
 use crate::error::{Error, Result, TaskFailure};
-use crate::ids::ActorId;
+use crate::ids::{ActorId, TaskId};
 use crate::object_ref::{Arg, RawRef};
 use crate::options::{resource_request, ActorOptions};
 use crate::registry::{ActorEntry, ExclusiveGuard, Instance, MethodBody, MethodEntry, SharedGuard};
@@ -70,11 +70,16 @@ enum Status {
     Dead(Error),
 }
 
+/// The calls an actor has started, by task id.
+type Running = HashMap<TaskId, Arc<TaskState>, crate::ids::IdHash>;
+
 struct Life {
     status: Status,
     instance: Option<Instance>,
     restarts_left: i32,
-    running: Vec<Arc<TaskState>>,
+    /// Calls started and not ended, by id: ending one is a constant-time
+    /// removal however many are in flight.
+    running: Running,
     resources_held: bool,
 }
 
@@ -194,7 +199,7 @@ impl ActorState {
                 status: Status::Dead(reason),
                 instance: None,
                 restarts_left: 0,
-                running: Vec::new(),
+                running: Running::default(),
                 resources_held: false,
             }),
             mailbox: Mutex::new(None),
@@ -508,8 +513,8 @@ impl ActorState {
 
 /// Fails calls that are running: flags them (sync calls see
 /// `is_cancelled()`), aborts async ones, and completes their objects.
-fn fail_running(rt: &Inner, running: Vec<Arc<TaskState>>, err: &Error) {
-    for call in running {
+fn fail_running(rt: &Inner, running: Running, err: &Error) {
+    for call in running.into_values() {
         call.mark_cancelled();
         call.abort_running();
         rt.store.complete(call.id.return_object(), Err(err.clone()));
@@ -920,7 +925,7 @@ impl CallGuard {
         state: &Arc<TaskState>,
         permit: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> CallGuard {
-        actor.life.lock().running.push(state.clone());
+        actor.life.lock().running.insert(state.id, state.clone());
         CallGuard {
             rt: rt.clone(),
             actor: actor.clone(),
@@ -933,7 +938,7 @@ impl CallGuard {
 impl Drop for CallGuard {
     fn drop(&mut self) {
         let id = self.state.id;
-        self.actor.life.lock().running.retain(|s| s.id != id);
+        self.actor.life.lock().running.remove(&id);
         // A call dropped before completing was cancelled or killed; its
         // object already says so unless this is the first word.
         self.rt
@@ -1323,7 +1328,7 @@ pub(crate) type Reply = Box<dyn FnOnce(Result<Value>) + Send>;
 pub(crate) fn call_for_worker(
     rt: &Arc<Inner>,
     actor_id: ActorId,
-    task_id: crate::ids::TaskId,
+    task_id: TaskId,
     spec: &Value,
     reply: Reply,
 ) -> Option<RawRef> {
@@ -1643,7 +1648,7 @@ fn create_raw_with(
             status: Status::Pending,
             instance: None,
             restarts_left: opts.max_restarts.or(d.max_retries).unwrap_or(0),
-            running: Vec::new(),
+            running: Running::default(),
             resources_held: false,
         }),
         mailbox: Mutex::new(if class.is_async || in_process {
