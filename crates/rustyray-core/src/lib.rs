@@ -46,6 +46,7 @@ mod sync;
 mod task;
 pub mod wire;
 mod worker;
+mod worker_logs;
 
 pub use actor::{create_actor, ActorClass, ActorHandle, ActorStub, RawActor};
 pub use blob::Blob;

@@ -57,12 +57,13 @@ use crate::error::{Error, Result};
 use crate::ids::TaskId;
 use crate::shm::{shm_error, Loan, NodeStore, ARENA_ENV};
 use crate::wire::{self, FrameDecoder, Message, Role, WireOutcome};
+use crate::worker_logs::{Label, WorkerLogs};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::UnixStream as StdUnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -81,6 +82,10 @@ pub(crate) const THRESHOLD_ENV: &str = "RUSTYRAY_SHM_THRESHOLD";
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a start checks whether its process already exited.
 const STARTUP_CHECK: Duration = Duration::from_millis(10);
+
+/// How long shutdown waits for the last output of the workers it stopped
+/// (longer only when a process a worker started keeps the output open).
+const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 
 /// The program a node daemon starts as its worker processes: by default
 /// the running executable with no arguments.
@@ -230,6 +235,8 @@ pub(crate) struct WorkerProc {
     /// Tasks running here: their CPU, and whether it is lent out while the
     /// task blocks.
     cpu: Mutex<HashMap<TaskId, (crate::ResourceSet, bool)>>,
+    /// What its output lines are labelled with.
+    label: Label,
 }
 
 impl std::fmt::Debug for WorkerProc {
@@ -510,6 +517,8 @@ pub(crate) struct Pool {
     /// The owner (the driver's runtime), for calls workers make on its
     /// actors.
     owner: std::sync::OnceLock<std::sync::Weak<crate::runtime::Inner>>,
+    /// Where the workers' output goes.
+    logs: WorkerLogs,
 }
 
 impl std::fmt::Debug for Pool {
@@ -533,6 +542,7 @@ impl Pool {
         token: u128,
         shm: Arc<NodeStore>,
         thread_name: String,
+        logs: WorkerLogs,
     ) -> Result<Arc<Pool>> {
         let name = format!("rustyray-{}-{:032x}", std::process::id(), token ^ 0x5a5a);
         let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
@@ -553,6 +563,7 @@ impl Pool {
             state: Mutex::new(PoolState::default()),
             thread_name,
             owner: std::sync::OnceLock::new(),
+            logs,
         });
         handle.spawn(accept_loop(Arc::downgrade(&pool), listener, token));
         for _ in 0..prestart {
@@ -567,17 +578,19 @@ impl Pool {
         Ok(pool)
     }
 
-    /// Leases a worker for good and makes it host an actor: sends the
-    /// constructor, waits for its outcome. The worker never returns to the
-    /// pool; it ends with the actor.
+    /// Leases a worker for good and makes it host an actor of `class`:
+    /// sends the constructor, waits for its outcome. The worker never
+    /// returns to the pool; it ends with the actor.
     pub(crate) async fn create_actor(
         self: &Arc<Self>,
+        class: &'static str,
         actor_id: crate::ids::ActorId,
         task_id: TaskId,
         (spec, loan): (Vec<u8>, Loan),
         max_concurrency: u32,
     ) -> std::result::Result<(Arc<WorkerProc>, WireOutcome), String> {
         let w = self.lease().await.map_err(|e| e.to_string())?;
+        w.label.set(class);
         let msg = Message::CreateActor {
             actor_id,
             task_id,
@@ -625,7 +638,9 @@ impl Pool {
             .env(WORKER_ENV, &self.name)
             .env(TOKEN_ENV, format!("{:032x}", self.token))
             .env(THRESHOLD_ENV, self.shm.threshold.to_string())
-            .stdin(Stdio::null());
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         rustyray_shm::inherit_arena(&mut cmd, self.shm.store.arena(), ARENA_ENV)
             .map_err(|e| Error::invalid(format!("cannot hand the arena to a worker: {e}")))?;
         let (tx, mut rx) = oneshot::channel();
@@ -646,6 +661,8 @@ impl Pool {
             child
         };
         let pid = child.id();
+        let label = Label::default();
+        self.logs.follow(pid, &mut child, &label);
         let began = Instant::now();
         let conn = loop {
             tokio::select! {
@@ -704,6 +721,7 @@ impl Pool {
             borrows: Mutex::new(HashMap::new()),
             actors: Mutex::new(HashMap::new()),
             cpu: Mutex::new(HashMap::new()),
+            label,
         });
         {
             let mut s = self.state.lock();
@@ -794,6 +812,13 @@ impl Pool {
                 }
             }
         }
+        // The workers' last lines reach their logs before shutdown ends.
+        self.logs.drain(OUTPUT_DRAIN);
+    }
+
+    /// The directory of the workers' log files.
+    pub(crate) fn log_dir(&self) -> &Path {
+        self.logs.dir()
     }
 }
 
@@ -1045,7 +1070,7 @@ fn read_loop(
                 let owner = owner(pool);
                 if let Some(rt) = owner {
                     let kept = match crate::runtime::Outcome::from_wire(seal_stored(w, value), &rt) {
-                        crate::runtime::Outcome::Value(v) => rt.put_as(id, v),
+                        crate::runtime::Outcome::Value(v) => rt.put_for_worker(id, v),
                         _ => Err(Error::invalid("a put without a value")),
                     };
                     match kept {

@@ -64,6 +64,8 @@ pub struct Config {
     worker_command: Option<WorkerCommand>,
     spill_dir: Option<std::path::PathBuf>,
     shared_memory_threshold: usize,
+    log_dir: Option<std::path::PathBuf>,
+    log_to_driver: bool,
 }
 
 /// Where tasks run.
@@ -95,6 +97,8 @@ impl Default for Config {
             worker_command: None,
             spill_dir: None,
             shared_memory_threshold: crate::shm::DEFAULT_THRESHOLD,
+            log_dir: None,
+            log_to_driver: true,
         }
     }
 }
@@ -172,6 +176,26 @@ impl Config {
     /// system's temporary directory, removed at shutdown).
     pub fn spill_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
         self.spill_dir = Some(dir.into());
+        self
+    }
+
+    /// Where the worker processes' output is kept, one file per stream and
+    /// process (`worker-<pid>.out`, `worker-<pid>.err`, made when the
+    /// first line arrives; default: `rustyray-logs-<driver pid>-<runtime>`
+    /// under the system's temporary directory). The files stay after
+    /// shutdown, as Ray's session logs do. See [`Ray::log_dir`].
+    pub fn log_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.log_dir = Some(dir.into());
+        self
+    }
+
+    /// Whether the worker processes' output is also printed by the driver,
+    /// each line prefixed with where it came from: `(pid=4242)`, or
+    /// `(Counter pid=4242)` for an actor's process; stdout lines to the
+    /// driver's stdout, stderr lines to its stderr (default: yes, as Ray's
+    /// `log_to_driver`).
+    pub fn log_to_driver(mut self, yes: bool) -> Self {
+        self.log_to_driver = yes;
         self
     }
 
@@ -479,6 +503,9 @@ impl Inner {
                 let capacity = usize::try_from(store_memory)
                     .map_err(|_| Error::invalid("object_store_memory does not fit this machine"))?;
                 let shm = NodeStore::new(capacity, spill_dir, config.shared_memory_threshold)?;
+                let log_dir = config.log_dir.unwrap_or_else(|| {
+                    std::env::temp_dir().join(format!("rustyray-logs-{}-{thread_prefix}", std::process::id()))
+                });
                 let pool = node::Pool::start(
                     command,
                     min_threads,
@@ -486,6 +513,7 @@ impl Inner {
                     crate::ids::random_token(),
                     shm.clone(),
                     format!("{thread_prefix}-n"),
+                    crate::worker_logs::WorkerLogs::new(log_dir, config.log_to_driver),
                 )?;
                 (Some(pool), Some(shm))
             }
@@ -579,11 +607,29 @@ impl Inner {
         }
     }
 
-    /// Makes room for a value about to enter the store. Encoding and
-    /// sizing run the value's `Serialize`, which is user code: a panic there
-    /// becomes a serialization error. Waiting for room on an executor
-    /// thread first hands the executor's other work to another thread.
+    /// Makes room for a value about to enter the store (see [`Self::measure`]).
+    /// Waiting for room on an executor thread first hands the executor's
+    /// other work to another thread.
     pub(crate) fn admit(&self, v: Value) -> Result<(Value, u64)> {
+        let (v, size) = self.measure(v)?;
+        if !self.store.try_reserve(size) {
+            let on_executor = tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+            if on_executor {
+                tokio::task::block_in_place(|| self.store.reserve(size))?;
+            } else {
+                self.store.reserve(size)?;
+            }
+        }
+        Ok((v, size))
+    }
+
+    /// A value in the form this store keeps it (large ones of the
+    /// worker-process mode moved to shared memory), with the room it takes
+    /// in the store's memory; no room is reserved. Encoding and sizing run
+    /// the value's `Serialize`, which is user code: a panic there becomes a
+    /// serialization error.
+    pub(crate) fn measure(&self, v: Value) -> Result<(Value, u64)> {
         let measured = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<(Value, u64)> {
             let v = if self.bytes_mode { v.to_encoded()? } else { v };
             let size = v.size()? as u64;
@@ -602,19 +648,29 @@ impl Inner {
             }
             Ok((v, size))
         }));
-        let (v, size) = measured.map_err(|p| {
-            Error::Serialization(format!("Serialize panicked: {}", panic_message(p.as_ref())))
-        })??;
-        if !self.store.try_reserve(size) {
-            let on_executor = tokio::runtime::Handle::try_current()
-                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-            if on_executor {
-                tokio::task::block_in_place(|| self.store.reserve(size))?;
-            } else {
-                self.store.reserve(size)?;
-            }
+        measured
+            .map_err(|p| Error::Serialization(format!("Serialize panicked: {}", panic_message(p.as_ref()))))?
+    }
+
+    /// Keeps object `id`, put by a worker process, without waiting: when
+    /// the store has no room yet, the object is pending until a thread of
+    /// the blocking pool finds room (or fails it with `ObjectStoreFull`),
+    /// so whoever hands it over can go on meanwhile — e.g. reading the
+    /// `Release` that frees the room.
+    pub(crate) fn put_for_worker(self: &Arc<Self>, id: ObjectId, v: Value) -> Result<RawRef> {
+        self.check_open()?;
+        let (v, size) = self.measure(v)?;
+        if self.store.try_reserve(size) {
+            self.store.insert_ready(id, v, size)?;
+            return Ok(RawRef::adopt(id, self.clone()));
         }
-        Ok((v, size))
+        self.store.create_pending(id)?;
+        let store = self.clone();
+        self.handle.spawn_blocking(move || {
+            let admitted = store.store.reserve(size).map(|()| (v, size));
+            store.store.complete(id, admitted);
+        });
+        Ok(RawRef::adopt(id, self.clone()))
     }
 
     // ----- submission -------------------------------------------------
@@ -1048,15 +1104,6 @@ impl Inner {
         // only if a reference to it leaves the process (`Upstream::share`).
         let (v, size) = self.admit(v)?;
         let id = self.ids.object();
-        self.store.insert_ready(id, v, size)?;
-        Ok(RawRef::adopt(id, self.clone()))
-    }
-
-    /// Stores an object under an id minted elsewhere (an object a worker
-    /// process put).
-    pub(crate) fn put_as(self: &Arc<Self>, id: ObjectId, v: Value) -> Result<RawRef> {
-        self.check_open()?;
-        let (v, size) = self.admit(v)?;
         self.store.insert_ready(id, v, size)?;
         Ok(RawRef::adopt(id, self.clone()))
     }
@@ -1496,6 +1543,13 @@ impl Ray {
     /// threads mode).
     pub fn worker_pids(&self) -> Vec<u32> {
         self.inner.node.as_ref().map(|n| n.live()).unwrap_or_default()
+    }
+
+    /// The directory of the worker processes' log files (see
+    /// [`Config::log_dir`]); `None` in the threads mode, where tasks print
+    /// straight to the driver's own output.
+    pub fn log_dir(&self) -> Option<&std::path::Path> {
+        self.inner.node.as_ref().map(|n| n.log_dir())
     }
 
     /// Whether values go through their bytes form (see

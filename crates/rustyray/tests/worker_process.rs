@@ -385,6 +385,212 @@ fn workers_die_with_their_driver() {
     wait_until("the arena is released", || processes_holding(arena).is_empty());
 }
 
+#[rustyray::remote]
+fn byte_len(v: Vec<u8>) -> usize {
+    v.len()
+}
+
+/// Hands the owner a second object while the owner's store is full of the
+/// first, then lets go of the first: the `Release` that makes room is
+/// queued behind the `Put` that needs it.
+#[rustyray::remote]
+fn put_while_full() -> rustyray::Result<usize> {
+    let ray = rustyray::current()?;
+    let first = ray.put(vec![1_u8; 60_000])?;
+    let n = ray.get(&byte_len::remote(&ray, first.clone())?)?;
+    let second = ray.put(vec![2_u8; 60_000])?;
+    let m = byte_len::remote(&ray, second)?;
+    drop(first);
+    Ok(n + ray.get(&m)?)
+}
+
+#[test]
+fn a_put_waiting_for_room_does_not_hold_up_the_release_behind_it() -> rustyray::Result<()> {
+    // Room for one of the two objects (both below the shared-memory
+    // threshold, so both live in the owner's store). The full timeout is
+    // long: a reader that waited for room itself would wait all of it and
+    // then fail the second object.
+    let ray = rustyray::init_with(
+        Config::new()
+            .num_cpus(2.0)
+            .worker_mode(WorkerMode::Processes)
+            .worker_command(worker_command())
+            .object_store_memory(100_000)
+            .object_store_full_timeout(LONG),
+    )?;
+    assert_eq!(ray.get_timeout(&put_while_full::remote(&ray)?, LONG)?, 120_000);
+    Ok(())
+}
+
+// ----- worker output -----------------------------------------------------
+
+#[rustyray::remote]
+fn say(out: String, err: String) -> u32 {
+    println!("{out}");
+    eprintln!("{err}");
+    std::process::id()
+}
+
+#[rustyray::actor]
+struct Greeter;
+
+#[rustyray::actor]
+impl Greeter {
+    fn new() -> Self {
+        Greeter
+    }
+
+    fn greet(&self, line: String) -> u32 {
+        println!("{line}");
+        std::process::id()
+    }
+}
+
+/// A process runtime whose workers' output goes to `dir` only.
+fn quiet_runtime(dir: &Path) -> Ray {
+    rustyray::init_with(
+        Config::new()
+            .num_cpus(2.0)
+            .worker_mode(WorkerMode::Processes)
+            .worker_command(worker_command())
+            .log_dir(dir)
+            .log_to_driver(false),
+    )
+    .expect("runtime")
+}
+
+#[test]
+fn worker_output_is_kept_in_one_log_file_per_stream_and_process() -> rustyray::Result<()> {
+    let dir = scratch("logs");
+    let ray = quiet_runtime(&dir);
+    assert_eq!(ray.log_dir(), Some(dir.as_path()));
+    let pid = ray.get_timeout(
+        &say::remote(
+            &ray,
+            "to stdout from a task".to_owned(),
+            "to stderr from a task".to_owned(),
+        )?,
+        LONG,
+    )?;
+    let g = Greeter::remote(&ray)?;
+    let actor_pid = ray.get_timeout(&g.greet("from an actor".to_owned())?, LONG)?;
+    // Shutdown waits for the stopped workers' last lines.
+    ray.shutdown()?;
+    let read =
+        |name: String| std::fs::read_to_string(dir.join(&name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let out = read(format!("worker-{pid}.out"));
+    let err = read(format!("worker-{pid}.err"));
+    assert!(out.lines().any(|l| l.ends_with("to stdout from a task")), "{out}");
+    assert!(!out.contains("to stderr"), "{out}");
+    assert!(err.lines().any(|l| l.ends_with("to stderr from a task")), "{err}");
+    let actor_out = read(format!("worker-{actor_pid}.out"));
+    assert!(
+        actor_out.lines().any(|l| l.ends_with("from an actor")),
+        "{actor_out}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// A driver in its own process for `worker_output_reaches_the_driver_prefixed`:
+/// its workers print, it reports their pids and shuts down.
+#[test]
+#[ignore = "driver process started by worker_output_reaches_the_driver_prefixed"]
+fn printing_driver() {
+    let Some(dir) = std::env::var_os("RR_PRINTING_DRIVER") else {
+        return;
+    };
+    let ray = rustyray::init_with(
+        Config::new()
+            .num_cpus(2.0)
+            .worker_mode(WorkerMode::Processes)
+            .worker_command(worker_command())
+            .log_dir(PathBuf::from(dir)),
+    )
+    .expect("runtime");
+    let submitted = say::remote(
+        &ray,
+        "hello from a task".to_owned(),
+        "warning from a task".to_owned(),
+    );
+    let pid = ray.get_timeout(&submitted.expect("submit"), LONG).expect("task");
+    let g = Greeter::remote(&ray).expect("actor");
+    let actor_pid = ray
+        .get_timeout(&g.greet("hello from an actor".to_owned()).expect("call"), LONG)
+        .expect("call");
+    ray.shutdown().expect("shutdown");
+    println!("TASK_PID {pid}");
+    println!("ACTOR_PID {actor_pid}");
+}
+
+#[test]
+fn worker_output_reaches_the_driver_prefixed() {
+    let dir = scratch("echo");
+    let exe = std::env::current_exe().expect("test binary path");
+    let driver = Command::new(exe)
+        .args([
+            "printing_driver",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("RR_PRINTING_DRIVER", &dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the driver");
+    // Waited for on another thread, so a hung driver fails the test
+    // instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(driver.wait_with_output());
+    });
+    let output = rx
+        .recv_timeout(LONG)
+        .expect("the driver finishes")
+        .expect("the driver's output");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let pid_after = |key: &str| -> u32 {
+        stdout
+            .lines()
+            .find_map(|l| l.split_once(key).map(|(_, pid)| pid.trim().to_owned()))
+            .unwrap_or_else(|| panic!("no {key} in {stdout}"))
+            .parse()
+            .expect("a pid")
+    };
+    let (pid, actor_pid) = (pid_after("TASK_PID "), pid_after("ACTOR_PID "));
+    // A worker's line may follow the test harness's own words (this
+    // binary is the worker), but it carries its process's prefix.
+    let has = |text: &str, prefix: String, line: &str| {
+        text.lines().any(|l| l.starts_with(&prefix) && l.ends_with(line))
+    };
+    assert!(
+        has(&stdout, format!("(pid={pid}) "), "hello from a task"),
+        "{stdout}"
+    );
+    assert!(
+        has(&stderr, format!("(pid={pid}) "), "warning from a task"),
+        "{stderr}"
+    );
+    assert!(
+        has(
+            &stdout,
+            format!("(Greeter pid={actor_pid}) "),
+            "hello from an actor"
+        ),
+        "{stdout}"
+    );
+    // Echoed lines are also in the files.
+    let out = std::fs::read_to_string(dir.join(format!("worker-{pid}.out"))).expect("the task's log");
+    assert!(out.lines().any(|l| l.ends_with("hello from a task")), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 // ----- actors ------------------------------------------------------------
 
 #[rustyray::actor]
