@@ -151,8 +151,10 @@ impl Out {
 /// connection keeps its order.
 ///
 /// Only handlers that never wait on another process run corked (the
-/// reader flushes before any other), so a held frame can never be one
-/// that the wait depends on.
+/// reader flushes before any other), and the one wait they may reach (a
+/// result waiting for room in the owner's store) flushes first
+/// ([`flush_held`]), so a held frame can never be one that a wait depends
+/// on.
 mod cork {
     use super::WorkerProc;
     use std::cell::RefCell;
@@ -201,6 +203,12 @@ mod cork {
             w.flush();
         }
     }
+}
+
+/// Sends the frames this thread held back (see [`cork`]) before it
+/// blocks: what it waits for may depend on one of them.
+pub(crate) fn flush_held() {
+    cork::flush();
 }
 
 /// One worker process and its connection.

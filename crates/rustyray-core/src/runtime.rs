@@ -613,6 +613,9 @@ impl Inner {
     pub(crate) fn admit(&self, v: Value) -> Result<(Value, u64)> {
         let (v, size) = self.measure(v)?;
         if !self.store.try_reserve(size) {
+            // Frames this thread held back must not wait for the room:
+            // one of them may be what frees it.
+            crate::node::flush_held();
             let on_executor = tokio::runtime::Handle::try_current()
                 .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
             if on_executor {

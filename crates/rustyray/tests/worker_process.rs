@@ -30,12 +30,20 @@ fn worker_command() -> WorkerCommand {
     )
 }
 
+/// Where the tests' workers keep their output (the test harness in each
+/// worker prints a few lines): one directory for every test, files named
+/// by worker pid.
+fn test_logs() -> PathBuf {
+    std::env::temp_dir().join("rustyray-test-worker-logs")
+}
+
 fn process_runtime() -> Ray {
     rustyray::init_with(
         Config::new()
             .num_cpus(2.0)
             .worker_mode(WorkerMode::Processes)
-            .worker_command(worker_command()),
+            .worker_command(worker_command())
+            .log_dir(test_logs()),
     )
     .expect("runtime")
 }
@@ -415,6 +423,7 @@ fn a_put_waiting_for_room_does_not_hold_up_the_release_behind_it() -> rustyray::
             .num_cpus(2.0)
             .worker_mode(WorkerMode::Processes)
             .worker_command(worker_command())
+            .log_dir(test_logs())
             .object_store_memory(100_000)
             .object_store_full_timeout(LONG),
     )?;
@@ -453,6 +462,7 @@ fn quiet_runtime(dir: &Path) -> Ray {
             .num_cpus(2.0)
             .worker_mode(WorkerMode::Processes)
             .worker_command(worker_command())
+            .log_dir(test_logs())
             .log_dir(dir)
             .log_to_driver(false),
     )
@@ -505,6 +515,7 @@ fn printing_driver() {
             .num_cpus(2.0)
             .worker_mode(WorkerMode::Processes)
             .worker_command(worker_command())
+            .log_dir(test_logs())
             .log_dir(PathBuf::from(dir)),
     )
     .expect("runtime");
@@ -790,6 +801,7 @@ fn shm_runtime(memory: u64, spill: &Path) -> Ray {
             .num_cpus(2.0)
             .worker_mode(WorkerMode::Processes)
             .worker_command(worker_command())
+            .log_dir(test_logs())
             .object_store_memory(memory)
             .spill_dir(spill),
     )
