@@ -502,13 +502,26 @@ impl WorkerProc {
     }
 }
 
-type Connection = std::result::Result<(StdUnixStream, FrameDecoder), String>;
+/// A started worker's two connections: the one the node writes to it
+/// (`down`), and the one it writes to the node (`up`, with its decoder).
+struct Connection {
+    down: StdUnixStream,
+    up: StdUnixStream,
+    up_dec: FrameDecoder,
+}
+
+/// A start waiting for its worker's two connections.
+struct Starting {
+    done: oneshot::Sender<std::result::Result<Connection, String>>,
+    down: Option<StdUnixStream>,
+    up: Option<(StdUnixStream, FrameDecoder)>,
+}
 
 #[derive(Default)]
 struct PoolState {
     idle: Vec<Arc<WorkerProc>>,
     live: HashMap<u32, Arc<WorkerProc>>,
-    starting: HashMap<u32, oneshot::Sender<Connection>>,
+    starting: HashMap<u32, Starting>,
     closed: bool,
 }
 
@@ -665,7 +678,14 @@ impl Pool {
                     self.command.program.display()
                 ))
             })?;
-            s.starting.insert(child.id(), tx);
+            s.starting.insert(
+                child.id(),
+                Starting {
+                    done: tx,
+                    down: None,
+                    up: None,
+                },
+            );
             child
         };
         let pid = child.id();
@@ -693,23 +713,17 @@ impl Pool {
                 }
             }
         };
-        let (stream, dec) = match conn {
+        let Connection {
+            down: stream,
+            up: mut rd,
+            up_dec: dec,
+        } = match conn {
             Ok(c) => c,
             Err(reason) => {
                 self.state.lock().starting.remove(&pid);
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(Error::invalid(reason));
-            }
-        };
-        let mut rd = match stream.try_clone() {
-            Ok(rd) => rd,
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(Error::invalid(format!(
-                    "cannot read from worker process {pid}: {e}"
-                )));
             }
         };
         let w = Arc::new_cyclic(|me| WorkerProc {
@@ -855,16 +869,42 @@ async fn accept_loop(pool: std::sync::Weak<Pool>, listener: tokio::net::UnixList
                 }
             };
             let Some(pool) = pool.upgrade() else { return };
-            let waiting = pool.state.lock().starting.remove(&pid);
-            match (role, waiting) {
-                (Role::Worker, Some(tx)) => {
-                    let blocking = stream
-                        .into_std()
-                        .and_then(|s| s.set_nonblocking(false).map(|()| s))
-                        .map_err(|e| format!("cannot take over the connection of worker {pid}: {e}"));
-                    let _ = tx.send(blocking.map(|s| (s, dec)));
+            if !matches!(role, Role::Worker | Role::WorkerUp) {
+                tracing::warn!(pid, ?role, "closed a connection that is not a worker's");
+                return;
+            }
+            let blocking = stream
+                .into_std()
+                .and_then(|s| s.set_nonblocking(false).map(|()| s))
+                .map_err(|e| format!("cannot take over the connection of worker {pid}: {e}"));
+            let mut state = pool.state.lock();
+            let Some(start) = state.starting.get_mut(&pid) else {
+                tracing::warn!(pid, ?role, "closed a connection no worker start waits for");
+                return;
+            };
+            let twice = match (role, blocking) {
+                (_, Err(e)) => Some(e),
+                (Role::Worker, Ok(s)) => start
+                    .down
+                    .replace(s)
+                    .map(|_| "a second first connection".to_owned()),
+                (_, Ok(s)) => start.up.replace((s, dec)).map(|_| "a second uplink".to_owned()),
+            };
+            if let Some(reason) = twice {
+                if let Some(start) = state.starting.remove(&pid) {
+                    let _ = start.done.send(Err(format!("worker {pid}: {reason}")));
                 }
-                _ => tracing::warn!(pid, ?role, "closed a connection no worker start waits for"),
+                return;
+            }
+            if start.down.is_some() && start.up.is_some() {
+                if let Some(Starting {
+                    done,
+                    down: Some(down),
+                    up: Some((up, up_dec)),
+                }) = state.starting.remove(&pid)
+                {
+                    let _ = done.send(Ok(Connection { down, up, up_dec }));
+                }
             }
         });
     }

@@ -18,6 +18,13 @@
 //! processes it starts (in their environment): a process that does not
 //! know it cannot join.
 //!
+//! A worker process opens two connections to its node daemon, each with
+//! its own handshake: the first (role [`Role::Worker`]) carries the node's
+//! messages to the worker, the second ([`Role::WorkerUp`]) the worker's
+//! messages to the node. Each side reads only one connection and writes
+//! only the other: a thread blocked reading a Unix socket would otherwise
+//! be woken every time the peer reads what this side wrote on it.
+//!
 //! # Failure
 //!
 //! A malformed frame (bad length, undecodable payload, a message out of
@@ -33,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The first bytes of every `Hello`.
 pub const MAGIC: [u8; 4] = *b"RRAY";
@@ -47,8 +54,15 @@ pub const DEFAULT_MAX_FRAME: u32 = 64 << 20;
 pub enum Role {
     /// A driver or worker that owns tasks and objects.
     Owner,
-    /// A worker process of the node's pool.
+    /// A worker process of the node's pool, on its first connection: the
+    /// one that carries the node's messages to the worker.
     Worker,
+    /// The same worker process on its second connection, which carries
+    /// its messages to the node. One connection per direction: a thread
+    /// blocked reading a Unix socket is woken each time the peer takes
+    /// bytes this process wrote on that same socket, so a connection that
+    /// is read and written by both sides wakes its readers for nothing.
+    WorkerUp,
     /// A node daemon.
     NodeDaemon,
 }

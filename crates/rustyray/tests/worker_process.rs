@@ -37,15 +37,17 @@ fn test_logs() -> PathBuf {
     std::env::temp_dir().join("rustyray-test-worker-logs")
 }
 
+/// The configuration of the tests' process runtimes.
+fn process_config() -> Config {
+    Config::new()
+        .num_cpus(2.0)
+        .worker_mode(WorkerMode::Processes)
+        .worker_command(worker_command())
+        .log_dir(test_logs())
+}
+
 fn process_runtime() -> Ray {
-    rustyray::init_with(
-        Config::new()
-            .num_cpus(2.0)
-            .worker_mode(WorkerMode::Processes)
-            .worker_command(worker_command())
-            .log_dir(test_logs()),
-    )
-    .expect("runtime")
+    rustyray::init_with(process_config()).expect("runtime")
 }
 
 /// A scratch directory of one test.
@@ -419,11 +421,7 @@ fn a_put_waiting_for_room_does_not_hold_up_the_release_behind_it() -> rustyray::
     // long: a reader that waited for room itself would wait all of it and
     // then fail the second object.
     let ray = rustyray::init_with(
-        Config::new()
-            .num_cpus(2.0)
-            .worker_mode(WorkerMode::Processes)
-            .worker_command(worker_command())
-            .log_dir(test_logs())
+        process_config()
             .object_store_memory(100_000)
             .object_store_full_timeout(LONG),
     )?;
@@ -457,16 +455,7 @@ impl Greeter {
 
 /// A process runtime whose workers' output goes to `dir` only.
 fn quiet_runtime(dir: &Path) -> Ray {
-    rustyray::init_with(
-        Config::new()
-            .num_cpus(2.0)
-            .worker_mode(WorkerMode::Processes)
-            .worker_command(worker_command())
-            .log_dir(test_logs())
-            .log_dir(dir)
-            .log_to_driver(false),
-    )
-    .expect("runtime")
+    rustyray::init_with(process_config().log_dir(dir).log_to_driver(false)).expect("runtime")
 }
 
 #[test]
@@ -510,15 +499,7 @@ fn printing_driver() {
     let Some(dir) = std::env::var_os("RR_PRINTING_DRIVER") else {
         return;
     };
-    let ray = rustyray::init_with(
-        Config::new()
-            .num_cpus(2.0)
-            .worker_mode(WorkerMode::Processes)
-            .worker_command(worker_command())
-            .log_dir(test_logs())
-            .log_dir(PathBuf::from(dir)),
-    )
-    .expect("runtime");
+    let ray = rustyray::init_with(process_config().log_dir(PathBuf::from(dir))).expect("runtime");
     let submitted = say::remote(
         &ray,
         "hello from a task".to_owned(),
@@ -796,16 +777,7 @@ fn make_bytes(k: u64, len: u64) -> Vec<u8> {
 }
 
 fn shm_runtime(memory: u64, spill: &Path) -> Ray {
-    rustyray::init_with(
-        Config::new()
-            .num_cpus(2.0)
-            .worker_mode(WorkerMode::Processes)
-            .worker_command(worker_command())
-            .log_dir(test_logs())
-            .object_store_memory(memory)
-            .spill_dir(spill),
-    )
-    .expect("runtime")
+    rustyray::init_with(process_config().object_store_memory(memory).spill_dir(spill)).expect("runtime")
 }
 
 #[test]

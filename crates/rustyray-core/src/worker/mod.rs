@@ -514,22 +514,28 @@ fn serve(socket: &str) -> Result<()> {
     let io = |what: &str, e: std::io::Error| Error::invalid(format!("{what}: {e}"));
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(socket.as_bytes())
         .map_err(|e| io("bad node socket name", e))?;
-    let mut stream =
-        UnixStream::connect_addr(&addr).map_err(|e| io("cannot connect to the node daemon", e))?;
-    let replies = Replies(Arc::new(Mutex::new(
+    // Two connections, one per direction (see `Role::WorkerUp`): the node's
+    // messages arrive on the first, this worker's go out on the second.
+    let connect = |role: Role| -> Result<(UnixStream, FrameDecoder)> {
+        let mut stream =
+            UnixStream::connect_addr(&addr).map_err(|e| io("cannot connect to the node daemon", e))?;
+        let hello =
+            wire::encode_frame(&Message::hello(role, token)).map_err(|e| Error::invalid(e.to_string()))?;
         stream
-            .try_clone()
-            .map_err(|e| io("cannot share the connection", e))?,
-    )));
-    let mut dec = FrameDecoder::default();
-    replies.send(&Message::hello(Role::Worker, token));
-    match read(&mut stream, &mut dec)? {
-        Some(Message::Welcome { .. }) => {}
-        Some(Message::Refused { reason }) => {
-            return Err(Error::invalid(format!("refused by the node: {reason}")))
+            .write_all(&hello)
+            .map_err(|e| io("cannot greet the node daemon", e))?;
+        let mut dec = FrameDecoder::default();
+        match read(&mut stream, &mut dec)? {
+            Some(Message::Welcome { .. }) => Ok((stream, dec)),
+            Some(Message::Refused { reason }) => {
+                Err(Error::invalid(format!("refused by the node: {reason}")))
+            }
+            other => Err(Error::invalid(format!("expected Welcome, got {other:?}"))),
         }
-        other => return Err(Error::invalid(format!("expected Welcome, got {other:?}"))),
-    }
+    };
+    let (stream, dec) = connect(Role::Worker)?;
+    let (up, _) = connect(Role::WorkerUp)?;
+    let replies = Replies(Arc::new(Mutex::new(up)));
     let rt = Inner::start(Config::default())?;
     // Objects the owner lent are asked for when first looked at.
     let fetch = replies.clone();
