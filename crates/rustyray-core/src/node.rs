@@ -57,7 +57,7 @@ use crate::error::{Error, Result};
 use crate::ids::TaskId;
 use crate::shm::{shm_error, Loan, NodeStore, ARENA_ENV};
 use crate::wire::{self, FrameDecoder, Message, Role, WireOutcome};
-use crate::worker_logs::{Label, WorkerLogs};
+use crate::worker_logs::WorkerLogs;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -132,6 +132,9 @@ struct Out {
 impl Out {
     /// Writes the held frames.
     fn flush(&mut self) -> std::io::Result<()> {
+        if self.held.is_empty() {
+            return Ok(());
+        }
         let written = std::io::Write::write_all(&mut self.stream, &self.held);
         self.held.clear();
         written
@@ -163,10 +166,22 @@ mod cork {
     /// Bytes held back for one worker before they are sent anyway.
     pub(super) const HOLD_MAX: usize = 64 * 1024;
 
+    /// The workers a corked thread holds frames for. Dropping it sends
+    /// them, so a thread that unwinds (a handler panicked) or ends still
+    /// sends what it held.
+    struct Held(Vec<Arc<WorkerProc>>);
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            for w in self.0.drain(..) {
+                w.flush();
+            }
+        }
+    }
+
     thread_local! {
-        /// `Some` while this thread is corked: the workers with frames
-        /// held back.
-        static HELD: RefCell<Option<Vec<Arc<WorkerProc>>>> = const { RefCell::new(None) };
+        /// `Some` while this thread is corked.
+        static HELD: RefCell<Option<Held>> = const { RefCell::new(None) };
     }
 
     /// Starts holding this thread's frames back (until [`flush`]).
@@ -174,7 +189,7 @@ mod cork {
         HELD.with(|h| {
             let mut h = h.borrow_mut();
             if h.is_none() {
-                *h = Some(Vec::new());
+                *h = Some(Held(Vec::new()));
             }
         });
     }
@@ -186,7 +201,7 @@ mod cork {
             Ok(Some(held)) => {
                 if first {
                     match w.upgrade() {
-                        Some(w) => held.push(w),
+                        Some(w) => held.0.push(w),
                         None => return false,
                     }
                 }
@@ -198,10 +213,9 @@ mod cork {
 
     /// Sends every frame this thread held back and stops holding.
     pub(super) fn flush() {
+        // Taken out first: flushing writes, and a write asks `hold`.
         let held = HELD.with(|h| h.borrow_mut().take());
-        for w in held.into_iter().flatten() {
-            w.flush();
-        }
+        drop(held);
     }
 }
 
@@ -243,8 +257,6 @@ pub(crate) struct WorkerProc {
     /// Tasks running here: their CPU, and whether it is lent out while the
     /// task blocks.
     cpu: Mutex<HashMap<TaskId, (crate::ResourceSet, bool)>>,
-    /// What its output lines are labelled with.
-    label: Label,
 }
 
 impl std::fmt::Debug for WorkerProc {
@@ -295,15 +307,19 @@ impl WorkerProc {
     /// is gone, which its reader thread notices.
     fn write(&self, frame: &[u8]) {
         let mut out = self.out.lock();
-        if out.held.len() < cork::HOLD_MAX && cork::hold(&self.me, out.held.is_empty()) {
+        let small = frame.len() < cork::HOLD_MAX;
+        if small && out.held.len() < cork::HOLD_MAX && cork::hold(&self.me, out.held.is_empty()) {
             out.held.extend_from_slice(frame);
             return;
         }
-        let written = if out.held.is_empty() {
-            std::io::Write::write_all(&mut out.stream, frame)
-        } else {
+        let written = if small && !out.held.is_empty() {
+            // One write for both.
             out.held.extend_from_slice(frame);
             out.flush()
+        } else {
+            // A large frame is never copied into the held bytes.
+            out.flush()
+                .and_then(|()| std::io::Write::write_all(&mut out.stream, frame))
         };
         if let Err(e) = written {
             tracing::debug!(pid = self.pid, error = %e, "cannot write to worker process");
@@ -599,19 +615,17 @@ impl Pool {
         Ok(pool)
     }
 
-    /// Leases a worker for good and makes it host an actor of `class`:
-    /// sends the constructor, waits for its outcome. The worker never
-    /// returns to the pool; it ends with the actor.
+    /// Leases a worker for good and makes it host an actor: sends the
+    /// constructor, waits for its outcome. The worker never returns to the
+    /// pool; it ends with the actor.
     pub(crate) async fn create_actor(
         self: &Arc<Self>,
-        class: &'static str,
         actor_id: crate::ids::ActorId,
         task_id: TaskId,
         (spec, loan): (Vec<u8>, Loan),
         max_concurrency: u32,
     ) -> std::result::Result<(Arc<WorkerProc>, WireOutcome), String> {
         let w = self.lease().await.map_err(|e| e.to_string())?;
-        w.label.set(class);
         let msg = Message::CreateActor {
             actor_id,
             task_id,
@@ -689,8 +703,14 @@ impl Pool {
             child
         };
         let pid = child.id();
-        let label = Label::default();
-        self.logs.follow(pid, &mut child, &label);
+        if let Err(e) = self.logs.follow(pid, &mut child) {
+            self.state.lock().starting.remove(&pid);
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Error::invalid(format!(
+                "cannot start a thread for the output of worker process {pid}: {e}"
+            )));
+        }
         let began = Instant::now();
         let conn = loop {
             tokio::select! {
@@ -743,7 +763,6 @@ impl Pool {
             borrows: Mutex::new(HashMap::new()),
             actors: Mutex::new(HashMap::new()),
             cpu: Mutex::new(HashMap::new()),
-            label,
         });
         {
             let mut s = self.state.lock();
@@ -1215,5 +1234,98 @@ fn read_loop(
             let inflight = std::mem::take(&mut *w.inflight.lock());
             drop(inflight);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker whose connection is one end of a socket pair, with no
+    /// process behind it.
+    fn on_socket(stream: StdUnixStream) -> Arc<WorkerProc> {
+        Arc::new_cyclic(|me| WorkerProc {
+            pid: 0,
+            child: Mutex::new(None),
+            out: Mutex::new(Out {
+                stream,
+                held: Vec::new(),
+            }),
+            me: me.clone(),
+            reader: Mutex::new(None),
+            inflight: Mutex::new(HashMap::new()),
+            dead: AtomicBool::new(false),
+            died: tokio::sync::Notify::new(),
+            pins: Mutex::new(Some(HashMap::new())),
+            writers: Mutex::new(HashMap::new()),
+            borrows: Mutex::new(HashMap::new()),
+            actors: Mutex::new(HashMap::new()),
+            cpu: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A worker on a socket pair, and a thread collecting what reaches
+    /// the other end until the worker is dropped.
+    fn worker_and_peer() -> (Arc<WorkerProc>, std::thread::JoinHandle<Vec<u8>>) {
+        let (ours, theirs) = StdUnixStream::pair().expect("socket pair");
+        let peer = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut { theirs }, &mut got);
+            got
+        });
+        (on_socket(ours), peer)
+    }
+
+    #[test]
+    fn held_frames_keep_their_order_with_frames_other_threads_write() {
+        let (w, peer) = worker_and_peer();
+        cork::start();
+        w.write(b"1");
+        w.write(b"2");
+        let other = w.clone();
+        // Not corked: goes out at once, after the held frames.
+        std::thread::spawn(move || other.write(b"3"))
+            .join()
+            .expect("writer");
+        w.write(b"4");
+        cork::flush();
+        w.write(b"5");
+        drop(w);
+        assert_eq!(peer.join().expect("peer"), b"12345");
+    }
+
+    #[test]
+    fn a_large_frame_is_never_held_nor_leaves_a_large_buffer() {
+        let (w, peer) = worker_and_peer();
+        let large = vec![7_u8; 8 << 20];
+        cork::start();
+        w.write(b"small");
+        w.write(&large);
+        let held = w.out.lock().held.capacity();
+        cork::flush();
+        drop(w);
+        let got = peer.join().expect("peer");
+        assert_eq!(got.len(), 5 + large.len());
+        assert_eq!(&got[..5], b"small");
+        assert!(
+            held < 2 * cork::HOLD_MAX,
+            "a {held}-byte buffer stayed with the worker"
+        );
+    }
+
+    #[test]
+    fn a_corked_thread_that_panics_still_sends_what_it_held() {
+        let (w, peer) = worker_and_peer();
+        let w2 = w.clone();
+        let panicked = std::thread::spawn(move || {
+            cork::start();
+            w2.write(b"a reply someone waits for");
+            panic!("a handler panicked");
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert!(w.out.lock().held.is_empty());
+        drop(w);
+        assert_eq!(peer.join().expect("peer"), b"a reply someone waits for");
     }
 }

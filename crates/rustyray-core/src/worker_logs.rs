@@ -9,6 +9,12 @@
 //! an actor of class `Counter`. The files stay after shutdown, for a look at
 //! what a crashed worker said last (Ray keeps its session logs too).
 //!
+//! A worker that starts hosting an actor says so in its own output, one
+//! marker line per stream ([`announce_actor`]), as Ray's workers print
+//! their actor's name into their logs: the label then changes exactly at
+//! that point of each stream, so lines a task wrote earlier in a reused
+//! process keep the plain prefix. Marker lines are neither echoed nor kept.
+//!
 //! One thread per stream copies the lines; it ends when the stream ends,
 //! which is when the worker process is gone. A line longer than
 //! [`MAX_LINE`] is passed on in pieces of that size, so a worker writing
@@ -23,24 +29,26 @@ use std::time::{Duration, Instant};
 /// The longest piece of output passed on as one line.
 pub(crate) const MAX_LINE: u64 = 64 * 1024;
 
-/// What a worker process's output is labelled with besides its pid: the
-/// class of the actor it hosts, once it hosts one.
-#[derive(Clone, Default)]
-pub(crate) struct Label(Arc<Mutex<Option<&'static str>>>);
+/// How a worker's marker line starts (an ASCII record separator, then a
+/// name no program prints by chance); the actor's class follows.
+const MARKER: &[u8] = b"\x1erustyray:actor=";
 
-impl Label {
-    /// Labels the process with its actor's class (its registry name; the
-    /// label is the name's last segment, as Ray prints the class name).
-    pub(crate) fn set(&self, class: &'static str) {
-        *self.0.lock() = class.rsplit("::").next();
-    }
+/// Marks this worker process's stdout and stderr: from here on it hosts
+/// an actor of `class` (its registry name).
+pub(crate) fn announce_actor(class: &str) {
+    let line = [MARKER, class.as_bytes(), b"\n"].concat();
+    // Lost only if nobody reads the output, where it does not matter.
+    let _ = std::io::stdout().lock().write_all(&line);
+    let _ = std::io::stderr().lock().write_all(&line);
+}
 
-    /// The prefix of a line from process `pid`.
-    fn prefix(&self, pid: u32) -> String {
-        match *self.0.lock() {
-            Some(class) => format!("({class} pid={pid}) "),
-            None => format!("(pid={pid}) "),
-        }
+/// The prefix of a line from process `pid`, hosting an actor of `class`
+/// if any (its registry name; the label is the name's last segment, as Ray
+/// prints the class name).
+fn prefix(pid: u32, class: Option<&str>) -> String {
+    match class.and_then(|c| c.rsplit("::").next()) {
+        Some(class) => format!("({class} pid={pid}) "),
+        None => format!("(pid={pid}) "),
     }
 }
 
@@ -77,37 +85,38 @@ impl WorkerLogs {
     }
 
     /// Starts copying the output of worker process `pid` (spawned with
-    /// piped stdout and stderr); `label` names what it hosts.
-    pub(crate) fn follow(&self, pid: u32, child: &mut std::process::Child, label: &Label) {
+    /// piped stdout and stderr). An error when no thread could be started:
+    /// the worker must not run then, as its first line would fail on a
+    /// pipe nobody reads (and Rust's `println!` panics on that).
+    pub(crate) fn follow(&self, pid: u32, child: &mut std::process::Child) -> std::io::Result<()> {
         if let Some(out) = child.stdout.take() {
-            self.pump(pid, Stream::Out, out, label);
+            self.pump(pid, Stream::Out, out)?;
         }
         if let Some(err) = child.stderr.take() {
-            self.pump(pid, Stream::Err, err, label);
+            self.pump(pid, Stream::Err, err)?;
         }
+        Ok(())
     }
 
-    fn pump(&self, pid: u32, stream: Stream, from: impl Read + Send + 'static, label: &Label) {
+    fn pump(&self, pid: u32, stream: Stream, from: impl Read + Send + 'static) -> std::io::Result<()> {
         let file = self.dir.join(match stream {
             Stream::Out => format!("worker-{pid}.out"),
             Stream::Err => format!("worker-{pid}.err"),
         });
-        let (to_driver, label, active) = (self.to_driver, label.clone(), self.active.clone());
+        let (to_driver, active) = (self.to_driver, self.active.clone());
         *active.0.lock() += 1;
         let started = std::thread::Builder::new()
             .name(format!("rustyray-log-{pid}"))
             .spawn(move || {
-                copy_lines(from, &file, stream, to_driver.then_some((pid, label)));
+                copy_lines(from, &file, stream, to_driver.then_some(pid));
                 let (count, changed) = &*active;
                 *count.lock() -= 1;
                 changed.notify_all();
             });
-        if let Err(e) = started {
-            // The pipe closes with `from`: the worker's writes fail, which
-            // does not stop it.
+        if started.is_err() {
             *self.active.0.lock() -= 1;
-            tracing::warn!(pid, error = %e, "cannot start a thread for a worker's output");
         }
+        started.map(drop)
     }
 
     /// Waits until every stream followed so far has ended (its process is
@@ -127,12 +136,13 @@ impl WorkerLogs {
 }
 
 /// Copies `from` line by line into `file` (created at the first line) and,
-/// with `driver`, to this process's matching stream with the line's
-/// prefix, until `from` ends.
-fn copy_lines(from: impl Read, file: &Path, stream: Stream, driver: Option<(u32, Label)>) {
+/// with `driver` (the worker's pid), to this process's matching stream with
+/// the line's prefix, until `from` ends.
+fn copy_lines(from: impl Read, file: &Path, stream: Stream, driver: Option<u32>) {
     let mut from = BufReader::new(from);
     let mut line = Vec::with_capacity(256);
     let mut log = LogFile::Unopened;
+    let mut class: Option<String> = None;
     loop {
         line.clear();
         match from.by_ref().take(MAX_LINE).read_until(b'\n', &mut line) {
@@ -144,9 +154,18 @@ fn copy_lines(from: impl Read, file: &Path, stream: Stream, driver: Option<(u32,
                 return;
             }
         }
-        log.write(file, &line);
-        if let Some((pid, label)) = &driver {
-            echo(stream, &label.prefix(*pid), &line);
+        // A marker ends its line; it may follow a partial line.
+        let marker = line.windows(MARKER.len()).position(|w| w == MARKER);
+        let text = &line[..marker.unwrap_or(line.len())];
+        if !text.is_empty() {
+            log.write(file, text);
+            if let Some(pid) = driver {
+                echo(stream, &prefix(pid, class.as_deref()), text);
+            }
+        }
+        if let Some(at) = marker {
+            let name = &line[at + MARKER.len()..];
+            class = Some(String::from_utf8_lossy(name).trim_end().to_owned());
         }
     }
 }
@@ -228,9 +247,24 @@ mod tests {
 
     #[test]
     fn prefixes_name_the_pid_and_an_actors_class() {
-        let label = Label::default();
-        assert_eq!(label.prefix(7), "(pid=7) ");
-        label.set("my_app::actors::Counter");
-        assert_eq!(label.prefix(7), "(Counter pid=7) ");
+        assert_eq!(prefix(7, None), "(pid=7) ");
+        assert_eq!(prefix(7, Some("my_app::actors::Counter")), "(Counter pid=7) ");
+    }
+
+    #[test]
+    fn marker_lines_are_neither_kept_nor_echoed() {
+        let dir = std::env::temp_dir().join(format!("rr-logs-marker-{}", std::process::id()));
+        let file = dir.join("worker-3.out");
+        let mut input = b"before\n".to_vec();
+        input.extend_from_slice(MARKER);
+        input.extend_from_slice(b"app::Counter\nafter\npartial ");
+        input.extend_from_slice(MARKER);
+        input.extend_from_slice(b"app::Other\nend\n");
+        copy_lines(&input[..], &file, Stream::Out, None);
+        assert_eq!(
+            std::fs::read(&file).expect("the log file"),
+            b"before\nafter\npartial end\n"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -73,15 +73,30 @@ fn copy_bytes(src: &[u8], dst: &mut [u8]) {
         return;
     }
     let per = src.len().div_ceil(threads);
-    std::thread::scope(|s| {
+    std::thread::scope(|scope| {
         let mut parts = dst.chunks_mut(per).zip(src.chunks(per));
-        // The calling thread copies the first part itself.
+        // The calling thread copies the first part itself, and any part
+        // no thread could be started for.
         let first = parts.next();
-        for (d, s_) in parts {
-            s.spawn(move || d.copy_from_slice(s_));
+        for part in parts {
+            // The thread is started before it is handed its part, so a
+            // thread the system refuses leaves the part here.
+            let (give, take) = std::sync::mpsc::channel::<(&mut [u8], &[u8])>();
+            let helper = std::thread::Builder::new().spawn_scoped(scope, move || {
+                if let Ok((to, from)) = take.recv() {
+                    to.copy_from_slice(from);
+                }
+            });
+            let undone = match helper {
+                Ok(_) => give.send(part).err().map(|e| e.0),
+                Err(_) => Some(part),
+            };
+            if let Some((to, from)) = undone {
+                to.copy_from_slice(from);
+            }
         }
-        if let Some((d, s_)) = first {
-            d.copy_from_slice(s_);
+        if let Some((to, from)) = first {
+            to.copy_from_slice(from);
         }
     });
 }

@@ -30,11 +30,29 @@ fn worker_command() -> WorkerCommand {
     )
 }
 
-/// Where the tests' workers keep their output (the test harness in each
-/// worker prints a few lines): one directory for every test, files named
-/// by worker pid.
+/// Where the workers of this test process keep their output (the test
+/// harness in each worker prints a few lines); [`TestRay`] removes it.
 fn test_logs() -> PathBuf {
-    std::env::temp_dir().join("rustyray-test-worker-logs")
+    std::env::temp_dir().join(format!("rr-wp-{}-worker-logs", std::process::id()))
+}
+
+/// A process runtime that shuts down and removes its workers' log
+/// directory when the test drops it.
+struct TestRay(Ray);
+
+impl std::ops::Deref for TestRay {
+    type Target = Ray;
+    fn deref(&self) -> &Ray {
+        &self.0
+    }
+}
+
+impl Drop for TestRay {
+    fn drop(&mut self) {
+        // Shut down first: it waits for the workers' last lines.
+        let _ = self.0.shutdown();
+        let _ = std::fs::remove_dir_all(test_logs());
+    }
 }
 
 /// The configuration of the tests' process runtimes.
@@ -46,8 +64,8 @@ fn process_config() -> Config {
         .log_dir(test_logs())
 }
 
-fn process_runtime() -> Ray {
-    rustyray::init_with(process_config()).expect("runtime")
+fn process_runtime() -> TestRay {
+    TestRay(rustyray::init_with(process_config()).expect("runtime"))
 }
 
 /// A scratch directory of one test.
@@ -393,6 +411,8 @@ fn workers_die_with_their_driver() {
     // No process holds the arena any more: the memfd, and its memory, are
     // gone with the last of them.
     wait_until("the arena is released", || processes_holding(arena).is_empty());
+    // The killed driver could not remove its workers' logs.
+    let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("rr-wp-{}-worker-logs", driver.id())));
 }
 
 #[rustyray::remote]
@@ -420,11 +440,11 @@ fn a_put_waiting_for_room_does_not_hold_up_the_release_behind_it() -> rustyray::
     // threshold, so both live in the owner's store). The full timeout is
     // long: a reader that waited for room itself would wait all of it and
     // then fail the second object.
-    let ray = rustyray::init_with(
+    let ray = TestRay(rustyray::init_with(
         process_config()
             .object_store_memory(100_000)
             .object_store_full_timeout(LONG),
-    )?;
+    )?);
     assert_eq!(ray.get_timeout(&put_while_full::remote(&ray)?, LONG)?, 120_000);
     Ok(())
 }
@@ -532,16 +552,18 @@ fn worker_output_reaches_the_driver_prefixed() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the driver");
-    // Waited for on another thread, so a hung driver fails the test
-    // instead of hanging it.
+    // Waited for on another thread, so a hung driver fails the test (and
+    // is killed) instead of hanging it.
+    let pid = driver.id();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(driver.wait_with_output());
     });
-    let output = rx
-        .recv_timeout(LONG)
-        .expect("the driver finishes")
-        .expect("the driver's output");
+    let Ok(output) = rx.recv_timeout(LONG) else {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        panic!("the driver did not finish within {LONG:?}");
+    };
+    let output = output.expect("the driver's output");
     let (stdout, stderr) = (
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr),
@@ -776,8 +798,10 @@ fn make_bytes(k: u64, len: u64) -> Vec<u8> {
     pattern(k as usize, len as usize)
 }
 
-fn shm_runtime(memory: u64, spill: &Path) -> Ray {
-    rustyray::init_with(process_config().object_store_memory(memory).spill_dir(spill)).expect("runtime")
+fn shm_runtime(memory: u64, spill: &Path) -> TestRay {
+    TestRay(
+        rustyray::init_with(process_config().object_store_memory(memory).spill_dir(spill)).expect("runtime"),
+    )
 }
 
 #[test]

@@ -90,7 +90,7 @@ async fn launch(rt: &Arc<Inner>, actor: &Arc<ActorState>) -> crate::Result<Arc<W
         )
     };
     let (w, outcome) = node
-        .create_actor(actor.class.name, actor.id, task_id, bytes, actor.max_concurrency)
+        .create_actor(actor.id, task_id, bytes, actor.max_concurrency)
         .await
         .map_err(|reason| {
             actor.died(

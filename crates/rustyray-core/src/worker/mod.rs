@@ -777,6 +777,14 @@ fn create_actor(
     let rt = &worker.rt;
     let (w, ray) = (worker.clone(), crate::Ray::non_owning(rt.clone()));
     let spec = decode_spec(worker, spec);
+    if let Ok(TaskSpec {
+        target: Target::Constructor(class),
+        ..
+    }) = &spec
+    {
+        // Before the constructor runs: its lines are the actor's.
+        crate::worker_logs::announce_actor(class.name);
+    }
     rt.handle.spawn(async move {
         let hosted = match spec {
             Ok(TaskSpec {
