@@ -154,10 +154,9 @@ impl Out {
 /// connection keeps its order.
 ///
 /// Only handlers that never wait on another process run corked (the
-/// reader flushes before any other), and the one wait they may reach (a
-/// result waiting for room in the owner's store) flushes first
-/// ([`flush_held`]), so a held frame can never be one that a wait depends
-/// on.
+/// reader flushes before any other; a result or put that finds no room in
+/// the owner's store waits on the blocking pool, see [`on_reader`]), so a
+/// held frame can never be one that a wait depends on.
 mod cork {
     use super::WorkerProc;
     use std::cell::RefCell;
@@ -219,10 +218,16 @@ mod cork {
     }
 }
 
-/// Sends the frames this thread held back (see [`cork`]) before it
-/// blocks: what it waits for may depend on one of them.
-pub(crate) fn flush_held() {
-    cork::flush();
+thread_local! {
+    /// Set on the threads that read a worker's connection.
+    static ON_READER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread reads a worker's connection: it must not wait for
+/// another process (or for room in the store, which another process's
+/// message may free), or it would hold up the messages behind.
+pub(crate) fn on_reader() -> bool {
+    ON_READER.with(std::cell::Cell::get)
 }
 
 /// One worker process and its connection.
@@ -1026,6 +1031,7 @@ fn read_loop(
     rd: &mut StdUnixStream,
     mut dec: FrameDecoder,
 ) {
+    ON_READER.with(|r| r.set(true));
     let why = loop {
         let msg = match dec.next_message() {
             Ok(Some(msg)) => Ok(Some(msg)),

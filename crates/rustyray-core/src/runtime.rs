@@ -613,9 +613,6 @@ impl Inner {
     pub(crate) fn admit(&self, v: Value) -> Result<(Value, u64)> {
         let (v, size) = self.measure(v)?;
         if !self.store.try_reserve(size) {
-            // Frames this thread held back must not wait for the room:
-            // one of them may be what frees it.
-            crate::node::flush_held();
             let on_executor = tokio::runtime::Handle::try_current()
                 .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
             if on_executor {
@@ -656,10 +653,9 @@ impl Inner {
     }
 
     /// Keeps object `id`, put by a worker process, without waiting: when
-    /// the store has no room yet, the object is pending until a thread of
-    /// the blocking pool finds room (or fails it with `ObjectStoreFull`),
-    /// so whoever hands it over can go on meanwhile — e.g. reading the
-    /// `Release` that frees the room.
+    /// the store has no room yet, the object is pending until room comes
+    /// (see [`Self::complete_later`]), so whoever hands it over can go on
+    /// meanwhile — e.g. reading the `Release` that frees the room.
     pub(crate) fn put_for_worker(self: &Arc<Self>, id: ObjectId, v: Value) -> Result<RawRef> {
         self.check_open()?;
         let (v, size) = self.measure(v)?;
@@ -668,12 +664,38 @@ impl Inner {
             return Ok(RawRef::adopt(id, self.clone()));
         }
         self.store.create_pending(id)?;
-        let store = self.clone();
-        self.handle.spawn_blocking(move || {
-            let admitted = store.store.reserve(size).map(|()| (v, size));
-            store.store.complete(id, admitted);
-        });
+        self.complete_later(id, v, size);
         Ok(RawRef::adopt(id, self.clone()))
+    }
+
+    /// Completes the pending object `id` with a task's or call's value.
+    /// A thread reading a worker's connection never waits for room: when
+    /// there is none, the wait goes to the blocking pool, so the messages
+    /// behind (a `Release` that frees the room, say) are read meanwhile.
+    /// Other threads wait here, which holds back the work that made the
+    /// value, as Ray's workers wait for room in a full store.
+    pub(crate) fn publish(self: &Arc<Self>, id: ObjectId, v: Value) {
+        if !crate::node::on_reader() {
+            let admitted = self.admit(v);
+            self.store.complete(id, admitted);
+            return;
+        }
+        match self.measure(v) {
+            Ok((v, size)) if self.store.try_reserve(size) => self.store.complete(id, Ok((v, size))),
+            Ok((v, size)) => self.complete_later(id, v, size),
+            Err(e) => self.store.complete(id, Err(e)),
+        }
+    }
+
+    /// Completes the pending object `id` with `v` once `size` bytes of
+    /// room are reserved for it, on a thread of the blocking pool; fails it
+    /// with `ObjectStoreFull` if no room comes within the store's timeout.
+    fn complete_later(self: &Arc<Self>, id: ObjectId, v: Value, size: u64) {
+        let rt = self.clone();
+        self.handle.spawn_blocking(move || {
+            let admitted = rt.store.reserve(size).map(|()| (v, size));
+            rt.store.complete(id, admitted);
+        });
     }
 
     // ----- submission -------------------------------------------------
@@ -1082,7 +1104,7 @@ impl Inner {
             Err(Error::TaskCancelled(id))
         } else {
             match outcome {
-                Outcome::Value(v) => self.admit(v),
+                Outcome::Value(v) => Ok(v),
                 Outcome::Returned(msg) => Err(task_error(TaskFailure::Returned, msg)),
                 Outcome::Panicked(msg) => Err(task_error(TaskFailure::Panicked, msg)),
                 Outcome::Failed(e) => Err(e),
@@ -1092,7 +1114,10 @@ impl Inner {
         // The arguments go before the result is published, so whoever sees
         // the result also sees them released.
         run.spec.args.clear();
-        self.store.complete(id.return_object(), result);
+        match result {
+            Ok(v) => self.publish(id.return_object(), v),
+            Err(e) => self.store.complete(id.return_object(), Err(e)),
+        }
         run.state.finish();
         self.forget_task(id);
         drop(run);

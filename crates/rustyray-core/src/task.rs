@@ -475,6 +475,11 @@ impl TaskState {
         *self.phase.lock() = Phase::Done;
     }
 
+    /// Whether [`Self::finish`] ran.
+    pub(crate) fn is_done(&self) -> bool {
+        matches!(*self.phase.lock(), Phase::Done)
+    }
+
     pub(crate) fn back_to_waiting(&self) {
         *self.phase.lock() = Phase::Waiting;
     }

@@ -449,6 +449,54 @@ fn a_put_waiting_for_room_does_not_hold_up_the_release_behind_it() -> rustyray::
     Ok(())
 }
 
+/// Holds references the driver lent it, and returns results that need
+/// the room they take.
+#[rustyray::actor]
+struct Keeper {
+    held: Vec<ObjectRef<Vec<u8>>>,
+}
+
+#[rustyray::actor]
+impl Keeper {
+    fn new() -> Self {
+        Keeper { held: Vec::new() }
+    }
+
+    fn keep(&mut self, refs: Vec<ObjectRef<Vec<u8>>>) -> usize {
+        self.held.extend(refs);
+        self.held.len()
+    }
+
+    fn bytes(&self, n: usize) -> Vec<u8> {
+        vec![3; n]
+    }
+
+    fn forget(&mut self) -> usize {
+        self.held.clear();
+        0
+    }
+}
+
+#[test]
+fn a_result_waiting_for_room_does_not_hold_up_the_release_behind_it() -> rustyray::Result<()> {
+    // The owner's store has room for one of the two 60 kB values; the
+    // first is kept only for the actor. The actor's result comes in before
+    // the `Release` of the first, on the same connection.
+    let ray = TestRay(rustyray::init_with(
+        process_config()
+            .object_store_memory(100_000)
+            .object_store_full_timeout(LONG),
+    )?);
+    let keeper = Keeper::remote(&ray)?;
+    let first = ray.put(vec![1_u8; 60_000])?;
+    assert_eq!(ray.get_timeout(&keeper.keep(vec![first])?, LONG)?, 1);
+    let result = keeper.bytes(60_000)?;
+    let forgot = keeper.forget()?;
+    assert_eq!(ray.get_timeout(&forgot, LONG)?, 0);
+    assert_eq!(ray.get_timeout(&result, LONG)?.len(), 60_000);
+    Ok(())
+}
+
 // ----- worker output -----------------------------------------------------
 
 #[rustyray::remote]

@@ -940,11 +940,15 @@ impl Drop for CallGuard {
         let id = self.state.id;
         self.actor.life.lock().running.remove(&id);
         // A call dropped before completing was cancelled or killed; its
-        // object already says so unless this is the first word.
-        self.rt
-            .store
-            .complete(id.return_object(), Err(Error::TaskCancelled(id)));
-        self.state.finish();
+        // object already says so unless this is the first word. A call
+        // that completed may still be waiting for room for its value
+        // (`Inner::publish`).
+        if !self.state.is_done() {
+            self.rt
+                .store
+                .complete(id.return_object(), Err(Error::TaskCancelled(id)));
+            self.state.finish();
+        }
         self.rt.forget_task(id);
     }
 }
@@ -952,11 +956,14 @@ impl Drop for CallGuard {
 /// Completes a call's object from its outcome.
 fn complete_call(rt: &Arc<Inner>, actor: &ActorState, call: &ActorCall, attempts: u32, outcome: Outcome) {
     let id = call.state.id;
+    // Done from here on: its object is completed now or, for a value
+    // waiting for room, by the blocking pool.
+    call.state.finish();
     let result = if call.state.is_cancelled() {
         Err(actor.dead_error().unwrap_or(Error::TaskCancelled(id)))
     } else {
         match outcome {
-            Outcome::Value(v) => rt.admit(v),
+            Outcome::Value(v) => return rt.publish(id.return_object(), v),
             Outcome::Returned(m) => Err(call_error(call, attempts, TaskFailure::Returned, m)),
             Outcome::Panicked(m) => Err(actor.dead_error().unwrap_or_else(|| {
                 actor.died(
