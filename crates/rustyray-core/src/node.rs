@@ -897,6 +897,16 @@ async fn accept_loop(pool: std::sync::Weak<Pool>, listener: tokio::net::UnixList
                 tracing::warn!(pid, ?role, "closed a connection that is not a worker's");
                 return;
             }
+            // The pid in `Hello` is the one the kernel knows for the peer,
+            // so no other process holding the token can pose as a worker
+            // that is starting.
+            match stream.peer_cred().map(|c| c.pid()) {
+                Ok(Some(peer)) if i64::from(peer) == i64::from(pid) => {}
+                other => {
+                    tracing::warn!(pid, peer = ?other, "closed a connection whose process is not the one it names");
+                    return;
+                }
+            }
             let blocking = stream
                 .into_std()
                 .and_then(|s| s.set_nonblocking(false).map(|()| s))
@@ -1025,14 +1035,38 @@ fn seal_stored(w: &WorkerProc, outcome: WireOutcome) -> WireOutcome {
 
 /// Reads a worker's messages until its connection ends (on the worker's
 /// reader thread), then forgets the worker.
-fn read_loop(
+fn read_loop(pool: &std::sync::Weak<Pool>, w: &Arc<WorkerProc>, rd: &mut StdUnixStream, dec: FrameDecoder) {
+    ON_READER.with(|r| r.set(true));
+    // A handler that panics ends the connection like a malformed frame:
+    // the worker is lost (its work failed or retried), never forgotten.
+    let why = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_messages(pool, w, rd, dec)))
+        .unwrap_or_else(|p| {
+            format!(
+                "its reader thread panicked: {}",
+                crate::runtime::panic_message(p.as_ref())
+            )
+        });
+    cork::flush();
+    match pool.upgrade() {
+        Some(pool) => pool.lost(w, &why),
+        None => {
+            w.dead.store(true, Ordering::Release);
+            w.died.notify_waiters();
+            w.reap();
+            let inflight = std::mem::take(&mut *w.inflight.lock());
+            drop(inflight);
+        }
+    }
+}
+
+/// Handles a worker's messages until its connection ends; returns why.
+fn read_messages(
     pool: &std::sync::Weak<Pool>,
     w: &Arc<WorkerProc>,
     rd: &mut StdUnixStream,
     mut dec: FrameDecoder,
-) {
-    ON_READER.with(|r| r.set(true));
-    let why = loop {
+) -> String {
+    loop {
         let msg = match dec.next_message() {
             Ok(Some(msg)) => Ok(Some(msg)),
             // Out of messages: what they held back goes before the read.
@@ -1228,17 +1262,6 @@ fn read_loop(
             }
             Ok(None) => break "its connection closed".to_owned(),
             Err(e) => break format!("its connection failed: {e}"),
-        }
-    };
-    cork::flush();
-    match pool.upgrade() {
-        Some(pool) => pool.lost(w, &why),
-        None => {
-            w.dead.store(true, Ordering::Release);
-            w.died.notify_waiters();
-            w.reap();
-            let inflight = std::mem::take(&mut *w.inflight.lock());
-            drop(inflight);
         }
     }
 }

@@ -143,19 +143,43 @@ fn copy_lines(from: impl Read, file: &Path, stream: Stream, driver: Option<u32>)
     let mut line = Vec::with_capacity(256);
     let mut log = LogFile::Unopened;
     let mut class: Option<String> = None;
+    // The end of a piece cut at `MAX_LINE` that is, or may begin, a marker:
+    // read again in front of the next piece, so a marker is never split.
+    let mut carry: Vec<u8> = Vec::new();
     loop {
         line.clear();
-        match from.by_ref().take(MAX_LINE).read_until(b'\n', &mut line) {
-            Ok(0) => return,
-            Ok(_) => {}
+        line.append(&mut carry);
+        let carried = line.len();
+        let read = match from.by_ref().take(MAX_LINE).read_until(b'\n', &mut line) {
+            Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 tracing::debug!(file = %file.display(), error = %e, "cannot read a worker's output");
-                return;
+                0
             }
+        };
+        if read == 0 && carried == 0 {
+            return;
         }
         // A marker ends its line; it may follow a partial line.
-        let marker = line.windows(MARKER.len()).position(|w| w == MARKER);
+        let mut marker = line.windows(MARKER.len()).position(|w| w == MARKER);
+        if read != 0 && !line.ends_with(b"\n") {
+            // Cut at `MAX_LINE`: hold back a marker whose class is still
+            // arriving (at most one more piece), or a tail that may be the
+            // start of one.
+            let keep = match marker {
+                Some(at) if line.len() - at < MAX_LINE as usize => line.len() - at,
+                Some(_) => 0,
+                None => (1..MARKER.len())
+                    .rev()
+                    .find(|&k| line.ends_with(&MARKER[..k]))
+                    .unwrap_or(0),
+            };
+            if keep > 0 {
+                carry = line.split_off(line.len() - keep);
+                marker = line.windows(MARKER.len()).position(|w| w == MARKER);
+            }
+        }
         let text = &line[..marker.unwrap_or(line.len())];
         if !text.is_empty() {
             log.write(file, text);
@@ -166,6 +190,9 @@ fn copy_lines(from: impl Read, file: &Path, stream: Stream, driver: Option<u32>)
         if let Some(at) = marker {
             let name = &line[at + MARKER.len()..];
             class = Some(String::from_utf8_lossy(name).trim_end().to_owned());
+        }
+        if read == 0 {
+            return;
         }
     }
 }
@@ -266,5 +293,45 @@ mod tests {
             b"before\nafter\npartial end\n"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+mod review_tests {
+    use super::*;
+
+    /// A marker that straddles a `MAX_LINE` piece boundary (after a long
+    /// partial line, e.g. a progress bar printed with `print!`) must still
+    /// be recognised: neither kept nor echoed.
+    #[test]
+    fn a_marker_split_across_a_piece_boundary_is_still_a_marker() {
+        let dir = std::env::temp_dir().join(format!("rr-logs-split-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let file = dir.join("worker-4.out");
+        // The first piece ends three bytes into the marker.
+        let mut input = vec![b'.'; MAX_LINE as usize - 3];
+        input.extend_from_slice(MARKER);
+        input.extend_from_slice(b"app::Counter\nafter\n");
+        // And a marker whole in its piece whose class is cut.
+        input.extend_from_slice(&vec![b','; MAX_LINE as usize - MARKER.len() - 4]);
+        input.extend_from_slice(MARKER);
+        input.extend_from_slice(b"app::Other\nend\n");
+        copy_lines(&input[..], &file, Stream::Out, None);
+        let mut expected = vec![b'.'; MAX_LINE as usize - 3];
+        expected.extend_from_slice(b"after\n");
+        expected.extend_from_slice(&vec![b','; MAX_LINE as usize - MARKER.len() - 4]);
+        expected.extend_from_slice(b"end\n");
+        let expected_tail = expected.split_off(MAX_LINE as usize - 3);
+        expected.extend_from_slice(&expected_tail);
+        let written = std::fs::read(&file).expect("the log file");
+        let _ = std::fs::remove_dir_all(&dir);
+        let leak = written.windows(8).position(|w| w == b"rustyray");
+        assert!(
+            written == expected,
+            "marker bytes leaked into the log: {:?}",
+            leak.map(|at| String::from_utf8_lossy(
+                &written[at.saturating_sub(4)..(at + 30).min(written.len())]
+            ))
+        );
     }
 }

@@ -512,6 +512,7 @@ struct Greeter;
 #[rustyray::actor]
 impl Greeter {
     fn new() -> Self {
+        println!("a greeter is born");
         Greeter
     }
 
@@ -644,6 +645,16 @@ fn worker_output_reaches_the_driver_prefixed() {
             &stdout,
             format!("(Greeter pid={actor_pid}) "),
             "hello from an actor"
+        ),
+        "{stdout}"
+    );
+    // The constructor's lines are the actor's too, even in a process
+    // that ran tasks before.
+    assert!(
+        has(
+            &stdout,
+            format!("(Greeter pid={actor_pid}) "),
+            "a greeter is born"
         ),
         "{stdout}"
     );
