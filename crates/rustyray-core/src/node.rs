@@ -274,6 +274,29 @@ impl std::fmt::Debug for WorkerProc {
 }
 
 impl WorkerProc {
+    /// Worker process `pid` (`child`, when this process started it),
+    /// whose messages go out on `stream`.
+    fn new(pid: u32, child: Option<Child>, stream: StdUnixStream) -> Arc<Self> {
+        Arc::new_cyclic(|me| WorkerProc {
+            pid,
+            child: Mutex::new(child),
+            out: Mutex::new(Out {
+                stream,
+                held: Vec::new(),
+            }),
+            me: me.clone(),
+            reader: Mutex::new(None),
+            inflight: Mutex::new(HashMap::new()),
+            dead: AtomicBool::new(false),
+            died: tokio::sync::Notify::new(),
+            pins: Mutex::new(Some(HashMap::new())),
+            writers: Mutex::new(HashMap::new()),
+            borrows: Mutex::new(HashMap::new()),
+            actors: Mutex::new(HashMap::new()),
+            cpu: Mutex::new(HashMap::new()),
+        })
+    }
+
     /// Asks the worker to cancel `task`: it flags the task (and aborts it
     /// at its next await if async); with `force` the process is killed.
     pub(crate) fn cancel(&self, task: TaskId, force: bool) {
@@ -751,24 +774,7 @@ impl Pool {
                 return Err(Error::invalid(reason));
             }
         };
-        let w = Arc::new_cyclic(|me| WorkerProc {
-            pid,
-            child: Mutex::new(Some(child)),
-            out: Mutex::new(Out {
-                stream,
-                held: Vec::new(),
-            }),
-            me: me.clone(),
-            reader: Mutex::new(None),
-            inflight: Mutex::new(HashMap::new()),
-            dead: AtomicBool::new(false),
-            died: tokio::sync::Notify::new(),
-            pins: Mutex::new(Some(HashMap::new())),
-            writers: Mutex::new(HashMap::new()),
-            borrows: Mutex::new(HashMap::new()),
-            actors: Mutex::new(HashMap::new()),
-            cpu: Mutex::new(HashMap::new()),
-        });
+        let w = WorkerProc::new(pid, Some(child), stream);
         {
             let mut s = self.state.lock();
             if s.closed {
@@ -1273,24 +1279,7 @@ mod tests {
     /// A worker whose connection is one end of a socket pair, with no
     /// process behind it.
     fn on_socket(stream: StdUnixStream) -> Arc<WorkerProc> {
-        Arc::new_cyclic(|me| WorkerProc {
-            pid: 0,
-            child: Mutex::new(None),
-            out: Mutex::new(Out {
-                stream,
-                held: Vec::new(),
-            }),
-            me: me.clone(),
-            reader: Mutex::new(None),
-            inflight: Mutex::new(HashMap::new()),
-            dead: AtomicBool::new(false),
-            died: tokio::sync::Notify::new(),
-            pins: Mutex::new(Some(HashMap::new())),
-            writers: Mutex::new(HashMap::new()),
-            borrows: Mutex::new(HashMap::new()),
-            actors: Mutex::new(HashMap::new()),
-            cpu: Mutex::new(HashMap::new()),
-        })
+        WorkerProc::new(0, None, stream)
     }
 
     /// A worker on a socket pair, and a thread collecting what reaches

@@ -434,17 +434,23 @@ fn put_while_full() -> rustyray::Result<usize> {
     Ok(n + ray.get(&m)?)
 }
 
+/// A process runtime whose owner's store holds 100 kB, with a full
+/// timeout long enough that a wait for room that is never satisfied
+/// fails the test.
+fn small_store_runtime() -> rustyray::Result<TestRay> {
+    let config = process_config()
+        .object_store_memory(100_000)
+        .object_store_full_timeout(LONG);
+    Ok(TestRay(rustyray::init_with(config)?))
+}
+
 #[test]
 fn a_put_waiting_for_room_does_not_hold_up_the_release_behind_it() -> rustyray::Result<()> {
     // Room for one of the two objects (both below the shared-memory
     // threshold, so both live in the owner's store). The full timeout is
     // long: a reader that waited for room itself would wait all of it and
     // then fail the second object.
-    let ray = TestRay(rustyray::init_with(
-        process_config()
-            .object_store_memory(100_000)
-            .object_store_full_timeout(LONG),
-    )?);
+    let ray = small_store_runtime()?;
     assert_eq!(ray.get_timeout(&put_while_full::remote(&ray)?, LONG)?, 120_000);
     Ok(())
 }
@@ -482,11 +488,7 @@ fn a_result_waiting_for_room_does_not_hold_up_the_release_behind_it() -> rustyra
     // The owner's store has room for one of the two 60 kB values; the
     // first is kept only for the actor. The actor's result comes in before
     // the `Release` of the first, on the same connection.
-    let ray = TestRay(rustyray::init_with(
-        process_config()
-            .object_store_memory(100_000)
-            .object_store_full_timeout(LONG),
-    )?);
+    let ray = small_store_runtime()?;
     let keeper = Keeper::remote(&ray)?;
     let first = ray.put(vec![1_u8; 60_000])?;
     assert_eq!(ray.get_timeout(&keeper.keep(vec![first])?, LONG)?, 1);
