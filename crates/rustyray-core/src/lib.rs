@@ -22,7 +22,10 @@
 //! (memory store + reference counter), `scheduler` (local task manager),
 //! `pool` (worker pool), `actor` (actor manager + actor task receiver),
 //! `task` (task specification + task manager), `codec` (serialization),
-//! `context` (runtime context).
+//! `context` (runtime context); for worker processes: [`wire`] (the
+//! protocol), `node` (node daemon: worker pool, raylet), `worker` (the
+//! worker process's loop, core worker), `shm` (plasma), `worker_logs`
+//! (log files and `log_to_driver`).
 
 #![forbid(unsafe_code)]
 
