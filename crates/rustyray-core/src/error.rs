@@ -151,6 +151,38 @@ pub enum Error {
     /// Two registrations share one name.
     #[error("the name {0:?} is registered twice")]
     DuplicateRegistration(String),
+    /// A worker process could not be started, or exited or stalled before
+    /// it connected (Ray: a worker that fails to register with its raylet).
+    #[error("cannot start a worker process: {0}")]
+    WorkerStart(String),
+    /// A connection between RustyRay processes could not be opened, read
+    /// or written (Ray's `RpcError`).
+    #[error("connection failed while {what}: {message}")]
+    Connection {
+        /// What the process was doing.
+        what: String,
+        /// The operating system's error.
+        message: String,
+    },
+    /// A file-system call failed (the session directory, a log file).
+    #[error("{what} failed: {message}")]
+    Io {
+        /// What the process was doing.
+        what: String,
+        /// The operating system's error.
+        message: String,
+    },
+    /// The process ran out of file descriptors (`EMFILE`/`ENFILE`).
+    #[error("out of file descriptors while {0}; raise the limit (ulimit -n)")]
+    OutOfDescriptors(String),
+    /// A peer's handshake failed or was refused: a wrong token, another
+    /// protocol version, a process that is not who it says.
+    #[error("handshake failed: {0}")]
+    Handshake(String),
+    /// A peer broke the protocol: a malformed or oversized frame, or a
+    /// message that has no place where it came.
+    #[error("protocol error: {0}")]
+    Protocol(String),
     /// The runtime has shut down (or is shutting down).
     #[error("the runtime has shut down")]
     Shutdown,
@@ -163,5 +195,34 @@ impl Error {
 
     pub(crate) fn invalid(msg: impl Into<String>) -> Self {
         Error::InvalidArgument(msg.into())
+    }
+
+    /// The error an operating-system failure `e` makes while doing `what`:
+    /// running out of descriptors is said as such, anything else is a
+    /// connection failure.
+    pub(crate) fn from_io(what: impl Into<String>, e: &std::io::Error) -> Self {
+        // EMFILE (the process's limit) and ENFILE (the system's).
+        const EMFILE: i32 = 24;
+        const ENFILE: i32 = 23;
+        match e.raw_os_error() {
+            Some(EMFILE | ENFILE) => Error::OutOfDescriptors(what.into()),
+            _ => Error::Connection {
+                what: what.into(),
+                message: e.to_string(),
+            },
+        }
+    }
+}
+
+impl From<crate::wire::WireError> for Error {
+    fn from(e: crate::wire::WireError) -> Self {
+        use crate::wire::WireError;
+        match e {
+            WireError::Handshake(reason) => Error::Handshake(reason),
+            WireError::Io(e) => Error::from_io("using a connection", &e),
+            e @ (WireError::TooLarge { .. } | WireError::Malformed(_) | WireError::Truncated(_)) => {
+                Error::Protocol(e.to_string())
+            }
+        }
     }
 }

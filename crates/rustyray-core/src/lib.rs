@@ -43,6 +43,7 @@ pub mod registry;
 mod resources;
 mod runtime;
 mod scheduler;
+mod session;
 mod shm;
 mod store;
 mod sync;

@@ -83,6 +83,30 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a start checks whether its process already exited.
 const STARTUP_CHECK: Duration = Duration::from_millis(10);
 
+/// The largest frame a connection may send before its handshake is done
+/// (a `Hello` is under 100 bytes), so no one can make the node buffer a
+/// large frame without the token.
+const HELLO_MAX: u32 = 256;
+
+/// What a connection that has not finished its handshake may cost.
+#[derive(Debug, Clone, Copy)]
+struct HandshakeLimits {
+    /// How long it may take before it is closed.
+    timeout: Duration,
+    /// How many may be in their handshake at once; more are closed as they
+    /// arrive.
+    max: usize,
+}
+
+impl Default for HandshakeLimits {
+    fn default() -> Self {
+        HandshakeLimits {
+            timeout: Duration::from_secs(10),
+            max: 64,
+        }
+    }
+}
+
 /// How long shutdown waits for the last output of the workers it stopped
 /// (longer only when a process a worker started keeps the output open).
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
@@ -108,7 +132,7 @@ impl WorkerCommand {
     /// The running executable, with no arguments.
     pub fn current_exe() -> Result<Self> {
         let program = std::env::current_exe()
-            .map_err(|e| Error::invalid(format!("cannot find the running executable: {e}")))?;
+            .map_err(|e| Error::WorkerStart(format!("cannot find the running executable: {e}")))?;
         Ok(WorkerCommand {
             program,
             args: Vec::new(),
@@ -244,7 +268,10 @@ pub(crate) struct WorkerProc {
     reader: Mutex<Option<std::thread::JoinHandle<()>>>,
     inflight: Mutex<HashMap<TaskId, Completion>>,
     dead: AtomicBool,
-    /// Woken when the worker is found dead.
+    /// Set once the worker's death has been handled: every task in flight
+    /// on it has run its completion.
+    ended: AtomicBool,
+    /// Woken when the worker is found dead, and again when it has ended.
     died: tokio::sync::Notify,
     /// Shared-memory objects pinned for this worker, with their counts;
     /// `None` once the worker is gone and its pins were released.
@@ -288,6 +315,7 @@ impl WorkerProc {
             reader: Mutex::new(None),
             inflight: Mutex::new(HashMap::new()),
             dead: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
             died: tokio::sync::Notify::new(),
             pins: Mutex::new(Some(HashMap::new())),
             writers: Mutex::new(HashMap::new()),
@@ -366,17 +394,25 @@ impl WorkerProc {
         self.dead.load(Ordering::Acquire)
     }
 
-    /// Waits until the worker is found dead.
-    pub(crate) async fn dead(&self) {
+    /// Waits until the worker's death has been handled: every task that
+    /// was in flight on it has run its completion (its outcomes read before
+    /// the connection ended, the rest failed).
+    pub(crate) async fn ended(&self) {
         loop {
             let died = self.died.notified();
             tokio::pin!(died);
             died.as_mut().enable();
-            if self.is_dead() {
+            if self.ended.load(Ordering::Acquire) {
                 return;
             }
             died.await;
         }
+    }
+
+    /// Marks the worker's death as handled and wakes who waits for it.
+    fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+        self.died.notify_waiters();
     }
 
     /// Sends a task to the worker; `done` runs with its outcome, or with
@@ -556,7 +592,7 @@ struct Connection {
 
 /// A start waiting for its worker's two connections.
 struct Starting {
-    done: oneshot::Sender<std::result::Result<Connection, String>>,
+    done: oneshot::Sender<Result<Connection>>,
     down: Option<StdUnixStream>,
     up: Option<(StdUnixStream, FrameDecoder)>,
 }
@@ -584,6 +620,8 @@ pub(crate) struct Pool {
     owner: std::sync::OnceLock<std::sync::Weak<crate::runtime::Inner>>,
     /// Where the workers' output goes.
     logs: WorkerLogs,
+    /// Bounds on connections in their handshake (tests shorten them).
+    limits: Mutex<HandshakeLimits>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -609,16 +647,22 @@ impl Pool {
         thread_name: String,
         logs: WorkerLogs,
     ) -> Result<Arc<Pool>> {
-        let name = format!("rustyray-{}-{:032x}", std::process::id(), token ^ 0x5a5a);
+        // The name is visible to every local user (`/proc/net/unix`), so it
+        // is random on its own: nothing in it says anything of the token.
+        let name = format!(
+            "rustyray-{}-{:032x}",
+            std::process::id(),
+            crate::ids::random_token()
+        );
         let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
-            .map_err(|e| Error::invalid(format!("cannot name the node socket: {e}")))?;
+            .map_err(|e| Error::from_io("naming the node socket", &e))?;
         let std_listener = std::os::unix::net::UnixListener::bind_addr(&addr)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            .map_err(|e| Error::invalid(format!("cannot bind the node socket: {e}")))?;
+            .map_err(|e| Error::from_io("binding the node socket", &e))?;
         let listener = {
             let _enter = handle.enter();
             tokio::net::UnixListener::from_std(std_listener)
-                .map_err(|e| Error::invalid(format!("cannot listen on the node socket: {e}")))?
+                .map_err(|e| Error::from_io("listening on the node socket", &e))?
         };
         let pool = Arc::new(Pool {
             name,
@@ -629,6 +673,7 @@ impl Pool {
             thread_name,
             owner: std::sync::OnceLock::new(),
             logs,
+            limits: Mutex::new(HandshakeLimits::default()),
         });
         handle.spawn(accept_loop(Arc::downgrade(&pool), listener, token));
         for _ in 0..prestart {
@@ -652,15 +697,18 @@ impl Pool {
         task_id: TaskId,
         (spec, loan): (Vec<u8>, Loan),
         max_concurrency: u32,
-    ) -> std::result::Result<(Arc<WorkerProc>, WireOutcome), String> {
-        let w = self.lease().await.map_err(|e| e.to_string())?;
+    ) -> Result<(Arc<WorkerProc>, WireOutcome)> {
+        let w = self.lease().await?;
         let msg = Message::CreateActor {
             actor_id,
             task_id,
             spec,
             max_concurrency,
         };
-        let outcome = w.push(task_id, &msg, loan, |o| o).await?;
+        let outcome = w
+            .push(task_id, &msg, loan, |o| o)
+            .await
+            .map_err(|reason| Error::WorkerCrashed { task_id, reason })?;
         Ok((w, outcome))
     }
 
@@ -705,7 +753,7 @@ impl Pool {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         rustyray_shm::inherit_arena(&mut cmd, self.shm.store.arena(), ARENA_ENV)
-            .map_err(|e| Error::invalid(format!("cannot hand the arena to a worker: {e}")))?;
+            .map_err(|e| Error::WorkerStart(format!("cannot hand the arena to a worker: {e}")))?;
         let (tx, mut rx) = oneshot::channel();
         // The start registers before the process exists, under the lock,
         // so its connection cannot arrive first.
@@ -715,10 +763,11 @@ impl Pool {
                 return Err(Error::Shutdown);
             }
             let child = cmd.spawn().map_err(|e| {
-                Error::invalid(format!(
-                    "cannot start worker process {}: {e}",
-                    self.command.program.display()
-                ))
+                let what = format!("starting worker process {}", self.command.program.display());
+                match Error::from_io(what, &e) {
+                    e @ Error::OutOfDescriptors(_) => e,
+                    _ => Error::WorkerStart(format!("{}: {e}", self.command.program.display())),
+                }
             })?;
             s.starting.insert(
                 child.id(),
@@ -735,25 +784,25 @@ impl Pool {
             self.state.lock().starting.remove(&pid);
             let _ = child.kill();
             let _ = child.wait();
-            return Err(Error::invalid(format!(
+            return Err(Error::WorkerStart(format!(
                 "cannot start a thread for the output of worker process {pid}: {e}"
             )));
         }
         let began = Instant::now();
         let conn = loop {
             tokio::select! {
-                c = &mut rx => break c.map_err(|_| "the node daemon stopped".to_owned()).and_then(|c| c),
+                c = &mut rx => break c.map_err(|_| Error::Shutdown).and_then(|c| c),
                 () = tokio::time::sleep(STARTUP_CHECK) => {
                     let exited = match child.try_wait() {
-                        Ok(Some(status)) => Some(format!(
+                        Ok(Some(status)) => Some(Error::WorkerStart(format!(
                             "worker process {pid} exited before connecting ({status}); \
                              does its main call rustyray::worker_entry() first?"
+                        ))),
+                        Ok(None) if began.elapsed() > STARTUP_TIMEOUT => Some(Error::WorkerStart(
+                            format!("worker process {pid} did not connect within {STARTUP_TIMEOUT:?}"),
                         )),
-                        Ok(None) if began.elapsed() > STARTUP_TIMEOUT => {
-                            Some(format!("worker process {pid} did not connect within {STARTUP_TIMEOUT:?}"))
-                        }
                         Ok(None) => None,
-                        Err(e) => Some(format!("cannot watch worker process {pid}: {e}")),
+                        Err(e) => Some(Error::from_io(format!("watching worker process {pid}"), &e)),
                     };
                     if let Some(reason) = exited {
                         break Err(reason);
@@ -767,11 +816,11 @@ impl Pool {
             up_dec: dec,
         } = match conn {
             Ok(c) => c,
-            Err(reason) => {
+            Err(e) => {
                 self.state.lock().starting.remove(&pid);
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(Error::invalid(reason));
+                return Err(e);
             }
         };
         let w = WorkerProc::new(pid, Some(child), stream);
@@ -792,7 +841,7 @@ impl Pool {
             Ok(h) => *w.reader.lock() = Some(h),
             Err(e) => {
                 self.lost(&w, &format!("no reader thread: {e}"));
-                return Err(Error::invalid(format!("cannot start a reader thread: {e}")));
+                return Err(Error::WorkerStart(format!("cannot start a reader thread: {e}")));
             }
         }
         tracing::debug!(pid, "worker process connected");
@@ -825,6 +874,7 @@ impl Pool {
         for (_, done) in inflight {
             done(Err(format!("worker process {} died", w.pid)));
         }
+        w.end();
     }
 
     /// Names the runtime that owns this node's work.
@@ -854,6 +904,7 @@ impl Pool {
             let inflight = std::mem::take(&mut *w.inflight.lock());
             drop(inflight);
             w.release_shared(&self.shm);
+            w.end();
         }
         // The reader threads end with their connections.
         for w in &live {
@@ -875,78 +926,136 @@ impl Pool {
 }
 
 /// Accepts worker connections and hands each to the start waiting for its
-/// process id. A connection that fails the handshake or that no start
-/// waits for is closed; nothing else is affected.
+/// process id.
+///
+/// The socket's abstract name is visible to every local user, so what an
+/// unknown process may cost the node is bounded: a connection whose peer
+/// (as the kernel reports it, `SO_PEERCRED`) is not a worker process this
+/// pool is starting is closed before a byte is read; the rest must finish
+/// the handshake in time, with a first frame of at most [`HELLO_MAX`]
+/// bytes, and only so many may be in it at once ([`HandshakeLimits`]).
+/// A connection that fails any of this is closed; nothing else is affected.
 async fn accept_loop(pool: std::sync::Weak<Pool>, listener: tokio::net::UnixListener, token: u128) {
+    let in_handshake = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
-        let mut stream = match listener.accept().await {
+        let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
-                // Out of descriptors, say: wait a little rather than spin.
+                let e = Error::from_io("accepting a worker connection", &e);
                 tracing::warn!(error = %e, "cannot accept on the node socket");
+                // Out of descriptors, say: wait a little rather than spin.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let pool = pool.clone();
+        let Some(p) = pool.upgrade() else { return };
+        // Only the processes this pool is starting may connect.
+        let pid = match stream.peer_cred().map(|c| c.pid()) {
+            Ok(Some(peer)) => u32::try_from(peer).ok(),
+            _ => None,
+        };
+        let Some(pid) = pid.filter(|pid| p.state.lock().starting.contains_key(pid)) else {
+            tracing::debug!(peer = ?pid, "closed a connection from a process that is not a starting worker");
+            continue;
+        };
+        let limits = *p.limits.lock();
+        drop(p);
+        if in_handshake.fetch_add(1, Ordering::AcqRel) >= limits.max {
+            in_handshake.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(
+                pid,
+                "closed a connection: too many connections in their handshake"
+            );
+            continue;
+        }
+        let (pool, counter) = (pool.clone(), in_handshake.clone());
         tokio::spawn(async move {
-            let mut dec = FrameDecoder::default();
-            let (role, pid) = match wire::accept_handshake(&mut stream, &mut dec, token).await {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(error = %e, "refused a connection to the node socket");
+            let handshake = handshake(stream, pid, token);
+            let done = tokio::time::timeout(limits.timeout, handshake).await;
+            counter.fetch_sub(1, Ordering::AcqRel);
+            let (role, stream, dec) = match done {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    tracing::warn!(pid, error = %e, "refused a connection to the node socket");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        pid,
+                        "closed a connection that did not finish its handshake in time"
+                    );
                     return;
                 }
             };
-            let Some(pool) = pool.upgrade() else { return };
-            if !matches!(role, Role::Worker | Role::WorkerUp) {
-                tracing::warn!(pid, ?role, "closed a connection that is not a worker's");
-                return;
-            }
-            // The pid in `Hello` is the one the kernel knows for the peer,
-            // so no other process holding the token can pose as a worker
-            // that is starting.
-            match stream.peer_cred().map(|c| c.pid()) {
-                Ok(Some(peer)) if i64::from(peer) == i64::from(pid) => {}
-                other => {
-                    tracing::warn!(pid, peer = ?other, "closed a connection whose process is not the one it names");
-                    return;
-                }
-            }
-            let blocking = stream
-                .into_std()
-                .and_then(|s| s.set_nonblocking(false).map(|()| s))
-                .map_err(|e| format!("cannot take over the connection of worker {pid}: {e}"));
-            let mut state = pool.state.lock();
-            let Some(start) = state.starting.get_mut(&pid) else {
-                tracing::warn!(pid, ?role, "closed a connection no worker start waits for");
-                return;
-            };
-            let twice = match (role, blocking) {
-                (_, Err(e)) => Some(e),
-                (Role::Worker, Ok(s)) => start
-                    .down
-                    .replace(s)
-                    .map(|_| "a second first connection".to_owned()),
-                (_, Ok(s)) => start.up.replace((s, dec)).map(|_| "a second uplink".to_owned()),
-            };
-            if let Some(reason) = twice {
-                if let Some(start) = state.starting.remove(&pid) {
-                    let _ = start.done.send(Err(format!("worker {pid}: {reason}")));
-                }
-                return;
-            }
-            if start.down.is_some() && start.up.is_some() {
-                if let Some(Starting {
-                    done,
-                    down: Some(down),
-                    up: Some((up, up_dec)),
-                }) = state.starting.remove(&pid)
-                {
-                    let _ = done.send(Ok(Connection { down, up, up_dec }));
-                }
+            if let Some(pool) = pool.upgrade() {
+                pool.connected(pid, role, stream, dec);
             }
         });
+    }
+}
+
+/// Runs the accepting side of a worker's handshake; returns its role and
+/// the connection, now blocking, with what was read past the `Hello`.
+async fn handshake(
+    mut stream: tokio::net::UnixStream,
+    pid: u32,
+    token: u128,
+) -> std::result::Result<(Role, StdUnixStream, FrameDecoder), Error> {
+    let mut dec = FrameDecoder::new(HELLO_MAX);
+    let (role, said) = wire::accept_handshake(&mut stream, &mut dec, token).await?;
+    // The pid in `Hello` is the one the kernel knows for the peer, so no
+    // other process holding the token can pose as a worker that is
+    // starting.
+    if said != pid {
+        return Err(Error::Handshake(format!(
+            "the peer is process {pid} but its Hello names {said}"
+        )));
+    }
+    if !matches!(role, Role::Worker | Role::WorkerUp) {
+        return Err(Error::Handshake(format!(
+            "a {role:?} connection is not a worker's"
+        )));
+    }
+    dec.set_max(wire::DEFAULT_MAX_FRAME);
+    let stream = stream
+        .into_std()
+        .and_then(|s| s.set_nonblocking(false).map(|()| s))
+        .map_err(|e| Error::from_io(format!("taking over the connection of worker {pid}"), &e))?;
+    Ok((role, stream, dec))
+}
+
+impl Pool {
+    /// Hands a worker's connection that finished its handshake to the start
+    /// waiting for it; the start completes once both of the worker's
+    /// connections are in.
+    fn connected(&self, pid: u32, role: Role, stream: StdUnixStream, dec: FrameDecoder) {
+        let mut state = self.state.lock();
+        let Some(start) = state.starting.get_mut(&pid) else {
+            tracing::warn!(pid, ?role, "closed a connection no worker start waits for");
+            return;
+        };
+        let twice = match role {
+            Role::Worker => start.down.replace(stream).map(|_| "a second first connection"),
+            _ => start.up.replace((stream, dec)).map(|_| "a second uplink"),
+        };
+        if let Some(reason) = twice {
+            if let Some(start) = state.starting.remove(&pid) {
+                let _ = start
+                    .done
+                    .send(Err(Error::Handshake(format!("worker {pid}: {reason}"))));
+            }
+            return;
+        }
+        if start.down.is_some() && start.up.is_some() {
+            if let Some(Starting {
+                done,
+                down: Some(down),
+                up: Some((up, up_dec)),
+            }) = state.starting.remove(&pid)
+            {
+                let _ = done.send(Ok(Connection { down, up, up_dec }));
+            }
+        }
     }
 }
 
@@ -1000,8 +1109,8 @@ fn answer(
     Box::new(move |result| {
         let (outcome, loan) = lend_outcome(result, node.as_ref());
         if !to.send_lending(&message(outcome), loan) {
-            let outcome = WireOutcome::Failed(Error::invalid(
-                "the value is too large to send to a worker process",
+            let outcome = WireOutcome::Failed(Error::Protocol(
+                "the value is too large to send to a worker process".to_owned(),
             ));
             to.send(&message(outcome));
         }
@@ -1031,7 +1140,7 @@ fn seal_stored(w: &WorkerProc, outcome: WireOutcome) -> WireOutcome {
                 writer.seal();
                 WireOutcome::Stored { type_name, id, len }
             }
-            _ => WireOutcome::Failed(Error::invalid(format!(
+            _ => WireOutcome::Failed(Error::Protocol(format!(
                 "the worker reported object {id:x} it was given no room for"
             ))),
         },
@@ -1115,7 +1224,7 @@ fn read_messages(
             Ok(Some(Message::CreateObject { id, len })) => {
                 let slot = match pool.upgrade() {
                     Some(pool) => usize::try_from(len)
-                        .map_err(|_| Error::invalid(format!("object of {len} bytes")))
+                        .map_err(|_| Error::Protocol(format!("an object of {len} bytes")))
                         .and_then(|len| pool.shm.store.create(id, len).map_err(shm_error))
                         .map(|writer| {
                             let offset = writer.offset() as u64;
@@ -1184,7 +1293,7 @@ fn read_messages(
                 if let Some(rt) = owner {
                     let kept = match crate::runtime::Outcome::from_wire(seal_stored(w, value), &rt) {
                         crate::runtime::Outcome::Value(v) => rt.put_for_worker(id, v),
-                        _ => Err(Error::invalid("a put without a value")),
+                        _ => Err(Error::Protocol("a put without a value".to_owned())),
                     };
                     match kept {
                         Ok(r) => w.keep_for(r),
@@ -1345,5 +1454,187 @@ mod tests {
         assert!(w.out.lock().held.is_empty());
         drop(w);
         assert_eq!(peer.join().expect("peer"), b"a reply someone waits for");
+    }
+
+    /// A node with no worker processes, on a runtime of its own, and the
+    /// directory of its spill files and logs; shut down when dropped.
+    struct TestNode {
+        pool: Arc<Pool>,
+        dir: PathBuf,
+        _rt: tokio::runtime::Runtime,
+    }
+
+    impl TestNode {
+        fn start(token: u128) -> TestNode {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let dir = std::env::temp_dir().join(format!("rr-node-{:x}", crate::ids::random_token()));
+            let shm =
+                NodeStore::new(1 << 20, dir.join("spill"), crate::shm::DEFAULT_THRESHOLD).expect("store");
+            let pool = Pool::start(
+                WorkerCommand::new("/bin/false", Vec::<OsString>::new()),
+                0,
+                rt.handle(),
+                token,
+                shm,
+                "rrtest-n".into(),
+                WorkerLogs::new(dir.join("logs"), false),
+            )
+            .expect("pool");
+            TestNode { pool, dir, _rt: rt }
+        }
+
+        /// Makes the pool wait for a worker with this test's process id, as
+        /// it does for a worker process it started.
+        fn expect_this_process(&self) {
+            let (done, _) = oneshot::channel();
+            let starting = Starting {
+                done,
+                down: None,
+                up: None,
+            };
+            self.pool
+                .state
+                .lock()
+                .starting
+                .insert(std::process::id(), starting);
+        }
+
+        fn connect(&self) -> StdUnixStream {
+            let addr =
+                std::os::unix::net::SocketAddr::from_abstract_name(self.pool.name.as_bytes()).expect("name");
+            StdUnixStream::connect_addr(&addr).expect("connect")
+        }
+    }
+
+    impl Drop for TestNode {
+        fn drop(&mut self) {
+            self.pool.shut_down();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// Whether the node closed `s` (read ends) rather than leaving it open
+    /// for a generous minute.
+    fn closed_by_node(s: &mut StdUnixStream) -> bool {
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        let mut buf = [0_u8; 64];
+        loop {
+            match std::io::Read::read(s, &mut buf) {
+                Ok(0) => return true,
+                // A `Refused` frame may come first.
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Whether `s` is still open with nothing to read.
+    fn still_open(s: &StdUnixStream) -> bool {
+        s.set_nonblocking(true).expect("nonblocking");
+        let open = matches!(
+            std::io::Read::read(&mut { s }, &mut [0_u8; 1]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+        );
+        s.set_nonblocking(false).expect("blocking");
+        open
+    }
+
+    fn hello(token: u128) -> Vec<u8> {
+        wire::encode_frame(&Message::hello(Role::Worker, token)).expect("frame")
+    }
+
+    #[test]
+    fn the_socket_name_says_nothing_of_the_token() {
+        let token = crate::ids::random_token();
+        let node = TestNode::start(token);
+        let name = node.pool.name.clone();
+        for derived in [token, token ^ 0x5a5a] {
+            assert!(
+                !name.contains(&format!("{derived:032x}")),
+                "{name} holds the token"
+            );
+        }
+        // The token as an earlier version derived it from the name (which
+        // every local user can read in /proc/net/unix) is refused.
+        let tail = name.rsplit('-').next().expect("name");
+        let guessed = u128::from_str_radix(tail, 16).expect("hex") ^ 0x5a5a;
+        node.expect_this_process();
+        let mut s = node.connect();
+        std::io::Write::write_all(&mut s, &hello(guessed)).expect("write");
+        let mut dec = FrameDecoder::default();
+        match wire::read_message_blocking(&mut s, &mut dec) {
+            Ok(Some(Message::Refused { .. })) | Ok(None) | Err(_) => {}
+            other => panic!("a token guessed from the socket's name was answered {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_process_that_is_not_a_starting_worker_is_closed_before_a_byte_is_read() {
+        let token = crate::ids::random_token();
+        let node = TestNode::start(token);
+        // Idle connections (which once stayed forever, one descriptor
+        // each) and, even with the right token, a `Hello`: the node waits
+        // for no such process.
+        let mut conns: Vec<_> = (0..200).map(|_| node.connect()).collect();
+        for s in conns.iter_mut().step_by(2) {
+            let _ = std::io::Write::write_all(s, &hello(token));
+        }
+        for s in &mut conns {
+            assert!(closed_by_node(s), "a stranger's connection stayed open");
+        }
+    }
+
+    #[test]
+    fn a_first_frame_larger_than_a_hello_closes_the_connection() {
+        let node = TestNode::start(crate::ids::random_token());
+        node.expect_this_process();
+        let mut s = node.connect();
+        // A 64 MiB frame announced, a first slice of it sent: the node
+        // refuses it on the announcement instead of buffering it.
+        std::io::Write::write_all(&mut s, &(64_u32 << 20).to_le_bytes()).expect("header");
+        let _ = std::io::Write::write_all(&mut s, &[0_u8; 4096]);
+        assert!(closed_by_node(&mut s));
+    }
+
+    #[test]
+    fn a_silent_connection_is_closed_when_its_handshake_time_is_up() {
+        let node = TestNode::start(crate::ids::random_token());
+        node.pool.limits.lock().timeout = Duration::from_millis(200);
+        node.expect_this_process();
+        let mut s = node.connect();
+        assert!(closed_by_node(&mut s));
+    }
+
+    #[test]
+    fn connections_beyond_the_handshake_cap_are_closed_at_once() {
+        let node = TestNode::start(crate::ids::random_token());
+        node.pool.limits.lock().max = 4;
+        node.expect_this_process();
+        let first: Vec<_> = (0..4).map(|_| node.connect()).collect();
+        let mut fifth = node.connect();
+        assert!(
+            closed_by_node(&mut fifth),
+            "a connection past the cap stayed open"
+        );
+        // Accepted in order: the first four are still in their handshake.
+        assert!(first.iter().all(still_open));
+    }
+
+    #[test]
+    fn running_out_of_descriptors_is_said_as_such() {
+        let e = Error::from_io(
+            "starting worker process x",
+            &std::io::Error::from_raw_os_error(24),
+        );
+        assert!(matches!(e, Error::OutOfDescriptors(_)), "{e}");
+        assert!(e.to_string().contains("ulimit"), "{e}");
+        let e = Error::from_io("reading", &std::io::Error::from_raw_os_error(104));
+        assert!(matches!(e, Error::Connection { .. }), "{e}");
     }
 }

@@ -36,6 +36,7 @@ use crate::pool::Pool;
 use crate::registry::{BoxFuture, FunctionBody, FunctionEntry, InvokeError, Registry};
 use crate::resources::{self, ResourceSet};
 use crate::scheduler::{Rejected, Schedulable, Scheduler};
+use crate::session::Session;
 use crate::shm::NodeStore;
 use crate::store::{Peek, Store, StoreStats, ThreadWaker};
 use crate::task::{ArgList, Target, TaskSpec, TaskState};
@@ -353,6 +354,9 @@ pub(crate) struct Inner {
     pub(crate) node: Option<Arc<node::Pool>>,
     /// The node's shared-memory store, in the worker-process mode.
     pub(crate) shm: Option<Arc<NodeStore>>,
+    /// The session directory holding the node's spill files and logs, in
+    /// the worker-process mode (unless both were given elsewhere).
+    session: Option<Session>,
     /// In a worker process: the way to the owner (its node daemon).
     pub(crate) upstream: std::sync::OnceLock<Arc<crate::worker::Upstream>>,
 }
@@ -486,26 +490,34 @@ impl Inner {
             .thread_name(name)
             .enable_time()
             .build()
-            .map_err(|e| Error::invalid(format!("cannot start the async executor: {e}")))?;
+            .map_err(|e| Error::Io {
+                what: "starting the async executor".to_owned(),
+                message: e.to_string(),
+            })?;
         let min_threads = (num_cpus.ceil() as usize).max(1);
         let store_memory = config.object_store_memory.unwrap_or_else(default_store_memory);
-        let (node, shm) = match config.worker_mode {
-            WorkerMode::Threads => (None, None),
+        let (node, shm, session) = match config.worker_mode {
+            WorkerMode::Threads => (None, None, None),
             WorkerMode::Processes => {
                 let command = match config.worker_command {
                     Some(c) => c,
                     None => WorkerCommand::current_exe()?,
                 };
-                let spill_dir = config.spill_dir.unwrap_or_else(|| {
-                    std::env::temp_dir()
-                        .join(format!("rustyray-spill-{}-{thread_prefix}", std::process::id()))
-                });
+                // Spill files and logs go under one session directory, which
+                // the next start removes should this process die unclean.
+                let session = match (&config.spill_dir, &config.log_dir) {
+                    (Some(_), Some(_)) => None,
+                    _ => Some(Session::create(&thread_prefix)?),
+                };
+                let in_session = |sub: &str| session.as_ref().map(|s| s.dir().join(sub));
+                let spill_dir = config.spill_dir.or_else(|| in_session("spill"));
+                let log_dir = config.log_dir.or_else(|| in_session("logs"));
+                let (Some(spill_dir), Some(log_dir)) = (spill_dir, log_dir) else {
+                    return Err(Error::invalid("no directory for spill files and logs"));
+                };
                 let capacity = usize::try_from(store_memory)
                     .map_err(|_| Error::invalid("object_store_memory does not fit this machine"))?;
                 let shm = NodeStore::new(capacity, spill_dir, config.shared_memory_threshold)?;
-                let log_dir = config.log_dir.unwrap_or_else(|| {
-                    std::env::temp_dir().join(format!("rustyray-logs-{}-{thread_prefix}", std::process::id()))
-                });
                 let pool = node::Pool::start(
                     command,
                     min_threads,
@@ -515,7 +527,7 @@ impl Inner {
                     format!("{thread_prefix}-n"),
                     crate::worker_logs::WorkerLogs::new(log_dir, config.log_to_driver),
                 )?;
-                (Some(pool), Some(shm))
+                (Some(pool), Some(shm), session)
             }
         };
         let inner = Arc::new(Inner {
@@ -534,6 +546,7 @@ impl Inner {
             ids,
             node,
             shm,
+            session,
             upstream: std::sync::OnceLock::new(),
         });
         if let Some(node) = &inner.node {
@@ -962,7 +975,10 @@ impl Inner {
                 self.handle.spawn(async move {
                     match node.lease().await {
                         Ok(w) => rt.push_task(node, w, run),
-                        Err(e) => rt.finish_task(run, Outcome::Crashed(e.to_string())),
+                        // No worker could be had: said as what it is
+                        // (a failed start, no descriptors left), not as
+                        // a crash of a worker that never ran the task.
+                        Err(e) => rt.finish_task(run, Outcome::Failed(e)),
                     }
                 });
             }
@@ -1224,6 +1240,11 @@ impl Inner {
         num_returns: usize,
         timeout: Option<Duration>,
     ) -> Result<(Vec<usize>, Vec<usize>)> {
+        if refs.len() == 0 {
+            // As Ray: waiting on nothing returns at once, whatever
+            // `num_returns` says.
+            return Ok((Vec::new(), Vec::new()));
+        }
         if num_returns == 0 || num_returns > refs.len() {
             return Err(Error::invalid(format!(
                 "num_returns must be between 1 and the number of refs ({}), got {num_returns}",
@@ -1393,6 +1414,9 @@ impl Inner {
         if let Some(shm) = &self.shm {
             shm.store.remove_spill_files();
         }
+        if let Some(session) = &self.session {
+            session.close();
+        }
         let (done, cv) = &self.shutdown_done;
         *done.lock() = true;
         cv.notify_all();
@@ -1498,7 +1522,8 @@ impl Ray {
     /// Ray's `ray.wait`: returns `(ready, not_ready)` once `num_returns`
     /// of `refs` are complete (values or errors) or `timeout` passes. Both
     /// lists keep the input order; `ready` holds at most `num_returns`.
-    /// `refs` must be unique and `1 <= num_returns <= refs.len()`.
+    /// `refs` must be unique and `1 <= num_returns <= refs.len()`; an empty
+    /// `refs` returns `([], [])` at once, as in Ray.
     pub fn wait<T>(
         &self,
         refs: &[ObjectRef<T>],
@@ -1571,6 +1596,15 @@ impl Ray {
     /// threads mode).
     pub fn worker_pids(&self) -> Vec<u32> {
         self.inner.node.as_ref().map(|n| n.live()).unwrap_or_default()
+    }
+
+    /// The node's session directory (Ray's `session_*` folder): spill files
+    /// and worker logs live under it unless [`Config::spill_dir`] and
+    /// [`Config::log_dir`] put them elsewhere. `None` in the threads mode,
+    /// which writes nothing to disk. A session whose process died is
+    /// removed by the next runtime that starts on the machine.
+    pub fn session_dir(&self) -> Option<&std::path::Path> {
+        self.inner.session.as_ref().map(Session::dir)
     }
 
     /// The directory of the worker processes' log files (see

@@ -457,6 +457,12 @@ impl FrameDecoder {
         FrameDecoder { buf: Vec::new(), max }
     }
 
+    /// Changes the largest frame accepted from now on (a connection
+    /// accepts only a small `Hello` until its handshake is done).
+    pub fn set_max(&mut self, max: u32) {
+        self.max = max;
+    }
+
     /// Appends received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);

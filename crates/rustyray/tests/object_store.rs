@@ -100,6 +100,10 @@ fn wait_has_rays_semantics() -> rustyray::Result<()> {
         let (ready, _) = ray.wait(std::slice::from_ref(&f), 1, Some(LONG))?;
         assert_eq!(ready, vec![f]);
 
+        // Nothing to wait for: nothing ready, nothing left, as in Ray.
+        let (ready, rest) = ray.wait::<i64>(&[], 1, None)?;
+        assert!(ready.is_empty() && rest.is_empty());
+
         // Bad arguments.
         assert!(matches!(ray.wait(&refs, 0, None), Err(Error::InvalidArgument(_))));
         assert!(matches!(ray.wait(&refs, 4, None), Err(Error::InvalidArgument(_))));

@@ -31,6 +31,17 @@ fn block_on(gate: ObjectRef<()>) -> String {
     }
 }
 
+/// `block_on`, after it says it started.
+#[rustyray::remote]
+fn block_on_after(gate: ObjectRef<()>, started: rustyray::ActorHandle<common::Latch>) -> String {
+    let ray = rustyray::current().expect("task");
+    let _ = started.open().map(|r| ray.get(&r));
+    match ray.get(&gate) {
+        Err(e) => e.to_string(),
+        Ok(()) => "opened".to_owned(),
+    }
+}
+
 #[rustyray::actor]
 struct Keeper {
     n: u64,
@@ -105,16 +116,15 @@ fn shutdown_wakes_blocked_tasks_and_readers() -> rustyray::Result<()> {
     let ray = common::runtime(2.0, false);
     let prefix = ray.thread_prefix().to_owned();
     let (_latch, gate) = common::latch(&ray);
-    let blocked = block_on::remote(&ray, gate.clone())?;
+    let (started, started_gate) = common::latch(&ray);
+    let blocked = block_on_after::remote(&ray, gate.clone(), started)?;
     let reader = {
         let ray = ray.clone();
         let gate = gate.clone();
         std::thread::spawn(move || ray.get_timeout(&gate, LONG))
     };
-    // Make sure the task is running (blocked in get) before shutting down.
-    common::wait_until("the task never started", || {
-        ray.pool_threads() > 0 && ray.available_resources().get(rustyray::CPU) < 2.0
-    });
+    // The task runs (and goes on to block in get) before shutting down.
+    ray.get_timeout(&started_gate, LONG)?;
     ray.shutdown()?;
     assert!(matches!(reader.join().expect("join"), Err(Error::Shutdown)));
     assert!(matches!(ray.get(&blocked), Err(Error::Shutdown)));

@@ -304,8 +304,8 @@ fn a_program_without_worker_entry_fails_the_task_clearly() -> rustyray::Result<(
             .worker_command(WorkerCommand::new("/bin/true", Vec::<String>::new())),
     )?;
     match ray.get_timeout(&add::options().max_retries(0).remote(&ray, 1, 1)?, LONG) {
-        Err(Error::WorkerCrashed { reason, .. }) => assert!(reason.contains("worker_entry"), "{reason}"),
-        other => panic!("expected WorkerCrashed, got {other:?}"),
+        Err(Error::WorkerStart(reason)) => assert!(reason.contains("worker_entry"), "{reason}"),
+        other => panic!("expected WorkerStart, got {other:?}"),
     }
     Ok(())
 }
@@ -331,6 +331,7 @@ fn orphan_driver() {
         .next()
         .expect("the driver maps the node's arena");
     println!("ARENA {arena}");
+    println!("SESSION {}", ray.session_dir().expect("a session").display());
     println!("WORKERS {line}");
     use std::io::Write;
     let _ = std::io::stdout().flush();
@@ -391,6 +392,9 @@ fn workers_die_with_their_driver() {
         .expect("the driver reported its arena")
         .parse()
         .expect("an inode");
+    let session: PathBuf = lines
+        .find_map(|l| l.split_once("SESSION ").map(|(_, dir)| dir.trim().into()))
+        .expect("the driver reported its session");
     let line = lines
         .find_map(|l| l.split_once("WORKERS ").map(|(_, pids)| pids.to_owned()))
         .expect("the driver reported its workers");
@@ -411,6 +415,16 @@ fn workers_die_with_their_driver() {
     // No process holds the arena any more: the memfd, and its memory, are
     // gone with the last of them.
     wait_until("the arena is released", || processes_holding(arena).is_empty());
+    // The killed driver left its session (its spill directory); the next
+    // runtime to start removes it.
+    assert!(session.is_dir(), "{}", session.display());
+    let next = process_runtime();
+    assert!(
+        !session.exists(),
+        "a killed driver's session outlived the next start"
+    );
+    assert_ne!(next.session_dir(), Some(session.as_path()));
+    drop(next);
     // The killed driver could not remove its workers' logs.
     let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("rr-wp-{}-worker-logs", driver.id())));
 }
@@ -715,6 +729,105 @@ impl Tally {
         }
         std::process::id()
     }
+}
+
+/// Counts the calls its current process ran, and crashes its process on
+/// cue.
+#[rustyray::actor]
+struct Sequence {
+    count: u32,
+}
+
+#[rustyray::actor]
+impl Sequence {
+    fn new() -> Self {
+        Sequence { count: 0 }
+    }
+
+    /// Call `i`: this process's pid and how many calls it ran. Aborts the
+    /// process at each `i` in `crash_at` the first time it reaches it
+    /// (markers in `dir`); sleeps `nap_ms` first.
+    fn step(&mut self, i: u32, crash_at: Vec<u32>, dir: String, nap_ms: u64) -> (u32, u32) {
+        std::thread::sleep(std::time::Duration::from_millis(nap_ms));
+        if crash_at.contains(&i) {
+            let marker = Path::new(&dir).join(format!("crashed-at-{i}"));
+            if !marker.exists() && std::fs::write(&marker, b"").is_ok() {
+                std::process::abort();
+            }
+        }
+        self.count += 1;
+        (std::process::id(), self.count)
+    }
+
+    fn pid(&self) -> u32 {
+        std::process::id()
+    }
+}
+
+/// Checks that calls `0..n` ran in submission order in each process that
+/// ran them: within a process the count goes up by one from call to call,
+/// and each process ran one unbroken range of calls.
+fn assert_ran_in_order(results: &[(u32, u32)]) {
+    let mut seen = Vec::new();
+    for (i, w) in results.windows(2).enumerate() {
+        let ((p0, c0), (p1, c1)) = (w[0], w[1]);
+        if p0 == p1 {
+            assert_eq!(c1, c0 + 1, "call {} ran out of order: {results:?}", i + 1);
+        } else {
+            assert!(!seen.contains(&p1), "process {p1} ran two ranges: {results:?}");
+            assert_eq!(
+                c1,
+                1,
+                "call {} is not the first in its process: {results:?}",
+                i + 1
+            );
+            seen.push(p0);
+        }
+    }
+}
+
+#[test]
+fn calls_keep_their_order_across_restarts_of_a_crashing_actor() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let dir = scratch("order-crash");
+    let s = Sequence::options()
+        .max_restarts(2)
+        .max_task_retries(-1)
+        .remote(&ray)?;
+    let d = dir.display().to_string();
+    let refs = (0..100)
+        .map(|i| s.step(i, vec![30, 60], d.clone(), 0))
+        .collect::<rustyray::Result<Vec<_>>>()?;
+    let results = ray.get_many_timeout(&refs, LONG)?;
+    assert_ran_in_order(&results);
+    let pids: std::collections::HashSet<_> = results.iter().map(|r| r.0).collect();
+    assert_eq!(pids.len(), 3, "two crashes, three processes: {results:?}");
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
+
+#[test]
+fn calls_keep_their_order_when_the_actors_process_is_killed() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let s = Sequence::options()
+        .max_restarts(1)
+        .max_task_retries(-1)
+        .remote(&ray)?;
+    let first = ray.get_timeout(&s.pid()?, LONG)?;
+    let refs = (0..100)
+        .map(|i| s.step(i, Vec::new(), String::new(), 10))
+        .collect::<rustyray::Result<Vec<_>>>()?;
+    // Killed while calls are in flight and queued in the process.
+    ray.get_timeout(&refs[20], LONG)?;
+    let status = Command::new("kill").args(["-KILL", &first.to_string()]).status();
+    assert!(status.is_ok_and(|s| s.success()));
+    let results = ray.get_many_timeout(&refs, LONG)?;
+    assert_ran_in_order(&results);
+    assert!(
+        results.iter().any(|r| r.0 != first),
+        "the kill came too late: {results:?}"
+    );
+    Ok(())
 }
 
 #[rustyray::actor]

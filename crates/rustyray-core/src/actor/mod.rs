@@ -149,9 +149,10 @@ pub(crate) struct ActorState {
     /// Woken when a restart ends (alive again, or dead).
     restarted: Notify,
     handles: AtomicUsize,
-    /// The worker process hosting the actor, in the worker-process mode
-    /// (`None` while it starts or restarts, and in the threads mode).
-    remote: Mutex<Option<Arc<crate::node::WorkerProc>>>,
+    /// The way to the worker process hosting the actor, in the
+    /// worker-process mode (no worker while it starts or restarts, nor in
+    /// the threads mode).
+    link: remote::Link,
     /// A handle decoded in a worker process for an actor of its owner:
     /// calls go to the owner.
     proxy: bool,
@@ -209,7 +210,7 @@ impl ActorState {
             created: Notify::new(),
             restarted: Notify::new(),
             handles: AtomicUsize::new(0),
-            remote: Mutex::new(None),
+            link: remote::Link::default(),
             proxy: false,
             lent: std::sync::atomic::AtomicU32::new(0),
             queued: AtomicUsize::new(0),
@@ -342,7 +343,7 @@ impl ActorState {
             (std::mem::take(&mut life.running), release, life.instance.take())
         };
         tracing::debug!(actor = %self.id, class = self.class.name, error = %err, "actor died");
-        if let Some(w) = self.remote.lock().take() {
+        if let Some(w) = self.link.take_worker() {
             w.kill();
         }
         self.mailbox.lock().take();
@@ -1669,7 +1670,7 @@ fn create_raw_with(
         created: Notify::new(),
         restarted: Notify::new(),
         handles: AtomicUsize::new(0),
-        remote: Mutex::new(None),
+        link: remote::Link::default(),
         proxy: false,
         lent: std::sync::atomic::AtomicU32::new(0),
         queued: AtomicUsize::new(0),
@@ -1742,7 +1743,7 @@ impl Ray {
             // A process actor: its monitor restarts it once its process is
             // gone; calls made from now on wait for that. Without a
             // process, a start or restart is already under way.
-            let worker = actor.remote.lock().clone();
+            let worker = actor.link.worker();
             if let Some(w) = worker {
                 w.condemn();
             }

@@ -9,13 +9,32 @@
 //!
 //! The driver task [`drive`] takes calls from the mailbox in submission
 //! order, waits for their reference arguments, and sends them to the
-//! actor's current worker at once, so they arrive in order; a task per
-//! call waits for its outcome. [`monitor`] watches the worker: when it
-//! dies, the actor restarts in a new worker per `max_restarts` (the
-//! constructor runs again) or dies. A call that was in flight is sent again
-//! to the restarted actor per `max_task_retries`, else it fails with
-//! `ActorDied`. A method that panics takes its worker down with it, as a
+//! actor's current worker at once, so they arrive in order; a call whose
+//! arguments are values skips the mailbox when nothing is queued before it
+//! ([`try_send_now`]). Its outcome completes it on the worker's reader
+//! thread. A method that panics takes its worker down with it, as a
 //! crashing actor process does in Ray.
+//!
+//! # Restarts keep each caller's order
+//!
+//! [`monitor`] watches the worker. When it dies, every call that was in
+//! flight on it is *lost* (kept, with its submission number, in
+//! [`Link::lost`]). Once the worker's death has been handled (every call
+//! in flight on it has reported, [`WorkerProc::ended`]), the monitor stops
+//! sends to it, restarts the actor in a new worker per `max_restarts` (the
+//! constructor runs again), and sends the lost calls that may be retried
+//! (per `max_task_retries`) to the new worker in submission order, before
+//! any call made since; the others fail with `ActorDied`. So a caller's
+//! calls run in the order it made them across any number of restarts, as
+//! in Ray.
+//!
+//! # Locks
+//!
+//! [`Link::state`] is held while a call is sent (numbered, encoded,
+//! written), so the monitor, which takes it to retire a dead worker, knows
+//! that no send to that worker is still under way; a send that fails at
+//! once puts the call among the lost ones under the same lock. Order:
+//! `Link::state`, then `Link::lost` or the actor's `life`.
 
 use super::{complete_call, fail_call, ActorCall, ActorState, CallGuard, Mail, Status};
 use crate::error::{Error, TaskFailure};
@@ -23,9 +42,11 @@ use crate::node::WorkerProc;
 use crate::runtime::{Inner, Outcome};
 use crate::task::{Target, TaskSpec};
 use crate::wire::{Message, WireOutcome};
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 /// More calls than can ever be in flight: the permits that let the driver
 /// wait for the last one to finish.
@@ -41,7 +62,7 @@ pub(super) async fn start(rt: Arc<Inner>, actor: Arc<ActorState>) {
                     let pending = matches!(life.status, Status::Pending);
                     if pending {
                         life.status = Status::Alive;
-                        *actor.remote.lock() = Some(w.clone());
+                        actor.link.state.lock().worker = Some(w.clone());
                     }
                     pending
                 };
@@ -92,12 +113,7 @@ async fn launch(rt: &Arc<Inner>, actor: &Arc<ActorState>) -> crate::Result<Arc<W
     let (w, outcome) = node
         .create_actor(actor.id, task_id, bytes, actor.max_concurrency)
         .await
-        .map_err(|reason| {
-            actor.died(
-                "its worker process could not start it",
-                Some(Error::WorkerCrashed { task_id, reason }),
-            )
-        })?;
+        .map_err(|e| actor.died("its worker process could not start it", Some(e)))?;
     let err = match outcome {
         WireOutcome::Value { .. } | WireOutcome::Stored { .. } => return Ok(w),
         WireOutcome::Pinned { .. } => actor.died(
@@ -113,51 +129,220 @@ async fn launch(rt: &Arc<Inner>, actor: &Arc<ActorState>) -> crate::Result<Arc<W
 }
 
 /// Watches an actor's worker; restarts the actor (or ends it) when the
-/// worker dies.
+/// worker dies, and sends the calls lost with it again, in order.
 async fn monitor(rt: Arc<Inner>, actor: Arc<ActorState>, mut w: Arc<WorkerProc>) {
     loop {
-        w.dead().await;
-        {
-            let mut current = actor.remote.lock();
-            if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &w)) {
-                *current = None;
-            }
-        }
+        w.ended().await;
+        // No send to `w` is under way once it is retired, so every call
+        // lost with it is in `lost` now.
+        actor.link.retire(&w);
+        let lost = std::mem::take(&mut *actor.link.lost.lock());
         if !actor.begin_restart(&rt, "its worker process died", None) {
-            return;
+            return fail_lost(&rt, &actor, lost);
         }
-        match launch(&rt, &actor).await {
-            Ok(fresh) => {
-                let alive = {
-                    let mut life = actor.life.lock();
-                    let restarting = matches!(life.status, Status::Restarting);
-                    if restarting {
-                        life.status = Status::Alive;
-                        *actor.remote.lock() = Some(fresh.clone());
-                        actor.epoch.fetch_add(1, Ordering::AcqRel);
-                    }
-                    restarting
-                };
-                actor.restarted.notify_waiters();
-                if !alive {
-                    fresh.kill();
-                    return;
-                }
-                w = fresh;
-            }
+        let fresh = match launch(&rt, &actor).await {
+            Ok(fresh) => fresh,
             Err(e) => {
                 actor.die(&rt, e);
-                return;
+                return fail_lost(&rt, &actor, lost);
             }
+        };
+        let alive = {
+            let mut life = actor.life.lock();
+            let restarting = matches!(life.status, Status::Restarting);
+            if restarting {
+                life.status = Status::Alive;
+                actor.epoch.fetch_add(1, Ordering::AcqRel);
+            }
+            restarting
+        };
+        if !alive {
+            fresh.kill();
+            actor.restarted.notify_waiters();
+            return fail_lost(&rt, &actor, lost);
+        }
+        actor.link.resume(&rt, &actor, &fresh, lost);
+        actor.restarted.notify_waiters();
+        w = fresh;
+    }
+}
+
+/// Ends calls lost with a worker that will not be replaced.
+fn fail_lost(rt: &Arc<Inner>, actor: &Arc<ActorState>, lost: BTreeMap<u64, Lost>) {
+    for (_, Lost { flight, outcome }) in lost {
+        flight.fail(rt, actor, outcome);
+    }
+}
+
+/// The way from a process actor's callers to its worker: the worker its
+/// calls go to now, and the calls lost with the last one that died.
+#[derive(Default)]
+pub(super) struct Link {
+    state: Mutex<LinkState>,
+    /// Calls lost with a worker that died, by submission number, until the
+    /// monitor sends them again or fails them.
+    lost: Mutex<BTreeMap<u64, Lost>>,
+}
+
+#[derive(Default)]
+struct LinkState {
+    /// The worker calls go to (`None` while the actor starts, restarts or
+    /// is dead).
+    worker: Option<Arc<WorkerProc>>,
+    /// The next call's submission number.
+    next_seq: u64,
+}
+
+impl Link {
+    /// The worker calls go to now, if any.
+    pub(super) fn worker(&self) -> Option<Arc<WorkerProc>> {
+        self.state.lock().worker.clone()
+    }
+
+    /// Stops sending calls to any worker (the actor died).
+    pub(super) fn take_worker(&self) -> Option<Arc<WorkerProc>> {
+        self.state.lock().worker.take()
+    }
+
+    /// Stops sending calls to `w`, which died.
+    fn retire(&self, w: &Arc<WorkerProc>) {
+        let mut state = self.state.lock();
+        if state.worker.as_ref().is_some_and(|c| Arc::ptr_eq(c, w)) {
+            state.worker = None;
+        }
+    }
+
+    /// Sends the lost calls that may be retried to the restarted actor's
+    /// worker, in submission order, and fails the others; then lets new
+    /// calls go to it. All under the send lock, so the retried calls reach
+    /// the worker before any call made since.
+    fn resume(
+        &self,
+        rt: &Arc<Inner>,
+        actor: &Arc<ActorState>,
+        fresh: &Arc<WorkerProc>,
+        lost: BTreeMap<u64, Lost>,
+    ) {
+        let mut state = self.state.lock();
+        let mut failed = Vec::new();
+        for (_, Lost { mut flight, outcome }) in lost {
+            let retries_left = flight.retries_left;
+            if retries_left == 0 || flight.call.state.is_cancelled() {
+                failed.push((flight, outcome));
+                continue;
+            }
+            flight.retries_left -= i32::from(retries_left > 0);
+            flight.attempt += 1;
+            flight.push(rt, actor, fresh);
+        }
+        state.worker = Some(fresh.clone());
+        drop(state);
+        for (flight, outcome) in failed {
+            flight.fail(rt, actor, outcome);
         }
     }
 }
 
+/// A call sent to the actor's worker: all it takes to send it again.
+struct InFlight {
+    call: ActorCall,
+    send: Outgoing,
+    guard: CallGuard,
+    /// Its submission number (the order to send it again in).
+    seq: u64,
+    attempt: u32,
+    /// Sends left after this one (-1: no limit).
+    retries_left: i32,
+}
+
+/// A call lost with its worker, and what became of it there.
+struct Lost {
+    flight: InFlight,
+    outcome: Outcome,
+}
+
+impl InFlight {
+    /// Sends the call to `w`; its outcome completes it on `w`'s reader
+    /// thread, or makes it lost when `w` dies. Called with the send lock
+    /// held.
+    fn push(self, rt: &Arc<Inner>, actor: &Arc<ActorState>, w: &Arc<WorkerProc>) {
+        let (msg, loan) = match self.send.message(rt, actor) {
+            Ok(m) => m,
+            Err(e) => return self.fail_later(rt, actor, Outcome::Failed(e)),
+        };
+        let (task_id, state) = (self.call.state.id, self.call.state.clone());
+        let (rt2, actor2, w2) = (rt.clone(), actor.clone(), w.clone());
+        w.push_then(
+            task_id,
+            &msg,
+            loan,
+            // Converted here, on the reader thread: what the value names is
+            // taken before the worker's next message (a release) is read.
+            Box::new(move |r| match r.map(|o| Outcome::from_wire(o, &rt2)) {
+                Ok(Outcome::Panicked(m)) => {
+                    // A panic ends the worker; its monitor sends this call
+                    // again, or fails it.
+                    w2.condemn();
+                    actor2.link.lost.lock().insert(
+                        self.seq,
+                        Lost {
+                            flight: self,
+                            outcome: Outcome::Panicked(m),
+                        },
+                    );
+                }
+                Ok(o) => {
+                    complete_call(&rt2, &actor2, &self.call, self.attempt, o);
+                    drop(self);
+                }
+                Err(reason) if w2.is_dead() => {
+                    actor2.link.lost.lock().insert(
+                        self.seq,
+                        Lost {
+                            flight: self,
+                            outcome: Outcome::Crashed(reason),
+                        },
+                    );
+                }
+                // The worker lives: the message could not go (too large).
+                Err(reason) => self.fail_later(&rt2, &actor2, Outcome::Failed(Error::invalid(reason))),
+            }),
+        );
+        // A call's task state counts one attempt however often it is sent.
+        state.set_remote(1, w.clone(), false);
+    }
+
+    /// Fails the call from the executor, off the thread that holds the send
+    /// lock (completing an object may run code that sends again).
+    fn fail_later(self, rt: &Arc<Inner>, actor: &Arc<ActorState>, outcome: Outcome) {
+        let (rt2, actor) = (rt.clone(), actor.clone());
+        rt.handle.spawn(async move { self.fail(&rt2, &actor, outcome) });
+    }
+
+    /// Ends the call with the outcome of its last attempt: a crash of its
+    /// worker is the actor's death.
+    fn fail(self, rt: &Arc<Inner>, actor: &Arc<ActorState>, outcome: Outcome) {
+        let outcome = match outcome {
+            Outcome::Crashed(reason) => Outcome::Failed(actor.dead_error().unwrap_or_else(|| {
+                actor.died(
+                    "its worker process died",
+                    Some(Error::WorkerCrashed {
+                        task_id: self.call.state.id,
+                        reason,
+                    }),
+                )
+            })),
+            o => o,
+        };
+        complete_call(rt, actor, &self.call, self.attempt, outcome);
+        drop(self.guard);
+    }
+}
+
 impl ActorState {
-    /// The worker hosting the actor, waiting out a restart in progress;
-    /// with `prev`, a worker other than that one (the one a call was lost
-    /// with).
-    async fn worker(&self, prev: Option<&Arc<WorkerProc>>) -> crate::Result<Arc<WorkerProc>> {
+    /// The worker hosting the actor, waiting out a start or restart in
+    /// progress.
+    async fn worker(&self) -> crate::Result<Arc<WorkerProc>> {
         loop {
             let restarted = self.restarted.notified();
             tokio::pin!(restarted);
@@ -165,9 +350,8 @@ impl ActorState {
             if let Status::Dead(e) = &self.life.lock().status {
                 return Err(e.clone());
             }
-            let current = self.remote.lock().clone();
-            if let Some(w) = current {
-                if !w.is_dead() && prev.is_none_or(|p| !Arc::ptr_eq(p, &w)) {
+            if let Some(w) = self.link.worker() {
+                if !w.is_dead() {
                     return Ok(w);
                 }
             }
@@ -192,14 +376,15 @@ pub(super) async fn drive(rt: Arc<Inner>, actor: Arc<ActorState>, mut rx: mpsc::
         let Ok(permit) = actor.in_flight.clone().acquire_owned().await else {
             break;
         };
-        let w = match actor.worker(None).await {
-            Ok(w) => w,
-            Err(e) => {
+        let mut next = Some((call, permit));
+        while let Some((call, permit)) = next.take() {
+            if let Err(e) = actor.worker().await {
                 fail_call(&rt, &call, e);
-                continue;
+                break;
             }
-        };
-        send_call(&rt, &actor, call, &w, permit);
+            // The worker may have died since: then wait for its restart.
+            next = send_call(&rt, &actor, call, permit);
+        }
     }
     // Out of scope: let the calls in flight finish, then end.
     let _all = actor.in_flight.acquire_many(IN_FLIGHT_LIMIT).await;
@@ -236,30 +421,29 @@ pub(super) fn try_send_now(rt: &Arc<Inner>, actor: &Arc<ActorState>, call: Actor
     {
         return Some(call);
     }
-    let w = match actor.remote.lock().clone() {
-        Some(w) if !w.is_dead() => w,
-        _ => return Some(call),
-    };
     let Ok(permit) = actor.in_flight.clone().try_acquire_owned() else {
         return Some(call);
     };
-    send_call(rt, actor, call, &w, permit);
-    None
+    send_call(rt, actor, call, permit).map(|(call, _)| call)
 }
 
-/// Sends a call whose arguments are ready to the actor's worker; its
-/// outcome completes it on the worker's reader thread (a crash goes to
-/// `finish`, which may wait for a restart).
+/// Sends a call whose arguments are ready to the actor's worker, numbered
+/// in submission order; gives it back when no worker is up (the actor
+/// starts or restarts).
 fn send_call(
     rt: &Arc<Inner>,
     actor: &Arc<ActorState>,
     mut call: ActorCall,
-    w: &Arc<WorkerProc>,
-    permit: tokio::sync::OwnedSemaphorePermit,
-) {
+    permit: OwnedSemaphorePermit,
+) -> Option<(ActorCall, OwnedSemaphorePermit)> {
+    let mut state = actor.link.state.lock();
+    let w = match &state.worker {
+        Some(w) if !w.is_dead() => w.clone(),
+        _ => return Some((call, permit)),
+    };
     if !call.state.start(1) {
         rt.forget_task(call.state.id);
-        return;
+        return None;
     }
     let guard = CallGuard::running(rt, actor, &call.state, Some(permit));
     let mut spec = TaskSpec {
@@ -273,39 +457,34 @@ fn send_call(
     // from `values`.
     spec.args.clear();
     let values = match values {
-        Ok(_) if call.state.is_cancelled() => {
-            let e = Error::TaskCancelled(call.state.id);
-            return complete_call(rt, actor, &call, 1, Outcome::Failed(e));
+        Ok(_) if call.state.is_cancelled() => Err(Error::TaskCancelled(call.state.id)),
+        other => other,
+    };
+    let seq = state.next_seq;
+    state.next_seq += 1;
+    let flight = InFlight {
+        call,
+        send: Outgoing {
+            spec,
+            values: Vec::new(),
+        },
+        guard,
+        seq,
+        attempt: 1,
+        retries_left: actor.max_task_retries,
+    };
+    match values {
+        Ok(values) => InFlight {
+            send: Outgoing {
+                values,
+                ..flight.send
+            },
+            ..flight
         }
-        Ok(v) => v,
-        Err(e) => return complete_call(rt, actor, &call, 1, Outcome::Failed(e)),
-    };
-    let send = Outgoing { spec, values };
-    let (msg, loan) = match send.message(rt, actor) {
-        Ok(m) => m,
-        Err(e) => return complete_call(rt, actor, &call, 1, Outcome::Failed(e)),
-    };
-    let task_id = call.state.id;
-    let state = call.state.clone();
-    let (rt2, actor2, w2) = (rt.clone(), actor.clone(), w.clone());
-    w.push_then(
-        task_id,
-        &msg,
-        loan,
-        // Converted here, on the reader thread: what the value names is
-        // taken before the worker's next message (a release) is read.
-        Box::new(move |r| match r.map(|o| Outcome::from_wire(o, &rt2)) {
-            Ok(o) if !matches!(o, Outcome::Panicked(_)) => {
-                complete_call(&rt2, &actor2, &call, 1, o);
-                drop(guard);
-            }
-            other => {
-                let handle = rt2.handle.clone();
-                handle.spawn(finish(rt2, actor2, call, send, w2, other, guard));
-            }
-        }),
-    );
-    state.set_remote(1, w.clone(), false);
+        .push(rt, actor, &w),
+        Err(e) => flight.fail_later(rt, actor, Outcome::Failed(e)),
+    }
+    None
 }
 
 /// What a call sends: its spec (target) and its argument values, encoded
@@ -316,9 +495,6 @@ struct Outgoing {
     values: Vec<crate::Value>,
 }
 
-type Pending =
-    std::pin::Pin<Box<dyn std::future::Future<Output = std::result::Result<Outcome, String>> + Send>>;
-
 impl Outgoing {
     fn message(&self, rt: &Arc<Inner>, actor: &ActorState) -> crate::Result<(Message, crate::shm::Loan)> {
         let (spec, loan) = self.spec.to_wire(&self.values, rt.shm.as_ref())?;
@@ -328,70 +504,5 @@ impl Outgoing {
             spec,
         };
         Ok((msg, loan))
-    }
-
-    fn to(&self, rt: &Arc<Inner>, actor: &ActorState, w: &Arc<WorkerProc>) -> crate::Result<Pending> {
-        let (msg, loan) = self.message(rt, actor)?;
-        let rt = rt.clone();
-        Ok(Box::pin(w.push(self.spec.id, &msg, loan, move |o| {
-            Outcome::from_wire(o, &rt)
-        })))
-    }
-}
-
-/// Waits for a call's outcome; sends it again to the restarted actor when
-/// its worker died and the call may be retried.
-async fn finish(
-    rt: Arc<Inner>,
-    actor: Arc<ActorState>,
-    call: ActorCall,
-    send: Outgoing,
-    mut w: Arc<WorkerProc>,
-    first: std::result::Result<Outcome, String>,
-    _guard: CallGuard,
-) {
-    let mut retries_left = actor.max_task_retries;
-    let mut attempt = 1;
-    let mut pending: Option<Pending> = None;
-    let mut first = Some(first);
-    loop {
-        let result = match (first.take(), pending.take()) {
-            (Some(r), _) => r,
-            (None, Some(p)) => p.await,
-            (None, None) => Err("no attempt in flight".to_owned()),
-        };
-        let outcome = result.unwrap_or_else(Outcome::Crashed);
-        let crashed = matches!(outcome, Outcome::Panicked(_) | Outcome::Crashed(_));
-        if crashed {
-            // A panic ends the worker; calls made from now on must go to
-            // the restarted actor, not to it.
-            w.condemn();
-        }
-        if crashed && retries_left != 0 && !call.state.is_cancelled() {
-            if let Ok(fresh) = actor.worker(Some(&w)).await {
-                if let Ok(p) = send.to(&rt, &actor, &fresh) {
-                    retries_left -= i32::from(retries_left > 0);
-                    attempt += 1;
-                    call.state.set_remote(1, fresh.clone(), false);
-                    pending = Some(p);
-                    w = fresh;
-                    continue;
-                }
-            }
-        }
-        let outcome = match outcome {
-            Outcome::Crashed(reason) => Outcome::Failed(actor.dead_error().unwrap_or_else(|| {
-                actor.died(
-                    "its worker process died",
-                    Some(Error::WorkerCrashed {
-                        task_id: call.state.id,
-                        reason,
-                    }),
-                )
-            })),
-            o => o,
-        };
-        complete_call(&rt, &actor, &call, attempt, outcome);
-        return;
     }
 }

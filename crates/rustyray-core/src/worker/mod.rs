@@ -278,13 +278,12 @@ impl Upstream {
     /// pinned for this process: a view of the arena, whose pin goes back
     /// (with an `Unpin`) when the last view goes.
     fn shared_value(&self, type_name: String, id: u128, offset: u64, len: u64) -> Result<Value> {
-        let shm = self
-            .shm
-            .as_ref()
-            .ok_or_else(|| Error::invalid("a shared-memory value, but no arena was handed over"))?;
+        let shm = self.shm.as_ref().ok_or_else(|| {
+            Error::Protocol("a shared-memory value, but no arena was handed over".to_owned())
+        })?;
         let (offset, len) = match (usize::try_from(offset), usize::try_from(len)) {
             (Ok(o), Ok(l)) => (o, l),
-            _ => return Err(Error::invalid("shared-memory value out of range")),
+            _ => return Err(Error::Protocol("a shared-memory value out of range".to_owned())),
         };
         let replies = self.replies.clone();
         let view = shm
@@ -293,7 +292,7 @@ impl Upstream {
                 len,
                 Box::new(move || replies.send(&Message::Unpin { id })),
             )
-            .map_err(|e| Error::invalid(format!("bad shared-memory value: {e}")))?;
+            .map_err(|e| Error::Protocol(format!("a bad shared-memory value: {e}")))?;
         Ok(Value::from_shared(SharedBytes::Worker(view), type_name))
     }
 
@@ -334,11 +333,12 @@ impl Upstream {
         // A reader thread hands over the answer; a closed channel means
         // the connection ended, and the process with it.
         self.reading.claim();
-        let offset = rx
-            .recv()
-            .map_err(|_| Error::invalid("the node daemon is gone"))??;
+        let offset = rx.recv().map_err(|_| Error::Connection {
+            what: "waiting for an allocation".to_owned(),
+            message: "the node daemon is gone".to_owned(),
+        })??;
         let written = usize::try_from(offset)
-            .map_err(|_| Error::invalid("allocation out of range"))
+            .map_err(|_| Error::Protocol("an allocation out of range".to_owned()))
             .and_then(|offset| {
                 shm.write_with(offset, len, |buf| v.encode_into(buf))
                     .map_err(|e| Error::invalid(format!("cannot write the value: {e}")))
@@ -504,33 +504,34 @@ fn serve(socket: &str) -> Result<()> {
     let token = std::env::var(TOKEN_ENV)
         .ok()
         .and_then(|t| u128::from_str_radix(&t, 16).ok())
-        .ok_or_else(|| Error::invalid(format!("{TOKEN_ENV} is missing or malformed")))?;
+        .ok_or_else(|| Error::Handshake(format!("{TOKEN_ENV} is missing or malformed")))?;
     let threshold = std::env::var(THRESHOLD_ENV)
         .ok()
         .and_then(|t| t.parse().ok())
         .unwrap_or(crate::shm::DEFAULT_THRESHOLD);
-    let shm = ShmClient::from_env(ARENA_ENV)
-        .map_err(|e| Error::invalid(format!("cannot map the node's shared memory: {e}")))?;
-    let io = |what: &str, e: std::io::Error| Error::invalid(format!("{what}: {e}"));
+    let shm = ShmClient::from_env(ARENA_ENV).map_err(|e| Error::Io {
+        what: "mapping the node's shared memory".to_owned(),
+        message: e.to_string(),
+    })?;
+    let io = |what: &str, e: std::io::Error| Error::from_io(what, &e);
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(socket.as_bytes())
-        .map_err(|e| io("bad node socket name", e))?;
+        .map_err(|e| io("naming the node socket", e))?;
     // Two connections, one per direction (see `Role::WorkerUp`): the node's
     // messages arrive on the first, this worker's go out on the second.
     let connect = |role: Role| -> Result<(UnixStream, FrameDecoder)> {
         let mut stream =
-            UnixStream::connect_addr(&addr).map_err(|e| io("cannot connect to the node daemon", e))?;
-        let hello =
-            wire::encode_frame(&Message::hello(role, token)).map_err(|e| Error::invalid(e.to_string()))?;
+            UnixStream::connect_addr(&addr).map_err(|e| io("connecting to the node daemon", e))?;
+        let hello = wire::encode_frame(&Message::hello(role, token)).map_err(Error::from)?;
         stream
             .write_all(&hello)
-            .map_err(|e| io("cannot greet the node daemon", e))?;
+            .map_err(|e| io("greeting the node daemon", e))?;
         let mut dec = FrameDecoder::default();
         match read(&mut stream, &mut dec)? {
             Some(Message::Welcome { .. }) => Ok((stream, dec)),
             Some(Message::Refused { reason }) => {
-                Err(Error::invalid(format!("refused by the node: {reason}")))
+                Err(Error::Handshake(format!("refused by the node: {reason}")))
             }
-            other => Err(Error::invalid(format!("expected Welcome, got {other:?}"))),
+            other => Err(Error::Protocol(format!("expected Welcome, got {other:?}"))),
         }
     };
     let (stream, dec) = connect(Role::Worker)?;
@@ -575,7 +576,10 @@ fn serve(socket: &str) -> Result<()> {
     std::thread::Builder::new()
         .name("rustyray-watch".to_owned())
         .spawn(move || up.reading.watch())
-        .map_err(|e| Error::invalid(format!("cannot start the reading watchdog: {e}")))?;
+        .map_err(|e| Error::Io {
+            what: "starting the reading watchdog".to_owned(),
+            message: e.to_string(),
+        })?;
     serve_messages(&worker, Some(Inbox { stream, dec }))
 }
 
@@ -633,7 +637,7 @@ fn serve_messages(worker: &Arc<Worker>, first: Option<Inbox>) -> Result<()> {
             }
             Some(Message::Ping { nonce }) => worker.up.replies.send(&Message::Pong { nonce }),
             Some(Message::Shutdown) | None => return Ok(()),
-            Some(other) => return Err(Error::invalid(format!("unexpected message {other:?}"))),
+            Some(other) => return Err(Error::Protocol(format!("unexpected message {other:?}"))),
         }
     }
 }
@@ -652,8 +656,7 @@ fn exit_when_served(served: Result<()>) -> ! {
 
 /// Reads the next message, blocking.
 fn read(stream: &mut UnixStream, dec: &mut FrameDecoder) -> Result<Option<Message>> {
-    wire::read_message_blocking(stream, dec)
-        .map_err(|e| Error::invalid(format!("connection to the node daemon failed: {e}")))
+    wire::read_message_blocking(stream, dec).map_err(Error::from)
 }
 
 /// Sends a task's outcome when dropped: on completion with the outcome
@@ -743,7 +746,7 @@ fn decode_spec(worker: &Worker, spec: Vec<u8>) -> Result<TaskSpec> {
         Some(&shared),
     )?;
     if let Some(Arg::Ref(r)) = spec.args.iter().find(|a| matches!(a, Arg::Ref(_))) {
-        return Err(Error::invalid(format!(
+        return Err(Error::Protocol(format!(
             "{}: argument {} was not resolved by the owner",
             spec.target.name(),
             r.id()
