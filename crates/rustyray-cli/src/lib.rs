@@ -18,6 +18,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 pub mod microbenchmark;
+pub mod roundtrip;
 
 /// Command-line arguments.
 #[derive(Debug, Parser)]
@@ -33,6 +34,9 @@ pub struct Cli {
 pub enum Command {
     /// Runs Ray's microbenchmark suite (`ray microbenchmark`) on RustyRay.
     Microbenchmark(microbenchmark::Args),
+    /// The far side of the microbenchmark's process round-trip reference.
+    #[command(hide = true)]
+    RoundtripPeer(roundtrip::PeerArgs),
 }
 
 /// Runs the tool with the process's arguments.
@@ -51,5 +55,6 @@ pub fn main() -> ExitCode {
 pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Microbenchmark(args) => microbenchmark::run(&args),
+        Command::RoundtripPeer(args) => roundtrip::serve_peer(&args),
     }
 }

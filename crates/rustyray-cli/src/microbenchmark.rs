@@ -137,6 +137,10 @@ pub struct Report {
     /// Memory copy bandwidth, the limit of the "put gigabytes" rows
     /// (measured when one of them runs).
     pub memcpy: Option<Memcpy>,
+    /// Bare round trips per second between two processes over the node's
+    /// socket transport, the limit of the processes mode's sync rows
+    /// (measured when the processes mode runs a sync row).
+    pub process_round_trip: Option<f64>,
     /// Scale figures, with `--scale` in a run that includes the threads
     /// mode.
     pub scale: Option<Scale>,
@@ -555,7 +559,7 @@ impl Progress {
 
     /// Ticks when `i` is a multiple of `every`.
     fn tick_every(&self, i: u64, every: u64) {
-        if i % every == 0 {
+        if i.is_multiple_of(every) {
             self.tick();
         }
     }
@@ -859,8 +863,24 @@ pub fn run_suite(args: &Args) -> rustyray::Result<Report> {
             m.gb_per_s, m.split_gb_per_s
         );
     }
+    let sync_row = ROWS.iter().any(|r| r.contains("sync") && selected(r));
+    let process_round_trip = if sync_row && modes.contains(&Mode::Processes) {
+        match crate::roundtrip::measure(args.trial_secs) {
+            Ok(rate) => Some(rate),
+            Err(e) => {
+                eprintln!("warning: the process round-trip reference failed: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    if let (Some(rate), false) = (process_round_trip, args.json) {
+        println!("process round trip over the node's socket (reference) per second {rate:.2}");
+    }
     Ok(Report {
         memcpy,
+        process_round_trip,
         scale,
         system: "rustyray",
         version: env!("CARGO_PKG_VERSION"),

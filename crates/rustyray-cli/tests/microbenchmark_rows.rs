@@ -103,6 +103,10 @@ fn task_rows_run_in_worker_processes() {
             "single client tasks async"
         ]
     );
+    assert!(
+        report["process_round_trip"].as_f64().is_some_and(|r| r > 0.0),
+        "{report}"
+    );
     for row in rows {
         assert_eq!(row["mode"], "processes", "{row}");
         assert!(row["per_second"].as_f64().is_some_and(|r| r > 0.0), "{row}");
@@ -113,7 +117,18 @@ fn task_rows_run_in_worker_processes() {
 #[test]
 fn both_modes_print_one_line_per_row_and_mode() {
     let stdout = rustyray_microbenchmark(&["--mode", "both", "--filter", "single client tasks sync"]);
-    let lines: Vec<_> = stdout.lines().filter(|l| l.contains(" per second ")).collect();
+    let lines: Vec<_> = stdout
+        .lines()
+        .filter(|l| l.contains(" per second ") && !l.contains("(reference)"))
+        .collect();
+    // The processes mode's sync rows come with their limit: a bare round
+    // trip between two processes over the node's socket transport.
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("process round trip") && l.contains("(reference)")),
+        "{stdout}"
+    );
     assert_eq!(lines.len(), 2, "{stdout}");
     for (line, mode) in lines.iter().zip(["[threads]", "[processes]"]) {
         let figure = line

@@ -904,9 +904,9 @@ impl Pool {
             let inflight = std::mem::take(&mut *w.inflight.lock());
             drop(inflight);
             w.release_shared(&self.shm);
-            w.end();
         }
-        // The reader threads end with their connections.
+        // The reader threads end with their connections; a worker has ended
+        // once its reader is done with it (it may be failing its tasks).
         for w in &live {
             let reader = w.reader.lock().take();
             if let Some(h) = reader {
@@ -914,6 +914,7 @@ impl Pool {
                     let _ = h.join();
                 }
             }
+            w.end();
         }
         // The workers' last lines reach their logs before shutdown ends.
         self.logs.drain(OUTPUT_DRAIN);

@@ -296,6 +296,9 @@ pub(crate) enum Outcome {
     Failed(Error),
     /// The worker process running it died; why.
     Crashed(String),
+    /// No worker could be had for it (a worker that cannot start, no
+    /// descriptors left): retried as a crash is, reported as what it is.
+    NoWorker(Error),
 }
 
 impl Outcome {
@@ -978,7 +981,7 @@ impl Inner {
                         // No worker could be had: said as what it is
                         // (a failed start, no descriptors left), not as
                         // a crash of a worker that never ran the task.
-                        Err(e) => rt.finish_task(run, Outcome::Failed(e)),
+                        Err(e) => rt.finish_task(run, Outcome::NoWorker(e)),
                     }
                 });
             }
@@ -1093,7 +1096,7 @@ impl Inner {
             && attempts_left
             && self.check_open().is_ok()
             && match &outcome {
-                Outcome::Panicked(_) | Outcome::Crashed(_) => true,
+                Outcome::Panicked(_) | Outcome::Crashed(_) | Outcome::NoWorker(_) => true,
                 Outcome::Returned(_) => run.retry_exceptions,
                 _ => false,
             };
@@ -1123,7 +1126,7 @@ impl Inner {
                 Outcome::Value(v) => Ok(v),
                 Outcome::Returned(msg) => Err(task_error(TaskFailure::Returned, msg)),
                 Outcome::Panicked(msg) => Err(task_error(TaskFailure::Panicked, msg)),
-                Outcome::Failed(e) => Err(e),
+                Outcome::Failed(e) | Outcome::NoWorker(e) => Err(e),
                 Outcome::Crashed(reason) => Err(Error::WorkerCrashed { task_id: id, reason }),
             }
         };

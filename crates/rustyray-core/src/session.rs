@@ -5,68 +5,98 @@
 //!
 //! Everything a node writes to disk (spilled objects in `spill/`, worker
 //! logs in `logs/`) lives under one directory per runtime:
-//! `<tmp>/rustyray-<uid>/session-<pid>-<start>-<tag>`, where `<start>` is
-//! the process's start time in clock ticks since boot, as the kernel
-//! reports it in `/proc/<pid>/stat`. A session is live while a process
-//! with that pid and that start time runs, so a recycled pid never keeps a
-//! dead session alive. Each start removes the sessions whose process is
-//! gone, so a driver that was SIGKILLed leaves its spill files behind only
-//! until the next runtime starts on the machine. `session_latest` points at
-//! the newest session.
+//! `<tmp>/rustyray-<uid>/session-<pid>-<tag>`, with a `session_latest`
+//! link to the newest. The runtime holds an exclusive lock (`flock`) on
+//! the session's `lock` file for as long as it lives, and the kernel drops
+//! it when the process dies, however it dies. Each start removes the
+//! sessions whose lock it can take, so a driver that was SIGKILLed leaves
+//! its spill files behind only until the next runtime starts. The lock,
+//! not the pid, tells a live session: it holds across pid namespaces that
+//! share `/tmp` (containers) and against recycled pids. A session is made
+//! under a temporary name, locked, then renamed into place, so no start
+//! ever sees one that exists but is not locked yet.
 //!
 //! The root is per user and must be a directory of ours that no one else
 //! may enter (mode `0700`, not a link): another local user cannot read the
-//! logs, plant files for us to remove, or point the root somewhere else. A
-//! root that fails these checks is an error, never silently used.
+//! logs, plant files for us to remove, or point the root elsewhere. When
+//! it fails these checks (another user made it first, say), or the user
+//! cannot be told (no `/proc`), the session goes in a fresh private
+//! directory of its own instead, with a warning: it is not shared, so no
+//! start cleans it up after a crash, but nothing is refused.
 //!
 //! # Failure
 //!
-//! Removing a dead session is best effort: one that cannot be removed
-//! (another user's files, a race with another start) is left for the next
-//! start and logged.
+//! Removing a dead session is best effort: one that cannot be removed is
+//! left for the next start and logged.
 
 use crate::error::{Error, Result};
+use std::fs::{File, TryLockError};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// The name of the link to the newest session.
 const LATEST: &str = "session_latest";
+/// The file a live session's runtime holds locked.
+const LOCK: &str = "lock";
 
-/// A runtime's session directory.
+/// A runtime's session directory, locked for as long as this value lives.
 #[derive(Debug)]
 pub(crate) struct Session {
     dir: PathBuf,
+    /// Held locked: the session is live while this file is open.
+    _lock: File,
+    /// The private root made for this session alone, removed with it.
+    own_root: Option<PathBuf>,
 }
 
 impl Session {
     /// Creates this runtime's session under the user's root in the
-    /// system's temporary directory, after removing the sessions of
-    /// processes that are gone.
+    /// system's temporary directory, after removing the sessions whose
+    /// runtime is gone; in a private directory of its own if the root
+    /// cannot be used.
     pub(crate) fn create(tag: &str) -> Result<Session> {
-        let uid = std::fs::metadata("/proc/self")
-            .map_err(|e| io("reading this process's owner", &e))?
-            .uid();
-        Session::create_in(&std::env::temp_dir().join(format!("rustyray-{uid}")), tag)
+        let tmp = std::env::temp_dir();
+        let shared = std::fs::metadata("/proc/self")
+            .map(|m| tmp.join(format!("rustyray-{}", m.uid())))
+            .map_err(|e| io("reading this process's owner", &e))
+            .and_then(|root| Session::create_in(&root, tag));
+        match shared {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                let own = tmp.join(format!("rustyray-{:032x}", crate::ids::random_token()));
+                tracing::warn!(error = %e, dir = %own.display(), "the shared session root cannot be used; using a private one");
+                let mut s = Session::create_in(&own, tag)?;
+                s.own_root = Some(own);
+                Ok(s)
+            }
+        }
     }
 
     /// Creates a session under `root` (made if missing, checked if not).
     pub(crate) fn create_in(root: &Path, tag: &str) -> Result<Session> {
         private_dir(root)?;
         remove_dead_sessions(root);
-        let pid = std::process::id();
-        let start = start_time(pid).ok_or_else(|| Error::Io {
-            what: "reading this process's start time".into(),
-            message: "/proc/self/stat is unreadable".into(),
-        })?;
-        let dir = root.join(format!("session-{pid}-{start}-{tag}"));
+        let name = format!("session-{}-{tag}", std::process::id());
+        let making = root.join(format!(".{name}"));
+        let dir = root.join(&name);
         std::fs::DirBuilder::new()
             .mode(0o700)
-            .create(&dir)
-            .map_err(|e| io(format!("creating session directory {}", dir.display()), &e))?;
+            .create(&making)
+            .map_err(|e| io(format!("creating session directory {}", making.display()), &e))?;
+        let lock = File::create(making.join(LOCK))
+            .and_then(|f| f.try_lock().map_err(std::io::Error::from).map(|()| f))
+            .and_then(|f| std::fs::rename(&making, &dir).map(|()| f))
+            .map_err(|e| {
+                let _ = std::fs::remove_dir_all(&making);
+                io(format!("locking session directory {}", dir.display()), &e)
+            })?;
         point_latest_at(root, &dir);
-        Ok(Session { dir })
+        Ok(Session {
+            dir,
+            _lock: lock,
+            own_root: None,
+        })
     }
-
     /// The session's directory.
     pub(crate) fn dir(&self) -> &Path {
         &self.dir
@@ -80,7 +110,19 @@ impl Session {
         for sub in ["logs", "spill"] {
             let _ = std::fs::remove_dir(self.dir.join(sub));
         }
-        if std::fs::remove_dir(&self.dir).is_err() {
+        let empty =
+            std::fs::read_dir(&self.dir).is_ok_and(|mut d| d.all(|e| e.is_ok_and(|e| e.file_name() == LOCK)));
+        // The lock file goes first: a start that looks meanwhile finds no
+        // lock to take and leaves the directory alone.
+        if !empty
+            || std::fs::remove_file(self.dir.join(LOCK)).is_err()
+            || std::fs::remove_dir(&self.dir).is_err()
+        {
+            return;
+        }
+        if let Some(root) = &self.own_root {
+            let _ = std::fs::remove_file(root.join(LATEST));
+            let _ = std::fs::remove_dir(root);
             return;
         }
         if let (Some(root), Some(name)) = (self.dir.parent(), self.dir.file_name()) {
@@ -129,39 +171,32 @@ fn private_dir(dir: &Path) -> Result<()> {
     }
 }
 
-/// The start time of process `pid` in clock ticks since boot (field 22 of
-/// `/proc/<pid>/stat`), or `None` if no such process runs.
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may hold spaces.
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    after_name.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// The pid and start time a session's directory name records.
-fn owner_of(name: &str) -> Option<(u32, u64)> {
-    let mut parts = name.strip_prefix("session-")?.splitn(3, '-');
-    let pid = parts.next()?.parse().ok()?;
-    let start = parts.next()?.parse().ok()?;
-    Some((pid, start))
-}
-
-/// Removes the sessions under `root` whose process is gone.
+/// Removes the sessions under `root` whose runtime is gone: those whose
+/// lock this process can take (held while they are removed, so no other
+/// start takes them for live meanwhile).
 fn remove_dead_sessions(root: &Path) {
     let Ok(entries) = std::fs::read_dir(root) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some((pid, start)) = name.to_str().and_then(owner_of) else {
-            continue;
-        };
-        if start_time(pid) == Some(start) {
+        if !name.to_str().is_some_and(|n| n.starts_with("session-")) {
             continue;
         }
         let path = entry.path();
+        let Ok(lock) = File::open(path.join(LOCK)) else {
+            continue;
+        };
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => continue,
+            Err(TryLockError::Error(e)) => {
+                tracing::debug!(dir = %path.display(), error = %e, "cannot tell whether a session is live");
+                continue;
+            }
+        }
         match std::fs::remove_dir_all(&path) {
-            Ok(()) => tracing::debug!(dir = %path.display(), "removed the session of a process that is gone"),
+            Ok(()) => tracing::debug!(dir = %path.display(), "removed the session of a runtime that is gone"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => tracing::warn!(dir = %path.display(), error = %e, "cannot remove a dead session"),
         }
@@ -190,37 +225,68 @@ mod tests {
         root
     }
 
-    /// The pid of a process that has exited (and been reaped).
-    fn dead_pid() -> u32 {
-        let mut child = std::process::Command::new("true").spawn().expect("spawn true");
-        let pid = child.id();
-        child.wait().expect("wait");
-        pid
+    /// A session directory with an unlocked lock file, as a runtime that
+    /// was SIGKILLed leaves it.
+    fn dead_session(root: &Path, name: &str) -> PathBuf {
+        let dir = root.join(name);
+        std::fs::create_dir_all(dir.join("spill")).expect("dead session");
+        std::fs::write(dir.join("spill").join("obj-1"), b"spilled").expect("spill file");
+        File::create(dir.join(LOCK)).expect("lock file");
+        dir
     }
 
     #[test]
-    fn a_new_session_removes_the_sessions_of_processes_that_are_gone() {
+    fn a_new_session_removes_the_sessions_whose_runtime_is_gone() {
         let root = scratch_root();
-        // A SIGKILLed driver's session, with spill files and logs in it.
-        let dead = root.join(format!("session-{}-12345-rr000001", dead_pid()));
-        std::fs::create_dir_all(dead.join("spill")).expect("dead session");
-        std::fs::write(dead.join("spill").join("obj-1"), b"spilled").expect("spill file");
-        // A live process whose pid was recycled: same pid, other start time.
-        let me = std::process::id();
-        let recycled = root.join(format!("session-{me}-1-rr000002"));
-        std::fs::create_dir_all(&recycled).expect("recycled session");
-        // Another live session of this very process.
-        let start = start_time(me).expect("start time");
-        let live = root.join(format!("session-{me}-{start}-rr000003"));
-        std::fs::create_dir_all(&live).expect("live session");
+        let dead = dead_session(&root, "session-4242-rr000001");
+        // A live runtime elsewhere (another pid namespace, say): its lock
+        // is held, whatever its pid says.
+        let live = dead_session(&root, "session-1-rr000002");
+        let held = File::open(live.join(LOCK)).expect("open lock");
+        held.lock().expect("hold the lock");
+        // A directory without a lock file is none of ours to judge.
+        let other = root.join("session-7-rr000003");
+        std::fs::create_dir_all(&other).expect("other");
 
         let s = Session::create_in(&root, "rr000004").expect("session");
-        assert!(!dead.exists(), "a dead driver's session is left behind");
-        assert!(!recycled.exists(), "a recycled pid kept a dead session");
+        assert!(!dead.exists(), "a dead runtime's session is left behind");
         assert!(live.exists(), "a live session was removed");
+        assert!(other.exists());
         assert!(s.dir().is_dir());
         let latest = std::fs::read_link(root.join(LATEST)).expect("latest link");
         assert_eq!(Some(latest.as_os_str()), s.dir().file_name());
+
+        // A second start sees this session live, then dead once dropped.
+        let second = Session::create_in(&root, "rr000005").expect("second session");
+        assert!(s.dir().exists());
+        let first = s.dir().to_owned();
+        drop(s);
+        let third = Session::create_in(&root, "rr000006").expect("third session");
+        assert!(!first.exists(), "a dropped session is live");
+        assert!(second.dir().exists() && third.dir().exists());
+        drop(held);
+        std::fs::remove_dir_all(&root).expect("cleanup");
+    }
+
+    #[test]
+    fn a_clean_close_leaves_nothing_but_logs() {
+        let root = scratch_root();
+        let quiet = Session::create_in(&root, "rr000001").expect("session");
+        std::fs::create_dir(quiet.dir().join("spill")).expect("spill dir");
+        quiet.close();
+        assert!(!quiet.dir().exists());
+        assert!(
+            std::fs::read_link(root.join(LATEST)).is_err(),
+            "a link to nothing"
+        );
+        let chatty = Session::create_in(&root, "rr000002").expect("session");
+        std::fs::create_dir(chatty.dir().join("logs")).expect("logs dir");
+        std::fs::write(chatty.dir().join("logs").join("worker-1.out"), b"hello\n").expect("log");
+        chatty.close();
+        assert!(
+            chatty.dir().join("logs").join("worker-1.out").exists(),
+            "logs stay"
+        );
         std::fs::remove_dir_all(&root).expect("cleanup");
     }
 
@@ -235,13 +301,5 @@ mod tests {
         std::os::unix::fs::symlink(&open, &link).expect("symlink");
         assert!(matches!(Session::create_in(&link, "t"), Err(Error::Io { .. })));
         std::fs::remove_dir_all(&root).expect("cleanup");
-    }
-
-    #[test]
-    fn the_start_time_of_a_process_is_read_and_a_gone_one_has_none() {
-        assert!(start_time(std::process::id()).is_some());
-        assert_eq!(start_time(dead_pid()), None);
-        assert_eq!(owner_of("session-12-34-rr0001"), Some((12, 34)));
-        assert_eq!(owner_of("session_latest"), None);
     }
 }

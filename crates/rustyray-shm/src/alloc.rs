@@ -54,7 +54,7 @@ impl Allocator {
     /// Reserves a block of `size` bytes (a [`block_size`]) and returns its
     /// offset, or `None` when no free range is large enough.
     pub(crate) fn alloc(&mut self, size: usize) -> Option<usize> {
-        debug_assert!(size > 0 && size % ALIGN == 0);
+        debug_assert!(size > 0 && size.is_multiple_of(ALIGN));
         let (&start, &len) = self.free.iter().find(|(_, &len)| len >= size)?;
         self.free.remove(&start);
         if len > size {
@@ -67,7 +67,7 @@ impl Allocator {
     /// Returns block `(offset, size)` to the free ranges, merging it with its
     /// neighbours.
     pub(crate) fn free(&mut self, offset: usize, size: usize) {
-        debug_assert!(size > 0 && offset % ALIGN == 0 && offset + size <= self.capacity);
+        debug_assert!(size > 0 && offset.is_multiple_of(ALIGN) && offset + size <= self.capacity);
         let mut start = offset;
         let mut len = size;
         if let Some((&prev, &prev_len)) = self.free.range(..offset).next_back() {

@@ -147,7 +147,7 @@ pub fn write_le<T: Plain>(src: &[T], dst: &mut [u8]) -> bool {
 /// length is a whole number of them.
 pub fn read_le<T: Plain>(src: &[u8]) -> Option<Vec<T>> {
     let size = std::mem::size_of::<T>();
-    if src.len() % size != 0 {
+    if !src.len().is_multiple_of(size) {
         return None;
     }
     #[cfg(target_endian = "little")]

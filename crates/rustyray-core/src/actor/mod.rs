@@ -346,6 +346,8 @@ impl ActorState {
         if let Some(w) = self.link.take_worker() {
             w.kill();
         }
+        // Calls lost with its last worker will not be sent again.
+        self.link.fail_all_lost(rt, self);
         self.mailbox.lock().take();
         let queued = self.runq.as_ref().map(|q| {
             let mut q = q.lock();
@@ -972,7 +974,7 @@ fn complete_call(rt: &Arc<Inner>, actor: &ActorState, call: &ActorCall, attempts
                     Some(call_error(call, attempts, TaskFailure::Panicked, m)),
                 )
             })),
-            Outcome::Failed(e) => Err(e),
+            Outcome::Failed(e) | Outcome::NoWorker(e) => Err(e),
             Outcome::Crashed(reason) => Err(Error::WorkerCrashed { task_id: id, reason }),
         }
     };

@@ -57,16 +57,10 @@ pub(super) async fn start(rt: Arc<Inner>, actor: Arc<ActorState>) {
     if actor.hold_placement(&rt) {
         match launch(&rt, &actor).await {
             Ok(w) => {
-                let alive = {
-                    let mut life = actor.life.lock();
-                    let pending = matches!(life.status, Status::Pending);
-                    if pending {
-                        life.status = Status::Alive;
-                        actor.link.state.lock().worker = Some(w.clone());
-                    }
-                    pending
-                };
-                if alive {
+                if actor
+                    .link
+                    .bring_up(&actor, &w, Status::Pending, BTreeMap::new(), &rt)
+                {
                     rt.handle.spawn(monitor(rt.clone(), actor.clone(), w));
                 } else {
                     w.kill();
@@ -147,22 +141,12 @@ async fn monitor(rt: Arc<Inner>, actor: Arc<ActorState>, mut w: Arc<WorkerProc>)
                 return fail_lost(&rt, &actor, lost);
             }
         };
-        let alive = {
-            let mut life = actor.life.lock();
-            let restarting = matches!(life.status, Status::Restarting);
-            if restarting {
-                life.status = Status::Alive;
-                actor.epoch.fetch_add(1, Ordering::AcqRel);
-            }
-            restarting
-        };
+        let alive = actor.link.bring_up(&actor, &fresh, Status::Restarting, lost, &rt);
+        actor.restarted.notify_waiters();
         if !alive {
             fresh.kill();
-            actor.restarted.notify_waiters();
-            return fail_lost(&rt, &actor, lost);
+            return;
         }
-        actor.link.resume(&rt, &actor, &fresh, lost);
-        actor.restarted.notify_waiters();
         w = fresh;
     }
 }
@@ -212,18 +196,38 @@ impl Link {
         }
     }
 
-    /// Sends the lost calls that may be retried to the restarted actor's
-    /// worker, in submission order, and fails the others; then lets new
-    /// calls go to it. All under the send lock, so the retried calls reach
-    /// the worker before any call made since.
-    fn resume(
+    /// Makes the actor alive on `fresh`, if it is still in status `from`
+    /// (starting or restarting; a kill meanwhile made it dead): sends the
+    /// lost calls that may be retried to it, in submission order, fails the
+    /// others, and lets new calls go to it. All under the send lock, so the
+    /// retried calls reach the worker before any call made since, and the
+    /// status changes with the worker (a `die` sees the worker to kill, or
+    /// this sees the actor dead). Returns whether the actor is alive;
+    /// otherwise every lost call is failed and `fresh` is the caller's to
+    /// kill.
+    fn bring_up(
         &self,
-        rt: &Arc<Inner>,
         actor: &Arc<ActorState>,
         fresh: &Arc<WorkerProc>,
+        from: Status,
         lost: BTreeMap<u64, Lost>,
-    ) {
+        rt: &Arc<Inner>,
+    ) -> bool {
         let mut state = self.state.lock();
+        let alive = {
+            let mut life = actor.life.lock();
+            let expected = std::mem::discriminant(&life.status) == std::mem::discriminant(&from);
+            if expected {
+                life.status = Status::Alive;
+                actor.epoch.fetch_add(1, Ordering::AcqRel);
+            }
+            expected
+        };
+        if !alive {
+            drop(state);
+            fail_lost(rt, actor, lost);
+            return false;
+        }
         let mut failed = Vec::new();
         for (_, Lost { mut flight, outcome }) in lost {
             let retries_left = flight.retries_left;
@@ -240,6 +244,27 @@ impl Link {
         for (flight, outcome) in failed {
             flight.fail(rt, actor, outcome);
         }
+        true
+    }
+
+    /// Fails the calls lost with the actor's last worker (it died for
+    /// good); their guards go with them.
+    pub(super) fn fail_all_lost(&self, rt: &Arc<Inner>, actor: &Arc<ActorState>) {
+        let lost = std::mem::take(&mut *self.lost.lock());
+        fail_lost(rt, actor, lost);
+    }
+
+    /// Keeps a call lost with its worker for the monitor, or fails it from
+    /// the executor if the actor is already dead (no monitor will come).
+    fn lose(&self, rt: &Arc<Inner>, actor: &Arc<ActorState>, flight: InFlight, outcome: Outcome) {
+        let mut lost = self.lost.lock();
+        // Checked under the lock `die` drains: a call kept here is either
+        // drained by `die` or finds the actor dead.
+        if actor.dead_error().is_some() {
+            drop(lost);
+            return flight.fail_later(rt, actor, outcome);
+        }
+        lost.insert(flight.seq, Lost { flight, outcome });
     }
 }
 
@@ -283,26 +308,14 @@ impl InFlight {
                     // A panic ends the worker; its monitor sends this call
                     // again, or fails it.
                     w2.condemn();
-                    actor2.link.lost.lock().insert(
-                        self.seq,
-                        Lost {
-                            flight: self,
-                            outcome: Outcome::Panicked(m),
-                        },
-                    );
+                    actor2.link.lose(&rt2, &actor2, self, Outcome::Panicked(m));
                 }
                 Ok(o) => {
                     complete_call(&rt2, &actor2, &self.call, self.attempt, o);
                     drop(self);
                 }
                 Err(reason) if w2.is_dead() => {
-                    actor2.link.lost.lock().insert(
-                        self.seq,
-                        Lost {
-                            flight: self,
-                            outcome: Outcome::Crashed(reason),
-                        },
-                    );
+                    actor2.link.lose(&rt2, &actor2, self, Outcome::Crashed(reason))
                 }
                 // The worker lives: the message could not go (too large).
                 Err(reason) => self.fail_later(&rt2, &actor2, Outcome::Failed(Error::invalid(reason))),

@@ -479,7 +479,7 @@ impl Upstream {
 fn complete(rt: &Arc<Inner>, id: ObjectId, outcome: WireOutcome) {
     let result = match Outcome::from_wire(outcome, rt) {
         Outcome::Value(v) => rt.admit(v),
-        Outcome::Failed(e) => Err(e),
+        Outcome::Failed(e) | Outcome::NoWorker(e) => Err(e),
         Outcome::Returned(m) | Outcome::Panicked(m) | Outcome::Crashed(m) => Err(Error::invalid(m)),
     };
     rt.store.complete(id, result);
@@ -967,7 +967,7 @@ impl Outcome {
             Outcome::Value(v) => inline(&v),
             Outcome::Returned(m) => WireOutcome::Returned(m),
             Outcome::Panicked(m) => WireOutcome::Panicked(m),
-            Outcome::Failed(e) => WireOutcome::Failed(e),
+            Outcome::Failed(e) | Outcome::NoWorker(e) => WireOutcome::Failed(e),
             Outcome::Crashed(m) => WireOutcome::Failed(Error::invalid(m)),
         }
     }
