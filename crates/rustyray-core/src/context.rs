@@ -6,6 +6,7 @@
 //! task-local for async code. Neither is a process global: each is set by
 //! the runtime that runs the code and cleared when the call ends.
 
+use crate::ids::ObjectId;
 use crate::resources::ResourceSet;
 use crate::runtime::Inner;
 use crate::task::TaskState;
@@ -37,6 +38,11 @@ impl TaskContext {
 
     pub(crate) fn is_async(&self) -> bool {
         self.is_async
+    }
+
+    /// The CPU the call holds.
+    pub(crate) fn cpu(&self) -> &ResourceSet {
+        &self.cpu
     }
 }
 
@@ -83,7 +89,10 @@ pub(crate) async fn with_async<F: std::future::Future>(ctx: Arc<TaskContext>, fu
 pub(crate) struct Blocked(Arc<TaskContext>);
 
 impl Blocked {
-    pub(crate) fn enter() -> Option<Blocked> {
+    /// Marks the current call blocked, waiting for `on` if it waits for
+    /// one object (the owner of a worker process may then run the task
+    /// that makes it in this process).
+    pub(crate) fn enter(on: Option<ObjectId>) -> Option<Blocked> {
         let ctx = current()?;
         if ctx.blocked.fetch_add(1, Ordering::AcqRel) == 0 {
             if !ctx.cpu.is_empty() {
@@ -91,7 +100,7 @@ impl Blocked {
             }
             // In a worker process, the CPU is the owner's to lend.
             if let Some(up) = ctx.rt.upstream.get() {
-                up.blocked(ctx.task.id, true);
+                up.blocked(ctx.task.id, true, on);
             }
         }
         Some(Blocked(ctx))
@@ -106,7 +115,7 @@ impl Drop for Blocked {
                 ctx.rt.take_back(&ctx.cpu);
             }
             if let Some(up) = ctx.rt.upstream.get() {
-                up.blocked(ctx.task.id, false);
+                up.blocked(ctx.task.id, false, None);
             }
         }
     }

@@ -183,6 +183,14 @@ pub enum Error {
     /// message that has no place where it came.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A task would block in `get`/`wait` while every worker thread the
+    /// runtime may start is in use (see `Config::max_worker_threads`):
+    /// it fails instead of waiting for work no thread is left to run.
+    #[error("a task cannot block: all {limit} worker threads are in use (each blocked task holds one)")]
+    ThreadLimit {
+        /// The runtime's thread limit.
+        limit: usize,
+    },
     /// The runtime has shut down (or is shutting down).
     #[error("the runtime has shut down")]
     Shutdown,

@@ -1277,9 +1277,12 @@ fn read_messages(
                     Err(e) => reply(Err(e)),
                 }
             }
-            Ok(Some(Message::Blocked { task_id })) => {
+            Ok(Some(Message::Blocked { task_id, on })) => {
                 let owner = owner(pool);
                 if let (Some(rt), Some(cpu)) = (owner, w.lend(task_id, true)) {
+                    if let Some(on) = on {
+                        rt.help_worker(on, &cpu, w);
+                    }
                     rt.lend_back(&cpu);
                 }
             }

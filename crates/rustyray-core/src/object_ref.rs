@@ -214,7 +214,7 @@ impl<T: Data> Future for GetFuture<T> {
             Poll::Pending => {
                 if self.blocked.is_none() {
                     rt.will_wait();
-                    self.blocked = context::Blocked::enter();
+                    self.blocked = context::Blocked::enter(Some(self.raw.id()));
                 }
                 Poll::Pending
             }

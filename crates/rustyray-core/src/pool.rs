@@ -22,6 +22,37 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 
 const IDLE_EXIT: Duration = Duration::from_secs(30);
 
+/// The stack of each pool thread (reserved address space; only the pages
+/// used are ever backed). Larger than Rust's 2 MiB default because a task
+/// blocked on a child that is still queued runs the child on its own stack
+/// (see [`has_stack_to_spare`]).
+const STACK_SIZE: usize = 16 << 20;
+
+thread_local! {
+    /// The address near the base of this pool thread's stack (0 on threads
+    /// that are not the pool's).
+    static STACK_BASE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// An address in the caller's stack frame.
+#[inline(never)]
+fn stack_address() -> usize {
+    let marker = 0_u8;
+    std::ptr::addr_of!(marker) as usize
+}
+
+/// Whether the calling thread is a pool thread with more than half of its
+/// stack unused: it may then run another task on its own stack. This
+/// bounds how deep tasks run inside each other, whatever their frames
+/// cost, so a deep tree of nested tasks uses more threads instead of
+/// overflowing a stack.
+pub(crate) fn has_stack_to_spare() -> bool {
+    let base = STACK_BASE.with(std::cell::Cell::get);
+    // Stacks grow down on every platform this runs on.
+    let here = stack_address();
+    base != 0 && base.saturating_sub(here) < STACK_SIZE / 2
+}
+
 /// How long an idle thread watches for work before it sleeps: a job that
 /// arrives meanwhile starts without a futex wake-up (a few microseconds on
 /// the hot path of synchronous task and actor calls).
@@ -34,6 +65,8 @@ struct State {
     /// Threads watching `queued` before they sleep.
     spinning: usize,
     live: usize,
+    /// The last attempt to start a thread failed (the system refused).
+    refused: bool,
     closed: bool,
     handles: Vec<JoinHandle<()>>,
 }
@@ -45,6 +78,7 @@ struct Shared {
     cv: Condvar,
     name: String,
     min_threads: usize,
+    max_threads: usize,
 }
 
 /// An elastic pool of named worker threads.
@@ -63,7 +97,7 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    pub(crate) fn new(name: String, min_threads: usize) -> Self {
+    pub(crate) fn new(name: String, min_threads: usize, max_threads: usize) -> Self {
         Pool {
             shared: Arc::new(Shared {
                 queued: AtomicUsize::new(0),
@@ -72,12 +106,14 @@ impl Pool {
                     idle: 0,
                     spinning: 0,
                     live: 0,
+                    refused: false,
                     closed: false,
                     handles: Vec::new(),
                 }),
                 cv: Condvar::new(),
                 name,
                 min_threads,
+                max_threads: max_threads.max(min_threads).max(1),
             }),
         }
     }
@@ -93,20 +129,24 @@ impl Pool {
         self.shared.queued.store(s.jobs.len(), Ordering::Release);
         if s.jobs.len() <= s.spinning {
             // A spinning thread takes it.
-        } else if s.jobs.len() > s.idle + s.spinning {
+        } else if s.jobs.len() > s.idle + s.spinning && s.live < self.shared.max_threads {
             s.live += 1;
             let shared = self.shared.clone();
             let spawned = std::thread::Builder::new()
                 .name(self.shared.name.clone())
+                .stack_size(STACK_SIZE)
                 .spawn(move || worker(shared));
             match spawned {
                 Ok(h) => {
+                    s.refused = false;
                     s.handles.retain(|h| !h.is_finished());
                     s.handles.push(h);
                 }
                 Err(e) => {
-                    // Out of threads: the queued job waits for a busy thread.
+                    // Out of threads: the queued job waits for a busy
+                    // thread, and tasks may not block meanwhile.
                     s.live -= 1;
+                    s.refused = true;
                     tracing::error!(error = %e, "could not start a worker thread");
                 }
             }
@@ -114,6 +154,15 @@ impl Pool {
             self.shared.cv.notify_one();
         }
         Ok(())
+    }
+
+    /// Whether the pool can start no more threads (at its limit, or the
+    /// system refused the last one) and has none idle: a task that blocks
+    /// now might wait for work that no thread is left to run.
+    pub(crate) fn saturated(&self) -> Option<usize> {
+        let s = self.shared.state.lock();
+        let full = s.live >= self.shared.max_threads || s.refused;
+        (full && s.idle + s.spinning == 0).then_some(self.shared.max_threads)
     }
 
     /// Threads alive now.
@@ -141,6 +190,7 @@ impl Pool {
 }
 
 fn worker(shared: Arc<Shared>) {
+    STACK_BASE.with(|b| b.set(stack_address()));
     let mut s = shared.state.lock();
     loop {
         if let Some(job) = s.jobs.pop_front() {

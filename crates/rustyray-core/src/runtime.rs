@@ -67,7 +67,12 @@ pub struct Config {
     shared_memory_threshold: usize,
     log_dir: Option<std::path::PathBuf>,
     log_to_driver: bool,
+    max_worker_threads: usize,
 }
+
+/// The most worker threads a runtime starts unless told otherwise
+/// (`Config::max_worker_threads`).
+pub(crate) const DEFAULT_MAX_WORKER_THREADS: usize = 4096;
 
 /// Where tasks run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -100,6 +105,7 @@ impl Default for Config {
             shared_memory_threshold: crate::shm::DEFAULT_THRESHOLD,
             log_dir: None,
             log_to_driver: true,
+            max_worker_threads: DEFAULT_MAX_WORKER_THREADS,
         }
     }
 }
@@ -200,6 +206,17 @@ impl Config {
         self
     }
 
+    /// The most threads the runtime starts for sync tasks and actor calls
+    /// (default 4096). Each task blocked in `get`/`wait` holds a thread; a
+    /// task blocked on a child that is still queued runs the child itself,
+    /// so a recursive tree needs threads by its depth, not its size. At the
+    /// limit, a task that would block fails with [`Error::ThreadLimit`]
+    /// instead of waiting for work no thread is left to run.
+    pub fn max_worker_threads(mut self, n: usize) -> Self {
+        self.max_worker_threads = n;
+        self
+    }
+
     /// In the worker-process mode, values whose bytes form is at least
     /// this long live in the node's shared memory (default 100 KiB, as in
     /// Ray); smaller ones travel inline. At most 16 MiB, so that inline
@@ -261,9 +278,17 @@ fn deadline_after(timeout: Duration) -> Option<(Instant, Duration)> {
     Instant::now().checked_add(timeout).map(|at| (at, timeout))
 }
 
+/// Whether a task pushed to a worker process leased it (and hands it back
+/// to the pool when done) or shares it with a task blocked there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lease {
+    Own,
+    Borrowed,
+}
+
 /// Work the scheduler holds.
 pub(crate) enum Work {
-    Task(Box<TaskRun>),
+    Task(Arc<Runnable>),
     Actor(Arc<ActorState>),
 }
 
@@ -273,6 +298,38 @@ impl Schedulable for Work {
             Work::Task(t) => &t.request,
             Work::Actor(a) => a.placement_request(),
         }
+    }
+
+    fn is_void(&self) -> bool {
+        match self {
+            Work::Task(t) => t.run.lock().is_none(),
+            Work::Actor(_) => false,
+        }
+    }
+}
+
+/// A function task on its way to a thread: waiting for its dependencies,
+/// for resources in the scheduler, or for a pool thread. Once it may run
+/// (in the scheduler or after), a task blocked in `get` on its result may
+/// take it and run it on its own thread ([`Inner::help`]); whoever then
+/// finds it taken gives back what the scheduler granted for it.
+#[derive(Debug)]
+pub(crate) struct Runnable {
+    /// The task's request, readable without the lock.
+    request: ResourceSet,
+    run: Mutex<Option<Box<TaskRun>>>,
+}
+
+impl Runnable {
+    fn new(run: TaskRun) -> Arc<Self> {
+        Arc::new(Runnable {
+            request: run.request.clone(),
+            run: Mutex::new(Some(Box::new(run))),
+        })
+    }
+
+    fn take(&self) -> Option<Box<TaskRun>> {
+        self.run.lock().take()
     }
 }
 
@@ -538,7 +595,11 @@ impl Inner {
             registry,
             sched: Scheduler::new(total),
             tasks: Mutex::new(HashMap::default()),
-            pool: Pool::new(format!("{thread_prefix}-w"), min_threads),
+            pool: Pool::new(
+                format!("{thread_prefix}-w"),
+                min_threads,
+                config.max_worker_threads,
+            ),
             handle: executor.handle().clone(),
             executor: Mutex::new(Some(executor)),
             actors: ActorTable::default(),
@@ -773,7 +834,7 @@ impl Inner {
             attempt: 1,
         };
         let deps = ref_ids(&run.spec.args);
-        self.when_ready(&deps, Work::Task(Box::new(run)));
+        self.when_ready(&deps, Work::Task(Runnable::new(run)));
         Ok(ret)
     }
 
@@ -816,7 +877,7 @@ impl Inner {
             attempt: 1,
         };
         let deps = ref_ids(&run.spec.args);
-        self.when_ready(&deps, Work::Task(Box::new(run)));
+        self.when_ready(&deps, Work::Task(Runnable::new(run)));
         Ok(ret)
     }
 
@@ -844,12 +905,21 @@ impl Inner {
 
     /// Hands work to the scheduler and starts what may run.
     pub(crate) fn enqueue(self: &Arc<Self>, work: Work) {
+        if let Work::Task(r) = &work {
+            // From here on it may run: a task blocked on it may take it.
+            if let Some(run) = r.run.lock().as_ref() {
+                run.state.set_runnable(Arc::downgrade(r));
+            }
+        }
         match self.sched.submit(work) {
             Ok(start) => self.start_all(start),
             Err(Rejected::Infeasible(w)) => {
                 let err = Error::Unschedulable {
                     what: match &w {
-                        Work::Task(t) => format!("task {}", t.entry.name),
+                        Work::Task(t) => format!(
+                            "task {}",
+                            t.run.lock().as_ref().map_or("(taken)", |run| run.entry.name)
+                        ),
                         Work::Actor(a) => format!("actor {}", a.class.name),
                     },
                     requested: w.request().to_string(),
@@ -864,9 +934,12 @@ impl Inner {
     fn fail_work(self: &Arc<Self>, w: Work, err: Error) {
         match w {
             Work::Task(t) => {
-                self.store.complete(t.state.id.return_object(), Err(err));
-                t.state.finish();
-                self.forget_task(t.state.id);
+                // Taken: the task that took it runs it.
+                if let Some(t) = t.take() {
+                    self.store.complete(t.state.id.return_object(), Err(err));
+                    t.state.finish();
+                    self.forget_task(t.state.id);
+                }
             }
             Work::Actor(a) => actor::creation_failed(self, &a, err),
         }
@@ -899,7 +972,36 @@ impl Inner {
 
     // ----- execution --------------------------------------------------
 
-    fn start_task(self: &Arc<Self>, run: Box<TaskRun>) {
+    /// Starts a task the scheduler granted its resources: a sync one in the
+    /// threads mode on a pool thread, which takes it from its [`Runnable`]
+    /// only when it runs (a task blocked on it may take it first), the rest
+    /// at once.
+    fn start_task(self: &Arc<Self>, r: Arc<Runnable>) {
+        let on_pool = self.node.is_none()
+            && r.run
+                .lock()
+                .as_ref()
+                .is_some_and(|run| matches!(run.entry.body, FunctionBody::Sync(_)));
+        if on_pool {
+            let rt = self.clone();
+            let job = Box::new(move || match r.take() {
+                Some(run) => rt.run_task(run),
+                None => rt.release(&r.request),
+            });
+            // A closed pool means shutdown, which fails the object.
+            let _ = self.pool.execute(job);
+            return;
+        }
+        match r.take() {
+            Some(run) => self.run_task(run),
+            None => self.release(&r.request),
+        }
+    }
+
+    /// Runs one attempt of a task whose resources are held: a sync one on
+    /// this thread, an async one on the executor, either in a worker
+    /// process in the processes mode.
+    fn run_task(self: &Arc<Self>, run: Box<TaskRun>) {
         if !run.state.start(run.attempt) {
             // Cancelled while waiting: its object already says so.
             self.forget_task(run.state.id);
@@ -912,26 +1014,17 @@ impl Inner {
         }
         match run.entry.body {
             FunctionBody::Sync(f) => {
-                let rt = self.clone();
-                let job = Box::new(move || {
-                    let outcome = match rt.resolve_args(&run.spec, run.attempt) {
-                        Ok(args) => {
-                            let ctx = TaskContext::new(
-                                rt.clone(),
-                                run.state.clone(),
-                                run.request.cpu_only(),
-                                false,
-                            );
-                            Outcome::from_invoke(context::with_sync(ctx, || {
-                                std::panic::catch_unwind(AssertUnwindSafe(|| f(args)))
-                            }))
-                        }
-                        Err(e) => Outcome::Failed(e),
-                    };
-                    rt.finish_task(run, outcome);
-                });
-                // A closed pool means shutdown, which fails the object.
-                let _ = self.pool.execute(job);
+                let outcome = match self.resolve_args(&run.spec, run.attempt) {
+                    Ok(args) => {
+                        let ctx =
+                            TaskContext::new(self.clone(), run.state.clone(), run.request.cpu_only(), false);
+                        Outcome::from_invoke(context::with_sync(ctx, || {
+                            std::panic::catch_unwind(AssertUnwindSafe(|| f(args)))
+                        }))
+                    }
+                    Err(e) => Outcome::Failed(e),
+                };
+                self.finish_task(run, outcome);
             }
             FunctionBody::Async(f) => {
                 let rt = self.clone();
@@ -972,12 +1065,12 @@ impl Inner {
     /// thread when the outcome comes back.
     fn start_in_process(self: &Arc<Self>, node: Arc<node::Pool>, run: Box<TaskRun>) {
         match node.try_lease() {
-            Ok(Some(w)) => self.push_task(node, w, run),
+            Ok(Some(w)) => self.push_task(node, w, run, Lease::Own),
             Ok(None) => {
                 let rt = self.clone();
                 self.handle.spawn(async move {
                     match node.lease().await {
-                        Ok(w) => rt.push_task(node, w, run),
+                        Ok(w) => rt.push_task(node, w, run, Lease::Own),
                         // No worker could be had: said as what it is
                         // (a failed start, no descriptors left), not as
                         // a crash of a worker that never ran the task.
@@ -989,20 +1082,31 @@ impl Inner {
         }
     }
 
-    fn push_task(self: &Arc<Self>, node: Arc<node::Pool>, w: Arc<node::WorkerProc>, run: Box<TaskRun>) {
+    fn push_task(
+        self: &Arc<Self>,
+        node: Arc<node::Pool>,
+        w: Arc<node::WorkerProc>,
+        run: Box<TaskRun>,
+        lease: Lease,
+    ) {
         let (id, attempt) = (run.state.id, run.attempt);
         let spec = self
             .resolve_values(&run.spec, attempt)
             .and_then(|values| run.spec.to_wire(&values, self.shm.as_ref()));
+        let give_back = move |w: Arc<node::WorkerProc>| {
+            if lease == Lease::Own {
+                node.give_back(w);
+            }
+        };
         let (spec, loan) = match spec {
             Ok(s) if !run.state.is_cancelled() => s,
             Ok(_) => {
-                node.give_back(w);
+                give_back(w);
                 self.finish_task(run, Outcome::Failed(Error::TaskCancelled(id)));
                 return;
             }
             Err(e) => {
-                node.give_back(w);
+                give_back(w);
                 self.finish_task(run, Outcome::Failed(e));
                 return;
             }
@@ -1028,7 +1132,7 @@ impl Inner {
                 }
                 let outcome = match r {
                     Ok(o) => {
-                        node.give_back(leased);
+                        give_back(leased);
                         Outcome::from_wire(o, &rt)
                     }
                     Err(reason) => Outcome::Crashed(reason),
@@ -1036,8 +1140,9 @@ impl Inner {
                 rt.finish_task(run, outcome);
             }),
         );
-        // After the push, so a cancel in between reaches the worker.
-        state.set_remote(attempt, w, true);
+        // After the push, so a cancel in between reaches the worker. A
+        // forced cancel kills the process only if the task has it alone.
+        state.set_remote(attempt, w, lease == Lease::Own);
     }
 
     /// Produces the argument list of one attempt: through the bytes form
@@ -1105,7 +1210,10 @@ impl Inner {
             tracing::debug!(task = %run.state.id, attempt = run.attempt, "retrying task");
             run.attempt += 1;
             run.state.back_to_waiting();
-            self.enqueue(Work::Task(run));
+            self.enqueue(Work::Task(Arc::new(Runnable {
+                request: run.request.clone(),
+                run: Mutex::new(Some(run)),
+            })));
             self.start_all(start);
             return;
         }
@@ -1175,6 +1283,86 @@ impl Inner {
         }
     }
 
+    /// Refuses to let a sync task block while no thread is left to run what
+    /// it might wait for (the pool at its limit, none idle).
+    fn may_block(&self) -> Result<()> {
+        let in_sync_task = context::current().is_some_and(|c| !c.is_async());
+        match self.pool.saturated() {
+            Some(limit) if in_sync_task => Err(Error::ThreadLimit { limit }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Runs the task that produces `id` on this thread, if it waits to run
+    /// (for resources or for a thread) and this thread may: a pool thread
+    /// running a sync task in the threads mode, with stack to spare, whose
+    /// CPU covers the task's request. A task blocked on a child that is
+    /// still queued so runs the child instead of waiting for a thread to
+    /// (as rayon's `join` does), and a recursive tree of tasks needs
+    /// threads in proportion to its depth, not its size. Returns whether it
+    /// ran the task.
+    ///
+    /// The child's request moves from the blocked task to it: taken before
+    /// the blocked task's CPU is lent back, so nothing else starts on that
+    /// CPU meanwhile, and returned when the child ends.
+    fn help(self: &Arc<Self>, id: ObjectId) -> bool {
+        if self.node.is_some() || self.upstream.get().is_some() {
+            return false;
+        }
+        let Some(ctx) = context::current() else {
+            return false;
+        };
+        if ctx.is_async() || !crate::pool::has_stack_to_spare() {
+            return false;
+        }
+        let Some(state) = self.tasks.lock().get(&id.task()).cloned() else {
+            return false;
+        };
+        let Some(r) = state.runnable() else {
+            return false;
+        };
+        let runs_here = r.request.fits_in(ctx.cpu())
+            && r.run
+                .lock()
+                .as_ref()
+                .is_some_and(|run| matches!(run.entry.body, FunctionBody::Sync(_)));
+        if !runs_here {
+            return false;
+        }
+        let Some(run) = r.take() else {
+            return false;
+        };
+        self.sched.take(&run.request);
+        let _blocked = context::Blocked::enter(None);
+        self.run_task(run);
+        true
+    }
+
+    /// The owner's side of the same rule for a task blocked in worker
+    /// process `w`, waiting for `on` with `cpu` to lend: if the task that
+    /// makes `on` is still queued and fits in `cpu`, it is pushed to `w`
+    /// (which runs it on another thread while the blocked task waits), its
+    /// request taken before the blocked task's CPU is lent back. Runs on
+    /// `w`'s reader thread.
+    pub(crate) fn help_worker(self: &Arc<Self>, on: ObjectId, cpu: &ResourceSet, w: &Arc<node::WorkerProc>) {
+        let Some(node) = self.node.clone() else { return };
+        let Some(state) = self.tasks.lock().get(&on.task()).cloned() else {
+            return;
+        };
+        let Some(r) = state.runnable() else { return };
+        if !r.request.fits_in(cpu) {
+            return;
+        }
+        let Some(run) = r.take() else { return };
+        self.sched.take(&run.request);
+        if !run.state.start(run.attempt) {
+            self.forget_task(run.state.id);
+            self.release(&run.request);
+            return;
+        }
+        self.push_task(node, w.clone(), run, Lease::Borrowed);
+    }
+
     /// Waits for an object's value, lending the current task's CPU back
     /// while it blocks.
     pub(crate) fn get_value(
@@ -1189,6 +1377,16 @@ impl Inner {
             Peek::Failed(e) => return Err(e),
             Peek::Pending => {}
         }
+        // Its task may still wait to run: then it runs here (again, should
+        // it fail and be retried).
+        while self.help(id) {
+            match self.store.peek(id, None)? {
+                Peek::Ready(v) => return Ok(v),
+                Peek::Failed(e) => return Err(e),
+                Peek::Pending => {}
+            }
+        }
+        self.may_block()?;
         self.will_wait();
         // A short wait first: a small task or call on another thread often
         // completes within microseconds, sparing two thread wake-ups.
@@ -1205,7 +1403,7 @@ impl Inner {
             }
         }
         let block = || {
-            let _blocked = Blocked::enter();
+            let _blocked = Blocked::enter(Some(id));
             let waker = ThreadWaker::current();
             loop {
                 match self.store.peek(id, Some(&waker))? {
@@ -1293,9 +1491,26 @@ impl Inner {
             }
             return Ok((ready, rest));
         }
+        // Tasks among them that still wait to run may run here, in order,
+        // until enough are complete.
+        let mut complete = done.iter().filter(|d| **d).count();
+        for (&id, was_done) in ids.iter().zip(&done) {
+            if complete >= num_returns {
+                break;
+            }
+            if !was_done && self.help(id) && self.store.is_complete(id) {
+                complete += 1;
+            }
+        }
+        if complete < num_returns {
+            self.may_block()?;
+        }
+        // The first object still pending is the one a worker's owner may
+        // make here (see `Blocked`).
+        let first_pending = ids.iter().zip(&done).find(|(_, d)| !**d).map(|(id, _)| *id);
         self.will_wait();
         let run = || {
-            let _blocked = Blocked::enter();
+            let _blocked = Blocked::enter(first_pending);
             let waker = ThreadWaker::current();
             loop {
                 if let Some(out) = split(Some(&waker))? {

@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The first bytes of every `Hello`.
 pub const MAGIC: [u8; 4] = *b"RRAY";
@@ -285,10 +285,16 @@ pub enum Message {
     },
     /// Worker → owner: the task `task_id` running in the worker blocks
     /// (in `get`/`wait`): the owner lends its CPU to other tasks until
-    /// `Unblocked`. Ignored for a task the owner does not know.
+    /// `Unblocked`. If the task it waits for (the one that makes `on`) is
+    /// still queued, the owner pushes that task to this worker, on the
+    /// CPU the blocked task lends (as a blocked thread runs a queued child
+    /// in the threads mode), so a recursive tree needs processes by its
+    /// depth, not its size. Ignored for a task the owner does not know.
     Blocked {
         /// The task.
         task_id: TaskId,
+        /// The object it waits for, if one.
+        on: Option<ObjectId>,
     },
     /// Worker → owner: the task `task_id` resumes after `Blocked`.
     Unblocked {
@@ -709,6 +715,7 @@ mod tests {
             },
             Message::Blocked {
                 task_id: TaskId::from_u128(14),
+                on: Some(ObjectId::from_u128(15)),
             },
             Message::Unblocked {
                 task_id: TaskId::from_u128(14),

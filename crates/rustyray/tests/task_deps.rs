@@ -221,3 +221,55 @@ proptest! {
         prop_assert!(s.num_objects <= nodes.len() as u64);
     }
 }
+
+#[test]
+fn a_deep_tree_of_nested_tasks_needs_threads_by_its_depth_not_its_size() -> rustyray::Result<()> {
+    // fib(25) is 242,785 tasks, each blocking on its two children. A task
+    // blocked on a child that is still queued runs it on its own thread, so
+    // the tree needs threads in proportion to its depth (once made a thread
+    // for each blocked task: fib(22) took ~16k threads and aborted).
+    let ray = common::runtime(2.0, false);
+    assert_eq!(ray.get_timeout(&fib::remote(&ray, 25)?, common::LONG)?, 75_025);
+    // Idle pool threads stay 30 s, so those alive now are all it started.
+    let threads = ray.pool_threads();
+    assert!(threads <= 300, "fib(25) used {threads} pool threads");
+    Ok(())
+}
+
+/// Blocks on `gate`; says how that ended.
+#[rustyray::remote(num_cpus = 1.0)]
+fn wait_for_gate(gate: ObjectRef<()>) -> Result<(), String> {
+    let ray = rustyray::current().map_err(|e| e.to_string())?;
+    ray.get(&gate).map_err(|e| e.to_string())
+}
+
+#[test]
+fn at_the_thread_limit_a_task_fails_to_block_instead_of_hanging() -> rustyray::Result<()> {
+    let ray = rustyray::init_with(Config::new().num_cpus(2.0).num_gpus(0.0).max_worker_threads(4))?;
+    let (latch, gate) = common::latch(&ray);
+    // Each task blocks on the gate, lending its CPU to the next: past four
+    // threads, none is left to run the rest.
+    let waits = (0..10)
+        .map(|_| wait_for_gate::remote(&ray, gate.clone()))
+        .collect::<rustyray::Result<Vec<_>>>()?;
+    // The tasks that found no thread to block on fail; the others wait.
+    let (refused, _) = ray.wait(&waits, 1, Some(common::LONG))?;
+    let refused = ray.get(&refused[0]);
+    match &refused {
+        Err(Error::Task { message, .. }) => {
+            assert!(message.contains("worker threads are in use"), "{message}")
+        }
+        other => panic!("expected a task that could not block, got {other:?}"),
+    }
+    ray.get(&latch.open()?)?;
+    for w in &waits {
+        match ray.get_timeout(w, common::LONG) {
+            Ok(()) => {}
+            Err(Error::Task { message, .. }) if message.contains("worker threads are in use") => {}
+            other => panic!("expected the gate or the thread limit, got {other:?}"),
+        }
+    }
+    // The runtime goes on.
+    assert_eq!(ray.get_timeout(&fib::remote(&ray, 10)?, common::LONG)?, 55);
+    Ok(())
+}

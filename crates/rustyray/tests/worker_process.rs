@@ -1383,6 +1383,18 @@ fn tasks_submitted_in_workers_run_in_worker_processes_without_deadlock() -> rust
     Ok(())
 }
 
+#[test]
+fn a_tree_of_nested_tasks_needs_worker_processes_by_its_depth_not_its_size() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    // fib(12) is 465 tasks, each blocking on its two children: a child
+    // still queued when its parent blocks runs in the parent's process (it
+    // once took a process for each blocked task, 169 for fib(12)).
+    assert_eq!(ray.get_timeout(&fib::remote(&ray, 12)?, LONG)?, 144);
+    let workers = ray.worker_pids().len();
+    assert!(workers <= 40, "fib(12) used {workers} worker processes");
+    Ok(())
+}
+
 /// Reads every object of a list it was handed (inside a worker, where the
 /// objects are the owner's).
 #[rustyray::remote]

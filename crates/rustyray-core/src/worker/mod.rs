@@ -254,9 +254,9 @@ impl Upstream {
 
     /// The task `task_id` blocks (`true`) or resumes: its owner lends or
     /// takes back its CPU.
-    pub(crate) fn blocked(&self, task_id: TaskId, blocked: bool) {
+    pub(crate) fn blocked(&self, task_id: TaskId, blocked: bool, on: Option<ObjectId>) {
         self.replies.send(&if blocked {
-            Message::Blocked { task_id }
+            Message::Blocked { task_id, on }
         } else {
             Message::Unblocked { task_id }
         });
