@@ -6,7 +6,7 @@
 //! makes one such round trip plus the runtime's work, so this rate bounds
 //! those rows as the memcpy reference bounds the put rows.
 
-use rustyray::wire::{self, FrameDecoder, Message};
+use rustyray_proto::{self as wire, FrameDecoder, Message};
 use std::io::Write;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};

@@ -22,25 +22,26 @@
 //! (memory store + reference counter), `scheduler` (local task manager),
 //! `pool` (worker pool), `actor` (actor manager + actor task receiver),
 //! `task` (task specification + task manager), `codec` (serialization),
-//! `context` (runtime context); for worker processes: [`wire`] (the
-//! protocol), `node` (node daemon: worker pool, raylet), `worker` (the
-//! worker process's loop, core worker), `shm` (plasma), `worker_logs`
-//! (log files and `log_to_driver`).
+//! `context` (runtime context); for worker processes: `node` (node
+//! daemon: worker pool, raylet), `worker` (the worker process's loop, core
+//! worker), `shm` (plasma), `worker_logs` (log files and `log_to_driver`),
+//! `session` (the session directory). Ids, errors, resources and options
+//! come from `rustyray-common`; the messages between this crate's roles
+//! from `rustyray-proto`.
 
 #![forbid(unsafe_code)]
+
+pub(crate) use rustyray_common::{error, ids, options, resources};
+pub(crate) use rustyray_proto as wire;
 
 mod actor;
 mod blob;
 mod codec;
 mod context;
-mod error;
-mod ids;
 mod node;
 mod object_ref;
-mod options;
 mod pool;
 pub mod registry;
-mod resources;
 mod runtime;
 mod scheduler;
 mod session;
@@ -48,7 +49,6 @@ mod shm;
 mod store;
 mod sync;
 mod task;
-pub mod wire;
 mod worker;
 mod worker_logs;
 
@@ -57,8 +57,8 @@ pub use blob::Blob;
 pub use codec::{Data, Value};
 pub use error::{Error, Result, TaskFailure};
 pub use ids::{ActorId, ObjectId, TaskId};
-pub use node::WorkerCommand;
 pub use object_ref::{Arg, GetFuture, IntoArg, ObjectRef, RawRef};
+pub use options::WorkerCommand;
 pub use options::{
     ActorOptions, ActorOptionsBuilder, CancelOptions, TaskOptions, TaskOptionsBuilder, DEFAULT_MAX_RETRIES,
 };

@@ -55,28 +55,24 @@
 
 use crate::error::{Error, Result};
 use crate::ids::TaskId;
-use crate::shm::{shm_error, Loan, NodeStore, ARENA_ENV};
+use crate::options::WorkerCommand;
+use crate::shm::{shm_error, Loan, NodeStore};
+use crate::wire::env::{
+    ARENA as ARENA_ENV, SHM_THRESHOLD as THRESHOLD_ENV, WORKER_SOCKET as WORKER_ENV,
+    WORKER_TOKEN as TOKEN_ENV,
+};
 use crate::wire::{self, FrameDecoder, Message, Role, WireOutcome};
 use crate::worker_logs::WorkerLogs;
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::ffi::OsString;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::UnixStream as StdUnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
-
-/// The environment variable that tells a process it was started as a
-/// worker: the node daemon's socket name.
-pub(crate) const WORKER_ENV: &str = "RUSTYRAY_WORKER_SOCKET";
-/// The environment variable carrying the node's token (32 hex digits).
-pub(crate) const TOKEN_ENV: &str = "RUSTYRAY_WORKER_TOKEN";
-/// The environment variable carrying the shared-memory threshold.
-pub(crate) const THRESHOLD_ENV: &str = "RUSTYRAY_SHM_THRESHOLD";
 
 /// How long a new worker process may take to connect.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -110,35 +106,6 @@ impl Default for HandshakeLimits {
 /// How long shutdown waits for the last output of the workers it stopped
 /// (longer only when a process a worker started keeps the output open).
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
-
-/// The program a node daemon starts as its worker processes: by default
-/// the running executable with no arguments.
-#[derive(Debug, Clone)]
-pub struct WorkerCommand {
-    program: PathBuf,
-    args: Vec<OsString>,
-}
-
-impl WorkerCommand {
-    /// Runs `program` with `args`. The program must call
-    /// [`crate::worker_entry`] before anything else in `main`.
-    pub fn new(program: impl Into<PathBuf>, args: impl IntoIterator<Item = impl Into<OsString>>) -> Self {
-        WorkerCommand {
-            program: program.into(),
-            args: args.into_iter().map(Into::into).collect(),
-        }
-    }
-
-    /// The running executable, with no arguments.
-    pub fn current_exe() -> Result<Self> {
-        let program = std::env::current_exe()
-            .map_err(|e| Error::WorkerStart(format!("cannot find the running executable: {e}")))?;
-        Ok(WorkerCommand {
-            program,
-            args: Vec::new(),
-        })
-    }
-}
 
 /// What runs when a task pushed to a worker ends: with its outcome, or
 /// with why the worker could not finish it. Runs on the worker's reader
@@ -1388,6 +1355,8 @@ fn read_messages(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::OsString;
+    use std::path::PathBuf;
 
     /// A worker whose connection is one end of a socket pair, with no
     /// process behind it.

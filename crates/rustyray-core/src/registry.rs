@@ -11,6 +11,7 @@
 use crate::codec::Value;
 use crate::error::{Error, Result};
 use crate::task::ArgList;
+pub use rustyray_common::options::DeclaredOptions;
 use std::any::Any;
 use std::collections::HashMap;
 use std::future::Future;
@@ -55,39 +56,6 @@ impl std::fmt::Debug for FunctionBody {
             FunctionBody::Async(_) => "Async",
         })
     }
-}
-
-/// Default options declared on a function or actor by its attribute.
-#[derive(Debug, Clone, Copy)]
-pub struct DeclaredOptions {
-    /// CPUs per call (tasks) or held for the actor's lifetime (actors);
-    /// `None` means the default (1 for tasks, see actors).
-    pub num_cpus: Option<f64>,
-    /// GPUs requested.
-    pub num_gpus: f64,
-    /// Custom resources requested.
-    pub resources: &'static [(&'static str, f64)],
-    /// Retries for tasks; restarts for actors. `None` keeps the default.
-    pub max_retries: Option<i32>,
-    /// Whether `Err` returns are retried (tasks).
-    pub retry_exceptions: bool,
-    /// How many calls run at once (actors). `None` keeps the default.
-    pub max_concurrency: Option<u32>,
-    /// Retries of a failed call on a restarted actor (actors).
-    pub max_task_retries: i32,
-}
-
-impl DeclaredOptions {
-    /// No declared options.
-    pub const DEFAULT: DeclaredOptions = DeclaredOptions {
-        num_cpus: None,
-        num_gpus: 0.0,
-        resources: &[],
-        max_retries: None,
-        retry_exceptions: false,
-        max_concurrency: None,
-        max_task_retries: 0,
-    };
 }
 
 /// One registered remote function.

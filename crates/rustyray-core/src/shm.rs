@@ -21,9 +21,6 @@ use rustyray_shm::{Pinned, RemoteView, ShmError, ShmStore, StoreConfig};
 use std::ops::Deref;
 use std::sync::Arc;
 
-/// The environment variable that hands the node's arena to a worker.
-pub(crate) const ARENA_ENV: &str = "RUSTYRAY_ARENA";
-
 /// Values whose bytes form is at least this long go to shared memory.
 pub(crate) const DEFAULT_THRESHOLD: usize = 100 * 1024;
 

@@ -29,9 +29,8 @@ use std::time::{Duration, Instant};
 /// The longest piece of output passed on as one line.
 pub(crate) const MAX_LINE: u64 = 64 * 1024;
 
-/// How a worker's marker line starts (an ASCII record separator, then a
-/// name no program prints by chance); the actor's class follows.
-const MARKER: &[u8] = b"\x1erustyray:actor=";
+/// How a worker's marker line starts.
+const MARKER: &[u8] = crate::wire::ACTOR_LOG_MARKER;
 
 /// Marks this worker process's stdout and stderr: from here on it hosts
 /// an actor of `class` (its registry name).

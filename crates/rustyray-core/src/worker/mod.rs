@@ -61,15 +61,18 @@ use crate::codec::Value;
 use crate::context::{self, TaskContext};
 use crate::error::{Error, Result};
 use crate::ids::{ActorId, ObjectId, TaskId};
-use crate::node::{THRESHOLD_ENV, TOKEN_ENV, WORKER_ENV};
 use crate::object_ref::Arg;
 use crate::object_ref::RawRef;
 use crate::registry::FunctionBody;
 use crate::resources::ResourceSet;
 use crate::runtime::{CatchUnwind, Config, Inner, Outcome};
-use crate::shm::{SharedBytes, ShmObject, ARENA_ENV};
+use crate::shm::{SharedBytes, ShmObject};
 use crate::store::Peek;
 use crate::task::{ArgList, Target, TaskSpec, TaskState};
+use crate::wire::env::{
+    ARENA as ARENA_ENV, SHM_THRESHOLD as THRESHOLD_ENV, WORKER_SOCKET as WORKER_ENV,
+    WORKER_TOKEN as TOKEN_ENV,
+};
 use crate::wire::{self, FrameDecoder, Message, Role, WireOutcome};
 use parking_lot::Mutex;
 use reading::{Inbox, Reading};

@@ -1,20 +1,27 @@
 //! Per-call options for tasks and actors — Ray's `.options(...)`.
 
-use crate::error::Result;
-use crate::registry::DeclaredOptions;
+use crate::error::{Error, Result};
 use crate::resources::{ResourceSet, CPU, GPU};
+use std::ffi::OsString;
+use std::path::PathBuf;
 
 /// Options of one task submission. Unset fields fall back to the
 /// function's attribute, then to Ray's defaults (1 CPU, 3 retries, `Err`
 /// returns not retried).
 #[derive(Debug, Clone, Default)]
 pub struct TaskOptions {
-    pub(crate) num_cpus: Option<f64>,
-    pub(crate) num_gpus: Option<f64>,
-    pub(crate) resources: Vec<(String, f64)>,
-    pub(crate) max_retries: Option<i32>,
-    pub(crate) retry_exceptions: Option<bool>,
-    pub(crate) name: Option<String>,
+    #[doc(hidden)]
+    pub num_cpus: Option<f64>,
+    #[doc(hidden)]
+    pub num_gpus: Option<f64>,
+    #[doc(hidden)]
+    pub resources: Vec<(String, f64)>,
+    #[doc(hidden)]
+    pub max_retries: Option<i32>,
+    #[doc(hidden)]
+    pub retry_exceptions: Option<bool>,
+    #[doc(hidden)]
+    pub name: Option<String>,
 }
 
 /// Ray's default `max_retries` for tasks.
@@ -24,18 +31,28 @@ pub const DEFAULT_MAX_RETRIES: i32 = 3;
 /// attribute, then to Ray's defaults.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ActorOptions {
-    pub(crate) num_cpus: Option<f64>,
-    pub(crate) num_gpus: Option<f64>,
-    pub(crate) resources: Vec<(String, f64)>,
-    pub(crate) max_restarts: Option<i32>,
-    pub(crate) max_task_retries: Option<i32>,
-    pub(crate) max_concurrency: Option<u32>,
-    pub(crate) name: Option<String>,
-    pub(crate) get_if_exists: bool,
-    pub(crate) detached: bool,
+    #[doc(hidden)]
+    pub num_cpus: Option<f64>,
+    #[doc(hidden)]
+    pub num_gpus: Option<f64>,
+    #[doc(hidden)]
+    pub resources: Vec<(String, f64)>,
+    #[doc(hidden)]
+    pub max_restarts: Option<i32>,
+    #[doc(hidden)]
+    pub max_task_retries: Option<i32>,
+    #[doc(hidden)]
+    pub max_concurrency: Option<u32>,
+    #[doc(hidden)]
+    pub name: Option<String>,
+    #[doc(hidden)]
+    pub get_if_exists: bool,
+    #[doc(hidden)]
+    pub detached: bool,
 }
 
-pub(crate) fn resource_request(
+#[doc(hidden)]
+pub fn resource_request(
     num_cpus: f64,
     num_gpus: f64,
     declared: &[(&str, f64)],
@@ -54,7 +71,8 @@ pub(crate) fn resource_request(
 }
 
 impl TaskOptions {
-    pub(crate) fn request(&self, d: &DeclaredOptions) -> Result<ResourceSet> {
+    #[doc(hidden)]
+    pub fn request(&self, d: &DeclaredOptions) -> Result<ResourceSet> {
         resource_request(
             self.num_cpus.or(d.num_cpus).unwrap_or(1.0),
             self.num_gpus.unwrap_or(d.num_gpus),
@@ -151,7 +169,7 @@ pub trait ActorOptionsBuilder: Sized {
         self
     }
 
-    /// Registers the actor under a name, for [`crate::Ray::get_actor`].
+    /// Registers the actor under a name, for `Ray::get_actor`.
     fn name(mut self, name: impl Into<String>) -> Self {
         self.actor_options().name = Some(name.into());
         self
@@ -172,7 +190,7 @@ pub trait ActorOptionsBuilder: Sized {
     }
 }
 
-/// Options of [`crate::Ray::cancel_with`].
+/// Options of `Ray::cancel_with`.
 #[derive(Debug, Clone, Copy)]
 pub struct CancelOptions {
     /// Kill the worker running the task. In the embedded threads mode a
@@ -189,5 +207,69 @@ impl Default for CancelOptions {
             force: false,
             recursive: true,
         }
+    }
+}
+
+/// Default options declared on a function or actor by its attribute.
+#[derive(Debug, Clone, Copy)]
+pub struct DeclaredOptions {
+    /// CPUs per call (tasks) or held for the actor's lifetime (actors);
+    /// `None` means the default (1 for tasks, see actors).
+    pub num_cpus: Option<f64>,
+    /// GPUs requested.
+    pub num_gpus: f64,
+    /// Custom resources requested.
+    pub resources: &'static [(&'static str, f64)],
+    /// Retries for tasks; restarts for actors. `None` keeps the default.
+    pub max_retries: Option<i32>,
+    /// Whether `Err` returns are retried (tasks).
+    pub retry_exceptions: bool,
+    /// How many calls run at once (actors). `None` keeps the default.
+    pub max_concurrency: Option<u32>,
+    /// Retries of a failed call on a restarted actor (actors).
+    pub max_task_retries: i32,
+}
+
+impl DeclaredOptions {
+    /// No declared options.
+    pub const DEFAULT: DeclaredOptions = DeclaredOptions {
+        num_cpus: None,
+        num_gpus: 0.0,
+        resources: &[],
+        max_retries: None,
+        retry_exceptions: false,
+        max_concurrency: None,
+        max_task_retries: 0,
+    };
+}
+
+/// The program a node daemon starts as its worker processes: by default
+/// the running executable with no arguments.
+#[derive(Debug, Clone)]
+pub struct WorkerCommand {
+    #[doc(hidden)]
+    pub program: PathBuf,
+    #[doc(hidden)]
+    pub args: Vec<OsString>,
+}
+
+impl WorkerCommand {
+    /// Runs `program` with `args`. The program must call
+    /// `rustyray::worker_entry` before anything else in `main`.
+    pub fn new(program: impl Into<PathBuf>, args: impl IntoIterator<Item = impl Into<OsString>>) -> Self {
+        WorkerCommand {
+            program: program.into(),
+            args: args.into_iter().map(Into::into).collect(),
+        }
+    }
+
+    /// The running executable, with no arguments.
+    pub fn current_exe() -> Result<Self> {
+        let program = std::env::current_exe()
+            .map_err(|e| Error::WorkerStart(format!("cannot find the running executable: {e}")))?;
+        Ok(WorkerCommand {
+            program,
+            args: Vec::new(),
+        })
     }
 }

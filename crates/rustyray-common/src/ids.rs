@@ -82,20 +82,23 @@ impl ObjectId {
 /// Mints ids for one runtime: the runtime's random 64-bit tag in the upper
 /// half, a counter in the lower half.
 #[derive(Debug)]
-pub(crate) struct IdGen {
+#[doc(hidden)]
+pub struct IdGen {
     owner: u64,
     next: AtomicU64,
 }
 
 impl IdGen {
-    pub(crate) fn new() -> Self {
+    #[doc(hidden)]
+    pub fn new() -> Self {
         Self {
             owner: random_u64(),
             next: AtomicU64::new(1),
         }
     }
 
-    pub(crate) fn owner(&self) -> u64 {
+    #[doc(hidden)]
+    pub fn owner(&self) -> u64 {
         self.owner
     }
 
@@ -104,15 +107,18 @@ impl IdGen {
         (u128::from(self.owner) << 64) | u128::from(n)
     }
 
-    pub(crate) fn task(&self) -> TaskId {
+    #[doc(hidden)]
+    pub fn task(&self) -> TaskId {
         TaskId(self.next_raw())
     }
 
-    pub(crate) fn object(&self) -> ObjectId {
+    #[doc(hidden)]
+    pub fn object(&self) -> ObjectId {
         ObjectId(self.next_raw())
     }
 
-    pub(crate) fn actor(&self) -> ActorId {
+    #[doc(hidden)]
+    pub fn actor(&self) -> ActorId {
         ActorId(self.next_raw())
     }
 }
@@ -122,7 +128,8 @@ impl IdGen {
 /// runtimes apart without a random-number dependency.
 /// A secret for a node's token: 16 bytes of the kernel's randomness, or
 /// (should `/dev/urandom` be unreadable) two hashed seeds.
-pub(crate) fn random_token() -> u128 {
+#[doc(hidden)]
+pub fn random_token() -> u128 {
     use std::io::Read;
     let mut b = [0_u8; 16];
     match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
@@ -150,7 +157,8 @@ fn random_u64() -> u64 {
 /// counter), so one multiply spreads them; far cheaper than SipHash on the
 /// hot paths that hash many ids (`wait`'s uniqueness check).
 #[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct IdHasher(u64);
+#[doc(hidden)]
+pub struct IdHasher(u64);
 
 impl std::hash::Hasher for IdHasher {
     fn write(&mut self, bytes: &[u8]) {
@@ -172,4 +180,5 @@ impl std::hash::Hasher for IdHasher {
 }
 
 /// A `HashSet`/`HashMap` builder using [`IdHasher`].
-pub(crate) type IdHash = std::hash::BuildHasherDefault<IdHasher>;
+#[doc(hidden)]
+pub type IdHash = std::hash::BuildHasherDefault<IdHasher>;

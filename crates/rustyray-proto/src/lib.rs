@@ -1,10 +1,23 @@
 //! The wire protocol between owners, node daemons and worker processes —
 //! Ray's `core_worker.proto` / `node_manager.proto` hot path, as a lean
-//! framed protocol over Unix sockets (ARCHITECTURE.md decision 8).
+//! framed protocol over Unix sockets (ARCHITECTURE.md decision 8). The
+//! core worker and the node daemon meet only in these messages.
 //!
 //! The embedded threads mode does not use it; the worker-process mode
-//! (`Config::worker_processes`) speaks it between the node daemon, which
-//! lives in the driver, and each worker process.
+//! (`Config::worker_mode(WorkerMode::Processes)`) speaks it between the
+//! node daemon, which lives in the driver, and each worker process. The
+//! environment a node daemon hands the worker processes it starts is part
+//! of the contract too ([`mod@env`]), and so is the marker line a worker
+//! writes to its output when it starts hosting an actor
+//! ([`ACTOR_LOG_MARKER`]).
+//!
+//! ```
+//! use rustyray_proto::{encode_frame, FrameDecoder, Message};
+//! let mut dec = FrameDecoder::default();
+//! dec.push(&encode_frame(&Message::Ping { nonce: 7 })?);
+//! assert_eq!(dec.next_message()?, Some(Message::Ping { nonce: 7 }));
+//! # Ok::<(), rustyray_proto::WireError>(())
+//! ```
 //!
 //! # Frames
 //!
@@ -34,8 +47,10 @@
 //! restarted per `max_restarts`). A truncated frame is not an error until
 //! the connection ends: the decoder waits for the rest.
 
-use crate::error::Error;
-use crate::ids::{ActorId, ObjectId, TaskId};
+#![forbid(unsafe_code)]
+
+use rustyray_common::ids::{ActorId, ObjectId, TaskId};
+use rustyray_common::Error;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -199,7 +214,7 @@ pub enum Message {
         /// object ids).
         spec: Vec<u8>,
         /// The creation's options.
-        options: crate::options::ActorOptions,
+        options: rustyray_common::ActorOptions,
     },
     /// Worker → owner: code in the worker looks up a named actor. Answered
     /// by `ObjectReady` for `task_id` with a handle (lent), or
@@ -404,6 +419,25 @@ impl Message {
     }
 }
 
+/// The environment a node daemon hands each worker process it starts.
+pub mod env {
+    /// Tells a process it was started as a worker: the node daemon's
+    /// socket name (abstract namespace).
+    pub const WORKER_SOCKET: &str = "RUSTYRAY_WORKER_SOCKET";
+    /// The node's token (32 hex digits), checked in the handshake.
+    pub const WORKER_TOKEN: &str = "RUSTYRAY_WORKER_TOKEN";
+    /// The size from which values live in the node's shared memory.
+    pub const SHM_THRESHOLD: &str = "RUSTYRAY_SHM_THRESHOLD";
+    /// The descriptor of the node's shared-memory arena.
+    pub const ARENA: &str = "RUSTYRAY_ARENA";
+}
+
+/// How the marker line starts that a worker writes to its stdout and
+/// stderr when it starts hosting an actor (an ASCII record separator, then
+/// a name no program prints by chance); the actor's class follows, then a
+/// newline. The node daemon labels the worker's later lines with it.
+pub const ACTOR_LOG_MARKER: &[u8] = b"\x1erustyray:actor=";
+
 /// Why a connection is being closed.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -427,6 +461,18 @@ pub enum WireError {
     /// The socket failed.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<WireError> for Error {
+    fn from(e: WireError) -> Self {
+        match e {
+            WireError::Handshake(reason) => Error::Handshake(reason),
+            WireError::Io(e) => Error::from_io("using a connection", &e),
+            e @ (WireError::TooLarge { .. } | WireError::Malformed(_) | WireError::Truncated(_)) => {
+                Error::Protocol(e.to_string())
+            }
+        }
+    }
 }
 
 /// Encodes a message as one frame.
@@ -687,7 +733,7 @@ mod tests {
             Message::SpawnActor {
                 task_id: TaskId::from_u128(15),
                 spec: vec![1, 2],
-                options: crate::options::ActorOptions::default(),
+                options: rustyray_common::ActorOptions::default(),
             },
             Message::GetActor {
                 task_id: TaskId::from_u128(16),

@@ -197,18 +197,21 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn serialization(e: impl std::fmt::Display) -> Self {
+    #[doc(hidden)]
+    pub fn serialization(e: impl std::fmt::Display) -> Self {
         Error::Serialization(e.to_string())
     }
 
-    pub(crate) fn invalid(msg: impl Into<String>) -> Self {
+    #[doc(hidden)]
+    pub fn invalid(msg: impl Into<String>) -> Self {
         Error::InvalidArgument(msg.into())
     }
 
     /// The error an operating-system failure `e` makes while doing `what`:
     /// running out of descriptors is said as such, anything else is a
     /// connection failure.
-    pub(crate) fn from_io(what: impl Into<String>, e: &std::io::Error) -> Self {
+    #[doc(hidden)]
+    pub fn from_io(what: impl Into<String>, e: &std::io::Error) -> Self {
         // EMFILE (the process's limit) and ENFILE (the system's).
         const EMFILE: i32 = 24;
         const ENFILE: i32 = 23;
@@ -218,19 +221,6 @@ impl Error {
                 what: what.into(),
                 message: e.to_string(),
             },
-        }
-    }
-}
-
-impl From<crate::wire::WireError> for Error {
-    fn from(e: crate::wire::WireError) -> Self {
-        use crate::wire::WireError;
-        match e {
-            WireError::Handshake(reason) => Error::Handshake(reason),
-            WireError::Io(e) => Error::from_io("using a connection", &e),
-            e @ (WireError::TooLarge { .. } | WireError::Malformed(_) | WireError::Truncated(_)) => {
-                Error::Protocol(e.to_string())
-            }
         }
     }
 }
