@@ -289,7 +289,7 @@ enum Lease {
 
 /// Work the scheduler holds.
 pub(crate) enum Work {
-    Task(Arc<Runnable>),
+    Task(Box<TaskRun>),
     Actor(Arc<ActorState>),
 }
 
@@ -300,39 +300,12 @@ impl Schedulable for Work {
             Work::Actor(a) => a.placement_request(),
         }
     }
-
-    fn is_void(&self) -> bool {
-        match self {
-            Work::Task(t) => t.run.lock().is_none(),
-            Work::Actor(_) => false,
-        }
-    }
 }
 
-/// A function task on its way to a thread: waiting for its dependencies,
-/// for resources in the scheduler, or for a pool thread. Once it may run
-/// (in the scheduler or after), a task blocked in `get` on its result may
-/// take it and run it on its own thread ([`Inner::help`]); whoever then
-/// finds it taken gives back what the scheduler granted for it.
-#[derive(Debug)]
-pub(crate) struct Runnable {
-    /// The task's request, readable without the lock.
-    request: ResourceSet,
-    run: Mutex<Option<Box<TaskRun>>>,
-}
-
-impl Runnable {
-    fn new(run: TaskRun) -> Arc<Self> {
-        Arc::new(Runnable {
-            request: run.request.clone(),
-            run: Mutex::new(Some(Box::new(run))),
-        })
-    }
-
-    fn take(&self) -> Option<Box<TaskRun>> {
-        self.run.lock().take()
-    }
-}
+/// How far back in each queue a task blocked on a child looks for it (the
+/// children a task just submitted are at the back; looking further would
+/// cost the scheduler's lock more than a blocked wait saves).
+const HELP_SCAN: usize = 256;
 
 /// A function task on its way through the scheduler.
 #[derive(Debug)]
@@ -835,7 +808,7 @@ impl Inner {
             attempt: 1,
         };
         let deps = ref_ids(&run.spec.args);
-        self.when_ready(&deps, Work::Task(Runnable::new(run)));
+        self.when_ready(&deps, Work::Task(Box::new(run)));
         Ok(ret)
     }
 
@@ -878,7 +851,7 @@ impl Inner {
             attempt: 1,
         };
         let deps = ref_ids(&run.spec.args);
-        self.when_ready(&deps, Work::Task(Runnable::new(run)));
+        self.when_ready(&deps, Work::Task(Box::new(run)));
         Ok(ret)
     }
 
@@ -906,21 +879,12 @@ impl Inner {
 
     /// Hands work to the scheduler and starts what may run.
     pub(crate) fn enqueue(self: &Arc<Self>, work: Work) {
-        if let Work::Task(r) = &work {
-            // From here on it may run: a task blocked on it may take it.
-            if let Some(run) = r.run.lock().as_ref() {
-                run.state.set_runnable(Arc::downgrade(r));
-            }
-        }
         match self.sched.submit(work) {
             Ok(start) => self.start_all(start),
             Err(Rejected::Infeasible(w)) => {
                 let err = Error::Unschedulable {
                     what: match &w {
-                        Work::Task(t) => format!(
-                            "task {}",
-                            t.run.lock().as_ref().map_or("(taken)", |run| run.entry.name)
-                        ),
+                        Work::Task(t) => format!("task {}", t.entry.name),
                         Work::Actor(a) => format!("actor {}", a.class.name),
                     },
                     requested: w.request().to_string(),
@@ -935,12 +899,9 @@ impl Inner {
     fn fail_work(self: &Arc<Self>, w: Work, err: Error) {
         match w {
             Work::Task(t) => {
-                // Taken: the task that took it runs it.
-                if let Some(t) = t.take() {
-                    self.store.complete(t.state.id.return_object(), Err(err));
-                    t.state.finish();
-                    self.forget_task(t.state.id);
-                }
+                self.store.complete(t.state.id.return_object(), Err(err));
+                t.state.finish();
+                self.forget_task(t.state.id);
             }
             Work::Actor(a) => actor::creation_failed(self, &a, err),
         }
@@ -974,29 +935,15 @@ impl Inner {
     // ----- execution --------------------------------------------------
 
     /// Starts a task the scheduler granted its resources: a sync one in the
-    /// threads mode on a pool thread, which takes it from its [`Runnable`]
-    /// only when it runs (a task blocked on it may take it first), the rest
-    /// at once.
-    fn start_task(self: &Arc<Self>, r: Arc<Runnable>) {
-        let on_pool = self.node.is_none()
-            && r.run
-                .lock()
-                .as_ref()
-                .is_some_and(|run| matches!(run.entry.body, FunctionBody::Sync(_)));
-        if on_pool {
+    /// threads mode on a pool thread, the rest here.
+    fn start_task(self: &Arc<Self>, run: Box<TaskRun>) {
+        if self.node.is_none() && matches!(run.entry.body, FunctionBody::Sync(_)) {
             let rt = self.clone();
-            let job = Box::new(move || match r.take() {
-                Some(run) => rt.run_task(run),
-                None => rt.release(&r.request),
-            });
             // A closed pool means shutdown, which fails the object.
-            let _ = self.pool.execute(job);
+            let _ = self.pool.execute(Box::new(move || rt.run_task(run)));
             return;
         }
-        match r.take() {
-            Some(run) => self.run_task(run),
-            None => self.release(&r.request),
-        }
+        self.run_task(run);
     }
 
     /// Runs one attempt of a task whose resources are held: a sync one on
@@ -1211,10 +1158,7 @@ impl Inner {
             tracing::debug!(task = %run.state.id, attempt = run.attempt, "retrying task");
             run.attempt += 1;
             run.state.back_to_waiting();
-            self.enqueue(Work::Task(Arc::new(Runnable {
-                request: run.request.clone(),
-                run: Mutex::new(Some(run)),
-            })));
+            self.enqueue(Work::Task(run));
             self.start_all(start);
             return;
         }
@@ -1287,10 +1231,12 @@ impl Inner {
     /// Refuses to let a sync task block while no thread is left to run what
     /// it might wait for (the pool at its limit, none idle).
     fn may_block(&self) -> Result<()> {
-        let in_sync_task = context::current().is_some_and(|c| !c.is_async());
+        if context::current().is_none_or(|c| c.is_async()) {
+            return Ok(());
+        }
         match self.pool.saturated() {
-            Some(limit) if in_sync_task => Err(Error::ThreadLimit { limit }),
-            _ => Ok(()),
+            Some(limit) => Err(Error::ThreadLimit { limit }),
+            None => Ok(()),
         }
     }
 
@@ -1316,27 +1262,31 @@ impl Inner {
         if ctx.is_async() || !crate::pool::has_stack_to_spare() {
             return false;
         }
-        let Some(state) = self.tasks.lock().get(&id.task()).cloned() else {
+        let Some(run) = self.take_queued(id, ctx.cpu(), true) else {
             return false;
         };
-        let Some(r) = state.runnable() else {
-            return false;
-        };
-        let runs_here = r.request.fits_in(ctx.cpu())
-            && r.run
-                .lock()
-                .as_ref()
-                .is_some_and(|run| matches!(run.entry.body, FunctionBody::Sync(_)));
-        if !runs_here {
-            return false;
-        }
-        let Some(run) = r.take() else {
-            return false;
-        };
-        self.sched.take(&run.request);
         let _blocked = context::Blocked::enter(None);
         self.run_task(run);
         true
+    }
+
+    /// Takes the task that makes `id` out of the scheduler's queue if it
+    /// waits there (near the back) and its request fits in `cpu` (and it
+    /// is sync, with `sync_only`), granting it its request.
+    fn take_queued(&self, id: ObjectId, cpu: &ResourceSet, sync_only: bool) -> Option<Box<TaskRun>> {
+        let task = id.task();
+        let work = self.sched.take_queued(HELP_SCAN, |w| match w {
+            Work::Task(t) => {
+                t.state.id == task
+                    && t.request.fits_in(cpu)
+                    && (!sync_only || matches!(t.entry.body, FunctionBody::Sync(_)))
+            }
+            Work::Actor(_) => false,
+        })?;
+        match work {
+            Work::Task(run) => Some(run),
+            Work::Actor(_) => None,
+        }
     }
 
     /// The owner's side of the same rule for a task blocked in worker
@@ -1347,15 +1297,9 @@ impl Inner {
     /// `w`'s reader thread.
     pub(crate) fn help_worker(self: &Arc<Self>, on: ObjectId, cpu: &ResourceSet, w: &Arc<node::WorkerProc>) {
         let Some(node) = self.node.clone() else { return };
-        let Some(state) = self.tasks.lock().get(&on.task()).cloned() else {
+        let Some(run) = self.take_queued(on, cpu, false) else {
             return;
         };
-        let Some(r) = state.runnable() else { return };
-        if !r.request.fits_in(cpu) {
-            return;
-        }
-        let Some(run) = r.take() else { return };
-        self.sched.take(&run.request);
         if !run.state.start(run.attempt) {
             self.forget_task(run.state.id);
             self.release(&run.request);
@@ -1495,7 +1439,8 @@ impl Inner {
         // Tasks among them that still wait to run may run here, in order,
         // until enough are complete.
         let mut complete = done.iter().filter(|d| **d).count();
-        for (&id, was_done) in ids.iter().zip(&done) {
+        let may_help = self.node.is_none() && context::current().is_some_and(|c| !c.is_async());
+        for (&id, was_done) in ids.iter().zip(&done).filter(|_| may_help) {
             if complete >= num_returns {
                 break;
             }

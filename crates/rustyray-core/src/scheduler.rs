@@ -150,6 +150,25 @@ impl<W: Schedulable> Scheduler<W> {
         out
     }
 
+    /// Takes the first item `want` accepts among the last `scan` of each
+    /// queue, granting it its request (even beyond what is available: it
+    /// runs on resources its taker lends back, see `Inner::help`).
+    pub(crate) fn take_queued(&self, scan: usize, want: impl Fn(&W) -> bool) -> Option<W> {
+        let mut s = self.state.lock();
+        let State {
+            available, queues, ..
+        } = &mut *s;
+        let (req, q, at) = queues.iter_mut().find_map(|(req, q)| {
+            let len = q.len();
+            let at = q.iter().rev().take(scan).position(&want)?;
+            Some((req, q, len - 1 - at))
+        })?;
+        let w = q.remove(at)?;
+        available.sub(req);
+        s.queues.retain(|(_, q)| !q.is_empty());
+        Some(w)
+    }
+
     /// Closes the scheduler and returns everything still queued.
     pub(crate) fn close(&self) -> Vec<W> {
         let mut s = self.state.lock();

@@ -312,10 +312,8 @@ impl ArgList {
 /// Where a task is in its life, for cancellation.
 #[derive(Debug)]
 pub(crate) enum Phase {
-    /// Waiting for dependencies, resources, a thread or its actor; once it
-    /// may run, a function task's [`Runnable`](crate::runtime::Runnable),
-    /// which a task blocked on its result may take.
-    Waiting(Weak<crate::runtime::Runnable>),
+    /// Waiting for dependencies, resources or its actor.
+    Waiting,
     /// Running attempt `attempt`; async tasks can be aborted.
     Running {
         /// Which start this is (a retry starts again).
@@ -356,7 +354,7 @@ impl TaskState {
             id,
             cancelled: AtomicBool::new(false),
             forced: AtomicBool::new(false),
-            phase: Mutex::new(Phase::Waiting(Weak::new())),
+            phase: Mutex::new(Phase::Waiting),
             children: Mutex::new(Children::default()),
         })
     }
@@ -483,22 +481,6 @@ impl TaskState {
     }
 
     pub(crate) fn back_to_waiting(&self) {
-        *self.phase.lock() = Phase::Waiting(Weak::new());
-    }
-
-    /// Records that the task may run now, held by `r` until it starts.
-    pub(crate) fn set_runnable(&self, r: Weak<crate::runtime::Runnable>) {
-        if let Phase::Waiting(w) = &mut *self.phase.lock() {
-            *w = r;
-        }
-    }
-
-    /// The task's [`Runnable`](crate::runtime::Runnable), while it waits
-    /// to run.
-    pub(crate) fn runnable(&self) -> Option<Arc<crate::runtime::Runnable>> {
-        match &*self.phase.lock() {
-            Phase::Waiting(w) => w.upgrade(),
-            _ => None,
-        }
+        *self.phase.lock() = Phase::Waiting;
     }
 }
