@@ -99,7 +99,7 @@ impl Blocked {
                 ctx.rt.lend_back(&ctx.cpu);
             }
             // In a worker process, the CPU is the owner's to lend.
-            if let Some(up) = ctx.rt.upstream.get() {
+            if let Some(up) = ctx.rt.mode.upstream() {
                 up.blocked(ctx.task.id, true, on);
             }
         }
@@ -114,7 +114,7 @@ impl Drop for Blocked {
             if !ctx.cpu.is_empty() {
                 ctx.rt.take_back(&ctx.cpu);
             }
-            if let Some(up) = ctx.rt.upstream.get() {
+            if let Some(up) = ctx.rt.mode.upstream() {
                 up.blocked(ctx.task.id, false, None);
             }
         }

@@ -34,7 +34,7 @@ impl Drop for RefHandle {
         // Counts the owner process kept for this one go back with the
         // last handle (only in a worker process are there any).
         if let Some(lent @ 1..) = self.rt.store.release(self.id) {
-            if let Some(up) = self.rt.upstream.get() {
+            if let Some(up) = self.rt.mode.upstream() {
                 up.released(self.id, lent);
             }
         }

@@ -384,15 +384,8 @@ pub(crate) struct Inner {
     shutdown_done: (Mutex<bool>, parking_lot::Condvar),
     bytes_mode: bool,
     thread_prefix: String,
-    /// The node daemon's worker processes, in the worker-process mode.
-    pub(crate) node: Option<Arc<node::Pool>>,
-    /// The node's shared-memory store, in the worker-process mode.
-    pub(crate) shm: Option<Arc<NodeStore>>,
-    /// The session directory holding the node's spill files and logs, in
-    /// the worker-process mode (unless both were given elsewhere).
-    session: Option<Session>,
-    /// In a worker process: the way to the owner (its node daemon).
-    pub(crate) upstream: std::sync::OnceLock<Arc<crate::worker::Upstream>>,
+    /// Where tasks run and whom this runtime answers to.
+    pub(crate) mode: Mode,
 }
 
 impl std::fmt::Debug for Inner {
@@ -402,6 +395,76 @@ impl std::fmt::Debug for Inner {
             .field("store", &self.store)
             .field("sched", &self.sched)
             .finish_non_exhaustive()
+    }
+}
+
+/// How a runtime runs its tasks and whom it answers to: chosen once, in
+/// `Inner::start`, and held for the runtime's life (as tokio's scheduler
+/// `Handle` holds its flavour). What differs by mode is asked of it here,
+/// not found out by testing optional fields all over the code.
+pub(crate) enum Mode {
+    /// Embedded: tasks and actors on this process's threads.
+    Threads,
+    /// A driver hosting the node daemon: tasks and actors in worker
+    /// processes of the node.
+    Node(NodeLink),
+    /// A worker process: code here submits to, calls through and borrows
+    /// from its owner, reached through the node's connection.
+    Worker(Arc<crate::worker::Upstream>),
+}
+
+/// What a driver holds of the node daemon it hosts.
+pub(crate) struct NodeLink {
+    /// The node's worker processes.
+    pool: Arc<node::Pool>,
+    /// The node's shared-memory store.
+    shm: Arc<NodeStore>,
+    /// The session directory holding the node's spill files and logs
+    /// (unless both were given elsewhere).
+    session: Option<Session>,
+}
+
+impl std::fmt::Debug for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Threads => "Threads",
+            Mode::Node(_) => "Node",
+            Mode::Worker(_) => "Worker",
+        })
+    }
+}
+
+impl Mode {
+    /// The node daemon's worker pool, in a driver hosting one.
+    pub(crate) fn node(&self) -> Option<&Arc<node::Pool>> {
+        match self {
+            Mode::Node(n) => Some(&n.pool),
+            Mode::Threads | Mode::Worker(_) => None,
+        }
+    }
+
+    /// The node's shared-memory store, in a driver hosting the node.
+    pub(crate) fn shm(&self) -> Option<&Arc<NodeStore>> {
+        match self {
+            Mode::Node(n) => Some(&n.shm),
+            Mode::Threads | Mode::Worker(_) => None,
+        }
+    }
+
+    /// The way to the owner, in a worker process.
+    pub(crate) fn upstream(&self) -> Option<&Arc<crate::worker::Upstream>> {
+        match self {
+            Mode::Worker(up) => Some(up),
+            Mode::Threads | Mode::Node(_) => None,
+        }
+    }
+
+    /// The node's session directory, in a driver hosting the node.
+    pub(crate) fn session(&self) -> Option<&Session> {
+        match self {
+            Mode::Node(n) => n.session.as_ref(),
+            Mode::Threads | Mode::Worker(_) => None,
+        }
     }
 }
 
@@ -492,6 +555,15 @@ impl Wake for DepWaiter {
 
 impl Inner {
     pub(crate) fn start(config: Config) -> Result<Arc<Inner>> {
+        Inner::start_as(config, None)
+    }
+
+    /// Starts a runtime: a worker process's, answering to `upstream`, or
+    /// else as `config` says.
+    pub(crate) fn start_as(
+        config: Config,
+        upstream: Option<Arc<crate::worker::Upstream>>,
+    ) -> Result<Arc<Inner>> {
         let registry = Registry::build()?;
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let num_cpus = config.num_cpus.unwrap_or(cores as f64);
@@ -530,9 +602,10 @@ impl Inner {
             })?;
         let min_threads = (num_cpus.ceil() as usize).max(1);
         let store_memory = config.object_store_memory.unwrap_or_else(default_store_memory);
-        let (node, shm, session) = match config.worker_mode {
-            WorkerMode::Threads => (None, None, None),
-            WorkerMode::Processes => {
+        let mode = match (upstream, config.worker_mode) {
+            (Some(up), _) => Mode::Worker(up),
+            (None, WorkerMode::Threads) => Mode::Threads,
+            (None, WorkerMode::Processes) => {
                 let command = match config.worker_command {
                     Some(c) => c,
                     None => WorkerCommand::current_exe()?,
@@ -561,7 +634,7 @@ impl Inner {
                     format!("{thread_prefix}-n"),
                     crate::worker_logs::WorkerLogs::new(log_dir, config.log_to_driver),
                 )?;
-                (Some(pool), Some(shm), session)
+                Mode::Node(NodeLink { pool, shm, session })
             }
         };
         let inner = Arc::new(Inner {
@@ -582,12 +655,9 @@ impl Inner {
             bytes_mode: config.serialize_everything,
             thread_prefix,
             ids,
-            node,
-            shm,
-            session,
-            upstream: std::sync::OnceLock::new(),
+            mode,
         });
-        if let Some(node) = &inner.node {
+        if let Some(node) = inner.mode.node() {
             node.set_owner(&inner);
         }
         Ok(inner)
@@ -621,7 +691,7 @@ impl Inner {
         ids: &[ObjectId],
         actors: &[crate::wire::NamedActor],
     ) -> Result<Vec<crate::codec::KeepAlive>> {
-        let up = self.upstream.get();
+        let up = self.mode.upstream();
         let mut keep = Vec::with_capacity(ids.len() + actors.len());
         // Every entry is taken even after a failure: a loan not taken is
         // given back at once, the rest when `keep` drops.
@@ -686,7 +756,7 @@ impl Inner {
             let size = v.size()? as u64;
             // Large values of the worker-process mode live in the node's
             // shared memory, which has its own capacity (and spills).
-            if let Some(node) = &self.shm {
+            if let Some(node) = self.mode.shm() {
                 if v.stored().is_some() {
                     return Ok((v, 0));
                 }
@@ -785,7 +855,7 @@ impl Inner {
         args: Vec<Arg>,
         opts: &TaskOptions,
     ) -> Result<RawRef> {
-        if let Some(up) = self.upstream.get() {
+        if let Some(up) = self.mode.upstream() {
             return up.submit_task(self, entry, args, opts);
         }
         let request = opts.request(&entry.options)?;
@@ -937,7 +1007,7 @@ impl Inner {
     /// Starts a task the scheduler granted its resources: a sync one in the
     /// threads mode on a pool thread, the rest here.
     fn start_task(self: &Arc<Self>, run: Box<TaskRun>) {
-        if self.node.is_none() && matches!(run.entry.body, FunctionBody::Sync(_)) {
+        if self.mode.node().is_none() && matches!(run.entry.body, FunctionBody::Sync(_)) {
             let rt = self.clone();
             // A closed pool means shutdown, which fails the object.
             let _ = self.pool.execute(Box::new(move || rt.run_task(run)));
@@ -956,7 +1026,7 @@ impl Inner {
             self.release(&run.request);
             return;
         }
-        if let Some(node) = &self.node {
+        if let Some(node) = self.mode.node() {
             self.start_in_process(node.clone(), run);
             return;
         }
@@ -1040,7 +1110,7 @@ impl Inner {
         let (id, attempt) = (run.state.id, run.attempt);
         let spec = self
             .resolve_values(&run.spec, attempt)
-            .and_then(|values| run.spec.to_wire(&values, self.shm.as_ref()));
+            .and_then(|values| run.spec.to_wire(&values, self.mode.shm()));
         let give_back = move |w: Arc<node::WorkerProc>| {
             if lease == Lease::Own {
                 node.give_back(w);
@@ -1223,7 +1293,7 @@ impl Inner {
     /// process the answer comes as a message: makes sure a thread reads
     /// the connection meanwhile (see `worker::reading`).
     pub(crate) fn will_wait(&self) {
-        if let Some(up) = self.upstream.get() {
+        if let Some(up) = self.mode.upstream() {
             up.reading.claim();
         }
     }
@@ -1253,7 +1323,7 @@ impl Inner {
     /// the blocked task's CPU is lent back, so nothing else starts on that
     /// CPU meanwhile, and returned when the child ends.
     fn help(self: &Arc<Self>, id: ObjectId) -> bool {
-        if self.node.is_some() || self.upstream.get().is_some() {
+        if !matches!(self.mode, Mode::Threads) {
             return false;
         }
         let Some(ctx) = context::current() else {
@@ -1296,7 +1366,9 @@ impl Inner {
     /// request taken before the blocked task's CPU is lent back. Runs on
     /// `w`'s reader thread.
     pub(crate) fn help_worker(self: &Arc<Self>, on: ObjectId, cpu: &ResourceSet, w: &Arc<node::WorkerProc>) {
-        let Some(node) = self.node.clone() else { return };
+        let Some(node) = self.mode.node().cloned() else {
+            return;
+        };
         let Some(run) = self.take_queued(on, cpu, false) else {
             return;
         };
@@ -1439,7 +1511,8 @@ impl Inner {
         // Tasks among them that still wait to run may run here, in order,
         // until enough are complete.
         let mut complete = done.iter().filter(|d| **d).count();
-        let may_help = self.node.is_none() && context::current().is_some_and(|c| !c.is_async());
+        let may_help =
+            matches!(self.mode, Mode::Threads) && context::current().is_some_and(|c| !c.is_async());
         for (&id, was_done) in ids.iter().zip(&done).filter(|_| may_help) {
             if complete >= num_returns {
                 break;
@@ -1557,7 +1630,7 @@ impl Inner {
         drop(running);
         // 3. Stop actors, then the worker processes.
         actor::shut_down_all(self);
-        if let Some(node) = &self.node {
+        if let Some(node) = self.mode.node() {
             node.shut_down();
         }
         // 4. Fail pending objects, wake readers, free values.
@@ -1575,10 +1648,10 @@ impl Inner {
         // Values completed while stopping are freed too.
         self.store.shut_down();
         actor::shut_down_all(self);
-        if let Some(shm) = &self.shm {
+        if let Some(shm) = self.mode.shm() {
             shm.store.remove_spill_files();
         }
-        if let Some(session) = &self.session {
+        if let Some(session) = self.mode.session() {
             session.close();
         }
         let (done, cv) = &self.shutdown_done;
@@ -1642,7 +1715,7 @@ impl Ray {
     pub fn put_copy<T: Data + Clone>(&self, value: &T) -> Result<ObjectRef<T>> {
         // A large value of the worker-process mode is written straight
         // into shared memory: its only copy.
-        if let Some(node) = &self.inner.shm {
+        if let Some(node) = self.inner.mode.shm() {
             if let Some(object) = node.store_borrowed(value)? {
                 self.inner.check_open()?;
                 let v = Value::from_stored(object, std::any::type_name::<T>());
@@ -1753,13 +1826,13 @@ impl Ray {
     /// The node's shared-memory store, in the worker-process mode: its
     /// use, and what it spilled and restored.
     pub fn shared_store_stats(&self) -> Option<rustyray_shm::StoreStats> {
-        self.inner.shm.as_ref().map(|s| s.store.stats())
+        self.inner.mode.shm().map(|s| s.store.stats())
     }
 
     /// The process ids of the node's live worker processes (empty in the
     /// threads mode).
     pub fn worker_pids(&self) -> Vec<u32> {
-        self.inner.node.as_ref().map(|n| n.live()).unwrap_or_default()
+        self.inner.mode.node().map(|n| n.live()).unwrap_or_default()
     }
 
     /// The node's session directory (Ray's `session_*` folder): spill files
@@ -1768,14 +1841,14 @@ impl Ray {
     /// which writes nothing to disk. A session whose process died is
     /// removed by the next runtime that starts on the machine.
     pub fn session_dir(&self) -> Option<&std::path::Path> {
-        self.inner.session.as_ref().map(Session::dir)
+        self.inner.mode.session().map(Session::dir)
     }
 
     /// The directory of the worker processes' log files (see
     /// [`Config::log_dir`]); `None` in the threads mode, where tasks print
     /// straight to the driver's own output.
     pub fn log_dir(&self) -> Option<&std::path::Path> {
-        self.inner.node.as_ref().map(|n| n.log_dir())
+        self.inner.mode.node().map(|n| n.log_dir())
     }
 
     /// Whether values go through their bytes form (see

@@ -479,7 +479,7 @@ impl ActorState {
             }
             return;
         }
-        let in_process = rt.node.is_some();
+        let in_process = rt.mode.node().is_some();
         let call = if in_process {
             match remote::try_send_now(rt, self, call) {
                 Some(call) => call,
@@ -533,7 +533,7 @@ fn fail_call(rt: &Arc<Inner>, call: &ActorCall, err: Error) {
 /// Starts a placed actor: runs its constructor on the pool, or in a
 /// worker process of its own in the worker-process mode.
 pub(crate) fn start_actor(rt: &Arc<Inner>, actor: Arc<ActorState>) {
-    if rt.node.is_some() {
+    if rt.mode.node().is_some() {
         rt.handle.spawn(remote::start(rt.clone(), actor));
         return;
     }
@@ -1188,7 +1188,7 @@ fn release_proxy(rt: &Arc<Inner>, actor: &Arc<ActorState>) {
         }
         actor.lent.swap(0, Ordering::AcqRel)
     };
-    if let (1.., Some(up)) = (lent, rt.upstream.get()) {
+    if let (1.., Some(up)) = (lent, rt.mode.upstream()) {
         up.released_actor(actor.id, lent);
     }
 }
@@ -1318,8 +1318,8 @@ impl RawActor {
         let rt = self.0.ray.inner();
         if actor.proxy {
             let upstream = rt
-                .upstream
-                .get()
+                .mode
+                .upstream()
                 .ok_or_else(|| Error::invalid("an owner's actor outside a worker process"))?;
             return upstream.call_actor(rt, actor.id, method, args);
         }
@@ -1451,7 +1451,7 @@ impl<'de> Deserialize<'de> for RawActor {
         let actor = match actor {
             Some(a) => a,
             // In a worker process: an actor of the owner, reached through it.
-            None if rt.upstream.get().is_some() => {
+            None if rt.mode.upstream().is_some() => {
                 let class = rt.registry.class(&class).map_err(DecodeScope::fail)?;
                 let proxy = ActorState::proxy(id, class);
                 rt.actors.actors.lock().entry(id).or_insert(proxy).clone()
@@ -1612,7 +1612,7 @@ fn create_raw_with(
     let rt = ray.inner();
     rt.check_open()?;
     // In a worker process, the owner creates the actor, as its own.
-    if let (false, Some(up)) = (hosted, rt.upstream.get()) {
+    if let (false, Some(up)) = (hosted, rt.mode.upstream()) {
         return up.spawn_actor(rt, class, opts, args);
     }
     let d = &class.options;
@@ -1643,7 +1643,7 @@ fn create_raw_with(
         .max(1);
     let (tx, rx) = mpsc::unbounded_channel();
     // In the worker-process mode, actors live in worker processes.
-    let in_process = rt.node.is_some();
+    let in_process = rt.mode.node().is_some();
     let actor = Arc::new(ActorState {
         id: rt.ids.actor(),
         class,
@@ -1710,7 +1710,7 @@ impl Ray {
     /// process the owner looks it up.
     pub fn get_actor<A: ActorClass>(&self, name: &str) -> Result<ActorHandle<A>> {
         let rt = self.inner();
-        let raw = match rt.upstream.get() {
+        let raw = match rt.mode.upstream() {
             Some(up) => up.get_actor(rt, name)?,
             None => named(rt, name)?,
         };
@@ -1729,7 +1729,7 @@ impl Ray {
         let rt = self.inner();
         let actor = handle.0.actor.clone();
         if actor.proxy {
-            if let Some(up) = rt.upstream.get() {
+            if let Some(up) = rt.mode.upstream() {
                 up.kill_actor(actor.id, no_restart);
             }
             return Ok(());
@@ -1741,7 +1741,7 @@ impl Ray {
         }
         let running = std::mem::take(&mut actor.life.lock().running);
         fail_running(rt, running, &actor.died("it was killed and restarted", None));
-        if rt.node.is_some() {
+        if rt.mode.node().is_some() {
             // A process actor: its monitor restarts it once its process is
             // gone; calls made from now on wait for that. Without a
             // process, a start or restart is already under way.

@@ -76,8 +76,9 @@ pub(super) async fn start(rt: Arc<Inner>, actor: Arc<ActorState>) {
 /// Leases a worker and runs the constructor there.
 async fn launch(rt: &Arc<Inner>, actor: &Arc<ActorState>) -> crate::Result<Arc<WorkerProc>> {
     let node = rt
-        .node
-        .clone()
+        .mode
+        .node()
+        .cloned()
         .ok_or_else(|| Error::invalid("a process actor needs the worker-process mode"))?;
     let spec = TaskSpec {
         id: rt.ids.task(),
@@ -88,7 +89,7 @@ async fn launch(rt: &Arc<Inner>, actor: &Arc<ActorState>) -> crate::Result<Arc<W
     let task_id = spec.id;
     let bytes = rt
         .resolve_values(&spec, 1)
-        .and_then(|values| spec.to_wire(&values, rt.shm.as_ref()))?;
+        .and_then(|values| spec.to_wire(&values, rt.mode.shm()))?;
     drop(spec);
     let failed = |failure, message| {
         actor.died(
@@ -510,7 +511,7 @@ struct Outgoing {
 
 impl Outgoing {
     fn message(&self, rt: &Arc<Inner>, actor: &ActorState) -> crate::Result<(Message, crate::shm::Loan)> {
-        let (spec, loan) = self.spec.to_wire(&self.values, rt.shm.as_ref())?;
+        let (spec, loan) = self.spec.to_wire(&self.values, rt.mode.shm())?;
         let msg = Message::PushTask {
             task_id: self.spec.id,
             actor: Some(actor.id),

@@ -540,13 +540,8 @@ fn serve(socket: &str) -> Result<()> {
     let (stream, dec) = connect(Role::Worker)?;
     let (up, _) = connect(Role::WorkerUp)?;
     let replies = Replies(Arc::new(Mutex::new(up)));
-    let rt = Inner::start(Config::default())?;
-    // Objects the owner lent are asked for when first looked at.
-    let fetch = replies.clone();
-    rt.store
-        .set_fetch(Box::new(move |id| fetch.send(&Message::Fetch { id })));
     let up = Arc::new(Upstream {
-        replies,
+        replies: replies.clone(),
         pending: Mutex::default(),
         sharing: Mutex::default(),
         reading: Reading::new(),
@@ -554,7 +549,10 @@ fn serve(socket: &str) -> Result<()> {
         threshold,
         slots: Mutex::default(),
     });
-    let _ = rt.upstream.set(up.clone());
+    let rt = Inner::start_as(Config::default(), Some(up.clone()))?;
+    // Objects the owner lent are asked for when first looked at.
+    rt.store
+        .set_fetch(Box::new(move |id| replies.send(&Message::Fetch { id })));
     let worker = Arc::new(Worker {
         rt,
         up,
@@ -617,7 +615,7 @@ fn serve_messages(worker: &Arc<Worker>, first: Option<Inbox>) -> Result<()> {
                 max_concurrency,
             }) => create_actor(worker, actor_id, task_id, spec, max_concurrency),
             Some(Message::ObjectReady { task_id, outcome }) => {
-                if let Some(up) = worker.rt.upstream.get() {
+                if let Some(up) = worker.rt.mode.upstream() {
                     up.ready(&worker.rt, task_id, outcome);
                 }
             }
@@ -996,7 +994,7 @@ impl Outcome {
                     "the value holds a reference this process cannot keep: {e}"
                 ))),
             },
-            WireOutcome::Stored { type_name, id, len } => match (&rt.shm, usize::try_from(len)) {
+            WireOutcome::Stored { type_name, id, len } => match (rt.mode.shm(), usize::try_from(len)) {
                 (Some(node), Ok(len)) => Outcome::Value(Value::from_stored(
                     ShmObject {
                         node: node.clone(),
@@ -1013,7 +1011,7 @@ impl Outcome {
                 id,
                 offset,
                 len,
-            } => match rt.upstream.get() {
+            } => match rt.mode.upstream() {
                 Some(up) => match up.shared_value(type_name, id, offset, len) {
                     Ok(v) => Outcome::Value(v),
                     Err(e) => Outcome::Failed(e),
