@@ -31,6 +31,20 @@
 
 #![forbid(unsafe_code)]
 
+/// A failpoint (the `fail` crate) where fault tests inject failures:
+/// `failpoint!("name", |_| value)` returns `value` from the enclosing
+/// function when the test configures `name` to `return`. Compiled out
+/// unless the `failpoints` feature is on. The points: `node::spawn`
+/// (starting a worker process), `node::send` (writing to a worker),
+/// `node::recv` (reading from a worker), `shm::create` (allocating in the
+/// node's shared memory).
+macro_rules! failpoint {
+    ($name:literal, $on_fire:expr) => {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!($name, $on_fire);
+    };
+}
+
 pub(crate) use rustyray_common::{error, ids, options, resources};
 pub(crate) use rustyray_proto as wire;
 

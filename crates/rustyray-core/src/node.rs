@@ -329,6 +329,7 @@ impl WorkerProc {
     /// corked thread it is held back too. A failed write means the worker
     /// is gone, which its reader thread notices.
     fn write(&self, frame: &[u8]) {
+        failpoint!("node::send", |_| self.write_failed(&std::io::Error::other("failpoint node::send")));
         let mut out = self.out.lock();
         let small = frame.len() < cork::HOLD_MAX;
         if small && out.held.len() < cork::HOLD_MAX && cork::hold(&self.me, out.held.is_empty()) {
@@ -344,16 +345,28 @@ impl WorkerProc {
             out.flush()
                 .and_then(|()| std::io::Write::write_all(&mut out.stream, frame))
         };
+        drop(out);
         if let Err(e) = written {
-            tracing::debug!(pid = self.pid, error = %e, "cannot write to worker process");
+            self.write_failed(&e);
         }
     }
 
     /// Writes the frames held back for this worker.
     fn flush(&self) {
-        if let Err(e) = self.out.lock().flush() {
-            tracing::debug!(pid = self.pid, error = %e, "cannot write to worker process");
+        let flushed = self.out.lock().flush();
+        if let Err(e) = flushed {
+            self.write_failed(&e);
         }
+    }
+
+    /// A frame could not be written: the worker's state is unknown from
+    /// here on (it may never see a task it was sent), so it is treated as
+    /// dead and killed, and what it ran is failed or retried.
+    fn write_failed(&self, e: &std::io::Error) {
+        if !self.is_dead() {
+            tracing::warn!(pid = self.pid, error = %e, "cannot write to worker process; killing it");
+        }
+        self.condemn();
     }
 
     /// Whether the worker is known to be dead.
@@ -711,6 +724,9 @@ impl Pool {
 
     /// Starts a worker process and waits for it to connect.
     async fn spawn_worker(self: &Arc<Self>) -> Result<Arc<WorkerProc>> {
+        failpoint!("node::spawn", |_| Err(Error::OutOfDescriptors(
+            "starting a worker process (failpoint node::spawn)".to_owned()
+        )));
         let mut cmd = Command::new(&self.command.program);
         cmd.args(&self.command.args)
             .env(WORKER_ENV, &self.name)
@@ -1150,6 +1166,7 @@ fn read_messages(
     mut dec: FrameDecoder,
 ) -> String {
     loop {
+        failpoint!("node::recv", |_| "a read failed (failpoint node::recv)".to_owned());
         let msg = match dec.next_message() {
             Ok(Some(msg)) => Ok(Some(msg)),
             // Out of messages: what they held back goes before the read.

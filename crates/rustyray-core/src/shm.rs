@@ -69,6 +69,9 @@ impl NodeStore {
         len: usize,
         fill: impl FnOnce(&mut [u8]) -> Result<bool>,
     ) -> Result<Option<ShmObject>> {
+        failpoint!("shm::create", |_| Err(crate::Error::OutOfDisk(
+            "allocating in shared memory (failpoint shm::create)".to_owned()
+        )));
         let id = self.ids.object().as_u128();
         let mut w = self.store.create(id, len).map_err(shm_error)?;
         if !fill(w.as_mut_slice())? {
