@@ -326,10 +326,11 @@ impl WorkerProc {
     }
 
     /// Writes a frame whole, after any frames held back before it; on a
-    /// corked thread it is held back too. A failed write means the worker
-    /// is gone, which its reader thread notices.
+    /// corked thread it is held back too. A failed write condemns the
+    /// worker (see [`Self::write_failed`]).
     fn write(&self, frame: &[u8]) {
-        failpoint!("node::send", |_| self.write_failed(&std::io::Error::other("failpoint node::send")));
+        failpoint!("node::send", |_| self
+            .write_failed(&std::io::Error::other("failpoint node::send")));
         let mut out = self.out.lock();
         let small = frame.len() < cork::HOLD_MAX;
         if small && out.held.len() < cork::HOLD_MAX && cork::hold(&self.me, out.held.is_empty()) {
@@ -1166,7 +1167,8 @@ fn read_messages(
     mut dec: FrameDecoder,
 ) -> String {
     loop {
-        failpoint!("node::recv", |_| "a read failed (failpoint node::recv)".to_owned());
+        failpoint!("node::recv", |_| "a read failed (failpoint node::recv)"
+            .to_owned());
         let msg = match dec.next_message() {
             Ok(Some(msg)) => Ok(Some(msg)),
             // Out of messages: what they held back goes before the read.
