@@ -302,8 +302,8 @@ impl WorkerProc {
         }
     }
 
-    /// Writes one message. A failed write means the worker is gone, which
-    /// its reader thread notices; a message too large to send is refused
+    /// Writes one message. A failed write condemns the worker (see
+    /// [`Self::write_failed`]); a message too large to send is refused
     /// whole (`false`).
     fn send(&self, msg: &Message) -> bool {
         match self.frame(msg) {
