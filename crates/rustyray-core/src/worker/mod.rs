@@ -344,7 +344,10 @@ impl Upstream {
             .map_err(|_| Error::Protocol("an allocation out of range".to_owned()))
             .and_then(|offset| {
                 shm.write_with(offset, len, |buf| v.encode_into(buf))
-                    .map_err(|e| Error::invalid(format!("cannot write the value: {e}")))
+                    .map_err(|e| Error::Io {
+                        what: "writing a value into shared memory".to_owned(),
+                        message: e.to_string(),
+                    })
             })
             .and_then(|r| r);
         match written {
@@ -761,7 +764,7 @@ fn decode(worker: &Worker, spec: Vec<u8>) -> Result<(&'static crate::registry::F
     let rt = &worker.rt;
     let spec = decode_spec(worker, spec)?;
     let Target::Function(entry) = spec.target else {
-        return Err(Error::invalid(format!(
+        return Err(Error::Protocol(format!(
             "{} is not a function",
             spec.target.name()
         )));
@@ -796,7 +799,7 @@ fn create_actor(
                 args,
                 ..
             }) => crate::actor::host(&ray, class, args, max_concurrency).await,
-            Ok(other) => Err(Error::invalid(format!(
+            Ok(other) => Err(Error::Protocol(format!(
                 "{} is not a constructor",
                 other.target.name()
             ))),
@@ -826,14 +829,14 @@ fn call_actor(worker: &Arc<Worker>, task_id: TaskId, actor_id: ActorId, spec: Ve
     let rt = &worker.rt;
     let submitted = decode_spec(worker, spec).and_then(|spec| {
         let Target::Method(_, method) = spec.target else {
-            return Err(Error::invalid(format!("{} is not a method", spec.target.name())));
+            return Err(Error::Protocol(format!("{} is not a method", spec.target.name())));
         };
         let actor = worker
             .actors
             .lock()
             .get(&actor_id)
             .cloned()
-            .ok_or_else(|| Error::invalid(format!("this worker does not host actor {actor_id}")))?;
+            .ok_or_else(|| Error::Protocol(format!("this worker does not host actor {actor_id}")))?;
         actor.call(method, spec.args)
     });
     let r = match submitted {
@@ -1003,7 +1006,9 @@ impl Outcome {
                     },
                     type_name,
                 )),
-                _ => Outcome::Failed(Error::invalid("a shared-memory result without a node store")),
+                _ => Outcome::Failed(Error::Protocol(
+                    "a shared-memory result without a node store".to_owned(),
+                )),
             },
             // Only an owner sends these, and only to a worker.
             WireOutcome::Pinned {
@@ -1016,7 +1021,7 @@ impl Outcome {
                     Ok(v) => Outcome::Value(v),
                     Err(e) => Outcome::Failed(e),
                 },
-                None => Outcome::Failed(Error::invalid("a pinned value sent to an owner")),
+                None => Outcome::Failed(Error::Protocol("a pinned value sent to an owner".to_owned())),
             },
             WireOutcome::Returned(m) => Outcome::Returned(m),
             WireOutcome::Panicked(m) => Outcome::Panicked(m),
