@@ -1,0 +1,218 @@
+//! Faults injected at the runtime's seams through failpoints (the `fail`
+//! crate): starting a worker process, writing to and reading from a
+//! worker's connection, allocating in shared memory. Each fault must give
+//! a clear typed error or be recovered from, never a hang or a loss.
+//!
+//! Built only with the `failpoints` feature:
+//! `cargo nextest run -p rustyray --features failpoints --test process_faults`.
+//! The failpoints are configured in this process (the driver, which hosts
+//! the node daemon); the worker processes, this binary started again, have
+//! none configured.
+#![cfg(feature = "failpoints")]
+
+mod common;
+use common::LONG;
+use rustyray::prelude::*;
+use rustyray::{WorkerCommand, WorkerMode};
+
+/// The entry point of the worker processes the tests start.
+#[test]
+#[ignore = "entry point of worker processes started by the other tests"]
+fn rustyray_worker() {
+    rustyray::worker_entry();
+}
+
+/// A runtime whose workers are this test binary; its session directory
+/// (spill files, worker logs) is removed with it.
+struct FaultRay(Ray);
+
+impl std::ops::Deref for FaultRay {
+    type Target = Ray;
+    fn deref(&self) -> &Ray {
+        &self.0
+    }
+}
+
+impl Drop for FaultRay {
+    fn drop(&mut self) {
+        let session = self.0.session_dir().map(std::path::Path::to_owned);
+        let _ = self.0.shutdown();
+        if let Some(dir) = session {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn process_runtime() -> FaultRay {
+    let exe = std::env::current_exe().expect("test binary path");
+    let command = WorkerCommand::new(
+        exe,
+        [
+            "rustyray_worker",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ],
+    );
+    FaultRay(
+        rustyray::init_with(
+            Config::new()
+                .num_cpus(2.0)
+                .worker_mode(WorkerMode::Processes)
+                .worker_command(command)
+                .log_to_driver(false),
+        )
+        .expect("runtime"),
+    )
+}
+
+#[rustyray::remote]
+fn whoami() -> u32 {
+    std::process::id()
+}
+
+/// Sets failpoint `name` to `actions` for as long as the value lives.
+struct Failpoint(&'static str);
+
+impl Failpoint {
+    fn set(name: &'static str, actions: &str) -> Failpoint {
+        fail::cfg(name, actions).expect("failpoint");
+        Failpoint(name)
+    }
+}
+
+impl Drop for Failpoint {
+    fn drop(&mut self) {
+        fail::remove(self.0);
+    }
+}
+
+#[test]
+fn a_worker_that_cannot_start_fails_the_task_with_a_typed_error() -> rustyray::Result<()> {
+    let _scenario = fail::FailScenario::setup();
+    // Every start fails as if the process were out of descriptors (the
+    // prestarted workers too).
+    let spawn = Failpoint::set("node::spawn", "return");
+    let ray = process_runtime();
+    match ray.get_timeout(&whoami::options().max_retries(0).remote(&ray)?, LONG) {
+        Err(Error::OutOfDescriptors(what)) => assert!(what.contains("worker process"), "{what}"),
+        other => panic!("expected OutOfDescriptors, got {other:?}"),
+    }
+    // Retried per max_retries, then said as what it is.
+    match ray.get_timeout(&whoami::options().max_retries(2).remote(&ray)?, LONG) {
+        Err(Error::OutOfDescriptors(_)) => {}
+        other => panic!("expected OutOfDescriptors after the retries, got {other:?}"),
+    }
+    // Once starts work again, so do tasks.
+    drop(spawn);
+    let pid = ray.get_timeout(&whoami::remote(&ray)?, LONG)?;
+    assert_ne!(pid, std::process::id());
+    Ok(())
+}
+
+/// An actor that only holds its worker process.
+#[rustyray::actor]
+struct Holder;
+
+#[rustyray::actor]
+impl Holder {
+    fn new() -> Self {
+        Holder
+    }
+
+    fn pid(&self) -> u32 {
+        std::process::id()
+    }
+}
+
+#[test]
+fn a_start_that_fails_once_is_retried() -> rustyray::Result<()> {
+    let _scenario = fail::FailScenario::setup();
+    let ray = process_runtime();
+    // Actors take a worker process each for good, until every live worker
+    // is held: the next task needs a new process.
+    common::wait_until("the prestarted workers are up", || ray.worker_pids().len() >= 2);
+    let mut holders = Vec::new();
+    while holders.len() < ray.worker_pids().len() {
+        let h = Holder::remote(&ray)?;
+        ray.get_timeout(&h.pid()?, LONG)?;
+        holders.push(h);
+    }
+    // The start fails once: with no retries the task says why ...
+    let spawn = Failpoint::set("node::spawn", "1*return");
+    match ray.get_timeout(&whoami::options().max_retries(0).remote(&ray)?, LONG) {
+        Err(Error::OutOfDescriptors(_)) => {}
+        other => panic!("expected OutOfDescriptors, got {other:?}"),
+    }
+    drop(spawn);
+    // ... and with one retry it runs on the next start.
+    let _spawn = Failpoint::set("node::spawn", "1*return");
+    let pid = ray.get_timeout(&whoami::options().max_retries(1).remote(&ray)?, LONG)?;
+    assert!(ray.worker_pids().contains(&pid));
+    Ok(())
+}
+
+#[test]
+fn a_write_that_fails_condemns_the_worker_and_its_task_is_retried() -> rustyray::Result<()> {
+    let _scenario = fail::FailScenario::setup();
+    let ray = process_runtime();
+    ray.get_timeout(&whoami::remote(&ray)?, LONG)?;
+    let workers = ray.worker_pids();
+    // The next frame the driver writes to a worker (this task's push)
+    // fails: that worker's state is unknown, so it is killed, and the task
+    // is retried on another (it once waited forever).
+    let send = Failpoint::set("node::send", "1*return");
+    let pid = ray.get_timeout(&whoami::options().max_retries(3).remote(&ray)?, LONG)?;
+    drop(send);
+    assert!(!workers.contains(&pid) || ray.worker_pids().contains(&pid));
+    common::wait_until("the condemned worker is gone", || {
+        workers.iter().any(|w| !ray.worker_pids().contains(w))
+    });
+    Ok(())
+}
+
+#[test]
+fn a_read_that_fails_loses_the_worker_and_nothing_else() -> rustyray::Result<()> {
+    let _scenario = fail::FailScenario::setup();
+    let ray = process_runtime();
+    ray.get_timeout(&whoami::remote(&ray)?, LONG)?;
+    let workers = ray.worker_pids();
+    // The next message a reader thread takes up fails: its worker is lost
+    // (its tasks failed or retried, its process reaped).
+    let recv = Failpoint::set("node::recv", "1*return");
+    let results = (0..4)
+        .map(|_| whoami::options().max_retries(3).remote(&ray))
+        .collect::<rustyray::Result<Vec<_>>>()?;
+    for r in &results {
+        ray.get_timeout(r, LONG)?;
+    }
+    drop(recv);
+    common::wait_until("the worker whose read failed is gone", || {
+        workers.iter().any(|w| !ray.worker_pids().contains(w))
+    });
+    // The node still runs tasks.
+    let pid = ray.get_timeout(&whoami::remote(&ray)?, LONG)?;
+    assert!(ray.worker_pids().contains(&pid));
+    Ok(())
+}
+
+#[test]
+fn a_shared_memory_allocation_that_fails_fails_the_put_and_loses_nothing() -> rustyray::Result<()> {
+    let _scenario = fail::FailScenario::setup();
+    let ray = process_runtime();
+    // Large values (at least 100 KiB) live in the node's shared memory.
+    let kept = ray.put(vec![7_u8; 200_000])?;
+    let create = Failpoint::set("shm::create", "return");
+    match ray.put(vec![1_u8; 200_000]) {
+        Err(Error::OutOfDisk(what)) => assert!(what.contains("shared memory"), "{what}"),
+        other => panic!("expected OutOfDisk, got {other:?}"),
+    }
+    // What was there stays readable; small values do not touch it.
+    assert_eq!(ray.get(&kept)?.len(), 200_000);
+    assert_eq!(ray.get(&ray.put(5_i64)?)?, 5);
+    drop(create);
+    let later = ray.put(vec![2_u8; 200_000])?;
+    assert_eq!(ray.get(&later)?[0], 2);
+    Ok(())
+}
