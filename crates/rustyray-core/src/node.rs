@@ -64,9 +64,8 @@ use crate::wire::env::{
 use crate::wire::{self, FrameDecoder, Message, Role, WireOutcome};
 use crate::worker_logs::WorkerLogs;
 use parking_lot::Mutex;
+use rustyray_transport::{Address, Conn, Listener};
 use std::collections::HashMap;
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -114,7 +113,7 @@ pub(crate) type Completion = Box<dyn FnOnce(std::result::Result<WireOutcome, Str
 
 /// A worker connection's writing side.
 struct Out {
-    stream: StdUnixStream,
+    stream: Conn,
     /// Whole frames held back by a corked thread, sent before any later
     /// frame.
     held: Vec<u8>,
@@ -270,7 +269,7 @@ impl std::fmt::Debug for WorkerProc {
 impl WorkerProc {
     /// Worker process `pid` (`child`, when this process started it),
     /// whose messages go out on `stream`.
-    fn new(pid: u32, child: Option<Child>, stream: StdUnixStream) -> Arc<Self> {
+    fn new(pid: u32, child: Option<Child>, stream: Conn) -> Arc<Self> {
         Arc::new_cyclic(|me| WorkerProc {
             pid,
             child: Mutex::new(child),
@@ -566,16 +565,16 @@ impl WorkerProc {
 /// A started worker's two connections: the one the node writes to it
 /// (`down`), and the one it writes to the node (`up`, with its decoder).
 struct Connection {
-    down: StdUnixStream,
-    up: StdUnixStream,
+    down: Conn,
+    up: Conn,
     up_dec: FrameDecoder,
 }
 
 /// A start waiting for its worker's two connections.
 struct Starting {
     done: oneshot::Sender<Result<Connection>>,
-    down: Option<StdUnixStream>,
-    up: Option<(StdUnixStream, FrameDecoder)>,
+    down: Option<Conn>,
+    up: Option<(Conn, FrameDecoder)>,
 }
 
 #[derive(Default)]
@@ -635,15 +634,10 @@ impl Pool {
             std::process::id(),
             crate::ids::random_token()
         );
-        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
-            .map_err(|e| Error::from_io("naming the node socket", &e))?;
-        let std_listener = std::os::unix::net::UnixListener::bind_addr(&addr)
-            .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            .map_err(|e| Error::from_io("binding the node socket", &e))?;
         let listener = {
             let _enter = handle.enter();
-            tokio::net::UnixListener::from_std(std_listener)
-                .map_err(|e| Error::from_io("listening on the node socket", &e))?
+            Listener::bind(&Address::Unix(name.clone()))
+                .map_err(|e| Error::from_io("binding the node socket", &e))?
         };
         let pool = Arc::new(Pool {
             name,
@@ -920,11 +914,11 @@ impl Pool {
 /// the handshake in time, with a first frame of at most [`HELLO_MAX`]
 /// bytes, and only so many may be in it at once ([`HandshakeLimits`]).
 /// A connection that fails any of this is closed; nothing else is affected.
-async fn accept_loop(pool: std::sync::Weak<Pool>, listener: tokio::net::UnixListener, token: u128) {
+async fn accept_loop(pool: std::sync::Weak<Pool>, listener: Listener, token: u128) {
     let in_handshake = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+            Ok(stream) => stream,
             Err(e) => {
                 let e = Error::from_io("accepting a worker connection", &e);
                 tracing::warn!(error = %e, "cannot accept on the node socket");
@@ -935,10 +929,7 @@ async fn accept_loop(pool: std::sync::Weak<Pool>, listener: tokio::net::UnixList
         };
         let Some(p) = pool.upgrade() else { return };
         // Only the processes this pool is starting may connect.
-        let pid = match stream.peer_cred().map(|c| c.pid()) {
-            Ok(Some(peer)) => u32::try_from(peer).ok(),
-            _ => None,
-        };
+        let pid = stream.peer_pid();
         let Some(pid) = pid.filter(|pid| p.state.lock().starting.contains_key(pid)) else {
             tracing::debug!(peer = ?pid, "closed a connection from a process that is not a starting worker");
             continue;
@@ -955,16 +946,27 @@ async fn accept_loop(pool: std::sync::Weak<Pool>, listener: tokio::net::UnixList
         }
         let (pool, counter) = (pool.clone(), in_handshake.clone());
         tokio::spawn(async move {
-            let handshake = handshake(stream, pid, token);
+            // The handshake reads a blocking connection, on a blocking
+            // thread; at the deadline the connection is shut, which ends
+            // the read there.
+            let watch = stream.try_clone();
+            let handshake = tokio::task::spawn_blocking(move || handshake(stream, pid, token));
             let done = tokio::time::timeout(limits.timeout, handshake).await;
             counter.fetch_sub(1, Ordering::AcqRel);
             let (role, stream, dec) = match done {
-                Ok(Ok(c)) => c,
+                Ok(Ok(Ok(c))) => c,
                 Ok(Err(e)) => {
+                    tracing::warn!(pid, error = %e, "a handshake thread failed");
+                    return;
+                }
+                Ok(Ok(Err(e))) => {
                     tracing::warn!(pid, error = %e, "refused a connection to the node socket");
                     return;
                 }
                 Err(_) => {
+                    if let Ok(w) = watch {
+                        let _ = w.shutdown();
+                    }
                     tracing::warn!(
                         pid,
                         "closed a connection that did not finish its handshake in time"
@@ -980,14 +982,14 @@ async fn accept_loop(pool: std::sync::Weak<Pool>, listener: tokio::net::UnixList
 }
 
 /// Runs the accepting side of a worker's handshake; returns its role and
-/// the connection, now blocking, with what was read past the `Hello`.
-async fn handshake(
-    mut stream: tokio::net::UnixStream,
+/// the connection, with what was read past the `Hello`.
+fn handshake(
+    mut stream: Conn,
     pid: u32,
     token: u128,
-) -> std::result::Result<(Role, StdUnixStream, FrameDecoder), Error> {
+) -> std::result::Result<(Role, Conn, FrameDecoder), Error> {
     let mut dec = FrameDecoder::new(HELLO_MAX);
-    let (role, said) = wire::accept_handshake(&mut stream, &mut dec, token).await?;
+    let (role, said) = wire::accept_handshake_blocking(&mut stream, &mut dec, token)?;
     // The pid in `Hello` is the one the kernel knows for the peer, so no
     // other process holding the token can pose as a worker that is
     // starting.
@@ -1002,10 +1004,6 @@ async fn handshake(
         )));
     }
     dec.set_max(wire::DEFAULT_MAX_FRAME);
-    let stream = stream
-        .into_std()
-        .and_then(|s| s.set_nonblocking(false).map(|()| s))
-        .map_err(|e| Error::from_io(format!("taking over the connection of worker {pid}"), &e))?;
     Ok((role, stream, dec))
 }
 
@@ -1013,7 +1011,7 @@ impl Pool {
     /// Hands a worker's connection that finished its handshake to the start
     /// waiting for it; the start completes once both of the worker's
     /// connections are in.
-    fn connected(&self, pid: u32, role: Role, stream: StdUnixStream, dec: FrameDecoder) {
+    fn connected(&self, pid: u32, role: Role, stream: Conn, dec: FrameDecoder) {
         let mut state = self.state.lock();
         let Some(start) = state.starting.get_mut(&pid) else {
             tracing::warn!(pid, ?role, "closed a connection no worker start waits for");
@@ -1135,7 +1133,7 @@ fn seal_stored(w: &WorkerProc, outcome: WireOutcome) -> WireOutcome {
 
 /// Reads a worker's messages until its connection ends (on the worker's
 /// reader thread), then forgets the worker.
-fn read_loop(pool: &std::sync::Weak<Pool>, w: &Arc<WorkerProc>, rd: &mut StdUnixStream, dec: FrameDecoder) {
+fn read_loop(pool: &std::sync::Weak<Pool>, w: &Arc<WorkerProc>, rd: &mut Conn, dec: FrameDecoder) {
     ON_READER.with(|r| r.set(true));
     // A handler that panics ends the connection like a malformed frame:
     // the worker is lost (its work failed or retried), never forgotten.
@@ -1163,7 +1161,7 @@ fn read_loop(pool: &std::sync::Weak<Pool>, w: &Arc<WorkerProc>, rd: &mut StdUnix
 fn read_messages(
     pool: &std::sync::Weak<Pool>,
     w: &Arc<WorkerProc>,
-    rd: &mut StdUnixStream,
+    rd: &mut Conn,
     mut dec: FrameDecoder,
 ) -> String {
     loop {
@@ -1379,14 +1377,14 @@ mod tests {
 
     /// A worker whose connection is one end of a socket pair, with no
     /// process behind it.
-    fn on_socket(stream: StdUnixStream) -> Arc<WorkerProc> {
+    fn on_socket(stream: Conn) -> Arc<WorkerProc> {
         WorkerProc::new(0, None, stream)
     }
 
     /// A worker on a socket pair, and a thread collecting what reaches
     /// the other end until the worker is dropped.
     fn worker_and_peer() -> (Arc<WorkerProc>, std::thread::JoinHandle<Vec<u8>>) {
-        let (ours, theirs) = StdUnixStream::pair().expect("socket pair");
+        let (ours, theirs) = rustyray_transport::MemoryNet::pair();
         let peer = std::thread::spawn(move || {
             let mut got = Vec::new();
             let _ = std::io::Read::read_to_end(&mut { theirs }, &mut got);
@@ -1495,10 +1493,8 @@ mod tests {
                 .insert(std::process::id(), starting);
         }
 
-        fn connect(&self) -> StdUnixStream {
-            let addr =
-                std::os::unix::net::SocketAddr::from_abstract_name(self.pool.name.as_bytes()).expect("name");
-            StdUnixStream::connect_addr(&addr).expect("connect")
+        fn connect(&self) -> Conn {
+            Conn::connect(&Address::Unix(self.pool.name.clone())).expect("connect")
         }
     }
 
@@ -1511,7 +1507,7 @@ mod tests {
 
     /// Whether the node closed `s` (read ends) rather than leaving it open
     /// for a generous minute.
-    fn closed_by_node(s: &mut StdUnixStream) -> bool {
+    fn closed_by_node(s: &mut Conn) -> bool {
         s.set_read_timeout(Some(Duration::from_secs(60)))
             .expect("timeout");
         let mut buf = [0_u8; 64];
@@ -1526,14 +1522,16 @@ mod tests {
         }
     }
 
-    /// Whether `s` is still open with nothing to read.
-    fn still_open(s: &StdUnixStream) -> bool {
-        s.set_nonblocking(true).expect("nonblocking");
+    /// Whether `s` is still open with nothing to read (a read waits rather
+    /// than finding the end).
+    fn still_open(s: &Conn) -> bool {
+        s.set_read_timeout(Some(Duration::from_millis(1)))
+            .expect("timeout");
         let open = matches!(
             std::io::Read::read(&mut { s }, &mut [0_u8; 1]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
         );
-        s.set_nonblocking(false).expect("blocking");
+        s.set_read_timeout(None).expect("timeout");
         open
     }
 

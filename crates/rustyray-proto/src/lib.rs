@@ -603,6 +603,53 @@ pub fn read_message_blocking<R: std::io::Read>(
     }
 }
 
+/// What the connecting side makes of the answer to its `Hello`.
+fn welcomed(answer: Option<Message>) -> Result<u16, WireError> {
+    match answer {
+        Some(Message::Welcome { version }) => Ok(version),
+        Some(Message::Refused { reason }) => Err(WireError::Handshake(reason)),
+        Some(other) => Err(WireError::Malformed(format!("expected Welcome, got {other:?}"))),
+        None => Err(WireError::Handshake("the peer closed the connection".into())),
+    }
+}
+
+/// What the accepting side makes of the first message: the peer's role
+/// and process id, or why it is refused (`Err(Ok(reason))`, answered with
+/// `Refused`) or dropped (`Err(Err(error))`, not answered).
+fn check_hello(first: Option<Message>, token: u128) -> Result<(Role, u32, u16), Result<String, WireError>> {
+    match first {
+        Some(Message::Hello {
+            magic,
+            version,
+            role,
+            pid,
+            token: theirs,
+        }) => {
+            if magic != MAGIC {
+                Err(Ok("bad magic".to_owned()))
+            } else if version != PROTOCOL_VERSION {
+                Err(Ok(format!(
+                    "protocol version {version} is not {PROTOCOL_VERSION}"
+                )))
+            } else if !same_token(theirs, token) {
+                Err(Ok("wrong token".to_owned()))
+            } else {
+                Ok((role, pid, version))
+            }
+        }
+        Some(other) => Err(Err(WireError::Malformed(format!(
+            "expected Hello, got {other:?}"
+        )))),
+        None => Err(Err(WireError::Handshake("the peer closed before Hello".into()))),
+    }
+}
+
+/// Compares tokens in time that does not depend on where they differ.
+fn same_token(a: u128, b: u128) -> bool {
+    let diff = (a ^ b).to_le_bytes();
+    diff.iter().fold(0_u8, |acc, d| acc | d) == 0
+}
+
 /// The connecting side's handshake: sends `Hello`, expects `Welcome`.
 pub async fn connect_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
@@ -611,12 +658,7 @@ pub async fn connect_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     token: u128,
 ) -> Result<u16, WireError> {
     write_message(s, &Message::hello(role, token)).await?;
-    match read_message(s, dec).await? {
-        Some(Message::Welcome { version }) => Ok(version),
-        Some(Message::Refused { reason }) => Err(WireError::Handshake(reason)),
-        Some(other) => Err(WireError::Malformed(format!("expected Welcome, got {other:?}"))),
-        None => Err(WireError::Handshake("the peer closed the connection".into())),
-    }
+    welcomed(read_message(s, dec).await?)
 }
 
 /// The accepting side's handshake: expects `Hello` carrying `token`,
@@ -626,38 +668,55 @@ pub async fn accept_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     dec: &mut FrameDecoder,
     token: u128,
 ) -> Result<(Role, u32), WireError> {
-    match read_message(s, dec).await? {
-        Some(Message::Hello {
-            magic,
-            version,
-            role,
-            pid,
-            token: theirs,
-        }) => {
-            let refusal = if magic != MAGIC {
-                Some("bad magic".to_owned())
-            } else if version != PROTOCOL_VERSION {
-                Some(format!("protocol version {version} is not {PROTOCOL_VERSION}"))
-            } else if theirs != token {
-                Some("wrong token".to_owned())
-            } else {
-                None
-            };
-            if let Some(reason) = refusal {
-                write_message(
-                    s,
-                    &Message::Refused {
-                        reason: reason.clone(),
-                    },
-                )
-                .await?;
-                return Err(WireError::Handshake(reason));
-            }
+    match check_hello(read_message(s, dec).await?, token) {
+        Ok((role, pid, version)) => {
             write_message(s, &Message::Welcome { version }).await?;
             Ok((role, pid))
         }
-        Some(other) => Err(WireError::Malformed(format!("expected Hello, got {other:?}"))),
-        None => Err(WireError::Handshake("the peer closed before Hello".into())),
+        Err(Ok(reason)) => {
+            write_message(
+                s,
+                &Message::Refused {
+                    reason: reason.clone(),
+                },
+            )
+            .await?;
+            Err(WireError::Handshake(reason))
+        }
+        Err(Err(e)) => Err(e),
+    }
+}
+
+/// [`connect_handshake`] on a blocking stream.
+pub fn connect_handshake_blocking<S: std::io::Read + std::io::Write>(
+    s: &mut S,
+    dec: &mut FrameDecoder,
+    role: Role,
+    token: u128,
+) -> Result<u16, WireError> {
+    s.write_all(&encode_frame(&Message::hello(role, token))?)?;
+    welcomed(read_message_blocking(s, dec)?)
+}
+
+/// [`accept_handshake`] on a blocking stream (bound its time with the
+/// stream's read timeout).
+pub fn accept_handshake_blocking<S: std::io::Read + std::io::Write>(
+    s: &mut S,
+    dec: &mut FrameDecoder,
+    token: u128,
+) -> Result<(Role, u32), WireError> {
+    match check_hello(read_message_blocking(s, dec)?, token) {
+        Ok((role, pid, version)) => {
+            s.write_all(&encode_frame(&Message::Welcome { version })?)?;
+            Ok((role, pid))
+        }
+        Err(Ok(reason)) => {
+            s.write_all(&encode_frame(&Message::Refused {
+                reason: reason.clone(),
+            })?)?;
+            Err(WireError::Handshake(reason))
+        }
+        Err(Err(e)) => Err(e),
     }
 }
 

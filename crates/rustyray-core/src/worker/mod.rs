@@ -77,10 +77,9 @@ use crate::wire::{self, FrameDecoder, Message, Role, WireOutcome};
 use parking_lot::Mutex;
 use reading::{Inbox, Reading};
 use rustyray_shm::ShmClient;
+use rustyray_transport::{Address, Conn};
 use std::collections::HashMap;
 use std::io::Write;
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
@@ -111,7 +110,7 @@ pub(crate) fn started_as_worker() -> bool {
 
 /// The connection's writing side, shared by the threads that finish tasks.
 #[derive(Clone)]
-struct Replies(Arc<Mutex<UnixStream>>);
+struct Replies(Arc<Mutex<Conn>>);
 
 impl Replies {
     fn send(&self, msg: &Message) {
@@ -519,26 +518,15 @@ fn serve(socket: &str) -> Result<()> {
         what: "mapping the node's shared memory".to_owned(),
         message: e.to_string(),
     })?;
-    let io = |what: &str, e: std::io::Error| Error::from_io(what, &e);
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(socket.as_bytes())
-        .map_err(|e| io("naming the node socket", e))?;
+    let addr = Address::Unix(socket.to_owned());
     // Two connections, one per direction (see `Role::WorkerUp`): the node's
     // messages arrive on the first, this worker's go out on the second.
-    let connect = |role: Role| -> Result<(UnixStream, FrameDecoder)> {
+    let connect = |role: Role| -> Result<(Conn, FrameDecoder)> {
         let mut stream =
-            UnixStream::connect_addr(&addr).map_err(|e| io("connecting to the node daemon", e))?;
-        let hello = wire::encode_frame(&Message::hello(role, token)).map_err(Error::from)?;
-        stream
-            .write_all(&hello)
-            .map_err(|e| io("greeting the node daemon", e))?;
+            Conn::connect(&addr).map_err(|e| Error::from_io("connecting to the node daemon", &e))?;
         let mut dec = FrameDecoder::default();
-        match read(&mut stream, &mut dec)? {
-            Some(Message::Welcome { .. }) => Ok((stream, dec)),
-            Some(Message::Refused { reason }) => {
-                Err(Error::Handshake(format!("refused by the node: {reason}")))
-            }
-            other => Err(Error::Protocol(format!("expected Welcome, got {other:?}"))),
-        }
+        wire::connect_handshake_blocking(&mut stream, &mut dec, role, token)?;
+        Ok((stream, dec))
     };
     let (stream, dec) = connect(Role::Worker)?;
     let (up, _) = connect(Role::WorkerUp)?;
@@ -659,7 +647,7 @@ fn exit_when_served(served: Result<()>) -> ! {
 }
 
 /// Reads the next message, blocking.
-fn read(stream: &mut UnixStream, dec: &mut FrameDecoder) -> Result<Option<Message>> {
+fn read(stream: &mut Conn, dec: &mut FrameDecoder) -> Result<Option<Message>> {
     wire::read_message_blocking(stream, dec).map_err(Error::from)
 }
 

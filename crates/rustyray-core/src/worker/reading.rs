@@ -30,7 +30,7 @@
 
 use crate::wire::FrameDecoder;
 use parking_lot::{Condvar, Mutex};
-use std::os::unix::net::UnixStream;
+use rustyray_transport::Conn;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -40,7 +40,7 @@ const TICK: Duration = Duration::from_millis(2);
 
 /// The reading side of the connection to the node daemon.
 pub(crate) struct Inbox {
-    pub(crate) stream: UnixStream,
+    pub(crate) stream: Conn,
     pub(crate) dec: FrameDecoder,
 }
 
