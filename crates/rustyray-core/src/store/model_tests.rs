@@ -376,3 +376,40 @@ fn model_shut_down_leaves_nothing_behind() {
         assert_eq!(store.stats(), stats(0, 0, 0, 64));
     });
 }
+
+/// Borrower counts (a worker process's side of ownership): loans arrive
+/// (`borrow`, one per message that lends the object) while local handles
+/// go (`release`); whenever the last handle goes, the loans counted so far
+/// are handed back. Every loan must be handed back exactly once, even when
+/// a loan arrives just as the entry is going (it is counted in a new
+/// entry, handed back with that one).
+#[test]
+fn model_every_loan_is_given_back_exactly_once() {
+    check(|| {
+        let store = Arc::new(Store::new(64, FOREVER));
+        let id = oid(11);
+        let given_back = Arc::new(AtomicUsize::new(0));
+        let borrowers: Vec<_> = (0..3)
+            .map(|_| {
+                let (store, given_back) = (Arc::clone(&store), Arc::clone(&given_back));
+                thread::spawn(move || {
+                    // A message lends the object: one count here, one loan.
+                    store.borrow(id).expect("borrow");
+                    // A copy of the handle comes and goes meanwhile.
+                    store.add_ref(id).expect("add_ref");
+                    if let Some(n) = store.release(id) {
+                        given_back.fetch_add(n as usize, SeqCst);
+                    }
+                    if let Some(n) = store.release(id) {
+                        given_back.fetch_add(n as usize, SeqCst);
+                    }
+                })
+            })
+            .collect();
+        for b in borrowers {
+            b.join().unwrap();
+        }
+        assert_eq!(given_back.load(SeqCst), 3, "a loan was lost or given back twice");
+        assert_eq!(store.stats(), stats(0, 0, 0, 64));
+    });
+}
