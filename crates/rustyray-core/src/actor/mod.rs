@@ -51,6 +51,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::sync::{mpsc, Notify, Semaphore};
 
+mod ordered;
 mod remote;
 
 /// Ray's default concurrency for async actors.
@@ -347,7 +348,7 @@ impl ActorState {
             w.kill();
         }
         // Calls lost with its last worker will not be sent again.
-        self.link.fail_all_lost(rt, self);
+        remote::fail_lost(rt, self, self.link.take_lost());
         self.mailbox.lock().take();
         let queued = self.runq.as_ref().map(|q| {
             let mut q = q.lock();

@@ -18,31 +18,32 @@
 //! # Restarts keep each caller's order
 //!
 //! [`monitor`] watches the worker. When it dies, every call that was in
-//! flight on it is *lost* (kept, with its submission number, in
-//! [`Link::lost`]). Once the worker's death has been handled (every call
-//! in flight on it has reported, [`WorkerProc::ended`]), the monitor stops
-//! sends to it, restarts the actor in a new worker per `max_restarts` (the
+//! flight on it is *lost*: kept, with its submission number, by the
+//! actor's [`Link`]. Once the worker's death has been handled (every call
+//! in flight on it has reported, [`WorkerProc::ended`]), the monitor
+//! retires it, restarts the actor in a new worker per `max_restarts` (the
 //! constructor runs again), and sends the lost calls that may be retried
 //! (per `max_task_retries`) to the new worker in submission order, before
 //! any call made since; the others fail with `ActorDied`. So a caller's
 //! calls run in the order it made them across any number of restarts, as
-//! in Ray.
+//! in Ray. The ordering itself (send lock, numbers, lost calls, bringing a
+//! worker up) is [`super::ordered`], model-checked on its own.
 //!
 //! # Locks
 //!
-//! [`Link::state`] is held while a call is sent (numbered, encoded,
-//! written), so the monitor, which takes it to retire a dead worker, knows
-//! that no send to that worker is still under way; a send that fails at
-//! once puts the call among the lost ones under the same lock. Order:
-//! `Link::state`, then `Link::lost` or the actor's `life`.
+//! A call is numbered, encoded and written under the link's send lock, so
+//! the monitor, which takes it to retire a dead worker, knows that no send
+//! to that worker is still under way; a send that fails at once loses the
+//! call under the same lock. The actor's `life` is taken inside the send
+//! lock (when the actor comes alive with its worker), never the other way.
 
+use super::ordered::{self, Ordered};
 use super::{complete_call, fail_call, ActorCall, ActorState, CallGuard, Mail, Status};
 use crate::error::{Error, TaskFailure};
 use crate::node::WorkerProc;
 use crate::runtime::{Inner, Outcome};
 use crate::task::{Target, TaskSpec};
 use crate::wire::{Message, WireOutcome};
-use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -57,10 +58,7 @@ pub(super) async fn start(rt: Arc<Inner>, actor: Arc<ActorState>) {
     if actor.hold_placement(&rt) {
         match launch(&rt, &actor).await {
             Ok(w) => {
-                if actor
-                    .link
-                    .bring_up(&actor, &w, Status::Pending, BTreeMap::new(), &rt)
-                {
+                if bring_up(&rt, &actor, &w, Status::Pending, BTreeMap::new()) {
                     rt.handle.spawn(monitor(rt.clone(), actor.clone(), w));
                 } else {
                     w.kill();
@@ -131,7 +129,7 @@ async fn monitor(rt: Arc<Inner>, actor: Arc<ActorState>, mut w: Arc<WorkerProc>)
         // No send to `w` is under way once it is retired, so every call
         // lost with it is in `lost` now.
         actor.link.retire(&w);
-        let lost = std::mem::take(&mut *actor.link.lost.lock());
+        let lost = actor.link.take_lost();
         if !actor.begin_restart(&rt, "its worker process died", None) {
             return fail_lost(&rt, &actor, lost);
         }
@@ -142,7 +140,7 @@ async fn monitor(rt: Arc<Inner>, actor: Arc<ActorState>, mut w: Arc<WorkerProc>)
                 return fail_lost(&rt, &actor, lost);
             }
         };
-        let alive = actor.link.bring_up(&actor, &fresh, Status::Restarting, lost, &rt);
+        let alive = bring_up(&rt, &actor, &fresh, Status::Restarting, lost);
         actor.restarted.notify_waiters();
         if !alive {
             fresh.kill();
@@ -153,119 +151,78 @@ async fn monitor(rt: Arc<Inner>, actor: Arc<ActorState>, mut w: Arc<WorkerProc>)
 }
 
 /// Ends calls lost with a worker that will not be replaced.
-fn fail_lost(rt: &Arc<Inner>, actor: &Arc<ActorState>, lost: BTreeMap<u64, Lost>) {
+pub(super) fn fail_lost(rt: &Arc<Inner>, actor: &Arc<ActorState>, lost: BTreeMap<u64, Lost>) {
     for (_, Lost { flight, outcome }) in lost {
         flight.fail(rt, actor, outcome);
     }
 }
 
 /// The way from a process actor's callers to its worker: the worker its
-/// calls go to now, and the calls lost with the last one that died.
-#[derive(Default)]
-pub(super) struct Link {
-    state: Mutex<LinkState>,
-    /// Calls lost with a worker that died, by submission number, until the
-    /// monitor sends them again or fails them.
-    lost: Mutex<BTreeMap<u64, Lost>>,
+/// calls go to now, their submission numbers, and the calls lost with the
+/// last one that died (see [`super::ordered`]).
+pub(super) type Link = Ordered<Arc<WorkerProc>, Lost>;
+
+impl ordered::Worker for Arc<WorkerProc> {
+    fn same(&self, other: &Self) -> bool {
+        Arc::ptr_eq(self, other)
+    }
+
+    fn is_dead(&self) -> bool {
+        WorkerProc::is_dead(self)
+    }
 }
 
-#[derive(Default)]
-struct LinkState {
-    /// The worker calls go to (`None` while the actor starts, restarts or
-    /// is dead).
-    worker: Option<Arc<WorkerProc>>,
-    /// The next call's submission number.
-    next_seq: u64,
+/// Makes the actor alive on `fresh`, if it is still in status `from`
+/// (starting or restarting; a kill meanwhile made it dead): sends the lost
+/// calls that may be retried to it, in submission order, fails the others,
+/// and lets new calls go to it. The status changes under the send lock,
+/// with the worker (a `die` sees the worker to kill, or this sees the actor
+/// dead). Returns whether the actor is alive; otherwise every lost call is
+/// failed and `fresh` is the caller's to kill.
+fn bring_up(
+    rt: &Arc<Inner>,
+    actor: &Arc<ActorState>,
+    fresh: &Arc<WorkerProc>,
+    from: Status,
+    lost: BTreeMap<u64, Lost>,
+) -> bool {
+    let admit = || {
+        let mut life = actor.life.lock();
+        let expected = std::mem::discriminant(&life.status) == std::mem::discriminant(&from);
+        if expected {
+            life.status = Status::Alive;
+            actor.epoch.fetch_add(1, Ordering::AcqRel);
+        }
+        expected
+    };
+    let resend = |lost: Lost, w: &Arc<WorkerProc>| {
+        let Lost { mut flight, outcome } = lost;
+        let retries_left = flight.retries_left;
+        if retries_left == 0 || flight.call.state.is_cancelled() {
+            return Some(Lost { flight, outcome });
+        }
+        flight.retries_left -= i32::from(retries_left > 0);
+        flight.attempt += 1;
+        flight.push(rt, actor, w);
+        None
+    };
+    let (alive, failed) = match actor.link.bring_up(fresh, admit, lost, resend) {
+        Ok(failed) => (true, failed),
+        Err(all) => (false, all),
+    };
+    for Lost { flight, outcome } in failed {
+        flight.fail(rt, actor, outcome);
+    }
+    alive
 }
 
-impl Link {
-    /// The worker calls go to now, if any.
-    pub(super) fn worker(&self) -> Option<Arc<WorkerProc>> {
-        self.state.lock().worker.clone()
-    }
-
-    /// Stops sending calls to any worker (the actor died).
-    pub(super) fn take_worker(&self) -> Option<Arc<WorkerProc>> {
-        self.state.lock().worker.take()
-    }
-
-    /// Stops sending calls to `w`, which died.
-    fn retire(&self, w: &Arc<WorkerProc>) {
-        let mut state = self.state.lock();
-        if state.worker.as_ref().is_some_and(|c| Arc::ptr_eq(c, w)) {
-            state.worker = None;
-        }
-    }
-
-    /// Makes the actor alive on `fresh`, if it is still in status `from`
-    /// (starting or restarting; a kill meanwhile made it dead): sends the
-    /// lost calls that may be retried to it, in submission order, fails the
-    /// others, and lets new calls go to it. All under the send lock, so the
-    /// retried calls reach the worker before any call made since, and the
-    /// status changes with the worker (a `die` sees the worker to kill, or
-    /// this sees the actor dead). Returns whether the actor is alive;
-    /// otherwise every lost call is failed and `fresh` is the caller's to
-    /// kill.
-    fn bring_up(
-        &self,
-        actor: &Arc<ActorState>,
-        fresh: &Arc<WorkerProc>,
-        from: Status,
-        lost: BTreeMap<u64, Lost>,
-        rt: &Arc<Inner>,
-    ) -> bool {
-        let mut state = self.state.lock();
-        let alive = {
-            let mut life = actor.life.lock();
-            let expected = std::mem::discriminant(&life.status) == std::mem::discriminant(&from);
-            if expected {
-                life.status = Status::Alive;
-                actor.epoch.fetch_add(1, Ordering::AcqRel);
-            }
-            expected
-        };
-        if !alive {
-            drop(state);
-            fail_lost(rt, actor, lost);
-            return false;
-        }
-        let mut failed = Vec::new();
-        for (_, Lost { mut flight, outcome }) in lost {
-            let retries_left = flight.retries_left;
-            if retries_left == 0 || flight.call.state.is_cancelled() {
-                failed.push((flight, outcome));
-                continue;
-            }
-            flight.retries_left -= i32::from(retries_left > 0);
-            flight.attempt += 1;
-            flight.push(rt, actor, fresh);
-        }
-        state.worker = Some(fresh.clone());
-        drop(state);
-        for (flight, outcome) in failed {
-            flight.fail(rt, actor, outcome);
-        }
-        true
-    }
-
-    /// Fails the calls lost with the actor's last worker (it died for
-    /// good); their guards go with them.
-    pub(super) fn fail_all_lost(&self, rt: &Arc<Inner>, actor: &Arc<ActorState>) {
-        let lost = std::mem::take(&mut *self.lost.lock());
-        fail_lost(rt, actor, lost);
-    }
-
-    /// Keeps a call lost with its worker for the monitor, or fails it from
-    /// the executor if the actor is already dead (no monitor will come).
-    fn lose(&self, rt: &Arc<Inner>, actor: &Arc<ActorState>, flight: InFlight, outcome: Outcome) {
-        let mut lost = self.lost.lock();
-        // Checked under the lock `die` drains: a call kept here is either
-        // drained by `die` or finds the actor dead.
-        if actor.dead_error().is_some() {
-            drop(lost);
-            return flight.fail_later(rt, actor, outcome);
-        }
-        lost.insert(flight.seq, Lost { flight, outcome });
+/// Keeps a call lost with its worker for the monitor, or fails it from the
+/// executor if the actor is already dead (no monitor will come).
+fn lose(rt: &Arc<Inner>, actor: &Arc<ActorState>, flight: InFlight, outcome: Outcome) {
+    let seq = flight.seq;
+    let dead = || actor.dead_error().is_some();
+    if let Some(Lost { flight, outcome }) = actor.link.lose(seq, Lost { flight, outcome }, dead) {
+        flight.fail_later(rt, actor, outcome);
     }
 }
 
@@ -282,7 +239,7 @@ struct InFlight {
 }
 
 /// A call lost with its worker, and what became of it there.
-struct Lost {
+pub(super) struct Lost {
     flight: InFlight,
     outcome: Outcome,
 }
@@ -309,15 +266,13 @@ impl InFlight {
                     // A panic ends the worker; its monitor sends this call
                     // again, or fails it.
                     w2.condemn();
-                    actor2.link.lose(&rt2, &actor2, self, Outcome::Panicked(m));
+                    lose(&rt2, &actor2, self, Outcome::Panicked(m));
                 }
                 Ok(o) => {
                     complete_call(&rt2, &actor2, &self.call, self.attempt, o);
                     drop(self);
                 }
-                Err(reason) if w2.is_dead() => {
-                    actor2.link.lose(&rt2, &actor2, self, Outcome::Crashed(reason))
-                }
+                Err(reason) if w2.is_dead() => lose(&rt2, &actor2, self, Outcome::Crashed(reason)),
                 // The worker lives: the message could not go (too large).
                 Err(reason) => self.fail_later(&rt2, &actor2, Outcome::Failed(Error::invalid(reason))),
             }),
@@ -447,17 +402,30 @@ pub(super) fn try_send_now(rt: &Arc<Inner>, actor: &Arc<ActorState>, call: Actor
 fn send_call(
     rt: &Arc<Inner>,
     actor: &Arc<ActorState>,
-    mut call: ActorCall,
+    call: ActorCall,
     permit: OwnedSemaphorePermit,
 ) -> Option<(ActorCall, OwnedSemaphorePermit)> {
-    let mut state = actor.link.state.lock();
-    let w = match &state.worker {
-        Some(w) if !w.is_dead() => w.clone(),
-        _ => return Some((call, permit)),
-    };
+    let mut unsent = Some((call, permit));
+    actor.link.send(|w, seq| {
+        if let Some((call, permit)) = unsent.take() {
+            send_numbered(rt, actor, call, permit, w, seq);
+        }
+    });
+    unsent
+}
+
+/// Sends call number `seq` to `w`, under the send lock.
+fn send_numbered(
+    rt: &Arc<Inner>,
+    actor: &Arc<ActorState>,
+    mut call: ActorCall,
+    permit: OwnedSemaphorePermit,
+    w: &Arc<WorkerProc>,
+    seq: u64,
+) {
     if !call.state.start(1) {
         rt.forget_task(call.state.id);
-        return None;
+        return;
     }
     let guard = CallGuard::running(rt, actor, &call.state, Some(permit));
     let mut spec = TaskSpec {
@@ -474,8 +442,6 @@ fn send_call(
         Ok(_) if call.state.is_cancelled() => Err(Error::TaskCancelled(call.state.id)),
         other => other,
     };
-    let seq = state.next_seq;
-    state.next_seq += 1;
     let flight = InFlight {
         call,
         send: Outgoing {
@@ -495,10 +461,9 @@ fn send_call(
             },
             ..flight
         }
-        .push(rt, actor, &w),
+        .push(rt, actor, w),
         Err(e) => flight.fail_later(rt, actor, Outcome::Failed(e)),
     }
-    None
 }
 
 /// What a call sends: its spec (target) and its argument values, encoded
