@@ -95,6 +95,10 @@ if mc:
     split = f", {split:.2f} GB/s split across cores" if split else ""
     print(f"memcpy of the 800 MiB array into a reused buffer: {mc['gb_per_s']:.2f} GB/s on one thread{split} "
           "(Ray's unit: 0.8 GB per array); a put that copies cannot beat the split copy")
+rt = rr.get("process_round_trip")
+if rt:
+    print(f"process round trip over the node's socket: {rt:.0f} per second "
+          "(the limit of a processes-mode sync row)")
 
 def figure(name, mode):
     r = ours.get((name, mode))
