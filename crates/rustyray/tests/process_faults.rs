@@ -11,65 +11,17 @@
 #![cfg(feature = "failpoints")]
 
 mod common;
+#[path = "common/process.rs"]
+mod process;
 use common::LONG;
+use process::{process_runtime, whoami};
 use rustyray::prelude::*;
-use rustyray::{WorkerCommand, WorkerMode};
 
 /// The entry point of the worker processes the tests start.
 #[test]
 #[ignore = "entry point of worker processes started by the other tests"]
 fn rustyray_worker() {
     rustyray::worker_entry();
-}
-
-/// A runtime whose workers are this test binary; its session directory
-/// (spill files, worker logs) is removed with it.
-struct FaultRay(Ray);
-
-impl std::ops::Deref for FaultRay {
-    type Target = Ray;
-    fn deref(&self) -> &Ray {
-        &self.0
-    }
-}
-
-impl Drop for FaultRay {
-    fn drop(&mut self) {
-        let session = self.0.session_dir().map(std::path::Path::to_owned);
-        let _ = self.0.shutdown();
-        if let Some(dir) = session {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
-
-fn process_runtime() -> FaultRay {
-    let exe = std::env::current_exe().expect("test binary path");
-    let command = WorkerCommand::new(
-        exe,
-        [
-            "rustyray_worker",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ],
-    );
-    FaultRay(
-        rustyray::init_with(
-            Config::new()
-                .num_cpus(2.0)
-                .worker_mode(WorkerMode::Processes)
-                .worker_command(command)
-                .log_to_driver(false),
-        )
-        .expect("runtime"),
-    )
-}
-
-#[rustyray::remote]
-fn whoami() -> u32 {
-    std::process::id()
 }
 
 /// Sets failpoint `name` to `actions` for as long as the value lives.
