@@ -237,6 +237,10 @@ pub(crate) struct WorkerProc {
     /// Set once the worker's death has been handled: every task in flight
     /// on it has run its completion.
     ended: AtomicBool,
+    /// Tasks pushed here to share the process with a task blocked in it
+    /// (see `Inner::help_worker`): while any runs, the worker is not leased
+    /// to another task and a forced cancel does not kill it.
+    shared_tasks: std::sync::atomic::AtomicUsize,
     /// Woken when the worker is found dead, and again when it has ended.
     died: tokio::sync::Notify,
     /// Shared-memory objects pinned for this worker, with their counts;
@@ -282,6 +286,7 @@ impl WorkerProc {
             inflight: Mutex::new(HashMap::new()),
             dead: AtomicBool::new(false),
             ended: AtomicBool::new(false),
+            shared_tasks: std::sync::atomic::AtomicUsize::new(0),
             died: tokio::sync::Notify::new(),
             pins: Mutex::new(Some(HashMap::new())),
             writers: Mutex::new(HashMap::new()),
@@ -294,7 +299,8 @@ impl WorkerProc {
     /// Asks the worker to cancel `task`: it flags the task (and aborts it
     /// at its next await if async); with `force` the process is killed.
     pub(crate) fn cancel(&self, task: TaskId, force: bool) {
-        if force {
+        // Killing the process would take the tasks that share it along.
+        if force && self.shared_tasks.load(Ordering::Acquire) == 0 {
             self.kill();
         } else {
             let _ = self.send(&Message::CancelTask { task_id: task, force });
@@ -372,6 +378,16 @@ impl WorkerProc {
     /// Whether the worker is known to be dead.
     pub(crate) fn is_dead(&self) -> bool {
         self.dead.load(Ordering::Acquire)
+    }
+
+    /// Counts a task that shares the process with a task blocked in it
+    /// (`true`), or its end (`false`).
+    pub(crate) fn share(&self, begins: bool) {
+        if begins {
+            self.shared_tasks.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.shared_tasks.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// Waits until the worker's death has been handled: every task that
@@ -701,12 +717,22 @@ impl Pool {
         if s.closed {
             return Err(Error::Shutdown);
         }
+        // A worker still running a task it shares is kept for later.
+        let mut busy = Vec::new();
+        let mut found = None;
         while let Some(w) = s.idle.pop() {
-            if !w.is_dead() {
-                return Ok(Some(w));
+            if w.is_dead() {
+                continue;
             }
+            if w.shared_tasks.load(Ordering::Acquire) > 0 {
+                busy.push(w);
+                continue;
+            }
+            found = Some(w);
+            break;
         }
-        Ok(None)
+        s.idle.extend(busy);
+        Ok(found)
     }
 
     /// Returns a leased worker to the pool.

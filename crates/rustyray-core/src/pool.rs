@@ -65,8 +65,11 @@ struct State {
     /// Threads watching `queued` before they sleep.
     spinning: usize,
     live: usize,
-    /// The last attempt to start a thread failed (the system refused).
+    /// The last attempt to start a thread failed (the system refused);
+    /// cleared when a thread finishes a job (room may have come back).
     refused: bool,
+    /// Threads blocked in `get`/`wait` (each holding a [`BlockSlot`]).
+    blocked: usize,
     closed: bool,
     handles: Vec<JoinHandle<()>>,
 }
@@ -79,6 +82,23 @@ struct Shared {
     name: String,
     min_threads: usize,
     max_threads: usize,
+}
+
+/// A thread's right to block, from [`Pool::block_slot`]; given back when
+/// dropped.
+pub(crate) struct BlockSlot(Arc<Shared>);
+
+impl std::fmt::Debug for BlockSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BlockSlot")
+    }
+}
+
+impl Drop for BlockSlot {
+    fn drop(&mut self) {
+        let mut s = self.0.state.lock();
+        s.blocked = s.blocked.saturating_sub(1);
+    }
 }
 
 /// An elastic pool of named worker threads.
@@ -107,6 +127,7 @@ impl Pool {
                     spinning: 0,
                     live: 0,
                     refused: false,
+                    blocked: 0,
                     closed: false,
                     handles: Vec::new(),
                 }),
@@ -156,13 +177,23 @@ impl Pool {
         Ok(())
     }
 
-    /// Whether the pool can start no more threads (at its limit, or the
-    /// system refused the last one) and has none idle: a task that blocks
-    /// now might wait for work that no thread is left to run.
-    pub(crate) fn saturated(&self) -> Option<usize> {
-        let s = self.shared.state.lock();
-        let full = s.live >= self.shared.max_threads || s.refused;
-        (full && s.idle + s.spinning == 0).then_some(self.shared.max_threads)
+    /// Reserves a thread's right to block (in `get`/`wait`) for as long as
+    /// the slot lives: refused (`Err(limit)`) when every other thread the
+    /// pool may run is blocked already, so that one is always left to run
+    /// what they wait for. When the system refused the last thread the
+    /// pool tried to start, the limit is the threads alive now.
+    pub(crate) fn block_slot(&self) -> Result<BlockSlot, usize> {
+        let mut s = self.shared.state.lock();
+        let limit = if s.refused {
+            s.live.min(self.shared.max_threads)
+        } else {
+            self.shared.max_threads
+        };
+        if s.blocked + 1 >= limit {
+            return Err(limit);
+        }
+        s.blocked += 1;
+        Ok(BlockSlot(self.shared.clone()))
     }
 
     /// Threads alive now.
@@ -200,6 +231,7 @@ fn worker(shared: Arc<Shared>) {
             // pool's accounting right should one slip through.
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
             s = shared.state.lock();
+            s.refused = false;
             continue;
         }
         if s.closed {

@@ -1111,10 +1111,9 @@ impl Inner {
         let spec = self
             .resolve_values(&run.spec, attempt)
             .and_then(|values| run.spec.to_wire(&values, self.mode.shm()));
-        let give_back = move |w: Arc<node::WorkerProc>| {
-            if lease == Lease::Own {
-                node.give_back(w);
-            }
+        let give_back = move |w: Arc<node::WorkerProc>| match lease {
+            Lease::Own => node.give_back(w),
+            Lease::Borrowed => w.share(false),
         };
         let (spec, loan) = match spec {
             Ok(s) if !run.state.is_cancelled() => s,
@@ -1153,7 +1152,12 @@ impl Inner {
                         give_back(leased);
                         Outcome::from_wire(o, &rt)
                     }
-                    Err(reason) => Outcome::Crashed(reason),
+                    Err(reason) => {
+                        if lease == Lease::Borrowed {
+                            leased.share(false);
+                        }
+                        Outcome::Crashed(reason)
+                    }
                 };
                 rt.finish_task(run, outcome);
             }),
@@ -1298,16 +1302,19 @@ impl Inner {
         }
     }
 
-    /// Refuses to let a sync task block while no thread is left to run what
-    /// it might wait for (the pool at its limit, none idle).
-    fn may_block(&self) -> Result<()> {
-        if context::current().is_none_or(|c| c.is_async()) {
-            return Ok(());
+    /// Lets a sync task block (without a deadline) only while a pool
+    /// thread is left that is not blocked, to run what it may wait for;
+    /// the slot it holds while blocked is returned. Other callers (the
+    /// driver, async code, waits with a deadline, which end by themselves)
+    /// need none.
+    fn may_block(&self, deadline: bool) -> Result<Option<crate::pool::BlockSlot>> {
+        if deadline || context::current().is_none_or(|c| c.is_async()) {
+            return Ok(None);
         }
-        match self.pool.saturated() {
-            Some(limit) => Err(Error::ThreadLimit { limit }),
-            None => Ok(()),
-        }
+        self.pool
+            .block_slot()
+            .map(Some)
+            .map_err(|limit| Error::ThreadLimit { limit })
     }
 
     /// Runs the task that produces `id` on this thread, if it waits to run
@@ -1345,6 +1352,10 @@ impl Inner {
     /// is sync, with `sync_only`), granting it its request.
     fn take_queued(&self, id: ObjectId, cpu: &ResourceSet, sync_only: bool) -> Option<Box<TaskRun>> {
         let task = id.task();
+        // Most waits are on a task that runs already: no queue to look in.
+        if !self.tasks.lock().get(&task).is_some_and(|s| s.is_waiting()) {
+            return None;
+        }
         let work = self.sched.take_queued(HELP_SCAN, |w| match w {
             Work::Task(t) => {
                 t.state.id == task
@@ -1369,6 +1380,9 @@ impl Inner {
         let Some(node) = self.mode.node().cloned() else {
             return;
         };
+        if w.is_dead() {
+            return;
+        }
         let Some(run) = self.take_queued(on, cpu, false) else {
             return;
         };
@@ -1377,7 +1391,14 @@ impl Inner {
             self.release(&run.request);
             return;
         }
-        self.push_task(node, w.clone(), run, Lease::Borrowed);
+        // Counted before the reader reads on: the worker is not leased to
+        // another task, nor killed by a forced cancel, while this runs.
+        w.share(true);
+        // The push encodes and writes (maybe a large frame): not on the
+        // reader thread, which must never wait on another process.
+        let (rt, w) = (self.clone(), w.clone());
+        self.handle
+            .spawn_blocking(move || rt.push_task(node, w, run, Lease::Borrowed));
     }
 
     /// Waits for an object's value, lending the current task's CPU back
@@ -1395,15 +1416,16 @@ impl Inner {
             Peek::Pending => {}
         }
         // Its task may still wait to run: then it runs here (again, should
-        // it fail and be retried).
-        while self.help(id) {
+        // it fail and be retried), unless the wait has a deadline the task
+        // could outlast.
+        while deadline.is_none() && self.help(id) {
             match self.store.peek(id, None)? {
                 Peek::Ready(v) => return Ok(v),
                 Peek::Failed(e) => return Err(e),
                 Peek::Pending => {}
             }
         }
-        self.may_block()?;
+        let _slot = self.may_block(deadline.is_some())?;
         self.will_wait();
         // A short wait first: a small task or call on another thread often
         // completes within microseconds, sparing two thread wake-ups.
@@ -1511,8 +1533,9 @@ impl Inner {
         // Tasks among them that still wait to run may run here, in order,
         // until enough are complete.
         let mut complete = done.iter().filter(|d| **d).count();
-        let may_help =
-            matches!(self.mode, Mode::Threads) && context::current().is_some_and(|c| !c.is_async());
+        let may_help = timeout.is_none()
+            && matches!(self.mode, Mode::Threads)
+            && context::current().is_some_and(|c| !c.is_async());
         for (&id, was_done) in ids.iter().zip(&done).filter(|_| may_help) {
             if complete >= num_returns {
                 break;
@@ -1521,9 +1544,11 @@ impl Inner {
                 complete += 1;
             }
         }
-        if complete < num_returns {
-            self.may_block()?;
-        }
+        let _slot = if complete < num_returns {
+            self.may_block(timeout.is_some())?
+        } else {
+            None
+        };
         // The first object still pending is the one a worker's owner may
         // make here (see `Blocked`).
         let first_pending = ids.iter().zip(&done).find(|(_, d)| !**d).map(|(id, _)| *id);

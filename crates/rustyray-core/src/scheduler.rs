@@ -17,13 +17,6 @@ use std::collections::VecDeque;
 /// Something the scheduler can hold: it declares its resource request.
 pub(crate) trait Schedulable {
     fn request(&self) -> &ResourceSet;
-
-    /// Whether the item was taken elsewhere while it waited (a task run
-    /// by the task blocked on it): it leaves the queue without being
-    /// granted anything.
-    fn is_void(&self) -> bool {
-        false
-    }
 }
 
 struct State<W> {
@@ -87,9 +80,6 @@ impl<W: Schedulable> Scheduler<W> {
         }
         // Fast path: nothing of this shape waits and it fits now.
         let shape_idx = s.queues.iter().position(|(r, _)| r == work.request());
-        if let Some(i) = shape_idx {
-            drop_void_front(&mut s.queues[i].1);
-        }
         let queued = shape_idx.is_some_and(|i| !s.queues[i].1.is_empty());
         if !queued && work.request().fits_in(&s.available) {
             let req = work.request().clone();
@@ -135,7 +125,6 @@ impl<W: Schedulable> Scheduler<W> {
                 available, queues, ..
             } = &mut *s;
             let (req, q) = &mut queues[i];
-            drop_void_front(q);
             if !q.is_empty() && req.fits_in(available) {
                 available.sub(req);
                 if let Some(w) = q.pop_front() {
@@ -180,13 +169,6 @@ impl<W: Schedulable> Scheduler<W> {
     #[cfg(test)]
     pub(crate) fn queued(&self) -> usize {
         self.state.lock().queues.iter().map(|(_, q)| q.len()).sum()
-    }
-}
-
-/// Drops the items at the front of `q` that were taken while they waited.
-fn drop_void_front<W: Schedulable>(q: &mut VecDeque<W>) {
-    while q.front().is_some_and(Schedulable::is_void) {
-        q.pop_front();
     }
 }
 

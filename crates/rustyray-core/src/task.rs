@@ -480,6 +480,11 @@ impl TaskState {
         matches!(*self.phase.lock(), Phase::Done)
     }
 
+    /// Whether the task waits (for dependencies, resources or its actor).
+    pub(crate) fn is_waiting(&self) -> bool {
+        matches!(*self.phase.lock(), Phase::Waiting)
+    }
+
     pub(crate) fn back_to_waiting(&self) {
         *self.phase.lock() = Phase::Waiting;
     }

@@ -140,10 +140,7 @@ impl Conn {
         match &self.0 {
             ConnKind::Unix(s, _) => s.set_read_timeout(timeout),
             ConnKind::Tcp(s) => s.set_read_timeout(timeout),
-            ConnKind::Memory(p) => {
-                p.set_read_timeout(timeout);
-                Ok(())
-            }
+            ConnKind::Memory(p) => p.set_read_timeout(timeout),
         }
     }
 

@@ -168,8 +168,13 @@ impl Pipe {
         self.tx.close();
     }
 
-    pub(crate) fn set_read_timeout(&self, timeout: Option<Duration>) {
+    pub(crate) fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        // As sockets do: a zero timeout is refused, not taken as none.
+        if timeout == Some(Duration::ZERO) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "a zero read timeout"));
+        }
         *self.read_timeout.lock() = timeout;
+        Ok(())
     }
 
     pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {

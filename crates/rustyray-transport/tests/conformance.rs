@@ -181,6 +181,16 @@ async fn a_read_timeout_ends_a_read_with_nothing_to_read<T: Transport>(t: T) {
     }
 }
 
+async fn a_zero_read_timeout_is_refused<T: Transport>(t: T) {
+    let l = t.listen();
+    let (_c, s) = pair(&t, &l).await;
+    let refused = s.set_read_timeout(Some(Duration::ZERO));
+    assert!(
+        matches!(refused, Err(ref e) if e.kind() == ErrorKind::InvalidInput),
+        "{refused:?}"
+    );
+}
+
 async fn the_handshake_admits_the_token_and_refuses_any_other<T: Transport>(t: T) {
     let l = t.listen();
     let token = 0x5eed_u128 << 64 | 0xfeed;
@@ -263,6 +273,7 @@ macro_rules! conformance {
                 the_end_of_one_side_is_the_end_of_the_others_reads,
                 shutdown_wakes_a_blocked_reader,
                 a_read_timeout_ends_a_read_with_nothing_to_read,
+                a_zero_read_timeout_is_refused,
                 the_handshake_admits_the_token_and_refuses_any_other,
                 many_connections_at_once,
                 connecting_to_nothing_is_refused,

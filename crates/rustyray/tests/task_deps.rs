@@ -273,3 +273,28 @@ fn at_the_thread_limit_a_task_fails_to_block_instead_of_hanging() -> rustyray::R
     assert_eq!(ray.get_timeout(&fib::remote(&ray, 10)?, common::LONG)?, 55);
     Ok(())
 }
+
+/// Submits `wait_for_gate(gate)` and waits for it with a deadline; says
+/// how that ended.
+#[rustyray::remote(num_cpus = 1.0)]
+fn wait_briefly_for_child(gate: ObjectRef<()>) -> Result<String, String> {
+    let ray = rustyray::current().map_err(|e| e.to_string())?;
+    let child = wait_for_gate::remote(&ray, gate).map_err(|e| e.to_string())?;
+    match ray.get_timeout(&child, std::time::Duration::from_millis(100)) {
+        Err(Error::GetTimeout { .. }) => Ok("timed out".to_owned()),
+        other => Ok(format!("{other:?}")),
+    }
+}
+
+#[test]
+fn a_wait_with_a_deadline_does_not_run_a_queued_child_that_could_outlast_it() -> rustyray::Result<()> {
+    // One CPU: the child stays queued while its parent runs. Run inline,
+    // it would block on the gate and the parent's deadline would never
+    // come.
+    let ray = rustyray::init_with(Config::new().num_cpus(1.0).num_gpus(0.0))?;
+    let (latch, gate) = common::latch(&ray);
+    let said = ray.get_timeout(&wait_briefly_for_child::remote(&ray, gate)?, common::LONG)?;
+    assert_eq!(said, "timed out");
+    ray.get(&latch.open()?)?;
+    Ok(())
+}
