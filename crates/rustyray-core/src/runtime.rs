@@ -210,9 +210,11 @@ impl Config {
     /// The most threads the runtime starts for sync tasks and actor calls
     /// (default 4096). Each task blocked in `get`/`wait` holds a thread; a
     /// task blocked on a child that is still queued runs the child itself,
-    /// so a recursive tree needs threads by its depth, not its size. At the
-    /// limit, a task that would block fails with [`Error::ThreadLimit`]
-    /// instead of waiting for work no thread is left to run.
+    /// so a recursive tree needs threads by its depth, not its size. A sync
+    /// task may block (without a deadline) only while another of these
+    /// threads is left unblocked; past that it fails with
+    /// [`Error::ThreadLimit`] instead of waiting for work no thread may be
+    /// left to run.
     pub fn max_worker_threads(mut self, n: usize) -> Self {
         self.max_worker_threads = n;
         self
