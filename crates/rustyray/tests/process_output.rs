@@ -52,7 +52,7 @@ fn quiet_runtime(dir: &Path) -> Ray {
 fn worker_output_is_kept_in_one_log_file_per_stream_and_process() -> rustyray::Result<()> {
     let dir = scratch("logs");
     let ray = quiet_runtime(&dir);
-    assert_eq!(ray.log_dir(), Some(dir.as_path()));
+    assert_eq!(ray.log_dir(), Some(&*dir));
     let pid = ray.get_timeout(
         &say::remote(
             &ray,
@@ -117,7 +117,7 @@ fn worker_output_reaches_the_driver_prefixed() {
             "--nocapture",
             "--test-threads=1",
         ])
-        .env("RR_PRINTING_DRIVER", &dir)
+        .env("RR_PRINTING_DRIVER", &*dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

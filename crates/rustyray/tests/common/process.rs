@@ -61,12 +61,35 @@ pub(crate) fn process_runtime() -> TestRay {
     TestRay(rustyray::init_with(process_config()).expect("runtime"))
 }
 
-/// A scratch directory of one test.
-pub(crate) fn scratch(name: &str) -> PathBuf {
+/// A scratch directory of one test, removed when the value goes (also
+/// when the test fails).
+pub(crate) struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A fresh scratch directory for one test.
+pub(crate) fn scratch(name: &str) -> Scratch {
     let d = std::env::temp_dir().join(format!("rr-wp-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("scratch dir");
-    d
+    Scratch(d)
 }
 
 /// Whether process `pid` is gone (exited and reaped, or a zombie).
