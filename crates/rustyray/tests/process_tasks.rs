@@ -265,3 +265,69 @@ fn a_tree_of_nested_tasks_needs_worker_processes_by_its_depth_not_its_size() -> 
     assert!(workers <= 40, "fib(12) used {workers} worker processes");
     Ok(())
 }
+
+/// Writes this process's pid to `dir/name`.
+fn mark(dir: &str, name: &str) -> rustyray::Result<()> {
+    std::fs::write(Path::new(dir).join(name), std::process::id().to_string())
+        .map_err(|e| Error::InvalidArgument(format!("cannot write a marker: {e}")))
+}
+
+/// Waits for `gate`, marking `dir/child` when it starts and `dir/done`
+/// when it is through.
+#[rustyray::remote(max_retries = 0)]
+fn child_after_gate(gate: ObjectRef<()>, dir: String) -> rustyray::Result<u32> {
+    let ray = rustyray::current()?;
+    mark(&dir, "child")?;
+    ray.get(&gate)?;
+    mark(&dir, "done")?;
+    Ok(std::process::id())
+}
+
+/// Submits `child_after_gate` and waits for it (marking `dir/parent`).
+#[rustyray::remote(max_retries = 0)]
+fn parent_of_gated_child(gate: ObjectRef<()>, dir: String) -> rustyray::Result<u32> {
+    let ray = rustyray::current()?;
+    let child = child_after_gate::remote(&ray, gate, dir.clone())?;
+    mark(&dir, "parent")?;
+    ray.get(&child)
+}
+
+#[test]
+fn a_forced_cancel_spares_a_task_that_shares_the_process() -> rustyray::Result<()> {
+    // One CPU: the child stays queued until its parent blocks on it, and
+    // then runs in the parent's process.
+    let ray = process::TestRay(rustyray::init_with(process::process_config().num_cpus(1.0))?);
+    let (latch, gate) = common::latch(&ray);
+    let dir = scratch("shared-cancel");
+    let d = dir.display().to_string();
+    let parent = parent_of_gated_child::remote(&ray, gate, d)?;
+    let pid_in = |name: &str| {
+        let file = dir.join(name);
+        let read = || std::fs::read_to_string(&file).ok()?.trim().parse::<u32>().ok();
+        wait_until(&format!("the task wrote {name}"), || read().is_some());
+        read()
+    };
+    assert_eq!(
+        pid_in("child"),
+        pid_in("parent"),
+        "the child runs in its parent's process"
+    );
+    // A forced cancel of the parent alone must not take the child with
+    // its process (it once killed the process, and the child with it).
+    ray.cancel_with(
+        &parent,
+        rustyray::CancelOptions {
+            force: true,
+            recursive: false,
+        },
+    )?;
+    ray.get_timeout(&latch.open()?, LONG)?;
+    wait_until("the child that shares the process finishes", || {
+        dir.join("done").exists()
+    });
+    assert!(matches!(
+        ray.get_timeout(&parent, LONG),
+        Err(Error::TaskCancelled(_))
+    ));
+    Ok(())
+}
