@@ -975,7 +975,13 @@ async fn accept_loop(pool: std::sync::Weak<Pool>, listener: Listener, token: u12
             // The handshake reads a blocking connection, on a blocking
             // thread; at the deadline the connection is shut, which ends
             // the read there.
-            let watch = stream.try_clone();
+            // Without a second handle the deadline could not end the
+            // read: such a connection is refused.
+            let Ok(watch) = stream.try_clone() else {
+                counter.fetch_sub(1, Ordering::AcqRel);
+                tracing::warn!(pid, "closed a connection whose handshake could not be bounded");
+                return;
+            };
             let handshake = tokio::task::spawn_blocking(move || handshake(stream, pid, token));
             let done = tokio::time::timeout(limits.timeout, handshake).await;
             counter.fetch_sub(1, Ordering::AcqRel);
@@ -990,9 +996,7 @@ async fn accept_loop(pool: std::sync::Weak<Pool>, listener: Listener, token: u12
                     return;
                 }
                 Err(_) => {
-                    if let Ok(w) = watch {
-                        let _ = w.shutdown();
-                    }
+                    let _ = watch.shutdown();
                     tracing::warn!(
                         pid,
                         "closed a connection that did not finish its handshake in time"

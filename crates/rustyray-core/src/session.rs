@@ -142,10 +142,13 @@ fn io(what: impl Into<String>, e: &std::io::Error) -> Error {
 }
 
 /// Makes `dir` if missing; checks that it is a directory (not a link)
-/// owned by this process's user that no one else may enter.
+/// owned by this process's user that no one else may enter. A directory
+/// this call made is ours and private (the umask only takes bits away), so
+/// only one that was there already is checked, which needs `/proc` to tell
+/// this process's user.
 fn private_dir(dir: &Path) -> Result<()> {
     match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => {}
+        Ok(()) => return Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(io(format!("creating {}", dir.display()), &e)),
     }
