@@ -273,3 +273,26 @@ impl WorkerCommand {
         })
     }
 }
+
+/// How a driver's node daemon is started (the worker-process mode): what
+/// the core worker hands the node daemon from the user's `Config`.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct NodeOptions {
+    /// What starts a worker process.
+    pub command: WorkerCommand,
+    /// How many workers to start ahead of time.
+    pub prestart: usize,
+    /// Names the node's threads and its session directory.
+    pub name: String,
+    /// Where spilled objects go (else the session directory).
+    pub spill_dir: Option<PathBuf>,
+    /// Where the workers' logs go (else the session directory).
+    pub log_dir: Option<PathBuf>,
+    /// Whether the workers' output is echoed to the driver's.
+    pub log_to_driver: bool,
+    /// The shared-memory store's size in bytes.
+    pub capacity: usize,
+    /// Values whose bytes form is at least this long go to shared memory.
+    pub threshold: usize,
+}

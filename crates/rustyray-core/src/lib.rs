@@ -34,10 +34,9 @@
 /// A failpoint (the `fail` crate) where fault tests inject failures:
 /// `failpoint!("name", |_| value)` returns `value` from the enclosing
 /// function when the test configures `name` to `return`. Compiled out
-/// unless the `failpoints` feature is on. The points: `node::spawn`
-/// (starting a worker process), `node::send` (writing to a worker),
-/// `node::recv` (reading from a worker), `shm::create` (allocating in the
-/// node's shared memory).
+/// unless the `failpoints` feature is on. The point here: `shm::create`
+/// (allocating in the node's shared memory); the node daemon's are in
+/// `rustyray-raylet`.
 macro_rules! failpoint {
     ($name:literal, $on_fire:expr) => {
         #[cfg(feature = "failpoints")]
@@ -52,19 +51,17 @@ mod actor;
 mod blob;
 mod codec;
 mod context;
-mod node;
+mod lease;
 mod object_ref;
 mod pool;
 pub mod registry;
 mod runtime;
 mod scheduler;
-mod session;
 mod shm;
 mod store;
 mod sync;
 mod task;
 mod worker;
-mod worker_logs;
 
 pub use actor::{create_actor, ActorClass, ActorHandle, ActorStub, RawActor};
 pub use blob::Blob;
@@ -81,6 +78,18 @@ pub use runtime::{current, init, init_with, is_cancelled, Config, Ray, WaitResul
 pub use store::StoreStats;
 pub use task::ArgList;
 pub use worker::worker_entry;
+
+/// What the embedder (the `rustyray` crate) joins the node daemon with:
+/// the owner a node's workers answer to and the way to start a runtime
+/// that hosts a node. Not a stable API.
+#[doc(hidden)]
+pub mod embed {
+    pub use crate::lease::{Leased, Owner};
+    pub use crate::options::NodeOptions;
+    pub use crate::runtime::{init_hosting, NodeParts, StartNode};
+    pub use rustyray_shm::ShmStore;
+    pub use tokio::runtime::Handle;
+}
 
 /// What the macros' generated code calls. Not a stable API.
 #[doc(hidden)]

@@ -29,18 +29,18 @@ use crate::codec::{Data, Value};
 use crate::context::{self, Blocked, TaskContext};
 use crate::error::{Error, Result, TaskFailure};
 use crate::ids::{IdGen, ObjectId, TaskId};
-use crate::node;
+use crate::lease::{Leased, Owner};
 use crate::object_ref::{Arg, ObjectRef, RawRef};
-use crate::options::WorkerCommand;
 use crate::options::{CancelOptions, TaskOptions, DEFAULT_MAX_RETRIES};
+use crate::options::{NodeOptions, WorkerCommand};
 use crate::pool::Pool;
 use crate::registry::{BoxFuture, FunctionBody, FunctionEntry, InvokeError, Registry};
 use crate::resources::{self, ResourceSet};
 use crate::scheduler::{Rejected, Schedulable, Scheduler};
-use crate::session::Session;
 use crate::shm::NodeStore;
 use crate::store::{Peek, Store, StoreStats, ThreadWaker};
 use crate::task::{ArgList, Target, TaskSpec, TaskState};
+use crate::wire::service::NodeManager;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
@@ -417,14 +417,50 @@ pub(crate) enum Mode {
 
 /// What a driver holds of the node daemon it hosts.
 pub(crate) struct NodeLink {
-    /// The node's worker processes.
-    pool: Arc<node::Pool>,
+    /// The node manager it leases worker processes from.
+    manager: Arc<dyn NodeManager<Leased>>,
     /// The node's shared-memory store.
     shm: Arc<NodeStore>,
+    /// Where the workers' logs go.
+    log_dir: std::path::PathBuf,
     /// The session directory holding the node's spill files and logs
     /// (unless both were given elsewhere).
-    session: Option<Session>,
+    session_dir: Option<std::path::PathBuf>,
 }
+
+/// The node daemon a driver hosts in the worker-process mode, as the
+/// embedder starts it (the `rustyray` crate passes `rustyray-raylet`'s):
+/// its node manager, shared-memory store and directories.
+#[doc(hidden)]
+pub struct NodeParts {
+    /// The node manager the owner leases workers from.
+    pub manager: Arc<dyn NodeManager<Leased>>,
+    /// The node's shared-memory store.
+    pub store: Arc<rustyray_shm::ShmStore>,
+    /// Where the workers' logs go.
+    pub log_dir: std::path::PathBuf,
+    /// The session directory, unless spill files and logs were both given
+    /// elsewhere.
+    pub session_dir: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for NodeParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeParts")
+            .field("log_dir", &self.log_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts the node daemon of a driver in the worker-process mode, on the
+/// runtime's executor; the last argument makes the owner its workers
+/// answer to, given the node's store.
+#[doc(hidden)]
+pub type StartNode = fn(
+    NodeOptions,
+    &tokio::runtime::Handle,
+    &dyn Fn(&Arc<rustyray_shm::ShmStore>) -> Arc<Owner>,
+) -> Result<NodeParts>;
 
 impl std::fmt::Debug for Mode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -437,10 +473,10 @@ impl std::fmt::Debug for Mode {
 }
 
 impl Mode {
-    /// The node daemon's worker pool, in a driver hosting one.
-    pub(crate) fn node(&self) -> Option<&Arc<node::Pool>> {
+    /// The node manager, in a driver hosting a node daemon.
+    pub(crate) fn node(&self) -> Option<&Arc<dyn NodeManager<Leased>>> {
         match self {
-            Mode::Node(n) => Some(&n.pool),
+            Mode::Node(n) => Some(&n.manager),
             Mode::Threads | Mode::Worker(_) => None,
         }
     }
@@ -462,9 +498,17 @@ impl Mode {
     }
 
     /// The node's session directory, in a driver hosting the node.
-    pub(crate) fn session(&self) -> Option<&Session> {
+    pub(crate) fn session_dir(&self) -> Option<&std::path::Path> {
         match self {
-            Mode::Node(n) => n.session.as_ref(),
+            Mode::Node(n) => n.session_dir.as_deref(),
+            Mode::Threads | Mode::Worker(_) => None,
+        }
+    }
+
+    /// Where the workers' logs go, in a driver hosting the node.
+    pub(crate) fn log_dir(&self) -> Option<&std::path::Path> {
+        match self {
+            Mode::Node(n) => Some(&n.log_dir),
             Mode::Threads | Mode::Worker(_) => None,
         }
     }
@@ -498,6 +542,14 @@ pub fn init() -> Result<Ray> {
 
 /// Starts an embedded runtime.
 pub fn init_with(config: Config) -> Result<Ray> {
+    init_hosting(config, None)
+}
+
+/// Starts an embedded runtime; in the worker-process mode `node` starts
+/// the node daemon it hosts (the `rustyray` crate's `init_with` passes
+/// the raylet's).
+#[doc(hidden)]
+pub fn init_hosting(config: Config, node: Option<StartNode>) -> Result<Ray> {
     if crate::worker::started_as_worker() {
         // Running the user's main in a worker would start workers of its
         // own, without end.
@@ -506,7 +558,7 @@ pub fn init_with(config: Config) -> Result<Ray> {
              rustyray::worker_entry() first (or use #[rustyray::main])",
         ));
     }
-    let inner = Inner::start(config)?;
+    let inner = Inner::start_as(config, None, node)?;
     Ok(Ray {
         _owner: Some(Arc::new(OwnerGuard(inner.clone()))),
         inner,
@@ -556,15 +608,18 @@ impl Wake for DepWaiter {
 }
 
 impl Inner {
+    #[cfg(test)]
     pub(crate) fn start(config: Config) -> Result<Arc<Inner>> {
-        Inner::start_as(config, None)
+        Inner::start_as(config, None, None)
     }
 
     /// Starts a runtime: a worker process's, answering to `upstream`, or
-    /// else as `config` says.
+    /// else as `config` says (with the node daemon `node` starts, in the
+    /// worker-process mode).
     pub(crate) fn start_as(
         config: Config,
         upstream: Option<Arc<crate::worker::Upstream>>,
+        node: Option<StartNode>,
     ) -> Result<Arc<Inner>> {
         let registry = Registry::build()?;
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -604,39 +659,51 @@ impl Inner {
             })?;
         let min_threads = (num_cpus.ceil() as usize).max(1);
         let store_memory = config.object_store_memory.unwrap_or_else(default_store_memory);
+        let mut owner = None;
         let mode = match (upstream, config.worker_mode) {
             (Some(up), _) => Mode::Worker(up),
             (None, WorkerMode::Threads) => Mode::Threads,
             (None, WorkerMode::Processes) => {
+                let Some(start_node) = node else {
+                    return Err(Error::invalid(
+                        "the worker-process mode needs the node daemon: start the runtime with \
+                         rustyray::init_with (the rustyray crate), not the core worker's",
+                    ));
+                };
                 let command = match config.worker_command {
                     Some(c) => c,
                     None => WorkerCommand::current_exe()?,
                 };
-                // Spill files and logs go under one session directory, which
-                // the next start removes should this process die unclean.
-                let session = match (&config.spill_dir, &config.log_dir) {
-                    (Some(_), Some(_)) => None,
-                    _ => Some(Session::create(&thread_prefix)?),
-                };
-                let in_session = |sub: &str| session.as_ref().map(|s| s.dir().join(sub));
-                let spill_dir = config.spill_dir.or_else(|| in_session("spill"));
-                let log_dir = config.log_dir.or_else(|| in_session("logs"));
-                let (Some(spill_dir), Some(log_dir)) = (spill_dir, log_dir) else {
-                    return Err(Error::invalid("no directory for spill files and logs"));
-                };
                 let capacity = usize::try_from(store_memory)
                     .map_err(|_| Error::invalid("object_store_memory does not fit this machine"))?;
-                let shm = NodeStore::new(capacity, spill_dir, config.shared_memory_threshold)?;
-                let pool = node::Pool::start(
+                let opts = NodeOptions {
                     command,
-                    min_threads,
-                    executor.handle(),
-                    crate::ids::random_token(),
-                    shm.clone(),
-                    format!("{thread_prefix}-n"),
-                    crate::worker_logs::WorkerLogs::new(log_dir, config.log_to_driver),
-                )?;
-                Mode::Node(NodeLink { pool, shm, session })
+                    prestart: min_threads,
+                    name: thread_prefix.clone(),
+                    spill_dir: config.spill_dir,
+                    log_dir: config.log_dir,
+                    log_to_driver: config.log_to_driver,
+                    capacity,
+                    threshold: config.shared_memory_threshold,
+                };
+                let threshold = config.shared_memory_threshold;
+                let made = std::cell::OnceCell::new();
+                let parts = start_node(opts, executor.handle(), &|store| {
+                    made.get_or_init(|| Owner::new(NodeStore::over(store.clone(), threshold)))
+                        .clone()
+                })?;
+                let Some(made) = made.into_inner() else {
+                    parts.manager.shut_down();
+                    return Err(Error::invalid("the node daemon did not name its owner"));
+                };
+                let shm = made.shm().clone();
+                owner = Some(made);
+                Mode::Node(NodeLink {
+                    manager: parts.manager,
+                    shm,
+                    log_dir: parts.log_dir,
+                    session_dir: parts.session_dir,
+                })
             }
         };
         let inner = Arc::new(Inner {
@@ -659,8 +726,8 @@ impl Inner {
             ids,
             mode,
         });
-        if let Some(node) = inner.mode.node() {
-            node.set_owner(&inner);
+        if let Some(owner) = owner {
+            owner.set_runtime(&inner);
         }
         Ok(inner)
     }
@@ -798,7 +865,7 @@ impl Inner {
     /// Other threads wait here, which holds back the work that made the
     /// value, as Ray's workers wait for room in a full store.
     pub(crate) fn publish(self: &Arc<Self>, id: ObjectId, v: Value) {
-        if !crate::node::on_reader() {
+        if !crate::wire::service::on_reader() {
             let admitted = self.admit(v);
             self.store.complete(id, admitted);
             return;
@@ -1083,7 +1150,7 @@ impl Inner {
     /// arguments here (the owner's store holds them), pushes the spec with
     /// the values inline, and finishes the task on the worker's reader
     /// thread when the outcome comes back.
-    fn start_in_process(self: &Arc<Self>, node: Arc<node::Pool>, run: Box<TaskRun>) {
+    fn start_in_process(self: &Arc<Self>, node: Arc<dyn NodeManager<Leased>>, run: Box<TaskRun>) {
         match node.try_lease() {
             Ok(Some(w)) => self.push_task(node, w, run, Lease::Own),
             Ok(None) => {
@@ -1104,8 +1171,8 @@ impl Inner {
 
     fn push_task(
         self: &Arc<Self>,
-        node: Arc<node::Pool>,
-        w: Arc<node::WorkerProc>,
+        node: Arc<dyn NodeManager<Leased>>,
+        w: Arc<Leased>,
         run: Box<TaskRun>,
         lease: Lease,
     ) {
@@ -1113,7 +1180,7 @@ impl Inner {
         let spec = self
             .resolve_values(&run.spec, attempt)
             .and_then(|values| run.spec.to_wire(&values, self.mode.shm()));
-        let give_back = move |w: Arc<node::WorkerProc>| match lease {
+        let give_back = move |w: Arc<Leased>| match lease {
             Lease::Own => node.give_back(w),
             Lease::Borrowed => w.share(false),
         };
@@ -1378,7 +1445,7 @@ impl Inner {
     /// (which runs it on another thread while the blocked task waits), its
     /// request taken before the blocked task's CPU is lent back. Runs on
     /// `w`'s reader thread.
-    pub(crate) fn help_worker(self: &Arc<Self>, on: ObjectId, cpu: &ResourceSet, w: &Arc<node::WorkerProc>) {
+    pub(crate) fn help_worker(self: &Arc<Self>, on: ObjectId, cpu: &ResourceSet, w: &Arc<Leased>) {
         let Some(node) = self.mode.node().cloned() else {
             return;
         };
@@ -1675,11 +1742,8 @@ impl Inner {
         // Values completed while stopping are freed too.
         self.store.shut_down();
         actor::shut_down_all(self);
-        if let Some(shm) = self.mode.shm() {
-            shm.store.remove_spill_files();
-        }
-        if let Some(session) = self.mode.session() {
-            session.close();
+        if let Some(node) = self.mode.node() {
+            node.close();
         }
         let (done, cv) = &self.shutdown_done;
         *done.lock() = true;
@@ -1868,14 +1932,14 @@ impl Ray {
     /// which writes nothing to disk. A session whose process died is
     /// removed by the next runtime that starts on the machine.
     pub fn session_dir(&self) -> Option<&std::path::Path> {
-        self.inner.mode.session().map(Session::dir)
+        self.inner.mode.session_dir()
     }
 
     /// The directory of the worker processes' log files (see
     /// [`Config::log_dir`]); `None` in the threads mode, where tasks print
     /// straight to the driver's own output.
     pub fn log_dir(&self) -> Option<&std::path::Path> {
-        self.inner.mode.node().map(|n| n.log_dir())
+        self.inner.mode.log_dir()
     }
 
     /// Whether values go through their bytes form (see

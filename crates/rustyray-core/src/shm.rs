@@ -17,7 +17,7 @@
 //! straight into an allocation the daemon made for it, then sealed.
 
 use crate::error::{Error, Result};
-use rustyray_shm::{Pinned, RemoteView, ShmError, ShmStore, StoreConfig};
+use rustyray_shm::{Pinned, RemoteView, ShmError, ShmStore};
 use std::ops::Deref;
 use std::sync::Arc;
 
@@ -27,20 +27,21 @@ pub(crate) const DEFAULT_THRESHOLD: usize = 100 * 1024;
 /// The node's shared-memory store and its policy.
 #[derive(Debug)]
 pub(crate) struct NodeStore {
-    pub(crate) store: ShmStore,
+    pub(crate) store: Arc<ShmStore>,
     pub(crate) threshold: usize,
     /// Mints object ids: a random tag and a counter, like every other id.
     ids: crate::ids::IdGen,
 }
 
 impl NodeStore {
-    pub(crate) fn new(capacity: usize, spill_dir: std::path::PathBuf, threshold: usize) -> Result<Arc<Self>> {
-        let store = ShmStore::new(StoreConfig::new(capacity, spill_dir)).map_err(shm_error)?;
-        Ok(Arc::new(NodeStore {
+    /// The owner's side of the node's store `store` (the node daemon made
+    /// it), writing values of at least `threshold` bytes.
+    pub(crate) fn over(store: Arc<ShmStore>, threshold: usize) -> Arc<Self> {
+        Arc::new(NodeStore {
             store,
             threshold,
             ids: crate::ids::IdGen::new(),
-        }))
+        })
     }
 
     /// Writes a borrowed value's bytes form into the store when it is

@@ -322,7 +322,7 @@ pub(crate) enum Phase {
         abort: Option<tokio::task::AbortHandle>,
         /// The worker process running it, in the worker-process mode, and
         /// whether a forced cancel may kill it (not an actor's process).
-        remote: Option<(Arc<crate::node::WorkerProc>, bool)>,
+        remote: Option<(Arc<crate::lease::Leased>, bool)>,
     },
     /// Finished, failed or cancelled.
     Done,
@@ -425,7 +425,7 @@ impl TaskState {
     /// forced cancel kills the process only when it is `killable` (a task's
     /// leased worker, not an actor's process: Ray refuses to force-cancel
     /// actor calls).
-    pub(crate) fn set_remote(&self, attempt: u32, w: Arc<crate::node::WorkerProc>, killable: bool) {
+    pub(crate) fn set_remote(&self, attempt: u32, w: Arc<crate::lease::Leased>, killable: bool) {
         let mut p = self.phase.lock();
         if let Phase::Running {
             attempt: a, remote, ..

@@ -53,6 +53,7 @@ use rustyray_common::ids::{ActorId, ObjectId, TaskId};
 use rustyray_common::Error;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+pub mod service;
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u16 = 4;
@@ -437,6 +438,17 @@ pub mod env {
 /// a name no program prints by chance); the actor's class follows, then a
 /// newline. The node daemon labels the worker's later lines with it.
 pub const ACTOR_LOG_MARKER: &[u8] = b"\x1erustyray:actor=";
+
+/// Marks this worker process's stdout and stderr with
+/// [`ACTOR_LOG_MARKER`]: from here on it hosts an actor of `class` (its
+/// registry name).
+pub fn announce_actor(class: &str) {
+    use std::io::Write;
+    let line = [ACTOR_LOG_MARKER, class.as_bytes(), b"\n"].concat();
+    // Lost only if nobody reads the output, where it does not matter.
+    let _ = std::io::stdout().lock().write_all(&line);
+    let _ = std::io::stderr().lock().write_all(&line);
+}
 
 /// Why a connection is being closed.
 #[derive(Debug, thiserror::Error)]

@@ -55,6 +55,37 @@
 pub use rustyray_core::*;
 pub use rustyray_macros::{actor, main, remote};
 
+use rustyray_core::embed::{Handle, NodeOptions, NodeParts, Owner, ShmStore};
+use std::sync::Arc;
+
+/// Starts a runtime with the default [`Config`]: embedded, tasks and
+/// actors on this process's threads.
+pub fn init() -> Result<Ray> {
+    init_with(Config::default())
+}
+
+/// Starts a runtime as `config` says. In the worker-process mode
+/// ([`WorkerMode::Processes`]) the driver hosts the node daemon
+/// (`rustyray-raylet`): its worker pool and shared-memory store.
+pub fn init_with(config: Config) -> Result<Ray> {
+    rustyray_core::embed::init_hosting(config, Some(start_node))
+}
+
+/// Starts the node daemon a driver hosts, for the core worker.
+fn start_node(
+    opts: NodeOptions,
+    handle: &Handle,
+    owner: &dyn Fn(&Arc<ShmStore>) -> Arc<Owner>,
+) -> Result<NodeParts> {
+    let node = rustyray_raylet::start(opts, handle, owner)?;
+    Ok(NodeParts {
+        manager: node.pool,
+        store: node.store,
+        log_dir: node.log_dir,
+        session_dir: node.session_dir,
+    })
+}
+
 /// The names most programs need.
 pub mod prelude {
     pub use crate::{

@@ -20,7 +20,7 @@
 //! [`monitor`] watches the worker. When it dies, every call that was in
 //! flight on it is *lost*: kept, with its submission number, by the
 //! actor's [`Link`]. Once the worker's death has been handled (every call
-//! in flight on it has reported, [`WorkerProc::ended`]), the monitor
+//! in flight on it has reported, [`Leased::ended`]), the monitor
 //! retires it, restarts the actor in a new worker per `max_restarts` (the
 //! constructor runs again), and sends the lost calls that may be retried
 //! (per `max_task_retries`) to the new worker in submission order, before
@@ -40,7 +40,7 @@
 use super::ordered::{self, Ordered};
 use super::{complete_call, fail_call, ActorCall, ActorState, CallGuard, Mail, Status};
 use crate::error::{Error, TaskFailure};
-use crate::node::WorkerProc;
+use crate::lease::Leased;
 use crate::runtime::{Inner, Outcome};
 use crate::task::{Target, TaskSpec};
 use crate::wire::{Message, WireOutcome};
@@ -72,7 +72,7 @@ pub(super) async fn start(rt: Arc<Inner>, actor: Arc<ActorState>) {
 }
 
 /// Leases a worker and runs the constructor there.
-async fn launch(rt: &Arc<Inner>, actor: &Arc<ActorState>) -> crate::Result<Arc<WorkerProc>> {
+async fn launch(rt: &Arc<Inner>, actor: &Arc<ActorState>) -> crate::Result<Arc<Leased>> {
     let node = rt
         .mode
         .node()
@@ -103,8 +103,23 @@ async fn launch(rt: &Arc<Inner>, actor: &Arc<ActorState>) -> crate::Result<Arc<W
             }),
         )
     };
-    let (w, outcome) = node
-        .create_actor(actor.id, task_id, bytes, actor.max_concurrency)
+    // The worker is leased for good: it never returns to the pool and
+    // ends with the actor.
+    let created = async {
+        let w = node.lease().await?;
+        let msg = Message::CreateActor {
+            actor_id: actor.id,
+            task_id,
+            spec: bytes.0,
+            max_concurrency: actor.max_concurrency,
+        };
+        let outcome = w
+            .push(task_id, &msg, bytes.1, |o| o)
+            .await
+            .map_err(|reason| Error::WorkerCrashed { task_id, reason })?;
+        Ok::<_, Error>((w, outcome))
+    };
+    let (w, outcome) = created
         .await
         .map_err(|e| actor.died("its worker process could not start it", Some(e)))?;
     let err = match outcome {
@@ -123,7 +138,7 @@ async fn launch(rt: &Arc<Inner>, actor: &Arc<ActorState>) -> crate::Result<Arc<W
 
 /// Watches an actor's worker; restarts the actor (or ends it) when the
 /// worker dies, and sends the calls lost with it again, in order.
-async fn monitor(rt: Arc<Inner>, actor: Arc<ActorState>, mut w: Arc<WorkerProc>) {
+async fn monitor(rt: Arc<Inner>, actor: Arc<ActorState>, mut w: Arc<Leased>) {
     loop {
         w.ended().await;
         // No send to `w` is under way once it is retired, so every call
@@ -160,15 +175,15 @@ pub(super) fn fail_lost(rt: &Arc<Inner>, actor: &Arc<ActorState>, lost: BTreeMap
 /// The way from a process actor's callers to its worker: the worker its
 /// calls go to now, their submission numbers, and the calls lost with the
 /// last one that died (see [`super::ordered`]).
-pub(super) type Link = Ordered<Arc<WorkerProc>, Lost>;
+pub(super) type Link = Ordered<Arc<Leased>, Lost>;
 
-impl ordered::Worker for Arc<WorkerProc> {
+impl ordered::Worker for Arc<Leased> {
     fn same(&self, other: &Self) -> bool {
         Arc::ptr_eq(self, other)
     }
 
     fn is_dead(&self) -> bool {
-        WorkerProc::is_dead(self)
+        Leased::is_dead(self)
     }
 }
 
@@ -182,7 +197,7 @@ impl ordered::Worker for Arc<WorkerProc> {
 fn bring_up(
     rt: &Arc<Inner>,
     actor: &Arc<ActorState>,
-    fresh: &Arc<WorkerProc>,
+    fresh: &Arc<Leased>,
     from: Status,
     lost: BTreeMap<u64, Lost>,
 ) -> bool {
@@ -195,7 +210,7 @@ fn bring_up(
         }
         expected
     };
-    let resend = |lost: Lost, w: &Arc<WorkerProc>| {
+    let resend = |lost: Lost, w: &Arc<Leased>| {
         let Lost { mut flight, outcome } = lost;
         let retries_left = flight.retries_left;
         if retries_left == 0 || flight.call.state.is_cancelled() {
@@ -248,7 +263,7 @@ impl InFlight {
     /// Sends the call to `w`; its outcome completes it on `w`'s reader
     /// thread, or makes it lost when `w` dies. Called with the send lock
     /// held.
-    fn push(self, rt: &Arc<Inner>, actor: &Arc<ActorState>, w: &Arc<WorkerProc>) {
+    fn push(self, rt: &Arc<Inner>, actor: &Arc<ActorState>, w: &Arc<Leased>) {
         let (msg, loan) = match self.send.message(rt, actor) {
             Ok(m) => m,
             Err(e) => return self.fail_later(rt, actor, Outcome::Failed(e)),
@@ -311,7 +326,7 @@ impl InFlight {
 impl ActorState {
     /// The worker hosting the actor, waiting out a start or restart in
     /// progress.
-    async fn worker(&self) -> crate::Result<Arc<WorkerProc>> {
+    async fn worker(&self) -> crate::Result<Arc<Leased>> {
         loop {
             let restarted = self.restarted.notified();
             tokio::pin!(restarted);
@@ -420,7 +435,7 @@ fn send_numbered(
     actor: &Arc<ActorState>,
     mut call: ActorCall,
     permit: OwnedSemaphorePermit,
-    w: &Arc<WorkerProc>,
+    w: &Arc<Leased>,
     seq: u64,
 ) {
     if !call.state.start(1) {

@@ -540,7 +540,7 @@ fn serve(socket: &str) -> Result<()> {
         threshold,
         slots: Mutex::default(),
     });
-    let rt = Inner::start_as(Config::default(), Some(up.clone()))?;
+    let rt = Inner::start_as(Config::default(), Some(up.clone()), None)?;
     // Objects the owner lent are asked for when first looked at.
     rt.store
         .set_fetch(Box::new(move |id| replies.send(&Message::Fetch { id })));
@@ -778,7 +778,7 @@ fn create_actor(
     }) = &spec
     {
         // Before the constructor runs: its lines are the actor's.
-        crate::worker_logs::announce_actor(class.name);
+        crate::wire::announce_actor(class.name);
     }
     rt.handle.spawn(async move {
         let hosted = match spec {

@@ -29,7 +29,7 @@
 //! Removing a dead session is best effort: one that cannot be removed is
 //! left for the next start and logged.
 
-use crate::error::{Error, Result};
+use rustyray_common::error::{Error, Result};
 use std::fs::{File, TryLockError};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -63,7 +63,7 @@ impl Session {
         match shared {
             Ok(s) => Ok(s),
             Err(e) => {
-                let own = tmp.join(format!("rustyray-{:032x}", crate::ids::random_token()));
+                let own = tmp.join(format!("rustyray-{:032x}", rustyray_common::ids::random_token()));
                 tracing::warn!(error = %e, dir = %own.display(), "the shared session root cannot be used; using a private one");
                 let mut s = Session::create_in(&own, tag)?;
                 s.own_root = Some(own);
@@ -223,7 +223,8 @@ mod tests {
     use super::*;
 
     fn scratch_root() -> PathBuf {
-        let root = std::env::temp_dir().join(format!("rr-sessions-{:x}", crate::ids::random_token()));
+        let root =
+            std::env::temp_dir().join(format!("rr-sessions-{:x}", rustyray_common::ids::random_token()));
         private_dir(&root).expect("root");
         root
     }

@@ -1,22 +1,28 @@
-//! The node daemon's worker-process pool — Ray's raylet `WorkerPool`, and
-//! the owner's side of pushing a task to a leased worker (`PushTask`).
+//! The node daemon's worker-process pool — Ray's raylet `WorkerPool`.
 //!
 //! # Design
 //!
-//! In the worker-process mode ([`crate::WorkerMode::Processes`]) the
-//! driver hosts the node daemon: a listening Unix socket in the abstract
-//! namespace (nothing on the file system to leave behind), a random token,
-//! and a pool of worker processes. A worker process is the user's own
-//! executable started again with the socket's name and the token in its
-//! environment; [`crate::worker_entry`] at the top of its `main` connects
-//! back, and the handshake routes the connection to the start that is
-//! waiting for that process id.
+//! In the worker-process mode the driver hosts the node daemon: a
+//! listening Unix socket in the abstract namespace (nothing on the file
+//! system to leave behind), a random token, and a pool of worker
+//! processes. A worker process is the user's own executable started again
+//! with the socket's name and the token in its environment;
+//! `rustyray::worker_entry` at the top of its `main` connects back, and the
+//! handshake routes the connection to the start that is waiting for that
+//! process id.
 //!
 //! The pool is started ahead of time (one worker per CPU), and a worker is
 //! leased for one task at a time and handed back when the task is done, so
-//! consecutive tasks reuse warm processes. The scheduler has already
-//! reserved the task's resources when it asks for a lease; a lease with no
-//! idle worker starts a new one.
+//! consecutive tasks reuse warm processes. The owner's scheduler has
+//! already reserved the task's resources when it asks for a lease; a lease
+//! with no idle worker starts a new one.
+//!
+//! Each worker, once connected, gets its owner's peer
+//! ([`OwnerService::attach`]); a lease hands the owner that peer. The node
+//! keeps the worker's connection and its shared-memory side (allocations
+//! for large results, `CreateObject`; pins, `Unpin`; sealing what the
+//! worker wrote) and passes every other message to the peer
+//! ([`WorkerPeer::handle`]), on the worker's reader thread.
 //!
 //! # State and locks
 //!
@@ -24,46 +30,34 @@
 //! process id, and the starts waiting for their connection. Each
 //! [`WorkerProc`] has its own locks: `out` (the connection's writing side;
 //! a frame is written whole under it, by the thread that sends it),
-//! `inflight` (task id → the completion its outcome goes to), `pins`,
-//! `writers` and `borrows` (what it holds in the owner's stores), and its
-//! `Child`. Each worker has a reader thread that owns the reading side and
-//! runs completions as outcomes arrive; no lock is held while a completion
-//! runs, and nothing is held across an await.
-//!
-//! The reader also serves the worker's requests to its owner: allocations
-//! for large results (`CreateObject`), objects the worker shares (`Put`),
-//! values of objects lent to it (`Fetch`), counts it gives back
-//! (`Release`), tasks it submits (`SubmitTask`), calls on the owner's
-//! actors (`CallActor`), the CPU of a task that blocks (`Blocked`,
-//! `Unblocked`), and unpins.
-//!
-//! What a message to a worker lends it (a [`Loan`]: pins on shared-memory
-//! values, counts on the objects its values name) is recorded in `pins`
-//! and `borrows` before the message is written, so the worker's `Unpin`
-//! or `Release` always finds it.
+//! `pins` and `writers` (what it holds in shared memory), and its `Child`.
+//! Each worker has a reader thread that owns the reading side; no lock is
+//! held while a handler runs, and nothing is held across an await.
 //!
 //! # Failure
 //!
-//! A worker's death shows as its connection ending: the reader reaps the
-//! process, then releases what it held in shared memory and the objects
-//! kept for it, and fails every task in flight on it (the owner retries
-//! them per `max_retries`, else reports `WorkerCrashed`). A
+//! A worker's death shows as its connection ending: the reader marks it
+//! dead, reaps the process, releases what it held in shared memory, then
+//! tells the owner ([`WorkerPeer::lost`]), which fails every task in
+//! flight on it (retried per `max_retries`, else `WorkerCrashed`). A
 //! worker that exits before connecting fails the lease with an error that
 //! names its exit status. Shutdown kills and reaps every worker; a driver
 //! that dies without shutting down closes the workers' connections, and
 //! each worker exits when it sees its connection end.
 
-use crate::error::{Error, Result};
-use crate::ids::TaskId;
-use crate::options::WorkerCommand;
-use crate::shm::{shm_error, Loan, NodeStore};
-use crate::wire::env::{
+use crate::session::Session;
+use crate::shm_error;
+use crate::worker_logs::WorkerLogs;
+use parking_lot::Mutex;
+use rustyray_common::error::{Error, Result};
+use rustyray_common::options::WorkerCommand;
+use rustyray_proto::env::{
     ARENA as ARENA_ENV, SHM_THRESHOLD as THRESHOLD_ENV, WORKER_SOCKET as WORKER_ENV,
     WORKER_TOKEN as TOKEN_ENV,
 };
-use crate::wire::{self, FrameDecoder, Message, Role, WireOutcome};
-use crate::worker_logs::WorkerLogs;
-use parking_lot::Mutex;
+use rustyray_proto::service::{BoxFuture, NodeManager, OwnerService, WorkerLink, WorkerPeer};
+use rustyray_proto::{self as wire, FrameDecoder, Message, Role, WireOutcome};
+use rustyray_shm::ShmStore;
 use rustyray_transport::{Address, Conn, Listener};
 use std::collections::HashMap;
 use std::path::Path;
@@ -106,11 +100,6 @@ impl Default for HandshakeLimits {
 /// (longer only when a process a worker started keeps the output open).
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 
-/// What runs when a task pushed to a worker ends: with its outcome, or
-/// with why the worker could not finish it. Runs on the worker's reader
-/// thread (or wherever the worker is found dead).
-pub(crate) type Completion = Box<dyn FnOnce(std::result::Result<WireOutcome, String>) + Send>;
-
 /// A worker connection's writing side.
 struct Out {
     stream: Conn,
@@ -145,7 +134,7 @@ impl Out {
 ///
 /// Only handlers that never wait on another process run corked (the
 /// reader flushes before any other; a result or put that finds no room in
-/// the owner's store waits on the blocking pool, see [`on_reader`]), so a
+/// the owner's store waits on the blocking pool, see `rustyray_proto::service::on_reader`), so a
 /// held frame can never be one that a wait depends on.
 mod cork {
     use super::WorkerProc;
@@ -208,18 +197,6 @@ mod cork {
     }
 }
 
-thread_local! {
-    /// Set on the threads that read a worker's connection.
-    static ON_READER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Whether this thread reads a worker's connection: it must not wait for
-/// another process (or for room in the store, which another process's
-/// message may free), or it would hold up the messages behind.
-pub(crate) fn on_reader() -> bool {
-    ON_READER.with(std::cell::Cell::get)
-}
-
 /// One worker process and its connection.
 pub(crate) struct WorkerProc {
     pid: u32,
@@ -232,7 +209,6 @@ pub(crate) struct WorkerProc {
     me: std::sync::Weak<WorkerProc>,
     /// The thread reading the worker's messages.
     reader: Mutex<Option<std::thread::JoinHandle<()>>>,
-    inflight: Mutex<HashMap<TaskId, Completion>>,
     dead: AtomicBool,
     /// Set once the worker's death has been handled: every task in flight
     /// on it has run its completion.
@@ -248,17 +224,6 @@ pub(crate) struct WorkerProc {
     pins: Mutex<Option<HashMap<u128, u32>>>,
     /// Allocations this worker is writing large results into.
     writers: Mutex<HashMap<u128, rustyray_shm::Writer>>,
-    /// The owner's objects held for the worker, with how many counts: one
-    /// per object it put or task it submitted, and one per time a message
-    /// lent it the object. Kept until the worker's `Release` gives the
-    /// counts back.
-    borrows: Mutex<HashMap<crate::ids::ObjectId, (crate::RawRef, u32)>>,
-    /// The owner's actors lent to the worker, with how many handles (one
-    /// per message that lent it), kept until the worker's `ReleaseActor`.
-    actors: Mutex<HashMap<crate::ids::ActorId, (crate::actor::RawActor, u32)>>,
-    /// Tasks running here: their CPU, and whether it is lent out while the
-    /// task blocks.
-    cpu: Mutex<HashMap<TaskId, (crate::ResourceSet, bool)>>,
 }
 
 impl std::fmt::Debug for WorkerProc {
@@ -283,28 +248,13 @@ impl WorkerProc {
             }),
             me: me.clone(),
             reader: Mutex::new(None),
-            inflight: Mutex::new(HashMap::new()),
             dead: AtomicBool::new(false),
             ended: AtomicBool::new(false),
             shared_tasks: std::sync::atomic::AtomicUsize::new(0),
             died: tokio::sync::Notify::new(),
             pins: Mutex::new(Some(HashMap::new())),
             writers: Mutex::new(HashMap::new()),
-            borrows: Mutex::new(HashMap::new()),
-            actors: Mutex::new(HashMap::new()),
-            cpu: Mutex::new(HashMap::new()),
         })
-    }
-
-    /// Asks the worker to cancel `task`: it flags the task (and aborts it
-    /// at its next await if async); with `force` the process is killed.
-    pub(crate) fn cancel(&self, task: TaskId, force: bool) {
-        // Killing the process would take the tasks that share it along.
-        if force && self.shared_tasks.load(Ordering::Acquire) == 0 {
-            self.kill();
-        } else {
-            let _ = self.send(&Message::CancelTask { task_id: task, force });
-        }
     }
 
     /// Writes one message. A failed write condemns the worker (see
@@ -411,130 +361,6 @@ impl WorkerProc {
         self.died.notify_waiters();
     }
 
-    /// Sends a task to the worker; `done` runs with its outcome, or with
-    /// why the worker could not finish it. The task is on its way when this
-    /// returns, so tasks sent one after the other arrive in order. `loan`
-    /// (the shared-memory arguments pinned for it, the objects its values
-    /// refer to) becomes the worker's to give back.
-    pub(crate) fn push_then(&self, task_id: TaskId, msg: &Message, loan: Loan, done: Completion) {
-        // Built first: a message that cannot go lends nothing (the loan
-        // goes back as it drops).
-        let Some(frame) = self.frame(msg) else {
-            done(Err(format!(
-                "task {task_id} is too large to send to a worker process"
-            )));
-            return;
-        };
-        self.inflight.lock().insert(task_id, done);
-        self.take_loan(loan);
-        // A worker found dead before the insert has already failed what it
-        // held; fail this one too (`lost` marks it dead before draining).
-        if self.is_dead() {
-            if let Some(done) = self.inflight.lock().remove(&task_id) {
-                done(Err(format!("worker process {} died", self.pid)));
-            }
-            return;
-        }
-        self.write(&frame);
-    }
-
-    /// Records what a message lends the worker, before the message goes.
-    fn take_loan(&self, loan: Loan) {
-        // Under the lock `release_shared` empties for good: what is lent to
-        // a worker already gone goes back at once (when `loan` drops).
-        let mut held = self.pins.lock();
-        if let Some(held) = held.as_mut() {
-            let (pins, refs, actors) = loan.hand_over();
-            for id in pins {
-                *held.entry(id).or_insert(0) += 1;
-            }
-            if !refs.is_empty() {
-                let mut borrows = self.borrows.lock();
-                for r in refs {
-                    borrows.entry(r.id()).or_insert((r, 0)).1 += 1;
-                }
-            }
-            if !actors.is_empty() {
-                let mut lent = self.actors.lock();
-                for a in actors {
-                    lent.entry(a.id()).or_insert((a, 0)).1 += 1;
-                }
-            }
-        }
-    }
-
-    /// Sends a message that lends the worker `loan` (see `push_then`);
-    /// false, lending nothing, when it cannot be sent.
-    fn send_lending(&self, msg: &Message, loan: Loan) -> bool {
-        let Some(frame) = self.frame(msg) else {
-            return false;
-        };
-        self.take_loan(loan);
-        self.write(&frame);
-        true
-    }
-
-    /// Keeps `r` for the worker (an object it put or a task it submitted)
-    /// until it gives the count back.
-    fn keep_for(&self, r: crate::RawRef) {
-        self.borrows.lock().entry(r.id()).or_insert((r, 0)).1 += 1;
-    }
-
-    /// [`WorkerProc::push_then`], as a future.
-    /// `convert` turns the outcome into what the future yields, on the
-    /// reader thread as the outcome arrives: the objects it names must be
-    /// taken before the worker's next messages (a `Release`) are read.
-    pub(crate) fn push<T: Send + 'static>(
-        &self,
-        task_id: TaskId,
-        msg: &Message,
-        loan: Loan,
-        convert: impl FnOnce(WireOutcome) -> T + Send + 'static,
-    ) -> impl std::future::Future<Output = std::result::Result<T, String>> + Send + 'static {
-        let (tx, rx) = oneshot::channel();
-        self.push_then(
-            task_id,
-            msg,
-            loan,
-            Box::new(move |r| {
-                let _ = tx.send(r.map(convert));
-            }),
-        );
-        let pid = self.pid;
-        async move {
-            rx.await
-                .unwrap_or_else(|_| Err(format!("worker process {pid} died")))
-        }
-    }
-
-    /// Records the CPU of a task sent here (`Some`), or forgets it when the
-    /// task ends (`None`): then returns the CPU if it was still lent out.
-    pub(crate) fn running_cpu(
-        &self,
-        task: TaskId,
-        cpu: Option<crate::ResourceSet>,
-    ) -> Option<crate::ResourceSet> {
-        let mut m = self.cpu.lock();
-        match cpu {
-            Some(c) => {
-                m.insert(task, (c, false));
-                None
-            }
-            None => m.remove(&task).and_then(|(c, lent)| lent.then_some(c)),
-        }
-    }
-
-    /// A task here blocks or resumes: its CPU to lend or take back, if the
-    /// state changed.
-    fn lend(&self, task: TaskId, blocked: bool) -> Option<crate::ResourceSet> {
-        let mut m = self.cpu.lock();
-        let (c, lent) = m.get_mut(&task)?;
-        (*lent != blocked).then(|| {
-            *lent = blocked;
-            c.clone()
-        })
-    }
-
     /// Treats the worker as dead from now on (it reported a crash and is
     /// exiting) and kills it: nothing more is sent to it, and whoever
     /// watches it learns at once.
@@ -554,18 +380,14 @@ impl WorkerProc {
 
     /// Releases what the worker held in shared memory: its pins, and the
     /// allocations of results it did not finish.
-    fn release_shared(&self, shm: &NodeStore) {
+    fn release_shared(&self, store: &ShmStore) {
         let pins = self.pins.lock().take().unwrap_or_default();
         for (id, n) in pins {
             for _ in 0..n {
-                let _ = shm.store.unpin(id);
+                let _ = store.unpin(id);
             }
         }
         self.writers.lock().clear();
-        let borrows = std::mem::take(&mut *self.borrows.lock());
-        drop(borrows);
-        let actors = std::mem::take(&mut *self.actors.lock());
-        drop(actors);
     }
 
     /// Kills the process if it still runs and waits for it to be gone.
@@ -575,6 +397,53 @@ impl WorkerProc {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+impl WorkerLink for WorkerProc {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn write(&self, frame: &[u8]) {
+        WorkerProc::write(self, frame);
+    }
+
+    fn hold_pins(&self, ids: Vec<u128>) -> std::result::Result<(), Vec<u128>> {
+        // Under the lock `release_shared` empties for good: pins for a
+        // worker already gone go back to the caller.
+        let mut held = self.pins.lock();
+        let Some(held) = held.as_mut() else {
+            return Err(ids);
+        };
+        for id in ids {
+            *held.entry(id).or_insert(0) += 1;
+        }
+        Ok(())
+    }
+
+    fn is_dead(&self) -> bool {
+        WorkerProc::is_dead(self)
+    }
+
+    fn share(&self, begins: bool) {
+        WorkerProc::share(self, begins);
+    }
+
+    fn is_shared(&self) -> bool {
+        self.shared_tasks.load(Ordering::Acquire) > 0
+    }
+
+    fn kill(&self) {
+        WorkerProc::kill(self);
+    }
+
+    fn condemn(&self) {
+        WorkerProc::condemn(self);
+    }
+
+    fn ended(&self) -> BoxFuture<'_, ()> {
+        Box::pin(WorkerProc::ended(self))
     }
 }
 
@@ -593,34 +462,66 @@ struct Starting {
     up: Option<(Conn, FrameDecoder)>,
 }
 
-#[derive(Default)]
-struct PoolState {
-    idle: Vec<Arc<WorkerProc>>,
-    live: HashMap<u32, Arc<WorkerProc>>,
+/// A live worker: its process and connection, and its owner's peer.
+struct Worker<P> {
+    proc: Arc<WorkerProc>,
+    peer: Arc<P>,
+}
+
+impl<P> Clone for Worker<P> {
+    fn clone(&self) -> Self {
+        Worker {
+            proc: self.proc.clone(),
+            peer: self.peer.clone(),
+        }
+    }
+}
+
+struct PoolState<P> {
+    idle: Vec<Worker<P>>,
+    live: HashMap<u32, Worker<P>>,
     starting: HashMap<u32, Starting>,
     closed: bool,
 }
 
-/// The node daemon's pool of worker processes.
-pub(crate) struct Pool {
+impl<P> Default for PoolState<P> {
+    fn default() -> Self {
+        PoolState {
+            idle: Vec::new(),
+            live: HashMap::new(),
+            starting: HashMap::new(),
+            closed: false,
+        }
+    }
+}
+
+/// The node daemon's pool of worker processes, working for owner `O`.
+pub struct Pool<O: OwnerService> {
     name: String,
     token: u128,
     command: WorkerCommand,
     /// The node's shared-memory store, whose arena every worker maps.
-    shm: Arc<NodeStore>,
-    state: Mutex<PoolState>,
+    store: Arc<ShmStore>,
+    /// Values at least this large go to shared memory (the workers are
+    /// told, in their environment).
+    threshold: usize,
+    state: Mutex<PoolState<O::Peer>>,
     /// Names the reader threads after the runtime.
     thread_name: String,
-    /// The owner (the driver's runtime), for calls workers make on its
-    /// actors.
-    owner: std::sync::OnceLock<std::sync::Weak<crate::runtime::Inner>>,
+    /// Whom the workers' tasks belong to.
+    owner: Arc<O>,
     /// Where the workers' output goes.
     logs: WorkerLogs,
+    /// The session directory holding the node's spill files and logs
+    /// (unless both were given elsewhere).
+    session: Option<Session>,
     /// Bounds on connections in their handshake (tests shorten them).
     limits: Mutex<HandshakeLimits>,
+    /// This pool, for the futures a lease returns.
+    me: std::sync::Weak<Pool<O>>,
 }
 
-impl std::fmt::Debug for Pool {
+impl<O: OwnerService> std::fmt::Debug for Pool<O> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let s = self.state.lock();
         f.debug_struct("Pool")
@@ -631,47 +532,66 @@ impl std::fmt::Debug for Pool {
     }
 }
 
-impl Pool {
+/// How a pool is set up (see [`Pool::start`]).
+pub(crate) struct PoolSetup<O> {
+    pub(crate) command: WorkerCommand,
+    pub(crate) prestart: usize,
+    pub(crate) token: u128,
+    pub(crate) store: Arc<ShmStore>,
+    pub(crate) threshold: usize,
+    pub(crate) thread_name: String,
+    pub(crate) owner: Arc<O>,
+    pub(crate) logs: WorkerLogs,
+    pub(crate) session: Option<Session>,
+}
+
+impl<O: OwnerService> Pool<O> {
     /// Binds the daemon's socket and starts `prestart` workers in the
     /// background.
-    pub(crate) fn start(
-        command: WorkerCommand,
-        prestart: usize,
-        handle: &tokio::runtime::Handle,
-        token: u128,
-        shm: Arc<NodeStore>,
-        thread_name: String,
-        logs: WorkerLogs,
-    ) -> Result<Arc<Pool>> {
+    pub(crate) fn start(setup: PoolSetup<O>, handle: &tokio::runtime::Handle) -> Result<Arc<Self>> {
         // The name is visible to every local user (`/proc/net/unix`), so it
         // is random on its own: nothing in it says anything of the token.
         let name = format!(
             "rustyray-{}-{:032x}",
             std::process::id(),
-            crate::ids::random_token()
+            rustyray_common::ids::random_token()
         );
         let listener = {
             let _enter = handle.enter();
             Listener::bind(&Address::Unix(name.clone()))
                 .map_err(|e| Error::from_io("binding the node socket", &e))?
         };
-        let pool = Arc::new(Pool {
+        let PoolSetup {
+            command,
+            prestart,
+            token,
+            store,
+            threshold,
+            thread_name,
+            owner,
+            logs,
+            session,
+        } = setup;
+        let pool = Arc::new_cyclic(|me| Pool {
             name,
             token,
             command,
-            shm,
+            store,
+            threshold,
             state: Mutex::new(PoolState::default()),
             thread_name,
-            owner: std::sync::OnceLock::new(),
+            owner,
             logs,
+            session,
             limits: Mutex::new(HandshakeLimits::default()),
+            me: me.clone(),
         });
         handle.spawn(accept_loop(Arc::downgrade(&pool), listener, token));
         for _ in 0..prestart {
             let p = pool.clone();
             handle.spawn(async move {
                 match p.spawn_worker().await {
-                    Ok(w) => p.give_back(w),
+                    Ok(w) => p.put_back(w),
                     Err(e) => tracing::warn!(error = %e, "could not prestart a worker process"),
                 }
             });
@@ -679,40 +599,16 @@ impl Pool {
         Ok(pool)
     }
 
-    /// Leases a worker for good and makes it host an actor: sends the
-    /// constructor, waits for its outcome. The worker never returns to the
-    /// pool; it ends with the actor.
-    pub(crate) async fn create_actor(
-        self: &Arc<Self>,
-        actor_id: crate::ids::ActorId,
-        task_id: TaskId,
-        (spec, loan): (Vec<u8>, Loan),
-        max_concurrency: u32,
-    ) -> Result<(Arc<WorkerProc>, WireOutcome)> {
-        let w = self.lease().await?;
-        let msg = Message::CreateActor {
-            actor_id,
-            task_id,
-            spec,
-            max_concurrency,
-        };
-        let outcome = w
-            .push(task_id, &msg, loan, |o| o)
-            .await
-            .map_err(|reason| Error::WorkerCrashed { task_id, reason })?;
-        Ok((w, outcome))
-    }
-
     /// Leases a worker: an idle one, else a new one.
-    pub(crate) async fn lease(self: &Arc<Self>) -> Result<Arc<WorkerProc>> {
-        match self.try_lease()? {
-            Some(w) => Ok(w),
-            None => self.spawn_worker().await,
+    async fn lease_worker(self: Arc<Self>) -> Result<Arc<O::Peer>> {
+        match self.try_lease_worker()? {
+            Some(w) => Ok(w.peer),
+            None => self.spawn_worker().await.map(|w| w.peer),
         }
     }
 
     /// Leases an idle worker, if one is.
-    pub(crate) fn try_lease(&self) -> Result<Option<Arc<WorkerProc>>> {
+    fn try_lease_worker(&self) -> Result<Option<Worker<O::Peer>>> {
         let mut s = self.state.lock();
         if s.closed {
             return Err(Error::Shutdown);
@@ -721,10 +617,10 @@ impl Pool {
         let mut busy = Vec::new();
         let mut found = None;
         while let Some(w) = s.idle.pop() {
-            if w.is_dead() {
+            if w.proc.is_dead() {
                 continue;
             }
-            if w.shared_tasks.load(Ordering::Acquire) > 0 {
+            if w.proc.shared_tasks.load(Ordering::Acquire) > 0 {
                 busy.push(w);
                 continue;
             }
@@ -735,16 +631,16 @@ impl Pool {
         Ok(found)
     }
 
-    /// Returns a leased worker to the pool.
-    pub(crate) fn give_back(&self, w: Arc<WorkerProc>) {
+    /// Returns a worker to the idle ones.
+    fn put_back(&self, w: Worker<O::Peer>) {
         let mut s = self.state.lock();
-        if !s.closed && !w.dead.load(Ordering::Acquire) {
+        if !s.closed && !w.proc.dead.load(Ordering::Acquire) {
             s.idle.push(w);
         }
     }
 
     /// Starts a worker process and waits for it to connect.
-    async fn spawn_worker(self: &Arc<Self>) -> Result<Arc<WorkerProc>> {
+    async fn spawn_worker(self: &Arc<Self>) -> Result<Worker<O::Peer>> {
         failpoint!("node::spawn", |_| Err(Error::OutOfDescriptors(
             "starting a worker process (failpoint node::spawn)".to_owned()
         )));
@@ -752,11 +648,11 @@ impl Pool {
         cmd.args(&self.command.args)
             .env(WORKER_ENV, &self.name)
             .env(TOKEN_ENV, format!("{:032x}", self.token))
-            .env(THRESHOLD_ENV, self.shm.threshold.to_string())
+            .env(THRESHOLD_ENV, self.threshold.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        rustyray_shm::inherit_arena(&mut cmd, self.shm.store.arena(), ARENA_ENV)
+        rustyray_shm::inherit_arena(&mut cmd, self.store.arena(), ARENA_ENV)
             .map_err(|e| Error::WorkerStart(format!("cannot hand the arena to a worker: {e}")))?;
         let (tx, mut rx) = oneshot::channel();
         // The start registers before the process exists, under the lock,
@@ -827,22 +723,25 @@ impl Pool {
                 return Err(e);
             }
         };
-        let w = WorkerProc::new(pid, Some(child), stream);
+        let proc = WorkerProc::new(pid, Some(child), stream);
+        let peer = self.owner.attach(proc.clone());
+        let w = Worker { proc, peer };
         {
             let mut s = self.state.lock();
             if s.closed {
                 drop(s);
-                w.reap();
+                w.proc.reap();
+                w.peer.discard();
                 return Err(Error::Shutdown);
             }
             s.live.insert(pid, w.clone());
         }
-        let (pool, w2) = (Arc::downgrade(self), w.clone());
+        let (pool, w2) = (self.me.clone(), w.clone());
         let reader = std::thread::Builder::new()
             .name(self.thread_name.clone())
             .spawn(move || read_loop(&pool, &w2, &mut rd, dec));
         match reader {
-            Ok(h) => *w.reader.lock() = Some(h),
+            Ok(h) => *w.proc.reader.lock() = Some(h),
             Err(e) => {
                 self.lost(&w, &format!("no reader thread: {e}"));
                 return Err(Error::WorkerStart(format!("cannot start a reader thread: {e}")));
@@ -852,47 +751,68 @@ impl Pool {
         Ok(w)
     }
 
-    /// Forgets a worker whose connection ended, fails its tasks and reaps
-    /// it.
-    fn lost(&self, w: &Arc<WorkerProc>, why: &str) {
-        w.dead.store(true, Ordering::Release);
-        w.died.notify_waiters();
+    /// Forgets a worker whose connection ended, reaps it, and tells its
+    /// owner.
+    fn lost(&self, w: &Worker<O::Peer>, why: &str) {
+        w.proc.dead.store(true, Ordering::Release);
+        w.proc.died.notify_waiters();
         {
             let mut s = self.state.lock();
-            s.live.remove(&w.pid);
-            s.idle.retain(|i| !Arc::ptr_eq(i, w));
+            s.live.remove(&w.proc.pid);
+            s.idle.retain(|i| !Arc::ptr_eq(&i.proc, &w.proc));
         }
         // The process goes first: only then may what it held in shared
         // memory be reused.
-        w.reap();
-        w.release_shared(&self.shm);
-        let inflight = std::mem::take(&mut *w.inflight.lock());
-        if !inflight.is_empty() {
-            tracing::warn!(
-                pid = w.pid,
-                tasks = inflight.len(),
-                reason = why,
-                "worker process died"
-            );
-        }
-        for (_, done) in inflight {
-            done(Err(format!("worker process {} died", w.pid)));
-        }
-        w.end();
+        w.proc.reap();
+        w.proc.release_shared(&self.store);
+        w.peer.lost(why);
+        w.proc.end();
     }
 
-    /// Names the runtime that owns this node's work.
-    pub(crate) fn set_owner(&self, rt: &Arc<crate::runtime::Inner>) {
-        let _ = self.owner.set(Arc::downgrade(rt));
+    /// The session directory, unless spill files and logs were both given
+    /// elsewhere.
+    pub(crate) fn session_dir(&self) -> Option<&Path> {
+        self.session.as_ref().map(Session::dir)
+    }
+}
+
+impl<O: OwnerService> NodeManager<O::Peer> for Pool<O> {
+    fn try_lease(&self) -> Result<Option<Arc<O::Peer>>> {
+        Ok(self.try_lease_worker()?.map(|w| w.peer))
     }
 
-    /// Worker processes alive now.
-    pub(crate) fn live(&self) -> Vec<u32> {
+    fn lease(&self) -> BoxFuture<'static, Result<Arc<O::Peer>>> {
+        let me = self.me.upgrade();
+        Box::pin(async move {
+            match me {
+                Some(pool) => pool.lease_worker().await,
+                None => Err(Error::Shutdown),
+            }
+        })
+    }
+
+    fn give_back(&self, peer: Arc<O::Peer>) {
+        let mut s = self.state.lock();
+        if s.closed {
+            return;
+        }
+        // Found among the live workers by its peer: a worker that died
+        // meanwhile is not there any more.
+        let w = s
+            .live
+            .get(&peer.pid())
+            .filter(|w| Arc::ptr_eq(&w.peer, &peer) && !w.proc.is_dead())
+            .cloned();
+        if let Some(w) = w {
+            s.idle.push(w);
+        }
+    }
+
+    fn live(&self) -> Vec<u32> {
         self.state.lock().live.keys().copied().collect()
     }
 
-    /// Kills and reaps every worker; later leases fail.
-    pub(crate) fn shut_down(&self) {
+    fn shut_down(&self) {
         let live: Vec<_> = {
             let mut s = self.state.lock();
             s.closed = true;
@@ -901,32 +821,33 @@ impl Pool {
             s.live.drain().map(|(_, w)| w).collect()
         };
         for w in &live {
-            w.dead.store(true, Ordering::Release);
-            w.died.notify_waiters();
-            let _ = w.send(&Message::Shutdown);
-            w.reap();
-            let inflight = std::mem::take(&mut *w.inflight.lock());
-            drop(inflight);
-            w.release_shared(&self.shm);
+            w.proc.dead.store(true, Ordering::Release);
+            w.proc.died.notify_waiters();
+            let _ = w.proc.send(&Message::Shutdown);
+            w.proc.reap();
+            w.peer.discard();
+            w.proc.release_shared(&self.store);
         }
         // The reader threads end with their connections; a worker has ended
         // once its reader is done with it (it may be failing its tasks).
         for w in &live {
-            let reader = w.reader.lock().take();
+            let reader = w.proc.reader.lock().take();
             if let Some(h) = reader {
                 if h.thread().id() != std::thread::current().id() {
                     let _ = h.join();
                 }
             }
-            w.end();
+            w.proc.end();
         }
         // The workers' last lines reach their logs before shutdown ends.
         self.logs.drain(OUTPUT_DRAIN);
     }
 
-    /// The directory of the workers' log files.
-    pub(crate) fn log_dir(&self) -> &Path {
-        self.logs.dir()
+    fn close(&self) {
+        self.store.remove_spill_files();
+        if let Some(session) = &self.session {
+            session.close();
+        }
     }
 }
 
@@ -940,7 +861,7 @@ impl Pool {
 /// the handshake in time, with a first frame of at most [`HELLO_MAX`]
 /// bytes, and only so many may be in it at once ([`HandshakeLimits`]).
 /// A connection that fails any of this is closed; nothing else is affected.
-async fn accept_loop(pool: std::sync::Weak<Pool>, listener: Listener, token: u128) {
+async fn accept_loop<O: OwnerService>(pool: std::sync::Weak<Pool<O>>, listener: Listener, token: u128) {
     let in_handshake = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let stream = match listener.accept().await {
@@ -1037,7 +958,7 @@ fn handshake(
     Ok((role, stream, dec))
 }
 
-impl Pool {
+impl<O: OwnerService> Pool<O> {
     /// Hands a worker's connection that finished its handshake to the start
     /// waiting for it; the start completes once both of the worker's
     /// connections are in.
@@ -1072,78 +993,6 @@ impl Pool {
     }
 }
 
-/// The owner's runtime, while the pool and the runtime are up.
-fn owner(pool: &std::sync::Weak<Pool>) -> Option<Arc<crate::runtime::Inner>> {
-    pool.upgrade()
-        .and_then(|p| p.owner.get().and_then(std::sync::Weak::upgrade))
-}
-
-/// Gives back `count` of the counts a worker held on `key`; returns the
-/// held value once none are left, for the caller to drop outside the lock.
-fn give_back<K: std::hash::Hash + Eq, V>(
-    held: &Mutex<HashMap<K, (V, u32)>>,
-    key: K,
-    count: u32,
-) -> Option<V> {
-    let mut held = held.lock();
-    match held.get_mut(&key) {
-        Some((_, n)) if *n > count => {
-            *n -= count;
-            None
-        }
-        Some(_) => held.remove(&key).map(|(v, _)| v),
-        None => None,
-    }
-}
-
-/// Answers a worker's `CallActor`, `SubmitTask`, `SpawnActor` or
-/// `GetActor` with `ObjectReady`.
-fn object_ready(pool: &std::sync::Weak<Pool>, w: &Arc<WorkerProc>, task_id: TaskId) -> crate::actor::Reply {
-    answer(pool, w, move |outcome| Message::ObjectReady { task_id, outcome })
-}
-
-/// Answers a worker's `Fetch` with `Fetched`.
-fn fetched(
-    pool: &std::sync::Weak<Pool>,
-    w: &Arc<WorkerProc>,
-    id: crate::ids::ObjectId,
-) -> crate::actor::Reply {
-    answer(pool, w, move |outcome| Message::Fetched { id, outcome })
-}
-
-/// Sends a worker the answer `message` makes of an outcome, lending what
-/// the value names; an answer too large to send goes as an error.
-fn answer(
-    pool: &std::sync::Weak<Pool>,
-    w: &Arc<WorkerProc>,
-    message: impl Fn(WireOutcome) -> Message + Send + 'static,
-) -> crate::actor::Reply {
-    let (to, node) = (w.clone(), pool.upgrade().map(|p| p.shm.clone()));
-    Box::new(move |result| {
-        let (outcome, loan) = lend_outcome(result, node.as_ref());
-        if !to.send_lending(&message(outcome), loan) {
-            let outcome = WireOutcome::Failed(Error::Protocol(
-                "the value is too large to send to a worker process".to_owned(),
-            ));
-            to.send(&message(outcome));
-        }
-    })
-}
-
-/// An object's value (or error) as a worker receives it, and what that
-/// lends the worker: a value in shared memory is pinned for it, one
-/// inline lends the objects it refers to.
-fn lend_outcome(result: Result<crate::Value>, node: Option<&Arc<NodeStore>>) -> (WireOutcome, Loan) {
-    let mut loan = Loan::none();
-    let outcome = result
-        .and_then(|v| {
-            let type_name = v.type_name().to_owned();
-            loan.lend(&v, node).map(|lent| lent.into_outcome(type_name))
-        })
-        .unwrap_or_else(WireOutcome::Failed);
-    (outcome, loan)
-}
-
 /// A result or put in shared memory is sealed when the worker reports it
 /// (it wrote it into the allocation `CreateObject` gave it).
 fn seal_stored(w: &WorkerProc, outcome: WireOutcome) -> WireOutcome {
@@ -1163,37 +1012,50 @@ fn seal_stored(w: &WorkerProc, outcome: WireOutcome) -> WireOutcome {
 
 /// Reads a worker's messages until its connection ends (on the worker's
 /// reader thread), then forgets the worker.
-fn read_loop(pool: &std::sync::Weak<Pool>, w: &Arc<WorkerProc>, rd: &mut Conn, dec: FrameDecoder) {
-    ON_READER.with(|r| r.set(true));
+fn read_loop<O: OwnerService>(
+    pool: &std::sync::Weak<Pool<O>>,
+    w: &Worker<O::Peer>,
+    rd: &mut Conn,
+    dec: FrameDecoder,
+) {
+    rustyray_proto::service::mark_reader();
     // A handler that panics ends the connection like a malformed frame:
     // the worker is lost (its work failed or retried), never forgotten.
     let why = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_messages(pool, w, rd, dec)))
-        .unwrap_or_else(|p| {
-            format!(
-                "its reader thread panicked: {}",
-                crate::runtime::panic_message(p.as_ref())
-            )
-        });
+        .unwrap_or_else(|p| format!("its reader thread panicked: {}", panic_message(p.as_ref())));
     cork::flush();
     match pool.upgrade() {
         Some(pool) => pool.lost(w, &why),
         None => {
-            w.dead.store(true, Ordering::Release);
-            w.died.notify_waiters();
-            w.reap();
-            let inflight = std::mem::take(&mut *w.inflight.lock());
-            drop(inflight);
+            w.proc.dead.store(true, Ordering::Release);
+            w.proc.died.notify_waiters();
+            w.proc.reap();
+            w.peer.discard();
         }
     }
 }
 
+/// The message a panic carried, if it was a string.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic with a non-string payload".to_owned()
+    }
+}
+
 /// Handles a worker's messages until its connection ends; returns why.
-fn read_messages(
-    pool: &std::sync::Weak<Pool>,
-    w: &Arc<WorkerProc>,
+/// The node keeps the shared-memory messages; the rest go to the owner's
+/// peer of the worker.
+fn read_messages<O: OwnerService>(
+    pool: &std::sync::Weak<Pool<O>>,
+    w: &Worker<O::Peer>,
     rd: &mut Conn,
     mut dec: FrameDecoder,
 ) -> String {
+    let Worker { proc: w, peer } = w;
     loop {
         failpoint!("node::recv", |_| "a read failed (failpoint node::recv)"
             .to_owned());
@@ -1221,26 +1083,25 @@ fn read_messages(
         } else {
             cork::flush();
         }
-        match msg {
-            Ok(Some(Message::TaskDone { task_id, outcome })) => {
-                let outcome = seal_stored(w, outcome);
-                let done = w.inflight.lock().remove(&task_id);
-                match (done, outcome) {
-                    (Some(done), outcome) => done(Ok(outcome)),
-                    // Nobody waits for it (a duplicate): free its object.
-                    (None, WireOutcome::Stored { id, .. }) => {
-                        if let Some(pool) = pool.upgrade() {
-                            let _ = pool.shm.store.delete(id);
-                        }
-                    }
-                    (None, _) => {}
-                }
-            }
-            Ok(Some(Message::CreateObject { id, len })) => {
+        let msg = match msg {
+            Ok(Some(msg)) => msg,
+            Ok(None) => break "its connection closed".to_owned(),
+            Err(e) => break format!("its connection failed: {e}"),
+        };
+        let for_owner = match msg {
+            Message::TaskDone { task_id, outcome } => Message::TaskDone {
+                task_id,
+                outcome: seal_stored(w, outcome),
+            },
+            Message::Put { id, value } => Message::Put {
+                id,
+                value: seal_stored(w, value),
+            },
+            Message::CreateObject { id, len } => {
                 let slot = match pool.upgrade() {
                     Some(pool) => usize::try_from(len)
                         .map_err(|_| Error::Protocol(format!("an object of {len} bytes")))
-                        .and_then(|len| pool.shm.store.create(id, len).map_err(shm_error))
+                        .and_then(|len| pool.store.create(id, len).map_err(shm_error))
                         .map(|writer| {
                             let offset = writer.offset() as u64;
                             w.writers.lock().insert(id, writer);
@@ -1249,127 +1110,13 @@ fn read_messages(
                     None => Err(Error::Shutdown),
                 };
                 let _ = w.send(&Message::ObjectSlot { id, slot });
+                continue;
             }
-            Ok(Some(Message::CallActor {
-                actor_id,
-                task_id,
-                spec,
-            })) => {
-                let owner = owner(pool);
-                let reply = object_ready(pool, w, task_id);
-                match owner {
-                    Some(rt) => {
-                        let spec = crate::Value::from_bytes(spec, "TaskSpec");
-                        // The call's result is kept for the worker, so a
-                        // reference to it may leave the worker.
-                        if let Some(r) = crate::actor::call_for_worker(&rt, actor_id, task_id, &spec, reply) {
-                            w.keep_for(r);
-                        }
-                    }
-                    None => reply(Err(Error::Shutdown)),
-                }
-            }
-            Ok(Some(Message::SubmitTask {
-                task_id,
-                spec,
-                resources,
-                max_retries,
-                retry_exceptions,
-            })) => {
-                let owner = owner(pool);
-                let reply = object_ready(pool, w, task_id);
-                let submitted = owner.ok_or(Error::Shutdown).and_then(|rt| {
-                    let spec = crate::Value::from_bytes(spec, "TaskSpec");
-                    rt.submit_for_worker(task_id, &spec, &resources, max_retries, retry_exceptions)
-                        .map(|r| (rt, r))
-                });
-                match submitted {
-                    Ok((rt, r)) => {
-                        w.keep_for(r.clone());
-                        crate::actor::reply_when_done(&rt, r, reply);
-                    }
-                    Err(e) => reply(Err(e)),
-                }
-            }
-            Ok(Some(Message::Blocked { task_id, on })) => {
-                let owner = owner(pool);
-                if let (Some(rt), Some(cpu)) = (owner, w.lend(task_id, true)) {
-                    if let Some(on) = on {
-                        rt.help_worker(on, &cpu, w);
-                    }
-                    rt.lend_back(&cpu);
-                }
-            }
-            Ok(Some(Message::Unblocked { task_id })) => {
-                let owner = owner(pool);
-                if let (Some(rt), Some(cpu)) = (owner, w.lend(task_id, false)) {
-                    rt.take_back(&cpu);
-                }
-            }
-            Ok(Some(Message::Put { id, value })) => {
-                let owner = owner(pool);
-                if let Some(rt) = owner {
-                    let kept = match crate::runtime::Outcome::from_wire(seal_stored(w, value), &rt) {
-                        crate::runtime::Outcome::Value(v) => rt.put_for_worker(id, v),
-                        _ => Err(Error::Protocol("a put without a value".to_owned())),
-                    };
-                    match kept {
-                        Ok(r) => w.keep_for(r),
-                        Err(e) => {
-                            tracing::warn!(object = %id, error = %e, "could not keep a worker's object")
-                        }
-                    }
-                }
-            }
-            Ok(Some(Message::Release { id, count })) => {
-                // Dropped outside the lock: freeing the object may free
-                // the objects it refers to.
-                let r = give_back(&w.borrows, id, count);
-                drop(r);
-            }
-            Ok(Some(Message::ReleaseActor { actor, count })) => {
-                let a = give_back(&w.actors, actor, count);
-                drop(a);
-            }
-            Ok(Some(Message::SpawnActor {
-                task_id,
-                spec,
-                options,
-            })) => {
-                let reply = object_ready(pool, w, task_id);
-                let created = owner(pool).ok_or(Error::Shutdown).and_then(|rt| {
-                    crate::actor::spawn_for_worker(&rt, &crate::Value::from_bytes(spec, "TaskSpec"), &options)
-                });
-                reply(created.map(crate::Value::local));
-            }
-            Ok(Some(Message::GetActor { task_id, name })) => {
-                let reply = object_ready(pool, w, task_id);
-                let found = owner(pool)
-                    .ok_or(Error::Shutdown)
-                    .and_then(|rt| crate::actor::named(&rt, &name));
-                reply(found.map(crate::Value::local));
-            }
-            Ok(Some(Message::KillActor { actor, no_restart })) => {
-                if let Some(rt) = owner(pool) {
-                    crate::actor::kill_for_worker(&rt, actor, no_restart);
-                }
-            }
-            Ok(Some(Message::Fetch { id })) => {
-                let reply = fetched(pool, w, id);
-                // The worker holds a count on the object (this owner keeps
-                // it for the worker), so it is here unless shut down.
-                match owner(pool).ok_or(Error::Shutdown) {
-                    Ok(rt) => match crate::RawRef::acquire(id, rt.clone()) {
-                        Ok(r) => crate::actor::reply_when_done(&rt, r, reply),
-                        Err(e) => reply(Err(e)),
-                    },
-                    Err(e) => reply(Err(e)),
-                }
-            }
-            Ok(Some(Message::AbortObject { id })) => {
+            Message::AbortObject { id } => {
                 w.writers.lock().remove(&id);
+                continue;
             }
-            Ok(Some(Message::Unpin { id })) => {
+            Message::Unpin { id } => {
                 let held = {
                     let mut guard = w.pins.lock();
                     let Some(pins) = guard.as_mut() else { continue };
@@ -1383,18 +1130,19 @@ fn read_messages(
                     }
                 };
                 if let (true, Some(pool)) = (held, pool.upgrade()) {
-                    let _ = pool.shm.store.unpin(id);
+                    let _ = pool.store.unpin(id);
                 }
+                continue;
             }
-            Ok(Some(Message::Ping { nonce })) => {
+            Message::Ping { nonce } => {
                 let _ = w.send(&Message::Pong { nonce });
+                continue;
             }
-            Ok(Some(Message::Pong { .. })) => {}
-            Ok(Some(other)) => {
-                break format!("unexpected message from a worker: {other:?}");
-            }
-            Ok(None) => break "its connection closed".to_owned(),
-            Err(e) => break format!("its connection failed: {e}"),
+            Message::Pong { .. } => continue,
+            other => other,
+        };
+        if let Err(why) = peer.handle(for_owner) {
+            break why;
         }
     }
 }
@@ -1402,6 +1150,7 @@ fn read_messages(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustyray_common::ids::random_token;
     use std::ffi::OsString;
     use std::path::PathBuf;
 
@@ -1476,10 +1225,34 @@ mod tests {
         assert_eq!(peer.join().expect("peer"), b"a reply someone waits for");
     }
 
+    /// An owner for a node whose workers never run anything: every
+    /// message for it ends the connection.
+    struct NoOwner;
+
+    struct NoPeer(Arc<dyn WorkerLink>);
+
+    impl WorkerPeer for NoPeer {
+        fn pid(&self) -> u32 {
+            self.0.pid()
+        }
+        fn handle(self: &Arc<Self>, msg: Message) -> std::result::Result<(), String> {
+            Err(format!("no owner for {msg:?}"))
+        }
+        fn lost(&self, _why: &str) {}
+        fn discard(&self) {}
+    }
+
+    impl OwnerService for NoOwner {
+        type Peer = NoPeer;
+        fn attach(self: &Arc<Self>, link: Arc<dyn WorkerLink>) -> Arc<NoPeer> {
+            Arc::new(NoPeer(link))
+        }
+    }
+
     /// A node with no worker processes, on a runtime of its own, and the
     /// directory of its spill files and logs; shut down when dropped.
     struct TestNode {
-        pool: Arc<Pool>,
+        pool: Arc<Pool<NoOwner>>,
         dir: PathBuf,
         _rt: tokio::runtime::Runtime,
     }
@@ -1491,19 +1264,22 @@ mod tests {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            let dir = std::env::temp_dir().join(format!("rr-node-{:x}", crate::ids::random_token()));
-            let shm =
-                NodeStore::new(1 << 20, dir.join("spill"), crate::shm::DEFAULT_THRESHOLD).expect("store");
-            let pool = Pool::start(
-                WorkerCommand::new("/bin/false", Vec::<OsString>::new()),
-                0,
-                rt.handle(),
+            let dir = std::env::temp_dir().join(format!("rr-node-{:x}", random_token()));
+            let store =
+                rustyray_shm::ShmStore::new(rustyray_shm::StoreConfig::new(1 << 20, dir.join("spill")))
+                    .expect("store");
+            let setup = PoolSetup {
+                command: WorkerCommand::new("/bin/false", Vec::<OsString>::new()),
+                prestart: 0,
                 token,
-                shm,
-                "rrtest-n".into(),
-                WorkerLogs::new(dir.join("logs"), false),
-            )
-            .expect("pool");
+                store: Arc::new(store),
+                threshold: 100 * 1024,
+                thread_name: "rrtest-n".into(),
+                owner: Arc::new(NoOwner),
+                logs: WorkerLogs::new(dir.join("logs"), false),
+                session: None,
+            };
+            let pool = Pool::start(setup, rt.handle()).expect("pool");
             TestNode { pool, dir, _rt: rt }
         }
 
@@ -1571,7 +1347,7 @@ mod tests {
 
     #[test]
     fn the_socket_name_says_nothing_of_the_token() {
-        let token = crate::ids::random_token();
+        let token = random_token();
         let node = TestNode::start(token);
         let name = node.pool.name.clone();
         for derived in [token, token ^ 0x5a5a] {
@@ -1596,7 +1372,7 @@ mod tests {
 
     #[test]
     fn a_process_that_is_not_a_starting_worker_is_closed_before_a_byte_is_read() {
-        let token = crate::ids::random_token();
+        let token = random_token();
         let node = TestNode::start(token);
         // Idle connections (which once stayed forever, one descriptor
         // each) and, even with the right token, a `Hello`: the node waits
@@ -1612,7 +1388,7 @@ mod tests {
 
     #[test]
     fn a_first_frame_larger_than_a_hello_closes_the_connection() {
-        let node = TestNode::start(crate::ids::random_token());
+        let node = TestNode::start(random_token());
         node.expect_this_process();
         let mut s = node.connect();
         // A 64 MiB frame announced, a first slice of it sent: the node
@@ -1624,7 +1400,7 @@ mod tests {
 
     #[test]
     fn a_silent_connection_is_closed_when_its_handshake_time_is_up() {
-        let node = TestNode::start(crate::ids::random_token());
+        let node = TestNode::start(random_token());
         node.pool.limits.lock().timeout = Duration::from_millis(200);
         node.expect_this_process();
         let mut s = node.connect();
@@ -1633,7 +1409,7 @@ mod tests {
 
     #[test]
     fn connections_beyond_the_handshake_cap_are_closed_at_once() {
-        let node = TestNode::start(crate::ids::random_token());
+        let node = TestNode::start(random_token());
         node.pool.limits.lock().max = 4;
         node.expect_this_process();
         let first: Vec<_> = (0..4).map(|_| node.connect()).collect();

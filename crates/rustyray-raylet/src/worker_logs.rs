@@ -10,7 +10,7 @@
 //! what a crashed worker said last (Ray keeps its session logs too).
 //!
 //! A worker that starts hosting an actor says so in its own output, one
-//! marker line per stream ([`announce_actor`]), as Ray's workers print
+//! marker line per stream (`rustyray_proto::announce_actor`), as Ray's workers print
 //! their actor's name into their logs: the label then changes exactly at
 //! that point of each stream, so lines a task wrote earlier in a reused
 //! process keep the plain prefix. Marker lines are neither echoed nor kept.
@@ -30,16 +30,7 @@ use std::time::{Duration, Instant};
 pub(crate) const MAX_LINE: u64 = 64 * 1024;
 
 /// How a worker's marker line starts.
-const MARKER: &[u8] = crate::wire::ACTOR_LOG_MARKER;
-
-/// Marks this worker process's stdout and stderr: from here on it hosts
-/// an actor of `class` (its registry name).
-pub(crate) fn announce_actor(class: &str) {
-    let line = [MARKER, class.as_bytes(), b"\n"].concat();
-    // Lost only if nobody reads the output, where it does not matter.
-    let _ = std::io::stdout().lock().write_all(&line);
-    let _ = std::io::stderr().lock().write_all(&line);
-}
+const MARKER: &[u8] = rustyray_proto::ACTOR_LOG_MARKER;
 
 /// The prefix of a line from process `pid`, hosting an actor of `class`
 /// if any (its registry name; the label is the name's last segment, as Ray
@@ -76,11 +67,6 @@ impl WorkerLogs {
             to_driver,
             active: Arc::new((Mutex::new(0), Condvar::new())),
         }
-    }
-
-    /// The directory of the log files.
-    pub(crate) fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Starts copying the output of worker process `pid` (spawned with

@@ -1,0 +1,535 @@
+//! The owner's side of the worker processes it leases from the node
+//! daemon: Ray's `CoreWorkerClient` (pushing a task to a leased worker)
+//! and the owner's half of `CoreWorkerService` (what a worker asks of the
+//! owner of its task).
+//!
+//! The node daemon (`rustyray-raylet`) hosts the processes and their
+//! connections and hands this crate one [`Leased`] per worker (through
+//! [`Owner`], the [`OwnerService`] it was started with). A `Leased` keeps
+//! what the owner tracks for that worker: the tasks in flight on it (task
+//! id → the completion its outcome goes to), the owner's objects and
+//! actors lent to it until it gives them back (`Release`,
+//! `ReleaseActor`), and the CPU of the tasks running there (lent back to
+//! the owner's scheduler while one blocks). The worker's messages for its
+//! owner reach [`Leased::handle`] on the node's reader thread for that
+//! worker; the node keeps the shared-memory side (allocations for results,
+//! pins, `Unpin`) to itself.
+//!
+//! # Order at a worker's death
+//!
+//! The node marks the worker dead, reaps it, releases its pins, then calls
+//! [`WorkerPeer::lost`]; [`Leased::push_then`] records a task as in flight
+//! before it checks whether the worker is dead (the rule in
+//! `rustyray_proto::service`). A ledger that `lost` emptied stays closed:
+//! what a later message would lend goes back at once.
+
+use crate::error::{Error, Result};
+use crate::ids::{ActorId, ObjectId, TaskId};
+use crate::runtime::Inner;
+use crate::shm::{Loan, NodeStore};
+use crate::wire::service::{OwnerService, WorkerLink, WorkerPeer};
+use crate::wire::{Message, WireOutcome};
+use crate::{RawActor, RawRef, ResourceSet, Value};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, Weak};
+use tokio::sync::oneshot;
+
+/// What runs when a task pushed to a worker ends: with its outcome, or
+/// with why the worker could not finish it. Runs on the worker's reader
+/// thread (or wherever the worker is found dead).
+pub(crate) type Completion = Box<dyn FnOnce(std::result::Result<WireOutcome, String>) + Send>;
+
+/// The owner a node's workers answer to: the driver's runtime, and the
+/// node's shared-memory store it lends values through.
+#[doc(hidden)]
+pub struct Owner {
+    rt: OnceLock<Weak<Inner>>,
+    shm: Arc<NodeStore>,
+}
+
+impl std::fmt::Debug for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Owner").finish_non_exhaustive()
+    }
+}
+
+impl Owner {
+    pub(crate) fn new(shm: Arc<NodeStore>) -> Arc<Owner> {
+        Arc::new(Owner {
+            rt: OnceLock::new(),
+            shm,
+        })
+    }
+
+    /// Names the runtime, once it exists (workers may connect before).
+    pub(crate) fn set_runtime(&self, rt: &Arc<Inner>) {
+        let _ = self.rt.set(Arc::downgrade(rt));
+    }
+
+    /// The node's shared-memory store, as this owner writes to it.
+    pub(crate) fn shm(&self) -> &Arc<NodeStore> {
+        &self.shm
+    }
+
+    /// The runtime, while it is up.
+    fn runtime(&self) -> Option<Arc<Inner>> {
+        self.rt.get().and_then(Weak::upgrade)
+    }
+}
+
+impl OwnerService for Owner {
+    type Peer = Leased;
+
+    fn attach(self: &Arc<Self>, link: Arc<dyn WorkerLink>) -> Arc<Leased> {
+        Arc::new(Leased {
+            link,
+            owner: self.clone(),
+            inflight: Mutex::new(HashMap::new()),
+            ledger: Mutex::new(Some(Ledger::default())),
+            cpu: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+/// What the owner lends a worker and keeps for it until it says it is
+/// done: counts on the owner's objects (one per object it put or task it
+/// submitted, one per message that lent it the object) and on its actors
+/// (one per message that lent the handle).
+#[derive(Default)]
+struct Ledger {
+    borrows: HashMap<ObjectId, (RawRef, u32)>,
+    actors: HashMap<ActorId, (RawActor, u32)>,
+}
+
+/// The owner's side of one worker process it leases from the node.
+pub struct Leased {
+    link: Arc<dyn WorkerLink>,
+    owner: Arc<Owner>,
+    /// Tasks pushed to the worker and not finished yet.
+    inflight: Mutex<HashMap<TaskId, Completion>>,
+    /// `None` once the worker is gone: what would be lent then goes back
+    /// at once.
+    ledger: Mutex<Option<Ledger>>,
+    /// Tasks running here: their CPU, and whether it is lent out while the
+    /// task blocks.
+    cpu: Mutex<HashMap<TaskId, (ResourceSet, bool)>>,
+}
+
+impl std::fmt::Debug for Leased {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leased")
+            .field("pid", &self.link.pid())
+            .field("dead", &self.link.is_dead())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Leased {
+    /// The worker's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.link.pid()
+    }
+
+    /// Whether the worker is known to be dead.
+    pub(crate) fn is_dead(&self) -> bool {
+        self.link.is_dead()
+    }
+
+    /// Kills the worker's process.
+    pub(crate) fn kill(&self) {
+        self.link.kill();
+    }
+
+    /// Treats the worker as dead from now on and kills it.
+    pub(crate) fn condemn(&self) {
+        self.link.condemn();
+    }
+
+    /// Counts a task that shares the process with a task blocked in it.
+    pub(crate) fn share(&self, begins: bool) {
+        self.link.share(begins);
+    }
+
+    /// Waits until the worker's death has been handled: every task in
+    /// flight on it has run its completion.
+    pub(crate) async fn ended(&self) {
+        self.link.ended().await;
+    }
+
+    /// Asks the worker to cancel `task`: it flags the task (and aborts it
+    /// at its next await if async); with `force` the process is killed,
+    /// unless a task shares it (it would be taken along).
+    pub(crate) fn cancel(&self, task: TaskId, force: bool) {
+        if force && !self.link.is_shared() {
+            self.link.kill();
+        } else {
+            let _ = self.link.send(&Message::CancelTask { task_id: task, force });
+        }
+    }
+
+    /// Sends a message.
+    fn send(&self, msg: &Message) -> bool {
+        self.link.send(msg)
+    }
+
+    /// A message's frame; `None` (logged) when it cannot be sent, e.g. it
+    /// is over the size limit.
+    fn frame(&self, msg: &Message) -> Option<Vec<u8>> {
+        crate::wire::encode_frame(msg)
+            .map_err(
+                |e| tracing::warn!(pid = self.pid(), error = %e, "cannot send a message to a worker process"),
+            )
+            .ok()
+    }
+
+    /// Sends a task to the worker; `done` runs with its outcome, or with
+    /// why the worker could not finish it. The task is on its way when this
+    /// returns, so tasks sent one after the other arrive in order. `loan`
+    /// (the shared-memory arguments pinned for it, the objects its values
+    /// refer to) becomes the worker's to give back.
+    pub(crate) fn push_then(&self, task_id: TaskId, msg: &Message, loan: Loan, done: Completion) {
+        // Built first: a message that cannot go lends nothing (the loan
+        // goes back as it drops).
+        let Some(frame) = self.frame(msg) else {
+            done(Err(format!(
+                "task {task_id} is too large to send to a worker process"
+            )));
+            return;
+        };
+        self.inflight.lock().insert(task_id, done);
+        self.take_loan(loan);
+        // A worker found dead before the insert has already failed what it
+        // held; fail this one too (the node marks it dead before `lost`).
+        if self.is_dead() {
+            if let Some(done) = self.inflight.lock().remove(&task_id) {
+                done(Err(format!("worker process {} died", self.pid())));
+            }
+            return;
+        }
+        self.link.write(&frame);
+    }
+
+    /// [`Leased::push_then`], as a future. `convert` turns the outcome into
+    /// what the future yields, on the reader thread as the outcome arrives:
+    /// the objects it names must be taken before the worker's next messages
+    /// (a `Release`) are read.
+    pub(crate) fn push<T: Send + 'static>(
+        &self,
+        task_id: TaskId,
+        msg: &Message,
+        loan: Loan,
+        convert: impl FnOnce(WireOutcome) -> T + Send + 'static,
+    ) -> impl std::future::Future<Output = std::result::Result<T, String>> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        self.push_then(
+            task_id,
+            msg,
+            loan,
+            Box::new(move |r| {
+                let _ = tx.send(r.map(convert));
+            }),
+        );
+        let pid = self.pid();
+        async move {
+            rx.await
+                .unwrap_or_else(|_| Err(format!("worker process {pid} died")))
+        }
+    }
+
+    /// Records what a message lends the worker, before the message goes.
+    fn take_loan(&self, loan: Loan) {
+        let (pins, refs, actors) = loan.hand_over();
+        if !pins.is_empty() {
+            // The worker is gone: its pins go back here.
+            if let Err(pins) = self.link.hold_pins(pins) {
+                for id in pins {
+                    let _ = self.owner.shm.store.unpin(id);
+                }
+            }
+        }
+        if refs.is_empty() && actors.is_empty() {
+            return;
+        }
+        let mut ledger = self.ledger.lock();
+        // Dropped after the lock when the worker is gone.
+        let Some(ledger) = ledger.as_mut() else {
+            return;
+        };
+        for r in refs {
+            ledger.borrows.entry(r.id()).or_insert((r, 0)).1 += 1;
+        }
+        for a in actors {
+            ledger.actors.entry(a.id()).or_insert((a, 0)).1 += 1;
+        }
+    }
+
+    /// Sends a message that lends the worker `loan` (see `push_then`);
+    /// false, lending nothing, when it cannot be sent.
+    fn send_lending(&self, msg: &Message, loan: Loan) -> bool {
+        let Some(frame) = self.frame(msg) else {
+            return false;
+        };
+        self.take_loan(loan);
+        self.link.write(&frame);
+        true
+    }
+
+    /// Keeps `r` for the worker (an object it put or a task it submitted)
+    /// until it gives the count back.
+    fn keep_for(&self, r: RawRef) {
+        if let Some(ledger) = self.ledger.lock().as_mut() {
+            ledger.borrows.entry(r.id()).or_insert((r, 0)).1 += 1;
+        }
+    }
+
+    /// Records the CPU of a task sent here (`Some`), or forgets it when the
+    /// task ends (`None`): then returns the CPU if it was still lent out.
+    pub(crate) fn running_cpu(&self, task: TaskId, cpu: Option<ResourceSet>) -> Option<ResourceSet> {
+        let mut m = self.cpu.lock();
+        match cpu {
+            Some(c) => {
+                m.insert(task, (c, false));
+                None
+            }
+            None => m.remove(&task).and_then(|(c, lent)| lent.then_some(c)),
+        }
+    }
+
+    /// A task here blocks or resumes: its CPU to lend or take back, if the
+    /// state changed.
+    fn lend(&self, task: TaskId, blocked: bool) -> Option<ResourceSet> {
+        let mut m = self.cpu.lock();
+        let (c, lent) = m.get_mut(&task)?;
+        (*lent != blocked).then(|| {
+            *lent = blocked;
+            c.clone()
+        })
+    }
+
+    /// Gives back `count` of the counts the worker held on an object;
+    /// returns the reference once none are left, for the caller to drop
+    /// outside the lock (freeing it may free what it refers to).
+    fn release(&self, id: ObjectId, count: u32) -> Option<RawRef> {
+        let mut ledger = self.ledger.lock();
+        give_back(&mut ledger.as_mut()?.borrows, id, count)
+    }
+
+    /// [`Leased::release`] for an actor handle.
+    fn release_actor(&self, id: ActorId, count: u32) -> Option<RawActor> {
+        let mut ledger = self.ledger.lock();
+        give_back(&mut ledger.as_mut()?.actors, id, count)
+    }
+
+    /// An answer to the worker: `message` made of an outcome, lending what
+    /// the value names; an answer too large to send goes as an error.
+    fn answer(
+        self: &Arc<Self>,
+        message: impl Fn(WireOutcome) -> Message + Send + 'static,
+    ) -> crate::actor::Reply {
+        let to = self.clone();
+        Box::new(move |result| {
+            let (outcome, loan) = lend_outcome(result, Some(&to.owner.shm));
+            if !to.send_lending(&message(outcome), loan) {
+                let outcome = WireOutcome::Failed(Error::Protocol(
+                    "the value is too large to send to a worker process".to_owned(),
+                ));
+                to.send(&message(outcome));
+            }
+        })
+    }
+
+    /// Answers a `CallActor`, `SubmitTask`, `SpawnActor` or `GetActor` with
+    /// `ObjectReady`.
+    fn object_ready(self: &Arc<Self>, task_id: TaskId) -> crate::actor::Reply {
+        self.answer(move |outcome| Message::ObjectReady { task_id, outcome })
+    }
+
+    /// The owner-side handling of one message (see [`WorkerPeer::handle`]).
+    fn serve(self: &Arc<Self>, msg: Message) -> std::result::Result<(), String> {
+        let owner = self.owner.runtime();
+        match msg {
+            Message::TaskDone { task_id, outcome } => {
+                let done = self.inflight.lock().remove(&task_id);
+                match (done, outcome) {
+                    (Some(done), outcome) => done(Ok(outcome)),
+                    // Nobody waits for it (a duplicate): free its object.
+                    (None, WireOutcome::Stored { id, .. }) => {
+                        let _ = self.owner.shm.store.delete(id);
+                    }
+                    (None, _) => {}
+                }
+            }
+            Message::CallActor {
+                actor_id,
+                task_id,
+                spec,
+            } => {
+                let reply = self.object_ready(task_id);
+                match owner {
+                    Some(rt) => {
+                        let spec = Value::from_bytes(spec, "TaskSpec");
+                        // The call's result is kept for the worker, so a
+                        // reference to it may leave the worker.
+                        if let Some(r) = crate::actor::call_for_worker(&rt, actor_id, task_id, &spec, reply) {
+                            self.keep_for(r);
+                        }
+                    }
+                    None => reply(Err(Error::Shutdown)),
+                }
+            }
+            Message::SubmitTask {
+                task_id,
+                spec,
+                resources,
+                max_retries,
+                retry_exceptions,
+            } => {
+                let reply = self.object_ready(task_id);
+                let submitted = owner.ok_or(Error::Shutdown).and_then(|rt| {
+                    let spec = Value::from_bytes(spec, "TaskSpec");
+                    rt.submit_for_worker(task_id, &spec, &resources, max_retries, retry_exceptions)
+                        .map(|r| (rt, r))
+                });
+                match submitted {
+                    Ok((rt, r)) => {
+                        self.keep_for(r.clone());
+                        crate::actor::reply_when_done(&rt, r, reply);
+                    }
+                    Err(e) => reply(Err(e)),
+                }
+            }
+            Message::Blocked { task_id, on } => {
+                if let (Some(rt), Some(cpu)) = (owner, self.lend(task_id, true)) {
+                    if let Some(on) = on {
+                        rt.help_worker(on, &cpu, self);
+                    }
+                    rt.lend_back(&cpu);
+                }
+            }
+            Message::Unblocked { task_id } => {
+                if let (Some(rt), Some(cpu)) = (owner, self.lend(task_id, false)) {
+                    rt.take_back(&cpu);
+                }
+            }
+            Message::Put { id, value } => {
+                if let Some(rt) = owner {
+                    let kept = match crate::runtime::Outcome::from_wire(value, &rt) {
+                        crate::runtime::Outcome::Value(v) => rt.put_for_worker(id, v),
+                        _ => Err(Error::Protocol("a put without a value".to_owned())),
+                    };
+                    match kept {
+                        Ok(r) => self.keep_for(r),
+                        Err(e) => {
+                            tracing::warn!(object = %id, error = %e, "could not keep a worker's object")
+                        }
+                    }
+                }
+            }
+            Message::Release { id, count } => drop(self.release(id, count)),
+            Message::ReleaseActor { actor, count } => drop(self.release_actor(actor, count)),
+            Message::SpawnActor {
+                task_id,
+                spec,
+                options,
+            } => {
+                let reply = self.object_ready(task_id);
+                let created = owner.ok_or(Error::Shutdown).and_then(|rt| {
+                    crate::actor::spawn_for_worker(&rt, &Value::from_bytes(spec, "TaskSpec"), &options)
+                });
+                reply(created.map(Value::local));
+            }
+            Message::GetActor { task_id, name } => {
+                let reply = self.object_ready(task_id);
+                let found = owner
+                    .ok_or(Error::Shutdown)
+                    .and_then(|rt| crate::actor::named(&rt, &name));
+                reply(found.map(Value::local));
+            }
+            Message::KillActor { actor, no_restart } => {
+                if let Some(rt) = owner {
+                    crate::actor::kill_for_worker(&rt, actor, no_restart);
+                }
+            }
+            Message::Fetch { id } => {
+                let reply = self.answer(move |outcome| Message::Fetched { id, outcome });
+                // The worker holds a count on the object (this owner keeps
+                // it for the worker), so it is here unless shut down.
+                match owner.ok_or(Error::Shutdown) {
+                    Ok(rt) => match RawRef::acquire(id, rt.clone()) {
+                        Ok(r) => crate::actor::reply_when_done(&rt, r, reply),
+                        Err(e) => reply(Err(e)),
+                    },
+                    Err(e) => reply(Err(e)),
+                }
+            }
+            other => return Err(format!("unexpected message from a worker: {other:?}")),
+        }
+        Ok(())
+    }
+
+    /// Lets go of what was kept for the worker; the tasks in flight are
+    /// returned for the caller to fail or drop.
+    fn close(&self) -> HashMap<TaskId, Completion> {
+        let ledger = self.ledger.lock().take();
+        drop(ledger);
+        std::mem::take(&mut *self.inflight.lock())
+    }
+}
+
+impl WorkerPeer for Leased {
+    fn pid(&self) -> u32 {
+        self.link.pid()
+    }
+
+    fn handle(self: &Arc<Self>, msg: Message) -> std::result::Result<(), String> {
+        self.serve(msg)
+    }
+
+    fn lost(&self, why: &str) {
+        let inflight = self.close();
+        if !inflight.is_empty() {
+            tracing::warn!(
+                pid = self.pid(),
+                tasks = inflight.len(),
+                reason = why,
+                "worker process died"
+            );
+        }
+        for (_, done) in inflight {
+            done(Err(format!("worker process {} died", self.pid())));
+        }
+    }
+
+    fn discard(&self) {
+        let inflight = self.close();
+        drop(inflight);
+    }
+}
+
+/// Gives back `count` of the counts held on `key`; returns the held value
+/// once none are left.
+fn give_back<K: std::hash::Hash + Eq, V>(held: &mut HashMap<K, (V, u32)>, key: K, count: u32) -> Option<V> {
+    match held.get_mut(&key) {
+        Some((_, n)) if *n > count => {
+            *n -= count;
+            None
+        }
+        Some(_) => held.remove(&key).map(|(v, _)| v),
+        None => None,
+    }
+}
+
+/// An object's value (or error) as a worker receives it, and what that
+/// lends the worker: a value in shared memory is pinned for it, one
+/// inline lends the objects it refers to.
+pub(crate) fn lend_outcome(result: Result<Value>, node: Option<&Arc<NodeStore>>) -> (WireOutcome, Loan) {
+    let mut loan = Loan::none();
+    let outcome = result
+        .and_then(|v| {
+            let type_name = v.type_name().to_owned();
+            loan.lend(&v, node).map(|lent| lent.into_outcome(type_name))
+        })
+        .unwrap_or_else(WireOutcome::Failed);
+    (outcome, loan)
+}
