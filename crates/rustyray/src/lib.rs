@@ -52,10 +52,20 @@
 
 #![forbid(unsafe_code)]
 
-pub use rustyray_core::*;
+pub use rustyray_core_worker::{
+    create_actor, current, detect_gpus, is_cancelled, registry, worker_entry, ActorClass, ActorHandle,
+    ActorId, ActorOptions, ActorOptionsBuilder, ActorStub, Arg, ArgList, Blob, CancelOptions, Config, Data,
+    Error, GetFuture, IntoArg, ObjectId, ObjectRef, RawActor, RawRef, Ray, ResourceSet, Result,
+    SharedStoreStats, StoreStats, TaskFailure, TaskId, TaskOptions, TaskOptionsBuilder, Value, WaitResult,
+    WorkerCommand, WorkerMode, CPU, DEFAULT_MAX_RETRIES, GPU,
+};
 pub use rustyray_macros::{actor, main, remote};
 
-use rustyray_core::embed::{Handle, NodeOptions, NodeParts, Owner, ShmStore};
+/// What the macros' generated code calls. Not a stable API.
+#[doc(hidden)]
+pub use rustyray_core_worker::__private;
+
+use rustyray_core_worker::embed::{Handle, NodeOptions, NodeParts, Owner, ShmStore};
 use std::sync::Arc;
 
 /// Starts a runtime with the default [`Config`]: embedded, tasks and
@@ -68,7 +78,7 @@ pub fn init() -> Result<Ray> {
 /// ([`WorkerMode::Processes`]) the driver hosts the node daemon
 /// (`rustyray-raylet`): its worker pool and shared-memory store.
 pub fn init_with(config: Config) -> Result<Ray> {
-    rustyray_core::embed::init_hosting(config, Some(start_node))
+    rustyray_core_worker::embed::init_hosting(config, Some(start_node))
 }
 
 /// Starts the node daemon a driver hosts, for the core worker.

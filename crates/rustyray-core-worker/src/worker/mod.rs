@@ -90,10 +90,10 @@ use std::sync::Arc;
 /// every program that runs with [`crate::WorkerMode::Processes`]:
 ///
 /// ```no_run
-/// rustyray_core::worker_entry();
+/// rustyray_core_worker::worker_entry();
 /// // The driver's code: only reached when not started as a worker.
-/// let ray = rustyray_core::init_with(
-///     rustyray_core::Config::new().worker_mode(rustyray_core::WorkerMode::Processes),
+/// let ray = rustyray_core_worker::init_with(
+///     rustyray_core_worker::Config::new().worker_mode(rustyray_core_worker::WorkerMode::Processes),
 /// );
 /// ```
 pub fn worker_entry() {

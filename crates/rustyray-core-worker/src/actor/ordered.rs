@@ -134,7 +134,7 @@ impl<W: Worker, C> Ordered<W, C> {
 #[cfg(all(test, feature = "shuttle"))]
 mod model_tests {
     //! Model tests of per-caller order across a restart, under shuttle
-    //! (`cargo nextest run -p rustyray-core --features shuttle --lib
+    //! (`cargo nextest run -p rustyray-core-worker --features shuttle --lib
     //! model_`). The workers are in memory: a worker's inbox is the order in
     //! which calls reach it, and its death hands every call still in its
     //! inbox to `lose`, as the node's reader does for a dead process.

@@ -41,6 +41,7 @@ use crate::shm::NodeStore;
 use crate::store::{Peek, Store, StoreStats, ThreadWaker};
 use crate::task::{ArgList, Target, TaskSpec, TaskState};
 use crate::wire::service::NodeManager;
+use crate::SharedStoreStats;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
@@ -1916,7 +1917,7 @@ impl Ray {
 
     /// The node's shared-memory store, in the worker-process mode: its
     /// use, and what it spilled and restored.
-    pub fn shared_store_stats(&self) -> Option<rustyray_shm::StoreStats> {
+    pub fn shared_store_stats(&self) -> Option<SharedStoreStats> {
         self.inner.mode.shm().map(|s| s.store.stats())
     }
 

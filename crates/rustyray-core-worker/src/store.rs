@@ -37,7 +37,7 @@
 //!
 //! The locks, condition variable and atomics come from [`crate::sync`], so
 //! that this synchronization is model-checked with shuttle: see
-//! `model_tests` (`cargo nextest run -p rustyray-core --features shuttle
+//! `model_tests` (`cargo nextest run -p rustyray-core-worker --features shuttle
 //! --lib model_`).
 
 use crate::codec::Value;

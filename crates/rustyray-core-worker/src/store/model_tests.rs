@@ -1,6 +1,6 @@
 //! Model tests of the store's synchronization: object completion, waiters,
 //! reference counts, waiting for space and shutdown, run under `shuttle`
-//! (`cargo nextest run -p rustyray-core --features shuttle --lib model_`).
+//! (`cargo nextest run -p rustyray-core-worker --features shuttle --lib model_`).
 //!
 //! Each test runs its body under shuttle's random scheduler and then under
 //! its PCT scheduler. Wakers count their wake-ups in a shuttle atomic (no

@@ -17,7 +17,7 @@ use std::sync::Arc;
 /// until the last view of it is dropped. Anywhere else it is plain bytes.
 ///
 /// ```
-/// use rustyray_core::Blob;
+/// use rustyray_core_worker::Blob;
 ///
 /// let b = Blob::from(vec![1_u8, 2, 3]);
 /// let c = b.clone(); // no copy
@@ -41,7 +41,7 @@ impl Blob {
     /// Whether the bytes are read in place from the node's shared memory.
     ///
     /// ```
-    /// assert!(!rustyray_core::Blob::from(vec![0_u8; 4]).is_shared());
+    /// assert!(!rustyray_core_worker::Blob::from(vec![0_u8; 4]).is_shared());
     /// ```
     pub fn is_shared(&self) -> bool {
         matches!(self.0, Repr::Shared { .. })

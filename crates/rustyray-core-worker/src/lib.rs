@@ -12,10 +12,10 @@
 //! * [`registry`] — the link-time registry of functions and actors.
 //!
 //! ```
-//! let ray = rustyray_core::init_with(rustyray_core::Config::new().num_cpus(2.0))?;
+//! let ray = rustyray_core_worker::init_with(rustyray_core_worker::Config::new().num_cpus(2.0))?;
 //! let r = ray.put(41_i64)?;
 //! assert_eq!(ray.get(&r)? + 1, 42);
-//! # Ok::<(), rustyray_core::Error>(())
+//! # Ok::<(), rustyray_core_worker::Error>(())
 //! ```
 //!
 //! Module map (Ray's names in parentheses): [`store`](crate::StoreStats)
@@ -75,6 +75,7 @@ pub use options::{
 };
 pub use resources::{detect_gpus, ResourceSet, CPU, GPU};
 pub use runtime::{current, init, init_with, is_cancelled, Config, Ray, WaitResult, WorkerMode};
+pub use rustyray_shm::StoreStats as SharedStoreStats;
 pub use store::StoreStats;
 pub use task::ArgList;
 pub use worker::worker_entry;
