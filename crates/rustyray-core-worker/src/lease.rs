@@ -46,6 +46,8 @@ pub(crate) type Completion = Box<dyn FnOnce(std::result::Result<WireOutcome, Str
 pub struct Owner {
     rt: OnceLock<Weak<Inner>>,
     shm: Arc<NodeStore>,
+    /// Every worker's peer by process id, for a `Lend` naming it.
+    peers: Mutex<HashMap<u32, Weak<Leased>>>,
 }
 
 impl std::fmt::Debug for Owner {
@@ -59,6 +61,7 @@ impl Owner {
         Arc::new(Owner {
             rt: OnceLock::new(),
             shm,
+            peers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -82,13 +85,23 @@ impl OwnerService for Owner {
     type Peer = Leased;
 
     fn attach(self: &Arc<Self>, link: Arc<dyn WorkerLink>) -> Arc<Leased> {
-        Arc::new(Leased {
+        let pid = link.pid();
+        let leased = Arc::new(Leased {
             link,
             owner: self.clone(),
             inflight: Mutex::new(HashMap::new()),
             ledger: Mutex::new(Some(Ledger::default())),
             cpu: Mutex::new(HashMap::new()),
-        })
+            endpoint: OnceLock::new(),
+        });
+        let mut peers = self.peers.lock();
+        // Workers that are gone leave their entries behind; swept here, so
+        // the map holds about as many entries as there are live workers.
+        if peers.len() >= 64 && peers.len().is_power_of_two() {
+            peers.retain(|_, w| w.strong_count() > 0);
+        }
+        peers.insert(pid, Arc::downgrade(&leased));
+        leased
     }
 }
 
@@ -98,8 +111,102 @@ impl OwnerService for Owner {
 /// (one per message that lent the handle).
 #[derive(Default)]
 struct Ledger {
-    borrows: HashMap<ObjectId, (RawRef, u32)>,
-    actors: HashMap<ActorId, (RawActor, u32)>,
+    borrows: Counts<ObjectId, RawRef>,
+    actors: Counts<ActorId, RawActor>,
+}
+
+/// Counts kept for one worker, by key, each with what it keeps alive. A
+/// count may go below zero for a while: a worker that received something
+/// from another worker (lent with `Lend`, which that worker sends to this
+/// owner) may give it back before the `Lend` is read. The value is held
+/// while the count is above zero.
+struct Counts<K, V> {
+    held: HashMap<K, (Option<V>, i64)>,
+    /// Keys whose count is below zero (bounded: see [`Counts::release`]).
+    owed: usize,
+}
+
+impl<K, V> Default for Counts<K, V> {
+    fn default() -> Self {
+        Counts {
+            held: HashMap::new(),
+            owed: 0,
+        }
+    }
+}
+
+/// The most keys a worker may give back before they were lent to it
+/// (releases that overtook their `Lend`); more are dropped, logged.
+const MAX_OWED: usize = 1 << 16;
+
+impl<K: std::hash::Hash + Eq + Copy + std::fmt::Debug, V> Counts<K, V> {
+    /// Counts one more for `key`; `value` makes what the count keeps
+    /// alive, when it is the first (it is not called for a count that only
+    /// pays a debt back, nor when a value is kept already).
+    fn lend_with(&mut self, key: K, value: impl FnOnce() -> Option<V>) {
+        let entry = self.held.entry(key).or_insert((None, 0));
+        let was = entry.1;
+        entry.1 += 1;
+        if was < 0 {
+            if entry.1 == 0 {
+                self.held.remove(&key);
+                self.owed -= 1;
+            }
+            return;
+        }
+        if entry.0.is_none() {
+            entry.0 = value();
+            if entry.0.is_none() {
+                // Nothing left to keep (the object or actor is gone).
+                self.held.remove(&key);
+            }
+        }
+    }
+
+    /// [`Counts::lend_with`] with `value` at hand; returns it when it was
+    /// not kept, for the caller to drop outside the lock (dropping the
+    /// last handle on an object frees what it refers to).
+    fn lend(&mut self, key: K, value: V) -> Option<V> {
+        let mut slot = Some(value);
+        self.lend_with(key, || slot.take());
+        slot
+    }
+
+    /// Takes `count` back for `key`; returns the value once no count is
+    /// left, for the caller to drop outside the lock.
+    fn release(&mut self, key: K, count: u32) -> Option<V> {
+        let count = i64::from(count);
+        match self.held.get_mut(&key) {
+            Some(entry) if entry.1 > count => {
+                entry.1 -= count;
+                None
+            }
+            Some(entry) if entry.1 > 0 => {
+                let left = entry.1 - count;
+                let value = entry.0.take();
+                if left == 0 {
+                    self.held.remove(&key);
+                } else {
+                    entry.1 = left;
+                    self.owed += 1;
+                }
+                value
+            }
+            Some(entry) => {
+                entry.1 -= count;
+                None
+            }
+            None if self.owed < MAX_OWED => {
+                self.held.insert(key, (None, -count));
+                self.owed += 1;
+                None
+            }
+            None => {
+                tracing::warn!(?key, "a worker gave back more than it was lent; ignored");
+                None
+            }
+        }
+    }
 }
 
 /// The owner's side of one worker process it leases from the node.
@@ -114,6 +221,8 @@ pub struct Leased {
     /// Tasks running here: their CPU, and whether it is lent out while the
     /// task blocks.
     cpu: Mutex<HashMap<TaskId, (ResourceSet, bool)>>,
+    /// Where the worker accepts `Peer` connections (`Listening`).
+    endpoint: OnceLock<String>,
 }
 
 impl std::fmt::Debug for Leased {
@@ -251,17 +360,23 @@ impl Leased {
         if refs.is_empty() && actors.is_empty() {
             return;
         }
-        let mut ledger = self.ledger.lock();
-        // Dropped after the lock when the worker is gone.
-        let Some(ledger) = ledger.as_mut() else {
-            return;
-        };
-        for r in refs {
-            ledger.borrows.entry(r.id()).or_insert((r, 0)).1 += 1;
+        let mut spare = (Vec::new(), Vec::new());
+        let mut guard = self.ledger.lock();
+        // When the worker is gone, all of it is spare.
+        match guard.as_mut() {
+            Some(ledger) => {
+                for r in refs {
+                    spare.0.extend(ledger.borrows.lend(r.id(), r));
+                }
+                for a in actors {
+                    spare.1.extend(ledger.actors.lend(a.id(), a));
+                }
+            }
+            None => spare = (refs, actors),
         }
-        for a in actors {
-            ledger.actors.entry(a.id()).or_insert((a, 0)).1 += 1;
-        }
+        // Dropped outside the lock.
+        drop(guard);
+        drop(spare);
     }
 
     /// Sends a message that lends the worker `loan` (see `push_then`);
@@ -278,9 +393,34 @@ impl Leased {
     /// Keeps `r` for the worker (an object it put or a task it submitted)
     /// until it gives the count back.
     fn keep_for(&self, r: RawRef) {
-        if let Some(ledger) = self.ledger.lock().as_mut() {
-            ledger.borrows.entry(r.id()).or_insert((r, 0)).1 += 1;
+        let spare = match self.ledger.lock().as_mut() {
+            Some(ledger) => ledger.borrows.lend(r.id(), r),
+            None => Some(r),
+        };
+        drop(spare);
+    }
+
+    /// Counts for this worker what another worker lent it (`Lend`).
+    fn lent_by_peer(&self, rt: &Arc<Inner>, refs: &[ObjectId], actors: &[ActorId]) {
+        let mut ledger = self.ledger.lock();
+        let Some(ledger) = ledger.as_mut() else {
+            return;
+        };
+        for &id in refs {
+            // The lender holds the object until after its `Lend`: it is here.
+            ledger
+                .borrows
+                .lend_with(id, || RawRef::acquire(id, rt.clone()).ok());
         }
+        for &id in actors {
+            ledger.actors.lend_with(id, || crate::actor::hold_actor(rt, id));
+        }
+    }
+
+    /// The endpoint where the worker accepts `Peer` connections, once it
+    /// said.
+    pub(crate) fn endpoint(&self) -> Option<&str> {
+        self.endpoint.get().map(String::as_str)
     }
 
     /// Records the CPU of a task sent here (`Some`), or forgets it when the
@@ -312,13 +452,13 @@ impl Leased {
     /// outside the lock (freeing it may free what it refers to).
     fn release(&self, id: ObjectId, count: u32) -> Option<RawRef> {
         let mut ledger = self.ledger.lock();
-        give_back(&mut ledger.as_mut()?.borrows, id, count)
+        ledger.as_mut()?.borrows.release(id, count)
     }
 
     /// [`Leased::release`] for an actor handle.
     fn release_actor(&self, id: ActorId, count: u32) -> Option<RawActor> {
         let mut ledger = self.ledger.lock();
-        give_back(&mut ledger.as_mut()?.actors, id, count)
+        ledger.as_mut()?.actors.release(id, count)
     }
 
     /// An answer to the worker: `message` made of an outcome, lending what
@@ -364,6 +504,7 @@ impl Leased {
                 actor_id,
                 task_id,
                 spec,
+                attempted,
             } => {
                 let reply = self.object_ready(task_id);
                 match owner {
@@ -371,7 +512,9 @@ impl Leased {
                         let spec = Value::from_bytes(spec, "TaskSpec");
                         // The call's result is kept for the worker, so a
                         // reference to it may leave the worker.
-                        if let Some(r) = crate::actor::call_for_worker(&rt, actor_id, task_id, &spec, reply) {
+                        if let Some(r) =
+                            crate::actor::call_for_worker(&rt, actor_id, task_id, &spec, attempted, reply)
+                        {
                             self.keep_for(r);
                         }
                     }
@@ -413,16 +556,21 @@ impl Leased {
                 }
             }
             Message::Put { id, value } => {
-                if let Some(rt) = owner {
-                    let kept = match crate::runtime::Outcome::from_wire(value, &rt) {
-                        crate::runtime::Outcome::Value(v) => rt.put_for_worker(id, v),
-                        _ => Err(Error::Protocol("a put without a value".to_owned())),
-                    };
-                    match kept {
-                        Ok(r) => self.keep_for(r),
-                        Err(e) => {
-                            tracing::warn!(object = %id, error = %e, "could not keep a worker's object")
-                        }
+                let Some(rt) = owner else {
+                    // Nobody will keep it: a sealed object is freed here.
+                    if let WireOutcome::Stored { id, .. } = value {
+                        let _ = self.owner.shm.store.delete(id);
+                    }
+                    return Ok(());
+                };
+                let kept = match crate::runtime::Outcome::from_wire(value, &rt) {
+                    crate::runtime::Outcome::Value(v) => rt.put_for_worker(id, v),
+                    _ => Err(Error::Protocol("a put without a value".to_owned())),
+                };
+                match kept {
+                    Ok(r) => self.keep_for(r),
+                    Err(e) => {
+                        tracing::warn!(object = %id, error = %e, "could not keep a worker's object")
                     }
                 }
             }
@@ -461,6 +609,15 @@ impl Leased {
                         Err(e) => reply(Err(e)),
                     },
                     Err(e) => reply(Err(e)),
+                }
+            }
+            Message::Listening { endpoint } => {
+                let _ = self.endpoint.set(endpoint);
+            }
+            Message::Lend { to, refs, actors } => {
+                let to = self.owner.peers.lock().get(&to).and_then(Weak::upgrade);
+                if let (Some(to), Some(rt)) = (to, owner) {
+                    to.lent_by_peer(&rt, &refs, &actors);
                 }
             }
             other => return Err(format!("unexpected message from a worker: {other:?}")),
@@ -504,19 +661,6 @@ impl WorkerPeer for Leased {
     fn discard(&self) {
         let inflight = self.close();
         drop(inflight);
-    }
-}
-
-/// Gives back `count` of the counts held on `key`; returns the held value
-/// once none are left.
-fn give_back<K: std::hash::Hash + Eq, V>(held: &mut HashMap<K, (V, u32)>, key: K, count: u32) -> Option<V> {
-    match held.get_mut(&key) {
-        Some((_, n)) if *n > count => {
-            *n -= count;
-            None
-        }
-        Some(_) => held.remove(&key).map(|(v, _)| v),
-        None => None,
     }
 }
 

@@ -1,5 +1,8 @@
-//! The core of RustyRay: ownership, the object store, the scheduler, and
-//! task and actor execution — Ray's core worker and raylet, embedded.
+//! RustyRay's core worker: ownership, the object store, the scheduler, and
+//! task and actor execution — Ray's core worker, in every driver and
+//! worker process. The node daemon it leases worker processes from is
+//! `rustyray-raylet`, reached only through `rustyray-proto`'s service
+//! traits.
 //!
 //! Users reach this crate through the `rustyray` facade, whose macros
 //! generate the typed stubs that call into it. The main types:
@@ -22,11 +25,11 @@
 //! (memory store + reference counter), `scheduler` (local task manager),
 //! `pool` (worker pool), `actor` (actor manager + actor task receiver),
 //! `task` (task specification + task manager), `codec` (serialization),
-//! `context` (runtime context); for worker processes: `node` (node
-//! daemon: worker pool, raylet), `worker` (the worker process's loop, core
-//! worker), `shm` (plasma), `worker_logs` (log files and `log_to_driver`),
-//! `session` (the session directory). Ids, errors, resources and options
-//! come from `rustyray-common`; the messages between this crate's roles
+//! `context` (runtime context); for worker processes: `lease` (the owner's
+//! side of each worker leased from the node: pushing tasks, what is lent to
+//! the worker, its requests), `worker` (the worker process's loop), `shm`
+//! (plasma, as an owner and a worker use it). Ids, errors, resources and
+//! options come from `rustyray-common`; the messages between the roles
 //! from `rustyray-proto`.
 
 #![forbid(unsafe_code)]
@@ -101,6 +104,7 @@ pub mod __private {
         InvokeError, InvokeResult, MethodBody, MethodEntry, SharedGuard, ACTOR_CLASSES, ACTOR_METHODS,
         REMOTE_FUNCTIONS,
     };
+    pub use crate::worker::direct_calls;
     pub use linkme;
 
     use crate::{Arg, Data, ObjectRef, Ray, Result, TaskOptions, Value};

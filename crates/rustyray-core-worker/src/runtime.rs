@@ -641,8 +641,9 @@ impl Inner {
             .unwrap_or_else(|| (num_cpus.ceil() as usize).clamp(1, 4));
         let name = format!("{thread_prefix}-a");
         let mut builder = tokio::runtime::Builder::new_multi_thread();
-        if config.worker_mode == WorkerMode::Processes {
-            // Connections to the worker processes.
+        if config.worker_mode == WorkerMode::Processes || upstream.is_some() {
+            // Connections to the worker processes (a worker's: to other
+            // workers).
             builder.enable_io();
         }
         let executor = builder
@@ -695,6 +696,7 @@ impl Inner {
                 })?;
                 let Some(made) = made.into_inner() else {
                     parts.manager.shut_down();
+                    parts.manager.close();
                     return Err(Error::invalid("the node daemon did not name its owner"));
                 };
                 let shm = made.shm().clone();
@@ -782,7 +784,7 @@ impl Inner {
         }
         for a in actors {
             let handle = match up {
-                Some(up) => actor::borrow_actor(self, a.id, &a.class)
+                Some(up) => actor::borrow_actor(self, a)
                     .inspect_err(|_| up.released_actor(a.id, 1))
                     .map(Some),
                 None => Ok(actor::hold_actor(self, a.id)),

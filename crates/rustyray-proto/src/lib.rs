@@ -56,7 +56,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub mod service;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// The first bytes of every `Hello`.
 pub const MAGIC: [u8; 4] = *b"RRAY";
@@ -81,6 +81,10 @@ pub enum Role {
     WorkerUp,
     /// A node daemon.
     NodeDaemon,
+    /// A worker process on a connection to another worker's own endpoint
+    /// (direct actor calls and their answers). It writes on the connection
+    /// it opened and reads the one the other side opens back.
+    Peer,
 }
 
 /// One protocol message. Each variant says who sends it, whether
@@ -282,6 +286,45 @@ pub enum Message {
         task_id: TaskId,
         /// The call's spec bytes, arguments inline.
         spec: Vec<u8>,
+        /// The call was sent straight to the actor's process once and lost
+        /// with it: one attempt of its retries is spent.
+        attempted: bool,
+    },
+    /// Worker → worker (on a `Peer` connection): a call on an actor the
+    /// receiving process hosts, made by code in the sending process, whose
+    /// answer comes back as `TaskDone` on the connection the receiver opens
+    /// back. The objects and actors the spec names were lent to the
+    /// receiver by their owner first (`Lend`). Not idempotent.
+    ActorCall {
+        /// The actor.
+        actor_id: ActorId,
+        /// The call (minted by the caller).
+        task_id: TaskId,
+        /// The call's spec in bytes form (values inline, references as
+        /// ids).
+        spec: Vec<u8>,
+        /// The objects passed as arguments by reference, each lent once.
+        refs: Vec<ObjectId>,
+    },
+    /// Worker → its owner's side, first message on a worker's uplink or a
+    /// `Peer` connection: the endpoint where this process accepts `Peer`
+    /// connections. Idempotent.
+    Listening {
+        /// The endpoint's name (a Unix socket in the abstract namespace).
+        endpoint: String,
+    },
+    /// Worker → owner: lend the owner's objects and actors to worker `to`
+    /// (by process id), which the sender is about to send a message naming
+    /// them; counted for `to` as if the owner had sent the message, and
+    /// given back by its `Release`/`ReleaseActor`, which may arrive first.
+    /// Not idempotent.
+    Lend {
+        /// The receiving worker.
+        to: u32,
+        /// The objects, one count each.
+        refs: Vec<ObjectId>,
+        /// The actors, one handle each.
+        actors: Vec<ActorId>,
     },
     /// Worker → owner: a task submitted by code running in the worker. The
     /// owner runs it as its own (`task_id` minted by the worker), keeps its
@@ -357,6 +400,20 @@ pub struct NamedActor {
     pub id: ActorId,
     /// Its class's registry name.
     pub class: String,
+    /// Where its calls may go straight to, when the owner lends it to a
+    /// worker while the actor is alive in a worker process.
+    pub route: Option<ActorRoute>,
+}
+
+/// The way to an actor's worker process, for calls that skip its owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActorRoute {
+    /// The hosting process's `Peer` endpoint.
+    pub endpoint: String,
+    /// Its process id.
+    pub pid: u32,
+    /// The actor's `max_task_retries` (-1: without limit).
+    pub max_task_retries: i32,
 }
 
 /// How one attempt of a task ended in a worker process.
@@ -758,6 +815,11 @@ mod tests {
                     actors: vec![NamedActor {
                         id: ActorId::from_u128(6),
                         class: "Counter".into(),
+                        route: Some(ActorRoute {
+                            endpoint: "rustyray-p-1-ab".into(),
+                            pid: 1,
+                            max_task_retries: -1,
+                        }),
                     }],
                 },
             },
@@ -841,6 +903,21 @@ mod tests {
                 actor_id: ActorId::from_u128(9),
                 task_id: TaskId::from_u128(12),
                 spec: vec![6],
+                attempted: true,
+            },
+            Message::ActorCall {
+                actor_id: ActorId::from_u128(9),
+                task_id: TaskId::from_u128(13),
+                spec: vec![6],
+                refs: vec![ObjectId::from_u128(5)],
+            },
+            Message::Listening {
+                endpoint: "rustyray-p-2-cd".into(),
+            },
+            Message::Lend {
+                to: 2,
+                refs: vec![ObjectId::from_u128(5)],
+                actors: vec![ActorId::from_u128(6)],
             },
             Message::ObjectReady {
                 task_id: TaskId::from_u128(12),

@@ -93,6 +93,9 @@ struct ActorCall {
     state: Arc<TaskState>,
     method: &'static MethodEntry,
     args: Vec<Arg>,
+    /// A worker sent it straight to the actor's process once, and it was
+    /// lost with that process: one of its retries is spent.
+    attempted: bool,
 }
 
 /// The mailbox of a sync actor, drained in order by runner jobs on the
@@ -1189,20 +1192,31 @@ fn release_proxy(rt: &Arc<Inner>, actor: &Arc<ActorState>) {
         }
         actor.lent.swap(0, Ordering::AcqRel)
     };
-    if let (1.., Some(up)) = (lent, rt.mode.upstream()) {
-        up.released_actor(actor.id, lent);
+    if let Some(up) = rt.mode.upstream() {
+        up.routes.forget(actor.id);
+        if lent > 0 {
+            up.released_actor(actor.id, lent);
+        }
     }
 }
 
 /// In a worker process: takes a handle on the owner's actor `id`, which a
 /// message lent this process (counted, and given back by
 /// `release_proxy`).
-pub(crate) fn borrow_actor(rt: &Arc<Inner>, id: ActorId, class: &str) -> Result<RawActor> {
-    let class = rt.registry.class(class)?;
+pub(crate) fn borrow_actor(rt: &Arc<Inner>, named: &crate::wire::NamedActor) -> Result<RawActor> {
+    let (id, class) = (named.id, rt.registry.class(&named.class)?);
     let mut table = rt.actors.actors.lock();
     let actor = table
         .entry(id)
-        .or_insert_with(|| ActorState::proxy(id, class))
+        .or_insert_with(|| {
+            // A new proxy takes the way straight to the actor, if the owner
+            // gave one; it keeps it (or the owner's way, once that fails)
+            // for as long as it lives, so its calls keep their order.
+            if let Some(up) = rt.mode.upstream() {
+                up.routes.learn(named);
+            }
+            ActorState::proxy(id, class)
+        })
         .clone();
     actor.lent.fetch_add(1, Ordering::AcqRel);
     // Under the table lock, so `release_proxy` sees the new handle.
@@ -1288,11 +1302,20 @@ impl RawActor {
         self.0.actor.class.name
     }
 
-    /// The actor as a value's list of actors names it on the wire.
+    /// The actor as a value's list of actors names it on the wire, with
+    /// the way to its process when calls may go there straight.
     pub(crate) fn named(&self) -> crate::wire::NamedActor {
+        let actor = &self.0.actor;
+        let rt = self.0.ray.inner();
+        let route = if actor.proxy {
+            rt.mode.upstream().and_then(|up| up.routes.route_of(actor.id))
+        } else {
+            remote::route(actor)
+        };
         crate::wire::NamedActor {
             id: self.id(),
             class: self.class_name().to_owned(),
+            route,
         }
     }
 
@@ -1325,7 +1348,15 @@ impl RawActor {
             return upstream.call_actor(rt, actor.id, method, args);
         }
         let (state, ret) = rt.new_task()?;
-        actor.submit(rt, ActorCall { state, method, args });
+        actor.submit(
+            rt,
+            ActorCall {
+                state,
+                method,
+                args,
+                attempted: false,
+            },
+        );
         Ok(ret)
     }
 }
@@ -1341,6 +1372,7 @@ pub(crate) fn call_for_worker(
     actor_id: ActorId,
     task_id: TaskId,
     spec: &Value,
+    attempted: bool,
     reply: Reply,
 ) -> Option<RawRef> {
     let submitted = (|| -> Result<RawRef> {
@@ -1371,6 +1403,7 @@ pub(crate) fn call_for_worker(
                 state,
                 method,
                 args: spec.args,
+                attempted,
             },
         );
         Ok(ret)

@@ -457,6 +457,12 @@ fn send_numbered(
         Ok(_) if call.state.is_cancelled() => Err(Error::TaskCancelled(call.state.id)),
         other => other,
     };
+    // A call a worker sent straight to the actor's process, lost with it,
+    // has spent an attempt.
+    let retries_left = match actor.max_task_retries {
+        n if call.attempted && n > 0 => n - 1,
+        n => n,
+    };
     let flight = InFlight {
         call,
         send: Outgoing {
@@ -466,7 +472,7 @@ fn send_numbered(
         guard,
         seq,
         attempt: 1,
-        retries_left: actor.max_task_retries,
+        retries_left,
     };
     match values {
         Ok(values) => InFlight {
@@ -499,4 +505,19 @@ impl Outgoing {
         };
         Ok((msg, loan))
     }
+}
+
+/// The way to the process hosting `actor` now, for a worker to send its
+/// calls straight there: while the actor is alive in a worker process that
+/// accepts `Peer` connections.
+pub(super) fn route(actor: &ActorState) -> Option<crate::wire::ActorRoute> {
+    if !matches!(actor.life.lock().status, Status::Alive) {
+        return None;
+    }
+    let w = actor.link.worker()?;
+    Some(crate::wire::ActorRoute {
+        endpoint: w.endpoint()?.to_owned(),
+        pid: w.pid(),
+        max_task_retries: actor.max_task_retries,
+    })
 }

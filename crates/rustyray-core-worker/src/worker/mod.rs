@@ -54,6 +54,8 @@
 //!   the proxy here counts the loans and gives them back (`ReleaseActor`)
 //!   with its last local handle.
 
+mod direct;
+pub use direct::direct_calls;
 mod reading;
 
 use crate::actor::RawActor;
@@ -89,12 +91,11 @@ use std::sync::Arc;
 /// Call it first thing in `main` (or put `#[rustyray::main]` on `main`) of
 /// every program that runs with [`crate::WorkerMode::Processes`]:
 ///
-/// ```no_run
-/// rustyray_core_worker::worker_entry();
-/// // The driver's code: only reached when not started as a worker.
-/// let ray = rustyray_core_worker::init_with(
-///     rustyray_core_worker::Config::new().worker_mode(rustyray_core_worker::WorkerMode::Processes),
-/// );
+/// ```ignore
+/// rustyray::worker_entry();
+/// // The driver's code: only reached when not started as a worker. The
+/// // facade's `init_with` starts the node daemon the processes mode needs.
+/// let ray = rustyray::init_with(rustyray::Config::new().worker_mode(rustyray::WorkerMode::Processes));
 /// ```
 pub fn worker_entry() {
     let Some(socket) = std::env::var_os(WORKER_ENV) else {
@@ -151,6 +152,11 @@ pub(crate) struct Upstream {
     threshold: usize,
     /// Values waiting for their allocation (`ObjectSlot`).
     slots: Mutex<HashMap<u128, std::sync::mpsc::Sender<Result<u64>>>>,
+    /// Calls that go straight to the actor's process.
+    pub(crate) routes: direct::Routes,
+    /// This process's endpoint and connections to other workers, once
+    /// listening.
+    peers: std::sync::OnceLock<Arc<direct::Peers>>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -178,7 +184,7 @@ impl Upstream {
 
     fn share_each(&self, rt: &Arc<Inner>, ids: &[ObjectId]) -> Result<()> {
         for &id in ids {
-            let Some(v) = rt.store.share_with_owner(id) else {
+            let Some(v) = self.share_one(rt, id)? else {
                 continue;
             };
             let mut value = self.encode(&v);
@@ -194,6 +200,50 @@ impl Upstream {
             }
             self.replies.send(&Message::Put { id, value });
         }
+        Ok(())
+    }
+
+    /// The value of object `id` to hand to the owner, if only this process
+    /// holds it; the result of a call still out straight to an actor's
+    /// process is waited for first (the owner cannot be handed a promise).
+    fn share_one(&self, rt: &Arc<Inner>, id: ObjectId) -> Result<Option<Value>> {
+        if let Some(v) = rt.store.share_with_owner(id) {
+            return Ok(Some(v));
+        }
+        if !self.routes.is_out(id) {
+            return Ok(None);
+        }
+        let r = RawRef::acquire(id, rt.clone())?;
+        rt.get_value(&r, None)?;
+        Ok(rt.store.share_with_owner(id))
+    }
+
+    /// This process's endpoint and connections to other workers.
+    fn peers(&self) -> Option<&Arc<direct::Peers>> {
+        self.peers.get()
+    }
+
+    /// Sends a call on the owner's actor to the owner (see
+    /// `Message::CallActor`); its result is kept there for this process.
+    fn relay(
+        &self,
+        rt: &Arc<Inner>,
+        state: &Arc<TaskState>,
+        ret: &RawRef,
+        actor_id: ActorId,
+        spec: Vec<u8>,
+        attempted: bool,
+    ) -> Result<()> {
+        rt.store
+            .kept_upstream(ret.id())
+            .inspect_err(|_| rt.forget_task(state.id))?;
+        self.pending.lock().insert(state.id, state.clone());
+        self.replies.send(&Message::CallActor {
+            actor_id,
+            task_id: state.id,
+            spec,
+            attempted,
+        });
         Ok(())
     }
 
@@ -371,6 +421,10 @@ impl Upstream {
         method: &'static crate::registry::MethodEntry,
         args: Vec<Arg>,
     ) -> Result<RawRef> {
+        let args = match self.routes.call(self, rt, actor_id, method, args)? {
+            Ok(ret) => return Ok(ret),
+            Err(args) => args,
+        };
         let (state, ret) = rt.new_task()?;
         let spec = TaskSpec {
             id: state.id,
@@ -383,6 +437,7 @@ impl Upstream {
             actor_id,
             task_id: state.id,
             spec: bytes,
+            attempted: false,
         });
         Ok(ret)
     }
@@ -539,6 +594,8 @@ fn serve(socket: &str) -> Result<()> {
         shm,
         threshold,
         slots: Mutex::default(),
+        routes: direct::Routes::default(),
+        peers: std::sync::OnceLock::new(),
     });
     let rt = Inner::start_as(Config::default(), Some(up.clone()), None)?;
     // Objects the owner lent are asked for when first looked at.
@@ -551,6 +608,13 @@ fn serve(socket: &str) -> Result<()> {
         actors: Mutex::default(),
         calls: Mutex::default(),
     });
+    // Other workers call the actor hosted here straight at this endpoint;
+    // the owner hands it out with the actor's handles.
+    let peers = direct::Peers::start(&worker, token)?;
+    worker.up.replies.send(&Message::Listening {
+        endpoint: peers.endpoint().to_owned(),
+    });
+    let _ = worker.up.peers.set(peers);
     // A claim with no standby thread starts a new reader.
     let weak = Arc::downgrade(&worker);
     worker.up.reading.set_spawn(Box::new(move || {
@@ -616,21 +680,24 @@ fn serve_messages(worker: &Arc<Worker>, first: Option<Inbox>) -> Result<()> {
                     let _ = tx.send(slot);
                 }
             }
-            Some(Message::CancelTask { task_id, .. }) => {
-                let state = worker.running.lock().get(&task_id).cloned();
-                if let Some(s) = state {
-                    s.mark_cancelled();
-                    s.abort_running();
-                }
-                let call = worker.calls.lock().get(&task_id).cloned();
-                if let Some(r) = call {
-                    let _ = worker.rt.cancel(r.id(), crate::options::CancelOptions::default());
-                }
-            }
+            Some(Message::CancelTask { task_id, .. }) => cancel_here(worker, task_id),
             Some(Message::Ping { nonce }) => worker.up.replies.send(&Message::Pong { nonce }),
             Some(Message::Shutdown) | None => return Ok(()),
             Some(other) => return Err(Error::Protocol(format!("unexpected message {other:?}"))),
         }
+    }
+}
+
+/// Cancels a task or actor call running here.
+fn cancel_here(worker: &Worker, task_id: TaskId) {
+    let state = worker.running.lock().get(&task_id).cloned();
+    if let Some(s) = state {
+        s.mark_cancelled();
+        s.abort_running();
+    }
+    let call = worker.calls.lock().get(&task_id).cloned();
+    if let Some(r) = call {
+        let _ = worker.rt.cancel(r.id(), crate::options::CancelOptions::default());
     }
 }
 
@@ -814,7 +881,6 @@ fn create_actor(
 /// actor keeps it. A method that panics ends the process, as the owner
 /// expects of a crashing actor.
 fn call_actor(worker: &Arc<Worker>, task_id: TaskId, actor_id: ActorId, spec: Vec<u8>) {
-    let rt = &worker.rt;
     let submitted = decode_spec(worker, spec).and_then(|spec| {
         let Target::Method(_, method) = spec.target else {
             return Err(Error::Protocol(format!("{} is not a method", spec.target.name())));
@@ -827,13 +893,16 @@ fn call_actor(worker: &Arc<Worker>, task_id: TaskId, actor_id: ActorId, spec: Ve
             .ok_or_else(|| Error::Protocol(format!("this worker does not host actor {actor_id}")))?;
         actor.call(method, spec.args)
     });
-    let r = match submitted {
-        Ok(r) => r,
-        Err(e) => {
-            worker.up.replies.done(task_id, WireOutcome::Failed(e));
-            return;
-        }
-    };
+    match submitted {
+        Ok(r) => reply_when_done(worker, task_id, r, None),
+        Err(e) => worker.up.replies.done(task_id, WireOutcome::Failed(e)),
+    }
+}
+
+/// Answers actor call `task_id` once its local object `r` completes: to
+/// the owner, or on the connection back to the worker process that made
+/// the call (`to`).
+fn reply_when_done(worker: &Arc<Worker>, task_id: TaskId, r: RawRef, to: Option<Arc<direct::PeerOut>>) {
     worker.calls.lock().insert(task_id, r.clone());
     // The reply goes out from whichever thread completes the call (no hop
     // through the executor).
@@ -841,9 +910,10 @@ fn call_actor(worker: &Arc<Worker>, task_id: TaskId, actor_id: ActorId, spec: Ve
         worker: worker.clone(),
         task_id,
         call: Mutex::new(Some(r.clone())),
+        to,
     });
     let waker = std::task::Waker::from(reply.clone());
-    if !matches!(rt.store.peek(r.id(), Some(&waker)), Ok(Peek::Pending)) {
+    if !matches!(worker.rt.store.peek(r.id(), Some(&waker)), Ok(Peek::Pending)) {
         reply.reply(true);
     }
 }
@@ -854,6 +924,9 @@ struct ReplyWhenDone {
     task_id: TaskId,
     /// The call's object, until the reply is sent.
     call: Mutex<Option<RawRef>>,
+    /// The connection back to the worker process that made the call, when
+    /// it came straight from there.
+    to: Option<Arc<direct::PeerOut>>,
 }
 
 impl std::task::Wake for ReplyWhenDone {
@@ -893,22 +966,39 @@ impl ReplyWhenDone {
                 None if on_reader => {
                     let me = self.clone();
                     let job = Box::new(move || {
-                        let outcome = me.worker.up.to_owner(&me.worker.rt, &v);
-                        me.worker.up.replies.done(me.task_id, outcome);
+                        let outcome = me.encode(&v);
+                        me.send(outcome);
                     });
                     if let Err(job) = w.rt.pool.execute(job) {
                         job();
                     }
                     return;
                 }
-                None => (w.up.to_owner(&w.rt, &v), Some(v)),
+                None => (self.encode(&v), Some(v)),
             },
             Err(e) => (local_failure(e), None),
         };
         let crashed = matches!(outcome, WireOutcome::Panicked(_));
-        w.up.replies.done(self.task_id, outcome);
+        self.send(outcome);
         if crashed {
             std::process::exit(1);
+        }
+    }
+
+    /// A value as the caller receives it.
+    fn encode(&self, v: &Value) -> WireOutcome {
+        let w = &self.worker;
+        match &self.to {
+            Some(to) => direct::to_peer(&w.up, &w.rt, to, v),
+            None => w.up.to_owner(&w.rt, v),
+        }
+    }
+
+    /// Sends the answer to the caller.
+    fn send(&self, outcome: WireOutcome) {
+        match &self.to {
+            Some(to) => direct::answer(to, self.task_id, outcome),
+            None => self.worker.up.replies.done(self.task_id, outcome),
         }
     }
 }

@@ -1,0 +1,659 @@
+//! Direct actor calls: code in a worker process calls an actor hosted by
+//! another worker process straight over a connection between the two,
+//! not through the owner (Ray's direct actor task submitter).
+//!
+//! # Endpoints and connections
+//!
+//! Every worker process listens on an endpoint of its own (a Unix socket in
+//! the abstract namespace, with a random name) and tells its owner
+//! (`Listening`). When the owner lends a handle on an actor that is alive
+//! in a worker process, the handle carries that process's endpoint
+//! ([`ActorRoute`]). A caller connects there (role `Peer`, the node's
+//! token), says its own endpoint, and the actor's process connects back:
+//! each side writes only on the connection it opened and reads only the
+//! one the other opened (as a worker and its node do), so no reader is
+//! woken by the other side taking what it wrote. Calls go out as
+//! `ActorCall`, answers come back as `TaskDone`. A connection that has
+//! not finished its handshake is bounded as the node's are: a first frame
+//! of at most [`HELLO_MAX`] bytes, [`HANDSHAKE_TIME`] to finish, at most
+//! [`MAX_HANDSHAKES`] at once.
+//!
+//! # Objects
+//!
+//! The owner (the driver) stays the owner of every object: the objects and
+//! actors a call names are handed to it first, if only this process holds
+//! them, and it is told to lend them to the actor's process (`Lend`) before
+//! the call goes; the answer lends the call's result's objects back the
+//! same way. A call's result is this process's own until a reference to it
+//! leaves; a message naming it while the call is still out waits for the
+//! answer first. Values travel inline on these connections (a large one is
+//! copied through the socket rather than read in shared memory).
+//!
+//! # Order and failure
+//!
+//! The calls of one process on one actor go out on one connection, in
+//! submission order, and the actor's process takes them in that order.
+//! When the connection fails (the actor's process died, was killed, or the
+//! actor moved), the calls still out are sent to the owner in their order
+//! (`CallActor` with `attempted`, one retry spent), or failed with
+//! `ActorDied` when the actor allows no retries, and every later call on
+//! that actor goes through the owner, which restarts the actor and keeps
+//! the order across the restart.
+
+use super::{complete, Upstream, Worker};
+use crate::codec::Value;
+use crate::error::{Error, Result};
+use crate::ids::{ActorId, ObjectId, TaskId};
+use crate::object_ref::{Arg, RawRef};
+use crate::runtime::Inner;
+use crate::task::{Target, TaskSpec, TaskState};
+use crate::wire::{self, ActorRoute, FrameDecoder, Message, NamedActor, Role, WireOutcome};
+use parking_lot::{Condvar, Mutex};
+use rustyray_transport::{Address, Conn, Listener};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+/// Calls this process sent straight to an actor's process, ever (see
+/// [`direct_calls`]).
+static DIRECT_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many actor calls this process has sent straight to the actor's
+/// worker process, skipping the owner. A diagnostic: tests and benchmarks
+/// check with it that the driver is off the path.
+pub fn direct_calls() -> u64 {
+    DIRECT_CALLS.load(Ordering::Relaxed)
+}
+
+/// The largest first frame a `Peer` connection may send (a `Hello`).
+const HELLO_MAX: u32 = 256;
+
+/// How long a `Peer` connection has to finish its handshake (and say its
+/// endpoint), and how long a caller waits for the connection back.
+const HANDSHAKE_TIME: Duration = Duration::from_secs(10);
+
+/// How often a caller waiting for the connection back checks that the
+/// other process is still there.
+const BACK_POLL: Duration = Duration::from_millis(20);
+
+/// How many `Peer` connections may be in their handshake at once.
+const MAX_HANDSHAKES: usize = 64;
+
+/// This process's endpoint and its connections to other worker processes.
+pub(crate) struct Peers {
+    endpoint: String,
+    token: u128,
+    /// Connections this process opened (it writes on them), by endpoint.
+    out: Mutex<HashMap<String, Arc<PeerOut>>>,
+    /// Endpoints whose connection to this process is up (this process
+    /// reads them), for a caller waiting for the connection back.
+    back: Mutex<HashSet<String>>,
+    back_ready: Condvar,
+    worker: Weak<Worker>,
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A connection this process opened to another worker process.
+pub(crate) struct PeerOut {
+    /// The other process.
+    pid: u32,
+    conn: Mutex<Conn>,
+    broken: AtomicBool,
+}
+
+impl PeerOut {
+    /// Whether the other process closed the connection (it died). Only for
+    /// a connection nothing was sent on yet: the other side never writes on
+    /// it, so a read finds either nothing or the end.
+    fn closed(&self) -> bool {
+        let conn = self.conn.lock();
+        if conn.set_read_timeout(Some(Duration::from_millis(1))).is_err() {
+            return true;
+        }
+        let mut byte = [0_u8; 1];
+        match std::io::Read::read(&mut &*conn, &mut byte) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        }
+    }
+
+    /// Writes one message; false when it cannot go (the connection is
+    /// broken from then on, or the message is too large).
+    fn send(&self, msg: &Message) -> bool {
+        if self.broken.load(Ordering::Acquire) {
+            return false;
+        }
+        let Ok(frame) = wire::encode_frame(msg) else {
+            return false;
+        };
+        let written = self.conn.lock().write_all(&frame);
+        if written.is_err() {
+            self.broken.store(true, Ordering::Release);
+        }
+        written.is_ok()
+    }
+}
+
+impl Peers {
+    /// Listens on a fresh endpoint and accepts `Peer` connections on the
+    /// worker's executor.
+    pub(crate) fn start(worker: &Arc<Worker>, token: u128) -> Result<Arc<Peers>> {
+        let endpoint = format!(
+            "rustyray-p-{}-{:032x}",
+            std::process::id(),
+            crate::ids::random_token()
+        );
+        let listener = {
+            let _enter = worker.rt.handle.enter();
+            Listener::bind(&Address::Unix(endpoint.clone()))
+                .map_err(|e| Error::from_io("binding the worker's endpoint", &e))?
+        };
+        let peers = Arc::new(Peers {
+            endpoint,
+            token,
+            out: Mutex::default(),
+            back: Mutex::default(),
+            back_ready: Condvar::new(),
+            worker: Arc::downgrade(worker),
+        });
+        worker
+            .rt
+            .handle
+            .spawn(accept_loop(Arc::downgrade(&peers), listener));
+        Ok(peers)
+    }
+
+    /// This process's endpoint.
+    pub(crate) fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// The connection to `endpoint` (process `pid`), opened if there is
+    /// none (or the last one broke).
+    fn out_to(&self, endpoint: &str, pid: u32) -> Result<Arc<PeerOut>> {
+        let mut out = self.out.lock();
+        if let Some(o) = out.get(endpoint).filter(|o| !o.broken.load(Ordering::Acquire)) {
+            return Ok(o.clone());
+        }
+        let mut conn = Conn::connect(&Address::Unix(endpoint.to_owned()))
+            .map_err(|e| Error::from_io("connecting to a worker process", &e))?;
+        conn.set_read_timeout(Some(HANDSHAKE_TIME))
+            .map_err(|e| Error::from_io("connecting to a worker process", &e))?;
+        let mut dec = FrameDecoder::new(HELLO_MAX);
+        wire::connect_handshake_blocking(&mut conn, &mut dec, Role::Peer, self.token)?;
+        let o = Arc::new(PeerOut {
+            pid,
+            conn: Mutex::new(conn),
+            broken: AtomicBool::new(false),
+        });
+        if !o.send(&Message::Listening {
+            endpoint: self.endpoint.clone(),
+        }) {
+            return Err(Error::Connection {
+                what: "connecting to a worker process".to_owned(),
+                message: "the connection closed during its handshake".to_owned(),
+            });
+        }
+        out.insert(endpoint.to_owned(), o.clone());
+        Ok(o)
+    }
+
+    /// Waits until `endpoint`'s connection to this process is up; false
+    /// when it is not within [`HANDSHAKE_TIME`] or the process there closed
+    /// `out` meanwhile (it died).
+    fn wait_back(&self, endpoint: &str, out: &PeerOut) -> bool {
+        let deadline = Instant::now() + HANDSHAKE_TIME;
+        loop {
+            {
+                let mut back = self.back.lock();
+                if back.contains(endpoint) {
+                    return true;
+                }
+                let slice = (Instant::now() + BACK_POLL).min(deadline);
+                if !self.back_ready.wait_until(&mut back, slice).timed_out() {
+                    continue;
+                }
+            }
+            if Instant::now() >= deadline || out.closed() {
+                return self.back.lock().contains(endpoint);
+            }
+        }
+    }
+
+    /// The connection from `endpoint` ended: the process there is gone (or
+    /// unreachable), so what was sent to it is failed over.
+    fn gone(&self, endpoint: &str) {
+        self.back.lock().remove(endpoint);
+        if let Some(o) = self.out.lock().remove(endpoint) {
+            o.broken.store(true, Ordering::Release);
+        }
+        if let Some(w) = self.worker.upgrade() {
+            w.up.routes.peer_gone(&w.rt, &w.up, endpoint);
+        }
+    }
+}
+
+/// Accepts `Peer` connections; each finishes its handshake, bounded, on a
+/// thread of its own, which then reads it.
+async fn accept_loop(peers: Weak<Peers>, listener: Listener) {
+    let in_handshake = Arc::new(AtomicUsize::new(0));
+    loop {
+        let conn = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot accept on the worker's endpoint");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(p) = peers.upgrade() else { return };
+        if in_handshake.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
+            in_handshake.fetch_sub(1, Ordering::AcqRel);
+            continue;
+        }
+        let counter = in_handshake.clone();
+        let started = std::thread::Builder::new()
+            .name("rustyray-peer".to_owned())
+            .spawn(move || {
+                let greeted = greet(&p, conn);
+                counter.fetch_sub(1, Ordering::AcqRel);
+                if let Ok((conn, dec, endpoint, pid)) = greeted {
+                    serve_peer(&p, conn, dec, &endpoint, pid);
+                }
+            });
+        if started.is_err() {
+            in_handshake.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// The accepting side of a `Peer` connection's handshake: the token, the
+/// peer's process id as the kernel knows it, and its endpoint, all within
+/// [`HANDSHAKE_TIME`].
+fn greet(peers: &Peers, mut conn: Conn) -> Result<(Conn, FrameDecoder, String, u32)> {
+    let kernel_pid = conn.peer_pid();
+    conn.set_read_timeout(Some(HANDSHAKE_TIME))
+        .map_err(|e| Error::from_io("a worker's handshake", &e))?;
+    let mut dec = FrameDecoder::new(HELLO_MAX);
+    let (role, pid) = wire::accept_handshake_blocking(&mut conn, &mut dec, peers.token)?;
+    if role != Role::Peer || kernel_pid.is_some_and(|k| k != pid) {
+        return Err(Error::Handshake(format!(
+            "a {role:?} connection from process {pid} is not a worker's"
+        )));
+    }
+    let Some(Message::Listening { endpoint }) = wire::read_message_blocking(&mut conn, &mut dec)? else {
+        return Err(Error::Handshake("a worker did not say its endpoint".to_owned()));
+    };
+    conn.set_read_timeout(None)
+        .map_err(|e| Error::from_io("a worker's handshake", &e))?;
+    dec.set_max(wire::DEFAULT_MAX_FRAME);
+    Ok((conn, dec, endpoint, pid))
+}
+
+/// Reads a connection another worker process opened: the calls it makes on
+/// the actor hosted here (answered on the connection back, opened first),
+/// their cancels, and the answers to this process's own calls.
+fn serve_peer(peers: &Arc<Peers>, mut conn: Conn, mut dec: FrameDecoder, endpoint: &str, pid: u32) {
+    // The connection back: this process's answers go there.
+    let Ok(back) = peers.out_to(endpoint, pid) else {
+        return;
+    };
+    peers.back.lock().insert(endpoint.to_owned());
+    peers.back_ready.notify_all();
+    while let Ok(Some(msg)) = wire::read_message_blocking(&mut conn, &mut dec) {
+        let Some(worker) = peers.worker.upgrade() else {
+            break;
+        };
+        match msg {
+            Message::ActorCall {
+                actor_id,
+                task_id,
+                spec,
+                refs,
+            } => peer_call(&worker, &back, actor_id, task_id, spec, &refs),
+            Message::CancelTask { task_id, .. } => super::cancel_here(&worker, task_id),
+            Message::TaskDone { task_id, outcome } => worker.up.routes.answered(&worker.rt, task_id, outcome),
+            Message::Ping { nonce } => {
+                back.send(&Message::Pong { nonce });
+            }
+            Message::Pong { .. } => {}
+            other => {
+                tracing::warn!(peer = pid, message = ?other, "closed a worker connection that sent an unexpected message");
+                break;
+            }
+        }
+    }
+    peers.gone(endpoint);
+}
+
+/// Runs a call another worker process made on the actor hosted here; its
+/// answer goes back on `back`.
+fn peer_call(
+    worker: &Arc<Worker>,
+    back: &Arc<PeerOut>,
+    actor_id: ActorId,
+    task_id: TaskId,
+    spec: Vec<u8>,
+    refs: &[ObjectId],
+) {
+    let rt = &worker.rt;
+    let submitted = (|| {
+        // The references passed as arguments were lent here (`Lend`); the
+        // ones inside values are taken as the spec decodes.
+        let keep = rt.hold_received(refs, &[])?;
+        let spec = TaskSpec::from_bytes(&Value::from_bytes(spec, "TaskSpec"), rt, &rt.registry)?;
+        drop(keep);
+        let Target::Method(_, method) = spec.target else {
+            return Err(Error::Protocol(format!("{} is not a method", spec.target.name())));
+        };
+        let actor = worker
+            .actors
+            .lock()
+            .get(&actor_id)
+            .cloned()
+            .ok_or_else(|| Error::Protocol(format!("this worker does not host actor {actor_id}")))?;
+        actor.call(method, spec.args)
+    })();
+    match submitted {
+        Ok(r) => super::reply_when_done(worker, task_id, r, Some(back.clone())),
+        Err(e) => {
+            back.send(&Message::TaskDone {
+                task_id,
+                outcome: WireOutcome::Failed(e),
+            });
+        }
+    }
+}
+
+/// A value as it goes to another worker process in answer to its call:
+/// inline, after handing the owner what it names and having the owner lend
+/// that to the caller.
+pub(super) fn to_peer(up: &Upstream, rt: &Arc<Inner>, to: &PeerOut, v: &Value) -> WireOutcome {
+    let value = super::inline(v);
+    if let WireOutcome::Value { refs, actors, .. } = &value {
+        if !refs.is_empty() || !actors.is_empty() {
+            if let Err(e) = up.share(rt, refs) {
+                return WireOutcome::Failed(e);
+            }
+            up.replies.send(&Message::Lend {
+                to: to.pid,
+                refs: refs.clone(),
+                actors: actors.iter().map(|a| a.id).collect(),
+            });
+        }
+    }
+    value
+}
+
+/// Sends an answer on a connection back; lost if the caller is gone.
+pub(super) fn answer(to: &PeerOut, task_id: TaskId, outcome: WireOutcome) {
+    to.send(&Message::TaskDone { task_id, outcome });
+}
+
+/// The direct routes this process knows, by actor.
+#[derive(Default)]
+pub(crate) struct Routes {
+    by_actor: Mutex<HashMap<ActorId, Arc<Route>>>,
+    /// Calls out on a route, by task.
+    calls: Mutex<HashMap<TaskId, Arc<Route>>>,
+}
+
+/// The way from this process straight to one actor's process.
+struct Route {
+    actor: ActorId,
+    class: String,
+    to: ActorRoute,
+    state: Mutex<RouteState>,
+}
+
+#[derive(Default)]
+struct RouteState {
+    /// The connection, once opened.
+    out: Option<Arc<PeerOut>>,
+    /// The connection failed (or never came up): calls go through the
+    /// owner from now on.
+    broken: bool,
+    /// Calls sent and not answered, by submission number.
+    inflight: BTreeMap<u64, Sent>,
+    /// Their submission numbers, by task.
+    seq: HashMap<TaskId, u64>,
+    next: u64,
+}
+
+/// A call sent straight to the actor's process.
+struct Sent {
+    state: Arc<TaskState>,
+    /// Its spec's bytes form, to send it through the owner if it is lost.
+    spec: Vec<u8>,
+    /// Keeps what the spec names alive until the call is answered.
+    _named: Value,
+}
+
+impl Routes {
+    /// Learns the route of an actor whose handle the owner lent here.
+    pub(crate) fn learn(&self, named: &NamedActor) {
+        let Some(to) = &named.route else { return };
+        self.by_actor.lock().entry(named.id).or_insert_with(|| {
+            Arc::new(Route {
+                actor: named.id,
+                class: named.class.clone(),
+                to: to.clone(),
+                state: Mutex::default(),
+            })
+        });
+    }
+
+    /// The route of `actor`, while calls still take it (to lend a handle on
+    /// with it).
+    pub(crate) fn route_of(&self, actor: ActorId) -> Option<ActorRoute> {
+        let route = self.by_actor.lock().get(&actor).cloned()?;
+        let broken = route.state.lock().broken;
+        (!broken).then(|| route.to.clone())
+    }
+
+    /// Forgets `actor`'s route when no call is out on it (its last handle
+    /// here went).
+    pub(crate) fn forget(&self, actor: ActorId) {
+        let mut by_actor = self.by_actor.lock();
+        if by_actor
+            .get(&actor)
+            .is_some_and(|r| r.state.lock().inflight.is_empty())
+        {
+            by_actor.remove(&actor);
+        }
+    }
+
+    /// Whether `id` is the result of a call still out on a route.
+    pub(crate) fn is_out(&self, id: ObjectId) -> bool {
+        let calls = self.calls.lock();
+        calls.keys().any(|t| t.return_object() == id)
+    }
+
+    /// Makes a call on `actor` straight to its process when a route is
+    /// known; `Ok(None)` hands the call back to go through the owner.
+    pub(crate) fn call(
+        &self,
+        up: &Upstream,
+        rt: &Arc<Inner>,
+        actor: ActorId,
+        method: &'static crate::registry::MethodEntry,
+        args: Vec<Arg>,
+    ) -> Result<std::result::Result<RawRef, Vec<Arg>>> {
+        let Some(route) = self.by_actor.lock().get(&actor).cloned() else {
+            return Ok(Err(args));
+        };
+        let (state, ret) = rt.new_task()?;
+        let top: Vec<ObjectId> = args
+            .iter()
+            .filter_map(|a| match a {
+                Arg::Ref(r) => Some(r.id()),
+                Arg::Value(_) => None,
+            })
+            .collect();
+        let spec = TaskSpec {
+            id: state.id,
+            target: Target::Method(actor, method),
+            args,
+            name: None,
+        };
+        let built = spec.to_bytes().and_then(|named| {
+            // What only this process holds goes to the owner first (the
+            // results of calls still out are waited for).
+            up.share(rt, &named.nested_object_ids())?;
+            let bytes = named
+                .bytes()
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| Error::serialization("a task spec without bytes"))?;
+            Ok((named, bytes))
+        });
+        let (named, bytes) = match built {
+            Ok(b) => b,
+            Err(e) => {
+                rt.forget_task(state.id);
+                return Err(e);
+            }
+        };
+        let mut st = route.state.lock();
+        if !st.broken && st.out.is_none() {
+            match up
+                .peers()
+                .map(|p| (p.out_to(&route.to.endpoint, route.to.pid), p))
+            {
+                Some((Ok(o), p)) if p.wait_back(&route.to.endpoint, &o) => st.out = Some(o),
+                _ => st.broken = true,
+            }
+        }
+        let out = match (&st.out, st.broken) {
+            (Some(o), false) => o.clone(),
+            _ => {
+                drop(st);
+                up.relay(rt, &state, &ret, actor, bytes, false)?;
+                return Ok(Ok(ret));
+            }
+        };
+        let lent = named.nested_object_ids();
+        let actors: Vec<ActorId> = named.nested_actors().iter().map(|a| a.id()).collect();
+        if !lent.is_empty() || !actors.is_empty() {
+            up.replies.send(&Message::Lend {
+                to: route.to.pid,
+                refs: lent,
+                actors,
+            });
+        }
+        let seq = st.next;
+        st.next += 1;
+        st.seq.insert(state.id, seq);
+        st.inflight.insert(
+            seq,
+            Sent {
+                state: state.clone(),
+                spec: bytes.clone(),
+                _named: named,
+            },
+        );
+        self.calls.lock().insert(state.id, route.clone());
+        let sent = out.send(&Message::ActorCall {
+            actor_id: actor,
+            task_id: state.id,
+            spec: bytes,
+            refs: top,
+        });
+        if sent {
+            DIRECT_CALLS.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.fail_over(rt, up, &route, &mut st);
+        }
+        Ok(Ok(ret))
+    }
+
+    /// An answer to a call sent straight to an actor's process.
+    fn answered(&self, rt: &Arc<Inner>, task_id: TaskId, outcome: WireOutcome) {
+        let route = self.calls.lock().remove(&task_id);
+        let sent = route.and_then(|r| {
+            let mut st = r.state.lock();
+            let seq = st.seq.remove(&task_id)?;
+            st.inflight.remove(&seq)
+        });
+        let Some(sent) = sent else {
+            // Failed over already: what it lends goes back as it drops.
+            drop(crate::runtime::Outcome::from_wire(outcome, rt));
+            return;
+        };
+        complete(rt, task_id.return_object(), outcome);
+        sent.state.finish();
+        rt.forget_task(task_id);
+    }
+
+    /// The process at `endpoint` is gone: every route to it fails over.
+    fn peer_gone(&self, rt: &Arc<Inner>, up: &Upstream, endpoint: &str) {
+        let routes: Vec<_> = self
+            .by_actor
+            .lock()
+            .values()
+            .filter(|r| r.to.endpoint == endpoint)
+            .cloned()
+            .collect();
+        for route in routes {
+            let mut st = route.state.lock();
+            self.fail_over(rt, up, &route, &mut st);
+        }
+    }
+
+    /// Stops using a route: the calls still out on it go to the owner, in
+    /// order, with one attempt spent (or fail, when the actor allows no
+    /// retries), and later calls follow them there. Under the route's
+    /// lock, so no call is sent meanwhile.
+    fn fail_over(&self, rt: &Arc<Inner>, up: &Upstream, route: &Route, st: &mut RouteState) {
+        st.broken = true;
+        st.out = None;
+        st.seq.clear();
+        let lost = std::mem::take(&mut st.inflight);
+        for (_, sent) in lost {
+            let task_id = sent.state.id;
+            self.calls.lock().remove(&task_id);
+            if route.to.max_task_retries == 0 {
+                let died = Error::ActorDied {
+                    class: route.class.clone(),
+                    actor_id: route.actor,
+                    reason: "its worker process died while the call was in flight".to_owned(),
+                    cause: None,
+                };
+                rt.store.complete(task_id.return_object(), Err(died));
+                sent.state.finish();
+                rt.forget_task(task_id);
+                continue;
+            }
+            let ret = task_id.return_object();
+            if rt.store.kept_upstream(ret).is_err() {
+                // Nobody here wants the result any more: the owner is told
+                // to drop what it keeps for it as soon as it made it.
+                up.pending.lock().insert(task_id, sent.state.clone());
+                up.replies.send(&Message::CallActor {
+                    actor_id: route.actor,
+                    task_id,
+                    spec: sent.spec,
+                    attempted: true,
+                });
+                up.released(ret, 1);
+                continue;
+            }
+            up.pending.lock().insert(task_id, sent.state.clone());
+            up.replies.send(&Message::CallActor {
+                actor_id: route.actor,
+                task_id,
+                spec: sent.spec,
+                attempted: true,
+            });
+        }
+    }
+}

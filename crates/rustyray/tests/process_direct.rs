@@ -1,0 +1,181 @@
+//! Calls from a worker process straight to the worker process hosting the
+//! actor (the driver off the path): results, order, references both ways,
+//! and what happens when the actor's process dies under the calls.
+
+mod common;
+#[path = "common/process.rs"]
+mod process;
+use common::LONG;
+use process::process_runtime;
+use rustyray::prelude::*;
+use std::process::Command;
+
+/// The entry point of the worker processes the tests start: this binary,
+/// run with arguments that select this test, in worker mode.
+#[test]
+#[ignore = "entry point of worker processes started by the other tests"]
+fn rustyray_worker() {
+    rustyray::worker_entry();
+}
+
+/// Numbers its calls; its process id on request.
+#[rustyray::actor]
+struct Counter {
+    n: u64,
+}
+
+#[rustyray::actor]
+impl Counter {
+    fn new() -> Self {
+        Counter { n: 0 }
+    }
+
+    /// The number of this call (1, 2, …) in the current process, after a
+    /// nap of `nap_ms`.
+    fn next(&mut self, nap_ms: u64) -> (u32, u64) {
+        if nap_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(nap_ms));
+        }
+        self.n += 1;
+        (std::process::id(), self.n)
+    }
+
+    fn pid(&self) -> u32 {
+        std::process::id()
+    }
+
+    /// Reads an object passed by reference and one inside a value.
+    fn sum(&self, a: i64, inside: Vec<ObjectRef<i64>>) -> rustyray::Result<i64> {
+        let ray = rustyray::current()?;
+        let mut total = a;
+        for r in &inside {
+            total += ray.get(r)?;
+        }
+        Ok(total)
+    }
+
+    /// Puts an object and returns a reference to it.
+    fn make(&self, v: i64) -> rustyray::Result<ObjectRef<i64>> {
+        rustyray::current()?.put(v)
+    }
+}
+
+/// Makes `n` calls on `c` from this worker process and returns their
+/// results with how many of them went straight to the actor's process.
+#[rustyray::remote]
+fn call_from_worker(
+    c: ActorHandle<Counter>,
+    n: u32,
+    nap_ms: u64,
+) -> rustyray::Result<(Vec<(u32, u64)>, u64)> {
+    let ray = rustyray::current()?;
+    let before = rustyray::__private::direct_calls();
+    let refs = (0..n)
+        .map(|_| c.next(nap_ms))
+        .collect::<rustyray::Result<Vec<_>>>()?;
+    let direct = rustyray::__private::direct_calls() - before;
+    Ok((ray.get_many(&refs)?, direct))
+}
+
+/// Passes objects to the actor by reference, inside a value, and as the
+/// pending result of an earlier call; returns the sums and a value read
+/// through a reference the actor returned.
+#[rustyray::remote]
+fn pass_references(
+    c: ActorHandle<Counter>,
+    from_driver: ObjectRef<i64>,
+) -> rustyray::Result<(i64, i64, i64, u64)> {
+    let ray = rustyray::current()?;
+    let before = rustyray::__private::direct_calls();
+    let mine = ray.put(100_i64)?;
+    let a = ray.get(&c.sum(&mine, vec![from_driver.clone()])?)?;
+    // The result of a call still out, passed on to the next call.
+    let made = c.make(7)?;
+    let inner: ObjectRef<i64> = ray.get(&made)?;
+    let b = ray.get(&c.sum(&from_driver, vec![inner.clone()])?)?;
+    let read = ray.get(&inner)?;
+    Ok((a, b, read, rustyray::__private::direct_calls() - before))
+}
+
+/// Checks that each process ran one unbroken, in-order range of calls.
+fn assert_in_order(results: &[(u32, u64)]) {
+    for (i, w) in results.windows(2).enumerate() {
+        let ((p0, c0), (p1, c1)) = (w[0], w[1]);
+        if p0 == p1 {
+            assert_eq!(c1, c0 + 1, "call {} ran out of order: {results:?}", i + 1);
+        } else {
+            assert_eq!(
+                c1,
+                1,
+                "call {} is not the first in its process: {results:?}",
+                i + 1
+            );
+        }
+    }
+}
+
+#[test]
+fn a_workers_calls_go_straight_to_the_actors_process_in_order() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let c = Counter::remote(&ray)?;
+    let actor_pid = ray.get_timeout(&c.pid()?, LONG)?;
+    let (results, direct) = ray.get_timeout(&call_from_worker::remote(&ray, c.clone(), 200, 0)?, LONG)?;
+    assert_eq!(direct, 200, "every call should skip the owner");
+    assert!(results.iter().all(|(p, _)| *p == actor_pid));
+    assert_in_order(&results);
+    // The driver's own calls and the worker's land on the same actor.
+    assert_eq!(ray.get_timeout(&c.next(0)?, LONG)?, (actor_pid, 201));
+    Ok(())
+}
+
+#[test]
+fn references_cross_a_direct_call_both_ways() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let c = Counter::remote(&ray)?;
+    ray.get_timeout(&c.pid()?, LONG)?;
+    let x = ray.put(5_i64)?;
+    let (a, b, read, direct) = ray.get_timeout(&pass_references::remote(&ray, c, x)?, LONG)?;
+    assert_eq!((a, b, read), (105, 12, 7));
+    assert_eq!(direct, 3);
+    Ok(())
+}
+
+#[test]
+fn calls_out_when_the_actors_process_is_killed_keep_their_order() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let c = Counter::options()
+        .max_restarts(1)
+        .max_task_retries(-1)
+        .remote(&ray)?;
+    let first = ray.get_timeout(&c.pid()?, LONG)?;
+    let calls = call_from_worker::remote(&ray, c.clone(), 100, 10)?;
+    // Killed while the worker's calls are in flight.
+    ray.get_timeout(&c.next(0)?, LONG)?;
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let killed = Command::new("kill").args(["-KILL", &first.to_string()]).status();
+    assert!(killed.is_ok_and(|s| s.success()));
+    let (results, _) = ray.get_timeout(&calls, LONG)?;
+    assert_eq!(results.len(), 100);
+    assert_in_order(&results);
+    assert!(
+        results.iter().any(|r| r.0 != first),
+        "the kill came too late: {results:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn calls_out_when_the_actor_allows_no_retry_fail_with_its_death() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let c = Counter::remote(&ray)?;
+    let pid = ray.get_timeout(&c.pid()?, LONG)?;
+    let calls = call_from_worker::remote(&ray, c.clone(), 50, 20)?;
+    ray.get_timeout(&c.next(0)?, LONG)?;
+    let killed = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    assert!(killed.is_ok_and(|s| s.success()));
+    match ray.get_timeout(&calls, LONG) {
+        Err(Error::Task { message, .. }) => assert!(message.contains("died"), "{message}"),
+        other => panic!("expected the actor's death, got {other:?}"),
+    }
+    Ok(())
+}
