@@ -565,6 +565,9 @@ impl Leased {
                 };
                 let kept = match crate::runtime::Outcome::from_wire(value, &rt) {
                     crate::runtime::Outcome::Value(v) => rt.put_for_worker(id, v),
+                    // An object that failed where it was made (a call's
+                    // error) fails here too.
+                    crate::runtime::Outcome::Failed(e) => rt.put_failure_for_worker(id, e),
                     _ => Err(Error::Protocol("a put without a value".to_owned())),
                 };
                 match kept {
@@ -609,6 +612,34 @@ impl Leased {
                         Err(e) => reply(Err(e)),
                     },
                     Err(e) => reply(Err(e)),
+                }
+            }
+            Message::Answer { to, task_id, outcome } => {
+                let to = self.owner.peers.lock().get(&to).and_then(Weak::upgrade);
+                let (Some(to), Some(rt)) = (to, owner) else {
+                    // The caller is gone: what the answer holds goes too.
+                    if let WireOutcome::Stored { id, .. } = outcome {
+                        let _ = self.owner.shm.store.delete(id);
+                    }
+                    return Ok(());
+                };
+                match outcome {
+                    // A value is lent to the caller as the owner lends its
+                    // own (pinned in shared memory, or inline).
+                    WireOutcome::Value { .. } | WireOutcome::Stored { .. } => {
+                        let reply = to.answer(move |outcome| Message::Answered { task_id, outcome });
+                        reply(match crate::runtime::Outcome::from_wire(outcome, &rt) {
+                            crate::runtime::Outcome::Value(v) => Ok(v),
+                            crate::runtime::Outcome::Failed(e) => Err(e),
+                            _ => Err(Error::Protocol("an answer without a value".to_owned())),
+                        });
+                    }
+                    other => {
+                        to.send(&Message::Answered {
+                            task_id,
+                            outcome: other,
+                        });
+                    }
                 }
             }
             Message::Listening { endpoint } => {

@@ -861,6 +861,15 @@ impl Inner {
         Ok(RawRef::adopt(id, self.clone()))
     }
 
+    /// Keeps an object that failed in a worker (its error) for it, as
+    /// [`Inner::put_for_worker`] keeps a value.
+    pub(crate) fn put_failure_for_worker(self: &Arc<Self>, id: ObjectId, e: Error) -> Result<RawRef> {
+        self.check_open()?;
+        self.store.create_pending(id)?;
+        self.store.complete(id, Err(e));
+        Ok(RawRef::adopt(id, self.clone()))
+    }
+
     /// Completes the pending object `id` with a task's or call's value.
     /// A thread reading a worker's connection never waits for room: when
     /// there is none, the wait goes to the blocking pool, so the messages

@@ -199,12 +199,13 @@ impl Store {
         }
     }
 
-    /// Hands a ready object that only this process holds to the owner
+    /// Hands a complete object that only this process holds to the owner
     /// process: counts the count the owner will keep for this one, and
-    /// returns the value to send it. `None` when the owner already keeps
-    /// the object (or lent it), or it is not ready. The caller sends the
+    /// returns the value (or the error it failed with) to send it. `None`
+    /// when the owner already keeps the object (or lent it), or it is not
+    /// complete. The caller sends the
     /// value, or gives the count back with [`Store::unshare`].
-    pub(crate) fn share_with_owner(&self, id: ObjectId) -> Option<Value> {
+    pub(crate) fn share_with_owner(&self, id: ObjectId) -> Option<Result<Value>> {
         match self.shard(id).lock().get_mut(&id) {
             Some(Entry {
                 state: State::Ready(v, _),
@@ -212,7 +213,16 @@ impl Store {
                 ..
             }) => {
                 *lent = 1;
-                Some(v.clone())
+                Some(Ok(v.clone()))
+            }
+            // A local object that failed goes to the owner as its error.
+            Some(Entry {
+                state: State::Failed(e),
+                lent: lent @ 0,
+                ..
+            }) => {
+                *lent = 1;
+                Some(Err((**e).clone()))
             }
             _ => None,
         }

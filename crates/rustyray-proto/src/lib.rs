@@ -306,6 +306,29 @@ pub enum Message {
         /// The objects passed as arguments by reference, each lent once.
         refs: Vec<ObjectId>,
     },
+    /// Worker → owner: the answer to a call another worker (`to`) made
+    /// straight to the actor hosted here, when it cannot go straight back
+    /// (it is large, lives in shared memory, or names objects or actors):
+    /// the owner passes it on as `Answered`, lending what it names. Not
+    /// idempotent.
+    Answer {
+        /// The worker that made the call.
+        to: u32,
+        /// The call.
+        task_id: TaskId,
+        /// Its outcome, as a worker reports it to its owner.
+        outcome: WireOutcome,
+    },
+    /// Owner → worker: the answer to a call the worker made straight to an
+    /// actor's process, passed on by the owner (see `Answer`). Idempotent:
+    /// a second one for the same call is dropped.
+    Answered {
+        /// The call.
+        task_id: TaskId,
+        /// Its outcome: inline (lending what it names), pinned in shared
+        /// memory, or the error.
+        outcome: WireOutcome,
+    },
     /// Worker → its owner's side, first message on a worker's uplink or a
     /// `Peer` connection: the endpoint where this process accepts `Peer`
     /// connections. Idempotent.
@@ -913,6 +936,19 @@ mod tests {
             },
             Message::Listening {
                 endpoint: "rustyray-p-2-cd".into(),
+            },
+            Message::Answer {
+                to: 2,
+                task_id: TaskId::from_u128(13),
+                outcome: WireOutcome::Stored {
+                    type_name: "Vec<u8>".into(),
+                    id: 3,
+                    len: 1 << 20,
+                },
+            },
+            Message::Answered {
+                task_id: TaskId::from_u128(13),
+                outcome: WireOutcome::Panicked("no".into()),
             },
             Message::Lend {
                 to: 2,

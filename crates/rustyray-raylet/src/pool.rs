@@ -1097,6 +1097,11 @@ fn read_messages<O: OwnerService>(
                 id,
                 value: seal_stored(w, value),
             },
+            Message::Answer { to, task_id, outcome } => Message::Answer {
+                to,
+                task_id,
+                outcome: seal_stored(w, outcome),
+            },
             Message::CreateObject { id, len } => {
                 let slot = match pool.upgrade() {
                     Some(pool) => usize::try_from(len)

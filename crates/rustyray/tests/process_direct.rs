@@ -58,6 +58,45 @@ impl Counter {
     fn make(&self, v: i64) -> rustyray::Result<ObjectRef<i64>> {
         rustyray::current()?.put(v)
     }
+
+    /// A value far above the shared-memory threshold.
+    fn large(&self, len: usize) -> Vec<u8> {
+        vec![7; len]
+    }
+
+    /// A handle on a new actor of this class.
+    fn spawn(&self) -> rustyray::Result<ActorHandle<Counter>> {
+        Counter::remote(&rustyray::current()?)
+    }
+
+    /// Fails, with a message.
+    fn fail(&self) -> Result<i64, String> {
+        Err("no luck".to_owned())
+    }
+}
+
+/// Reads a value passed by reference.
+#[rustyray::remote]
+fn read_it(x: i64) -> i64 {
+    x
+}
+
+/// Calls whose answers cannot come straight back (large, a handle) and a
+/// failed call whose reference is passed on.
+#[rustyray::remote]
+fn awkward_answers(c: ActorHandle<Counter>) -> rustyray::Result<(usize, u64, String, u64)> {
+    let ray = rustyray::current()?;
+    let before = rustyray::__private::direct_calls();
+    let big = ray.get(&c.large(3 << 20)?)?;
+    let other = ray.get(&c.spawn()?)?;
+    let (_, n) = ray.get(&other.next(0)?)?;
+    let failed = c.fail()?;
+    let passed = read_it::remote(&ray, &failed)?;
+    let err = match ray.get(&passed) {
+        Err(e) => e.to_string(),
+        Ok(v) => format!("unexpected value {v}"),
+    };
+    Ok((big.len(), n, err, rustyray::__private::direct_calls() - before))
 }
 
 /// Makes `n` calls on `c` from this worker process and returns their
@@ -137,6 +176,19 @@ fn references_cross_a_direct_call_both_ways() -> rustyray::Result<()> {
     let (a, b, read, direct) = ray.get_timeout(&pass_references::remote(&ray, c, x)?, LONG)?;
     assert_eq!((a, b, read), (105, 12, 7));
     assert_eq!(direct, 3);
+    Ok(())
+}
+
+#[test]
+fn large_answers_handles_and_failures_reach_a_direct_caller() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let c = Counter::remote(&ray)?;
+    ray.get_timeout(&c.pid()?, LONG)?;
+    let (len, n, err, direct) = ray.get_timeout(&awkward_answers::remote(&ray, c)?, LONG)?;
+    assert_eq!(len, 3 << 20);
+    assert_eq!(n, 1, "the returned handle works");
+    assert!(err.contains("no luck"), "{err}");
+    assert!(direct >= 3, "{direct} direct calls");
     Ok(())
 }
 

@@ -1189,14 +1189,15 @@ fn release_proxy(rt: &Arc<Inner>, actor: &Arc<ActorState>) {
         }
         if table.get(&actor.id).is_some_and(|a| Arc::ptr_eq(a, actor)) {
             table.remove(&actor.id);
+            // Under the table lock, as a new proxy learns its route.
+            if let Some(up) = rt.mode.upstream() {
+                up.routes.forget(actor.id);
+            }
         }
         actor.lent.swap(0, Ordering::AcqRel)
     };
-    if let Some(up) = rt.mode.upstream() {
-        up.routes.forget(actor.id);
-        if lent > 0 {
-            up.released_actor(actor.id, lent);
-        }
+    if let (1.., Some(up)) = (lent, rt.mode.upstream()) {
+        up.released_actor(actor.id, lent);
     }
 }
 

@@ -85,8 +85,10 @@ const MAX_HANDSHAKES: usize = 64;
 pub(crate) struct Peers {
     endpoint: String,
     token: u128,
-    /// Connections this process opened (it writes on them), by endpoint.
-    out: Mutex<HashMap<String, Arc<PeerOut>>>,
+    /// Connections this process opened (it writes on them), by endpoint;
+    /// each slot is locked while its connection is being opened, so no
+    /// endpoint gets two and no other endpoint waits.
+    out: Mutex<HashMap<String, Arc<OutSlot>>>,
     /// Endpoints whose connection to this process is up (this process
     /// reads them), for a caller waiting for the connection back.
     back: Mutex<HashSet<String>>,
@@ -102,6 +104,9 @@ impl std::fmt::Debug for Peers {
     }
 }
 
+/// The connection to one endpoint, once opened.
+type OutSlot = Mutex<Option<Arc<PeerOut>>>;
+
 /// A connection this process opened to another worker process.
 pub(crate) struct PeerOut {
     /// The other process.
@@ -111,6 +116,11 @@ pub(crate) struct PeerOut {
 }
 
 impl PeerOut {
+    /// The other process's id.
+    pub(super) fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// Whether the other process closed the connection (it died). Only for
     /// a connection nothing was sent on yet: the other side never writes on
     /// it, so a read finds either nothing or the end.
@@ -130,13 +140,18 @@ impl PeerOut {
     /// Writes one message; false when it cannot go (the connection is
     /// broken from then on, or the message is too large).
     fn send(&self, msg: &Message) -> bool {
+        self.send_on(&mut self.conn.lock(), msg)
+    }
+
+    /// [`PeerOut::send`] on the connection, locked by the caller.
+    fn send_on(&self, conn: &mut Conn, msg: &Message) -> bool {
         if self.broken.load(Ordering::Acquire) {
             return false;
         }
         let Ok(frame) = wire::encode_frame(msg) else {
             return false;
         };
-        let written = self.conn.lock().write_all(&frame);
+        let written = conn.write_all(&frame);
         if written.is_err() {
             self.broken.store(true, Ordering::Release);
         }
@@ -181,8 +196,9 @@ impl Peers {
     /// The connection to `endpoint` (process `pid`), opened if there is
     /// none (or the last one broke).
     fn out_to(&self, endpoint: &str, pid: u32) -> Result<Arc<PeerOut>> {
-        let mut out = self.out.lock();
-        if let Some(o) = out.get(endpoint).filter(|o| !o.broken.load(Ordering::Acquire)) {
+        let slot = self.out.lock().entry(endpoint.to_owned()).or_default().clone();
+        let mut slot = slot.lock();
+        if let Some(o) = slot.as_ref().filter(|o| !o.broken.load(Ordering::Acquire)) {
             return Ok(o.clone());
         }
         let mut conn = Conn::connect(&Address::Unix(endpoint.to_owned()))
@@ -204,8 +220,16 @@ impl Peers {
                 message: "the connection closed during its handshake".to_owned(),
             });
         }
-        out.insert(endpoint.to_owned(), o.clone());
+        *slot = Some(o.clone());
         Ok(o)
+    }
+
+    /// Forgets the connection to `endpoint` (marked broken).
+    fn drop_out(&self, endpoint: &str) {
+        let slot = self.out.lock().remove(endpoint);
+        if let Some(o) = slot.and_then(|s| s.lock().take()) {
+            o.broken.store(true, Ordering::Release);
+        }
     }
 
     /// Waits until `endpoint`'s connection to this process is up; false
@@ -234,9 +258,7 @@ impl Peers {
     /// unreachable), so what was sent to it is failed over.
     fn gone(&self, endpoint: &str) {
         self.back.lock().remove(endpoint);
-        if let Some(o) = self.out.lock().remove(endpoint) {
-            o.broken.store(true, Ordering::Release);
-        }
+        self.drop_out(endpoint);
         if let Some(w) = self.worker.upgrade() {
             w.up.routes.peer_gone(&w.rt, &w.up, endpoint);
         }
@@ -262,18 +284,29 @@ async fn accept_loop(peers: Weak<Peers>, listener: Listener) {
             continue;
         }
         let counter = in_handshake.clone();
-        let started = std::thread::Builder::new()
-            .name("rustyray-peer".to_owned())
-            .spawn(move || {
-                let greeted = greet(&p, conn);
+        tokio::spawn(async move {
+            // The handshake reads a blocking connection on a blocking
+            // thread; at the deadline the connection is shut, which ends the
+            // read there however slowly the other side sends.
+            let Ok(watch) = conn.try_clone() else {
                 counter.fetch_sub(1, Ordering::AcqRel);
-                if let Ok((conn, dec, endpoint, pid)) = greeted {
-                    serve_peer(&p, conn, dec, &endpoint, pid);
-                }
-            });
-        if started.is_err() {
-            in_handshake.fetch_sub(1, Ordering::AcqRel);
-        }
+                return;
+            };
+            let greeter = p.clone();
+            let greeting = tokio::task::spawn_blocking(move || greet(&greeter, conn));
+            let done = tokio::time::timeout(HANDSHAKE_TIME, greeting).await;
+            counter.fetch_sub(1, Ordering::AcqRel);
+            let Ok(Ok(Ok((conn, dec, endpoint, pid)))) = done else {
+                let _ = watch.shutdown();
+                return;
+            };
+            let reader = std::thread::Builder::new()
+                .name("rustyray-peer".to_owned())
+                .spawn(move || serve_peer(&p, conn, dec, &endpoint, pid));
+            if reader.is_err() {
+                let _ = watch.shutdown();
+            }
+        });
     }
 }
 
@@ -373,26 +406,6 @@ fn peer_call(
             });
         }
     }
-}
-
-/// A value as it goes to another worker process in answer to its call:
-/// inline, after handing the owner what it names and having the owner lend
-/// that to the caller.
-pub(super) fn to_peer(up: &Upstream, rt: &Arc<Inner>, to: &PeerOut, v: &Value) -> WireOutcome {
-    let value = super::inline(v);
-    if let WireOutcome::Value { refs, actors, .. } = &value {
-        if !refs.is_empty() || !actors.is_empty() {
-            if let Err(e) = up.share(rt, refs) {
-                return WireOutcome::Failed(e);
-            }
-            up.replies.send(&Message::Lend {
-                to: to.pid,
-                refs: refs.clone(),
-                actors: actors.iter().map(|a| a.id).collect(),
-            });
-        }
-    }
-    value
 }
 
 /// Sends an answer on a connection back; lost if the caller is gone.
@@ -562,23 +575,35 @@ impl Routes {
             },
         );
         self.calls.lock().insert(state.id, route.clone());
-        let sent = out.send(&Message::ActorCall {
-            actor_id: actor,
-            task_id: state.id,
-            spec: bytes,
-            refs: top,
-        });
+        // The connection is taken before the route is let go, so calls go
+        // out in the order of their numbers; the write itself holds no
+        // route lock (its answers are read meanwhile).
+        let mut conn = out.conn.lock();
+        drop(st);
+        let sent = out.send_on(
+            &mut conn,
+            &Message::ActorCall {
+                actor_id: actor,
+                task_id: state.id,
+                spec: bytes,
+                refs: top,
+            },
+        );
+        drop(conn);
         if sent {
             DIRECT_CALLS.fetch_add(1, Ordering::Relaxed);
         } else {
-            self.fail_over(rt, up, &route, &mut st);
+            let mut st = route.state.lock();
+            if !st.broken {
+                self.fail_over(rt, up, &route, &mut st);
+            }
         }
         Ok(Ok(ret))
     }
 
     /// An answer to a call sent straight to an actor's process.
-    fn answered(&self, rt: &Arc<Inner>, task_id: TaskId, outcome: WireOutcome) {
-        let route = self.calls.lock().remove(&task_id);
+    pub(super) fn answered(&self, rt: &Arc<Inner>, task_id: TaskId, outcome: WireOutcome) {
+        let route = self.calls.lock().get(&task_id).cloned();
         let sent = route.and_then(|r| {
             let mut st = r.state.lock();
             let seq = st.seq.remove(&task_id)?;
@@ -590,19 +615,32 @@ impl Routes {
             return;
         };
         complete(rt, task_id.return_object(), outcome);
+        // Out until complete: a message naming the result meanwhile waits
+        // for it (see `is_out`).
+        self.calls.lock().remove(&task_id);
         sent.state.finish();
         rt.forget_task(task_id);
     }
 
     /// The process at `endpoint` is gone: every route to it fails over.
     fn peer_gone(&self, rt: &Arc<Inner>, up: &Upstream, endpoint: &str) {
-        let routes: Vec<_> = self
+        let mut routes: Vec<_> = self
             .by_actor
             .lock()
             .values()
             .filter(|r| r.to.endpoint == endpoint)
             .cloned()
             .collect();
+        // A route forgotten with calls still out is reached through them.
+        routes.extend(
+            self.calls
+                .lock()
+                .values()
+                .filter(|r| r.to.endpoint == endpoint)
+                .cloned(),
+        );
+        routes.sort_by_key(|r| Arc::as_ptr(r) as usize);
+        routes.dedup_by(|a, b| Arc::ptr_eq(a, b));
         for route in routes {
             let mut st = route.state.lock();
             self.fail_over(rt, up, &route, &mut st);
@@ -620,40 +658,39 @@ impl Routes {
         let lost = std::mem::take(&mut st.inflight);
         for (_, sent) in lost {
             let task_id = sent.state.id;
+            self.fail_over_one(rt, up, route, sent);
             self.calls.lock().remove(&task_id);
-            if route.to.max_task_retries == 0 {
-                let died = Error::ActorDied {
-                    class: route.class.clone(),
-                    actor_id: route.actor,
-                    reason: "its worker process died while the call was in flight".to_owned(),
-                    cause: None,
-                };
-                rt.store.complete(task_id.return_object(), Err(died));
-                sent.state.finish();
-                rt.forget_task(task_id);
-                continue;
-            }
-            let ret = task_id.return_object();
-            if rt.store.kept_upstream(ret).is_err() {
-                // Nobody here wants the result any more: the owner is told
-                // to drop what it keeps for it as soon as it made it.
-                up.pending.lock().insert(task_id, sent.state.clone());
-                up.replies.send(&Message::CallActor {
-                    actor_id: route.actor,
-                    task_id,
-                    spec: sent.spec,
-                    attempted: true,
-                });
-                up.released(ret, 1);
-                continue;
-            }
-            up.pending.lock().insert(task_id, sent.state.clone());
-            up.replies.send(&Message::CallActor {
+        }
+    }
+
+    /// [`Routes::fail_over`] for one call.
+    fn fail_over_one(&self, rt: &Arc<Inner>, up: &Upstream, route: &Route, sent: Sent) {
+        let task_id = sent.state.id;
+        if route.to.max_task_retries == 0 {
+            let died = Error::ActorDied {
+                class: route.class.clone(),
                 actor_id: route.actor,
-                task_id,
-                spec: sent.spec,
-                attempted: true,
-            });
+                reason: "its worker process died while the call was in flight".to_owned(),
+                cause: None,
+            };
+            rt.store.complete(task_id.return_object(), Err(died));
+            sent.state.finish();
+            rt.forget_task(task_id);
+            return;
+        }
+        let ret = task_id.return_object();
+        let wanted = rt.store.kept_upstream(ret).is_ok();
+        up.pending.lock().insert(task_id, sent.state.clone());
+        up.replies.send(&Message::CallActor {
+            actor_id: route.actor,
+            task_id,
+            spec: sent.spec,
+            attempted: true,
+        });
+        if !wanted {
+            // Nobody here wants the result any more: the owner drops what
+            // it keeps for it as soon as it made it.
+            up.released(ret, 1);
         }
     }
 }

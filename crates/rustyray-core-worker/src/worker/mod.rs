@@ -175,6 +175,9 @@ impl Upstream {
         if ids.is_empty() {
             return Ok(());
         }
+        // Results of calls still out straight to an actor's process are
+        // waited for first, outside the lock (the answer may need it).
+        self.settle(rt, ids)?;
         // Held until the `Put`s are out: a message naming an object that
         // another thread is sharing waits here, so it never reaches the
         // owner before the object does.
@@ -182,10 +185,42 @@ impl Upstream {
         self.share_each(rt, ids)
     }
 
+    /// Waits for every result of a call still out straight to an actor's
+    /// process among `ids` and the objects their local values name.
+    fn settle(&self, rt: &Arc<Inner>, ids: &[ObjectId]) -> Result<()> {
+        let mut todo = ids.to_vec();
+        let mut seen = std::collections::HashSet::new();
+        while let Some(id) = todo.pop() {
+            if !seen.insert(id) {
+                continue;
+            }
+            if self.routes.is_out(id) {
+                // Its error, if it fails, goes to the owner as its value
+                // would.
+                let r = RawRef::acquire(id, rt.clone())?;
+                let _ = rt.get_value(&r, None);
+            }
+            if let Ok(Peek::Ready(v)) = rt.store.peek(id, None) {
+                todo.extend(v.nested_object_ids());
+            }
+        }
+        Ok(())
+    }
+
     fn share_each(&self, rt: &Arc<Inner>, ids: &[ObjectId]) -> Result<()> {
         for &id in ids {
-            let Some(v) = self.share_one(rt, id)? else {
-                continue;
+            let v = match rt.store.share_with_owner(id) {
+                Some(Ok(v)) => v,
+                // An object that failed here (a direct call's error) goes
+                // to the owner as its error.
+                Some(Err(e)) => {
+                    self.replies.send(&Message::Put {
+                        id,
+                        value: WireOutcome::Failed(e),
+                    });
+                    continue;
+                }
+                None => continue,
             };
             let mut value = self.encode(&v);
             // The objects it names go first.
@@ -201,21 +236,6 @@ impl Upstream {
             self.replies.send(&Message::Put { id, value });
         }
         Ok(())
-    }
-
-    /// The value of object `id` to hand to the owner, if only this process
-    /// holds it; the result of a call still out straight to an actor's
-    /// process is waited for first (the owner cannot be handed a promise).
-    fn share_one(&self, rt: &Arc<Inner>, id: ObjectId) -> Result<Option<Value>> {
-        if let Some(v) = rt.store.share_with_owner(id) {
-            return Ok(Some(v));
-        }
-        if !self.routes.is_out(id) {
-            return Ok(None);
-        }
-        let r = RawRef::acquire(id, rt.clone())?;
-        rt.get_value(&r, None)?;
-        Ok(rt.store.share_with_owner(id))
     }
 
     /// This process's endpoint and connections to other workers.
@@ -255,7 +275,7 @@ impl Upstream {
             return None;
         }
         match inline(v) {
-            WireOutcome::Value { refs, .. } if !refs.is_empty() => None,
+            WireOutcome::Value { refs, actors, .. } if !refs.is_empty() || !actors.is_empty() => None,
             out => Some(out),
         }
     }
@@ -675,6 +695,9 @@ fn serve_messages(worker: &Arc<Worker>, first: Option<Inbox>) -> Result<()> {
                 }
             }
             Some(Message::Fetched { id, outcome }) => complete(&worker.rt, id, outcome),
+            Some(Message::Answered { task_id, outcome }) => {
+                worker.up.routes.answered(&worker.rt, task_id, outcome);
+            }
             Some(Message::ObjectSlot { id, slot }) => {
                 if let Some(tx) = worker.up.slots.lock().remove(&id) {
                     let _ = tx.send(slot);
@@ -960,45 +983,60 @@ impl ReplyWhenDone {
         w.calls.lock().remove(&self.task_id);
         // The value lives until the reply is out: the references it holds
         // must reach the owner before their releases do.
-        let (outcome, _sent) = match result {
+        let (outcome, _sent, large) = match result {
             Ok(v) => match w.up.small(&v) {
-                Some(outcome) => (outcome, Some(v)),
+                Some(outcome) => (outcome, Some(v), false),
                 None if on_reader => {
                     let me = self.clone();
                     let job = Box::new(move || {
                         let outcome = me.encode(&v);
-                        me.send(outcome);
+                        me.send(outcome, true);
                     });
                     if let Err(job) = w.rt.pool.execute(job) {
                         job();
                     }
                     return;
                 }
-                None => (self.encode(&v), Some(v)),
+                None => (self.encode(&v), Some(v), true),
             },
-            Err(e) => (local_failure(e), None),
+            // A worker that made the call straight here gets the error as
+            // the owner would have made it of this one.
+            Err(e) if self.to.is_some() => {
+                let crashed = matches!(local_failure(e.clone()), WireOutcome::Panicked(_));
+                self.send(WireOutcome::Failed(e), false);
+                if crashed {
+                    std::process::exit(1);
+                }
+                return;
+            }
+            Err(e) => (local_failure(e), None, false),
         };
         let crashed = matches!(outcome, WireOutcome::Panicked(_));
-        self.send(outcome);
+        self.send(outcome, large);
         if crashed {
             std::process::exit(1);
         }
     }
 
-    /// A value as the caller receives it.
+    /// A value as the caller receives it (a value that is not small goes
+    /// as the owner receives it).
     fn encode(&self, v: &Value) -> WireOutcome {
-        let w = &self.worker;
-        match &self.to {
-            Some(to) => direct::to_peer(&w.up, &w.rt, to, v),
-            None => w.up.to_owner(&w.rt, v),
-        }
+        self.worker.up.to_owner(&self.worker.rt, v)
     }
 
-    /// Sends the answer to the caller.
-    fn send(&self, outcome: WireOutcome) {
+    /// Sends the answer to the caller: a small one straight back; one that
+    /// is not (`large`: it may lie in shared memory, name objects or actors)
+    /// through the owner, which lends what it holds to the caller.
+    fn send(&self, outcome: WireOutcome, large: bool) {
+        let up = &self.worker.up;
         match &self.to {
+            Some(to) if large => up.replies.send(&Message::Answer {
+                to: to.pid(),
+                task_id: self.task_id,
+                outcome,
+            }),
             Some(to) => direct::answer(to, self.task_id, outcome),
-            None => self.worker.up.replies.done(self.task_id, outcome),
+            None => up.replies.done(self.task_id, outcome),
         }
     }
 }
