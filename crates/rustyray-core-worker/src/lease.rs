@@ -708,3 +708,69 @@ pub(crate) fn lend_outcome(result: Result<Value>, node: Option<&Arc<NodeStore>>)
         .unwrap_or_else(WireOutcome::Failed);
     (outcome, loan)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Counts;
+
+    /// A value that says when it is dropped.
+    struct Kept(std::rc::Rc<std::cell::Cell<u32>>);
+
+    impl Drop for Kept {
+        fn drop(&mut self) {
+            self.0.set(self.0.get() + 1);
+        }
+    }
+
+    #[test]
+    fn counts_hold_the_value_while_any_count_is_left() {
+        let dropped = std::rc::Rc::new(std::cell::Cell::new(0));
+        let mut c: Counts<u32, Kept> = Counts::default();
+        assert!(c.lend(1, Kept(dropped.clone())).is_none());
+        // A second loan keeps the first value; the spare goes back.
+        assert!(c.lend(1, Kept(dropped.clone())).is_some());
+        assert!(c.release(1, 1).is_none());
+        let last = c.release(1, 1);
+        assert!(last.is_some(), "the last count gives the value back");
+        drop(last);
+        assert_eq!(dropped.get(), 2);
+        assert!(c.held.is_empty());
+    }
+
+    #[test]
+    fn a_release_that_overtakes_its_loan_is_owed_then_paid() {
+        let dropped = std::rc::Rc::new(std::cell::Cell::new(0));
+        let mut c: Counts<u32, Kept> = Counts::default();
+        // Given back before the `Lend` that counts it is read.
+        assert!(c.release(7, 1).is_none());
+        assert_eq!(c.owed, 1);
+        // The loan pays the debt: nothing is kept, nothing made.
+        let mut made = false;
+        c.lend_with(7, || {
+            made = true;
+            Some(Kept(dropped.clone()))
+        });
+        assert!(!made, "a loan that pays a debt keeps nothing");
+        assert!(c.held.is_empty());
+        assert_eq!(c.owed, 0);
+        // Releasing more than was lent leaves a debt the next loan pays.
+        assert!(c.lend(8, Kept(dropped.clone())).is_none());
+        let v = c.release(8, 2);
+        assert!(v.is_some());
+        drop(v);
+        assert_eq!(c.owed, 1);
+        assert!(c.lend(8, Kept(dropped.clone())).is_some(), "paid, not kept");
+        assert!(c.held.is_empty());
+        assert_eq!(c.owed, 0);
+    }
+
+    #[test]
+    fn what_may_be_owed_is_bounded() {
+        let mut c: Counts<u32, ()> = Counts::default();
+        for k in 0..(super::MAX_OWED as u32 + 100) {
+            c.release(k, 1);
+        }
+        assert_eq!(c.owed, super::MAX_OWED);
+        assert_eq!(c.held.len(), super::MAX_OWED);
+    }
+}

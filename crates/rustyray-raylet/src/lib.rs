@@ -22,11 +22,16 @@
 /// function when the test configures `name` to `return`. Compiled out
 /// unless the `failpoints` feature is on. The points: `node::spawn`
 /// (starting a worker process), `node::send` (writing to a worker),
-/// `node::recv` (reading from a worker).
+/// `node::recv::<pid>` (reading from worker process `<pid>`, so a test
+/// picks the worker whose read fails).
 macro_rules! failpoint {
     ($name:literal, $on_fire:expr) => {
         #[cfg(feature = "failpoints")]
         fail::fail_point!($name, $on_fire);
+    };
+    (dynamic $name:expr, $on_fire:expr) => {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!(&$name, $on_fire);
     };
 }
 

@@ -1057,8 +1057,9 @@ fn read_messages<O: OwnerService>(
 ) -> String {
     let Worker { proc: w, peer } = w;
     loop {
-        failpoint!("node::recv", |_| "a read failed (failpoint node::recv)"
-            .to_owned());
+        failpoint!(dynamic format!("node::recv::{}", w.pid), |_| {
+            "a read failed (failpoint node::recv)".to_owned()
+        });
         let msg = match dec.next_message() {
             Ok(Some(msg)) => Ok(Some(msg)),
             // Out of messages: what they held back goes before the read.

@@ -25,18 +25,18 @@ fn rustyray_worker() {
 }
 
 /// Sets failpoint `name` to `actions` for as long as the value lives.
-struct Failpoint(&'static str);
+struct Failpoint(String);
 
 impl Failpoint {
-    fn set(name: &'static str, actions: &str) -> Failpoint {
+    fn set(name: &str, actions: &str) -> Failpoint {
         fail::cfg(name, actions).expect("failpoint");
-        Failpoint(name)
+        Failpoint(name.to_owned())
     }
 }
 
 impl Drop for Failpoint {
     fn drop(&mut self) {
-        fail::remove(self.0);
+        fail::remove(&self.0);
     }
 }
 
@@ -128,24 +128,24 @@ fn a_write_that_fails_condemns_the_worker_and_its_task_is_retried() -> rustyray:
 fn a_read_that_fails_loses_the_worker_and_nothing_else() -> rustyray::Result<()> {
     let _scenario = fail::FailScenario::setup();
     let ray = process_runtime();
-    ray.get_timeout(&whoami::remote(&ray)?, LONG)?;
-    let workers = ray.worker_pids();
-    // The next message a reader thread takes up fails: its worker is lost
-    // (its tasks failed or retried, its process reaped).
-    let recv = Failpoint::set("node::recv", "1*return");
-    let results = (0..4)
-        .map(|_| whoami::options().max_retries(3).remote(&ray))
-        .collect::<rustyray::Result<Vec<_>>>()?;
-    for r in &results {
-        ray.get_timeout(r, LONG)?;
-    }
-    drop(recv);
-    common::wait_until("the worker whose read failed is gone", || {
-        workers.iter().any(|w| !ray.worker_pids().contains(w))
-    });
-    // The node still runs tasks.
     let pid = ray.get_timeout(&whoami::remote(&ray)?, LONG)?;
-    assert!(ray.worker_pids().contains(&pid));
+    // The next message this worker's reader thread takes up fails: the
+    // worker is lost (its tasks failed or retried, its process reaped).
+    let recv = Failpoint::set(&format!("node::recv::{pid}"), "return");
+    // Tasks until one has run there (its reader then reads on, and fails).
+    for _ in 0..50 {
+        ray.get_timeout(&whoami::options().max_retries(3).remote(&ray)?, LONG)?;
+        if !ray.worker_pids().contains(&pid) {
+            break;
+        }
+    }
+    common::wait_until("the worker whose read failed is gone", || {
+        !ray.worker_pids().contains(&pid)
+    });
+    drop(recv);
+    // The node still runs tasks.
+    let other = ray.get_timeout(&whoami::remote(&ray)?, LONG)?;
+    assert!(other != pid && ray.worker_pids().contains(&other));
     Ok(())
 }
 
