@@ -642,6 +642,18 @@ impl Leased {
                     }
                 }
             }
+            // Code in the worker cancelled a task or call it had the owner
+            // run: cancelled here as the owner's own (not recursively: its
+            // children are the owner's to cancel).
+            Message::CancelTask { task_id, force } => {
+                if let Some(rt) = owner {
+                    let opts = crate::options::CancelOptions {
+                        force,
+                        recursive: false,
+                    };
+                    let _ = rt.cancel(task_id.return_object(), opts);
+                }
+            }
             Message::Listening { endpoint } => {
                 let _ = self.endpoint.set(endpoint);
             }

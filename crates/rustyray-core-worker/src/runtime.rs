@@ -1690,6 +1690,9 @@ impl Inner {
         }
         state.abort_running();
         state.cancel_remote(force);
+        if let Some(up) = self.mode.upstream() {
+            up.cancel(state.id, force);
+        }
         self.store
             .complete(state.id.return_object(), Err(Error::TaskCancelled(state.id)));
         if recursive {

@@ -6,8 +6,9 @@ mod common;
 #[path = "common/process.rs"]
 mod process;
 use common::LONG;
-use process::process_runtime;
+use process::{process_runtime, scratch};
 use rustyray::prelude::*;
+use std::path::Path;
 use std::process::Command;
 
 /// The entry point of the worker processes the tests start: this binary,
@@ -73,6 +74,62 @@ impl Counter {
     fn fail(&self) -> Result<i64, String> {
         Err("no luck".to_owned())
     }
+}
+
+/// Makes three calls that each take a while, cancels the third while it is
+/// still queued in the actor's process, and returns how that call ended
+/// and how many calls the actor ran by then.
+#[rustyray::remote]
+fn cancel_a_queued_call(c: ActorHandle<Counter>) -> rustyray::Result<(String, u64)> {
+    let ray = rustyray::current()?;
+    let first = c.next(300)?;
+    let second = c.next(300)?;
+    let third = c.next(300)?;
+    ray.cancel(&third)?;
+    let ended = match ray.get(&third) {
+        Err(e) => e.to_string(),
+        Ok(v) => format!("it ran: {v:?}"),
+    };
+    ray.get(&first)?;
+    let (_, n) = ray.get(&second)?;
+    // A call after them sees whether the cancelled one ran.
+    let (_, after) = ray.get(&c.next(0)?)?;
+    Ok((ended, after - n))
+}
+
+/// Says it started, then waits (at most a minute) to be cancelled and
+/// says it saw it.
+#[rustyray::remote]
+fn until_cancelled(dir: String) -> bool {
+    let dir = Path::new(&dir);
+    let _ = std::fs::write(dir.join("started"), b"");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        if rustyray::is_cancelled() {
+            let _ = std::fs::write(dir.join("seen"), b"");
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    false
+}
+
+/// Submits `until_cancelled` from this worker, cancels it once it runs,
+/// and returns how its reference ended.
+#[rustyray::remote]
+fn cancel_a_submitted_task(dir: String) -> rustyray::Result<String> {
+    let ray = rustyray::current()?;
+    let r = until_cancelled::remote(&ray, dir.clone())?;
+    let started = Path::new(&dir).join("started");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !started.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    ray.cancel(&r)?;
+    Ok(match ray.get(&r) {
+        Err(e) => e.to_string(),
+        Ok(v) => format!("it returned {v}"),
+    })
 }
 
 /// Reads a value passed by reference.
@@ -189,6 +246,28 @@ fn large_answers_handles_and_failures_reach_a_direct_caller() -> rustyray::Resul
     assert_eq!(n, 1, "the returned handle works");
     assert!(err.contains("no luck"), "{err}");
     assert!(direct >= 3, "{direct} direct calls");
+    Ok(())
+}
+
+#[test]
+fn a_cancelled_direct_call_that_is_still_queued_never_runs() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let c = Counter::remote(&ray)?;
+    ray.get_timeout(&c.pid()?, LONG)?;
+    let (ended, step) = ray.get_timeout(&cancel_a_queued_call::remote(&ray, c)?, LONG)?;
+    assert!(ended.contains("cancel"), "{ended}");
+    assert_eq!(step, 1, "the cancelled call ran in the actor");
+    Ok(())
+}
+
+#[test]
+fn a_task_a_worker_cancels_is_cancelled_where_it_runs() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let dir = scratch("cancel-submitted");
+    let d = dir.display().to_string();
+    let ended = ray.get_timeout(&cancel_a_submitted_task::remote(&ray, d)?, LONG)?;
+    assert!(ended.contains("cancel"), "{ended}");
+    common::wait_until("the task saw its cancel", || dir.join("seen").exists());
     Ok(())
 }
 

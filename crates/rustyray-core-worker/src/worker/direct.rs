@@ -488,8 +488,22 @@ impl Routes {
 
     /// Whether `id` is the result of a call still out on a route.
     pub(crate) fn is_out(&self, id: ObjectId) -> bool {
-        let calls = self.calls.lock();
-        calls.keys().any(|t| t.return_object() == id)
+        let task = id.task();
+        task.return_object() == id && self.calls.lock().contains_key(&task)
+    }
+
+    /// Asks the actor's process to cancel call `task_id`, if it is out on
+    /// a route (a call still queued there does not run); false when it is
+    /// not.
+    pub(crate) fn cancel(&self, task_id: TaskId, force: bool) -> bool {
+        let Some(route) = self.calls.lock().get(&task_id).cloned() else {
+            return false;
+        };
+        let out = route.state.lock().out.clone();
+        if let Some(out) = out {
+            out.send(&Message::CancelTask { task_id, force });
+        }
+        true
     }
 
     /// Makes a call on `actor` straight to its process when a route is

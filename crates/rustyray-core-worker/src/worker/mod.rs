@@ -324,6 +324,18 @@ impl Upstream {
         Ok(ret)
     }
 
+    /// Code here cancelled its task or call `task_id`: the process running
+    /// it is asked to cancel it too (the actor's process, for a call sent
+    /// straight there; the owner, for what went through it).
+    pub(crate) fn cancel(&self, task_id: TaskId, force: bool) {
+        if self.routes.cancel(task_id, force) {
+            return;
+        }
+        if self.pending.lock().contains_key(&task_id) {
+            self.replies.send(&Message::CancelTask { task_id, force });
+        }
+    }
+
     /// The task `task_id` blocks (`true`) or resumes: its owner lends or
     /// takes back its CPU.
     pub(crate) fn blocked(&self, task_id: TaskId, blocked: bool, on: Option<ObjectId>) {
