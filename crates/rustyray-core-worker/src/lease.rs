@@ -48,7 +48,13 @@ pub struct Owner {
     shm: Arc<NodeStore>,
     /// Every worker's peer by process id, for a `Lend` naming it.
     peers: Mutex<HashMap<u32, Weak<Leased>>>,
+    /// `Fetch`es of objects not here yet, by object (see [`Owner::park`]).
+    parked: Mutex<HashMap<ObjectId, Vec<crate::actor::Reply>>>,
 }
+
+/// How long a `Fetch` of an object this owner does not know waits for it
+/// to arrive before it is answered `ObjectLost`.
+const PARK_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl std::fmt::Debug for Owner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -62,12 +68,56 @@ impl Owner {
             rt: OnceLock::new(),
             shm,
             peers: Mutex::new(HashMap::new()),
+            parked: Mutex::new(HashMap::new()),
         })
     }
 
     /// Names the runtime, once it exists (workers may connect before).
     pub(crate) fn set_runtime(&self, rt: &Arc<Inner>) {
         let _ = self.rt.set(Arc::downgrade(rt));
+    }
+
+    /// Holds `reply` to a `Fetch` of object `id`, which is not here yet: a
+    /// worker that passed a reference straight to another worker sent the
+    /// object (`Put`, or the task that makes it) on its own connection,
+    /// which may be read after the receiver's `Fetch`. Answered when the
+    /// object comes ([`Owner::unpark`]), or `ObjectLost` after
+    /// [`PARK_TIME`].
+    fn park(self: &Arc<Self>, rt: &Arc<Inner>, id: ObjectId, reply: crate::actor::Reply) {
+        let mut parked = self.parked.lock();
+        // It may have come meanwhile (`unpark` looks under this lock).
+        if let Ok(r) = RawRef::acquire(id, rt.clone()) {
+            drop(parked);
+            crate::actor::reply_when_done(rt, r, reply);
+            return;
+        }
+        let first = !parked.contains_key(&id);
+        parked.entry(id).or_default().push(reply);
+        drop(parked);
+        if first {
+            let owner = Arc::downgrade(self);
+            rt.handle.spawn(async move {
+                tokio::time::sleep(PARK_TIME).await;
+                let waiting = owner.upgrade().and_then(|o| o.parked.lock().remove(&id));
+                for reply in waiting.unwrap_or_default() {
+                    reply(Err(Error::ObjectLost(id)));
+                }
+            });
+        }
+    }
+
+    /// Object `r` is here now: answers the `Fetch`es parked for it.
+    fn unpark(&self, r: &RawRef) {
+        let waiting = {
+            let mut parked = self.parked.lock();
+            if parked.is_empty() {
+                return;
+            }
+            parked.remove(&r.id())
+        };
+        for reply in waiting.unwrap_or_default() {
+            crate::actor::reply_when_done(r.runtime(), r.clone(), reply);
+        }
     }
 
     /// The node's shared-memory store, as this owner writes to it.
@@ -393,6 +443,7 @@ impl Leased {
     /// Keeps `r` for the worker (an object it put or a task it submitted)
     /// until it gives the count back.
     fn keep_for(&self, r: RawRef) {
+        self.owner.unpark(&r);
         let spare = match self.ledger.lock().as_mut() {
             Some(ledger) => ledger.borrows.lend(r.id(), r),
             None => Some(r),
@@ -604,11 +655,13 @@ impl Leased {
             }
             Message::Fetch { id } => {
                 let reply = self.answer(move |outcome| Message::Fetched { id, outcome });
-                // The worker holds a count on the object (this owner keeps
-                // it for the worker), so it is here unless shut down.
+                // The worker holds a count on the object, so it is here,
+                // or on its way from the worker that passed it on.
                 match owner.ok_or(Error::Shutdown) {
                     Ok(rt) => match RawRef::acquire(id, rt.clone()) {
                         Ok(r) => crate::actor::reply_when_done(&rt, r, reply),
+                        // Not here yet: it may be on its way.
+                        Err(_) if rt.check_open().is_ok() => self.owner.park(&rt, id, reply),
                         Err(e) => reply(Err(e)),
                     },
                     Err(e) => reply(Err(e)),

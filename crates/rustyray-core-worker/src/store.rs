@@ -528,6 +528,15 @@ impl Store {
         })
     }
 
+    /// The value of object `id` if it is here and ready; never asks an
+    /// owner for it (unlike [`Store::peek`]).
+    pub(crate) fn ready_value(&self, id: ObjectId) -> Option<Value> {
+        match &self.shard(id).lock().get(&id)?.state {
+            State::Ready(v, _) => Some(v.clone()),
+            _ => None,
+        }
+    }
+
     /// Polls an object for its value.
     pub(crate) fn poll_value(&self, id: ObjectId, cx: &mut Context<'_>) -> Poll<Result<Value>> {
         match self.peek(id, Some(cx.waker())) {

@@ -145,13 +145,19 @@ impl PeerOut {
 
     /// [`PeerOut::send`] on the connection, locked by the caller.
     fn send_on(&self, conn: &mut Conn, msg: &Message) -> bool {
+        match wire::encode_frame(msg) {
+            Ok(frame) => self.write_on(conn, &frame),
+            Err(_) => false,
+        }
+    }
+
+    /// Writes one frame on the connection, locked by the caller; false when
+    /// the connection is broken (from then on).
+    fn write_on(&self, conn: &mut Conn, frame: &[u8]) -> bool {
         if self.broken.load(Ordering::Acquire) {
             return false;
         }
-        let Ok(frame) = wire::encode_frame(msg) else {
-            return false;
-        };
-        let written = conn.write_all(&frame);
+        let written = conn.write_all(frame);
         if written.is_err() {
             self.broken.store(true, Ordering::Release);
         }
@@ -500,10 +506,14 @@ impl Routes {
             return false;
         };
         let out = route.state.lock().out.clone();
-        if let Some(out) = out {
-            out.send(&Message::CancelTask { task_id, force });
+        match out {
+            Some(out) => {
+                out.send(&Message::CancelTask { task_id, force });
+                true
+            }
+            // Failed over meanwhile: the owner has it now.
+            None => false,
         }
-        true
     }
 
     /// Makes a call on `actor` straight to its process when a route is
@@ -550,6 +560,21 @@ impl Routes {
                 return Err(e);
             }
         };
+        // Encoded first: a call too large to send is refused here, before
+        // anything is lent or numbered.
+        let frame = wire::encode_frame(&Message::ActorCall {
+            actor_id: actor,
+            task_id: state.id,
+            spec: bytes.clone(),
+            refs: top,
+        });
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => {
+                rt.forget_task(state.id);
+                return Err(Error::Protocol(format!("an actor call too large to send: {e}")));
+            }
+        };
         let mut st = route.state.lock();
         if !st.broken && st.out.is_none() {
             match up
@@ -557,6 +582,11 @@ impl Routes {
                 .map(|p| (p.out_to(&route.to.endpoint, route.to.pid), p))
             {
                 Some((Ok(o), p)) if p.wait_back(&route.to.endpoint, &o) => st.out = Some(o),
+                Some((Ok(_), p)) => {
+                    // It never connected back: the connection is dropped.
+                    p.drop_out(&route.to.endpoint);
+                    st.broken = true;
+                }
                 _ => st.broken = true,
             }
         }
@@ -584,7 +614,7 @@ impl Routes {
             seq,
             Sent {
                 state: state.clone(),
-                spec: bytes.clone(),
+                spec: bytes,
                 _named: named,
             },
         );
@@ -594,15 +624,7 @@ impl Routes {
         // route lock (its answers are read meanwhile).
         let mut conn = out.conn.lock();
         drop(st);
-        let sent = out.send_on(
-            &mut conn,
-            &Message::ActorCall {
-                actor_id: actor,
-                task_id: state.id,
-                spec: bytes,
-                refs: top,
-            },
-        );
+        let sent = out.write_on(&mut conn, &frame);
         drop(conn);
         if sent {
             DIRECT_CALLS.fetch_add(1, Ordering::Relaxed);
@@ -680,6 +702,12 @@ impl Routes {
     /// [`Routes::fail_over`] for one call.
     fn fail_over_one(&self, rt: &Arc<Inner>, up: &Upstream, route: &Route, sent: Sent) {
         let task_id = sent.state.id;
+        if sent.state.is_cancelled() {
+            // Its object already says so; it is not run again.
+            sent.state.finish();
+            rt.forget_task(task_id);
+            return;
+        }
         if route.to.max_task_retries == 0 {
             let died = Error::ActorDied {
                 class: route.class.clone(),

@@ -196,11 +196,16 @@ impl Upstream {
             }
             if self.routes.is_out(id) {
                 // Its error, if it fails, goes to the owner as its value
-                // would.
+                // would; a wait that could not happen is this share's.
                 let r = RawRef::acquire(id, rt.clone())?;
-                let _ = rt.get_value(&r, None);
+                if let Err(e) = rt.get_value(&r, None) {
+                    if !rt.store.is_complete(id) {
+                        return Err(e);
+                    }
+                }
             }
-            if let Ok(Peek::Ready(v)) = rt.store.peek(id, None) {
+            // Only values already here: a lent object is not fetched.
+            if let Some(v) = rt.store.ready_value(id) {
                 todo.extend(v.nested_object_ids());
             }
         }
