@@ -346,15 +346,7 @@ impl Outcome {
     }
 }
 
-pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panic with a non-string payload".to_owned()
-    }
-}
+pub(crate) use rustyray_common::error::panic_message;
 
 /// Polls a boxed future, turning a panic into `Err(message)`.
 pub(crate) struct CatchUnwind<T>(pub(crate) BoxFuture<T>);

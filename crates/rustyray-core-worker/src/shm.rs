@@ -17,7 +17,7 @@
 //! straight into an allocation the daemon made for it, then sealed.
 
 use crate::error::{Error, Result};
-use rustyray_shm::{Pinned, RemoteView, ShmError, ShmStore};
+use rustyray_shm::{Pinned, RemoteView, ShmStore};
 use std::ops::Deref;
 use std::sync::Arc;
 
@@ -74,7 +74,7 @@ impl NodeStore {
             "allocating in shared memory (failpoint shm::create)".to_owned()
         )));
         let id = self.ids.object().as_u128();
-        let mut w = self.store.create(id, len).map_err(shm_error)?;
+        let mut w = self.store.create(id, len).map_err(Error::from)?;
         if !fill(w.as_mut_slice())? {
             return Ok(None);
         }
@@ -88,7 +88,7 @@ impl NodeStore {
 
     /// Pins object `id` for a reader in another process.
     pub(crate) fn pin_remote(&self, id: u128) -> Result<(u64, u64)> {
-        self.store.pin(id).map_err(shm_error)
+        self.store.pin(id).map_err(Error::from)
     }
 }
 
@@ -113,7 +113,7 @@ impl ShmObject {
             .store
             .get(self.id)
             .map(SharedBytes::Owner)
-            .map_err(shm_error)
+            .map_err(Error::from)
     }
 }
 
@@ -288,24 +288,5 @@ impl Drop for Loan {
                 let _ = node.store.unpin(id);
             }
         }
-    }
-}
-
-/// The runtime's error for a store failure.
-pub(crate) fn shm_error(e: ShmError) -> Error {
-    match e {
-        ShmError::Full {
-            requested,
-            capacity,
-            pinned,
-            ..
-        } => Error::ObjectStoreFull {
-            needed: requested,
-            used: pinned,
-            capacity,
-        },
-        e @ ShmError::OutOfDisk { .. } => Error::OutOfDisk(e.to_string()),
-        ShmError::NotFound(id) => Error::ObjectLost(crate::ids::ObjectId::from_u128(id)),
-        other => Error::invalid(format!("shared-memory store: {other}")),
     }
 }

@@ -44,7 +44,7 @@ pub use pool::Pool;
 use rustyray_common::error::{Error, Result};
 use rustyray_common::options::NodeOptions;
 use rustyray_proto::service::OwnerService;
-use rustyray_shm::{ShmError, ShmStore, StoreConfig};
+use rustyray_shm::{ShmStore, StoreConfig};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -83,7 +83,7 @@ pub fn start<O: OwnerService>(
     let (Some(spill_dir), Some(log_dir)) = (spill_dir, log_dir) else {
         return Err(Error::invalid("no directory for spill files and logs"));
     };
-    let store = Arc::new(ShmStore::new(StoreConfig::new(opts.capacity, spill_dir)).map_err(shm_error)?);
+    let store = Arc::new(ShmStore::new(StoreConfig::new(opts.capacity, spill_dir)).map_err(Error::from)?);
     let setup = pool::PoolSetup {
         command: opts.command,
         prestart: opts.prestart,
@@ -103,23 +103,4 @@ pub fn start<O: OwnerService>(
         log_dir,
         session_dir,
     })
-}
-
-/// The error for a store failure.
-fn shm_error(e: ShmError) -> Error {
-    match e {
-        ShmError::Full {
-            requested,
-            capacity,
-            pinned,
-            ..
-        } => Error::ObjectStoreFull {
-            needed: requested,
-            used: pinned,
-            capacity,
-        },
-        e @ ShmError::OutOfDisk { .. } => Error::OutOfDisk(e.to_string()),
-        ShmError::NotFound(id) => Error::ObjectLost(rustyray_common::ids::ObjectId::from_u128(id)),
-        other => Error::invalid(format!("shared-memory store: {other}")),
-    }
 }

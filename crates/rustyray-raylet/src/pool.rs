@@ -46,7 +46,6 @@
 //! each worker exits when it sees its connection end.
 
 use crate::session::Session;
-use crate::shm_error;
 use crate::worker_logs::WorkerLogs;
 use parking_lot::Mutex;
 use rustyray_common::error::{Error, Result};
@@ -1022,7 +1021,12 @@ fn read_loop<O: OwnerService>(
     // A handler that panics ends the connection like a malformed frame:
     // the worker is lost (its work failed or retried), never forgotten.
     let why = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_messages(pool, w, rd, dec)))
-        .unwrap_or_else(|p| format!("its reader thread panicked: {}", panic_message(p.as_ref())));
+        .unwrap_or_else(|p| {
+            format!(
+                "its reader thread panicked: {}",
+                rustyray_common::error::panic_message(p.as_ref())
+            )
+        });
     cork::flush();
     match pool.upgrade() {
         Some(pool) => pool.lost(w, &why),
@@ -1032,17 +1036,6 @@ fn read_loop<O: OwnerService>(
             w.proc.reap();
             w.peer.discard();
         }
-    }
-}
-
-/// The message a panic carried, if it was a string.
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "a panic with a non-string payload".to_owned()
     }
 }
 
@@ -1107,7 +1100,7 @@ fn read_messages<O: OwnerService>(
                 let slot = match pool.upgrade() {
                     Some(pool) => usize::try_from(len)
                         .map_err(|_| Error::Protocol(format!("an object of {len} bytes")))
-                        .and_then(|len| pool.store.create(id, len).map_err(shm_error))
+                        .and_then(|len| pool.store.create(id, len).map_err(Error::from))
                         .map(|writer| {
                             let offset = writer.offset() as u64;
                             w.writers.lock().insert(id, writer);

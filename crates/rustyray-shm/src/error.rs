@@ -106,3 +106,26 @@ pub enum ShmError {
     #[error("invalid shared-memory store configuration: {0}")]
     InvalidConfig(String),
 }
+
+/// The runtime's error for a store failure: the same for the owner and the
+/// node daemon, which both use the store.
+impl From<ShmError> for rustyray_common::Error {
+    fn from(e: ShmError) -> Self {
+        use rustyray_common::Error;
+        match e {
+            ShmError::Full {
+                requested,
+                capacity,
+                pinned,
+                ..
+            } => Error::ObjectStoreFull {
+                needed: requested,
+                used: pinned,
+                capacity,
+            },
+            e @ ShmError::OutOfDisk { .. } => Error::OutOfDisk(e.to_string()),
+            ShmError::NotFound(id) => Error::ObjectLost(rustyray_common::ids::ObjectId::from_u128(id)),
+            other => Error::invalid(format!("shared-memory store: {other}")),
+        }
+    }
+}

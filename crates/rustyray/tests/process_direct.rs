@@ -45,6 +45,15 @@ impl Counter {
         std::process::id()
     }
 
+    /// [`Counter::next`] once the file `go` exists (a minute at most).
+    fn next_after(&mut self, go: String) -> (u32, u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !Path::new(&go).exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        self.next(0)
+    }
+
     /// Reads an object passed by reference and one inside a value.
     fn sum(&self, a: i64, inside: Vec<ObjectRef<i64>>) -> rustyray::Result<i64> {
         let ray = rustyray::current()?;
@@ -76,16 +85,18 @@ impl Counter {
     }
 }
 
-/// Makes three calls that each take a while, cancels the third while it is
-/// still queued in the actor's process, and returns how that call ended
-/// and how many calls the actor ran by then.
+/// Makes three calls, cancels the third while the first still holds the
+/// actor (so the third is queued in the actor's process), and returns how
+/// that call ended and how many calls the actor ran by then.
 #[rustyray::remote]
-fn cancel_a_queued_call(c: ActorHandle<Counter>) -> rustyray::Result<(String, u64)> {
+fn cancel_a_queued_call(c: ActorHandle<Counter>, go: String) -> rustyray::Result<(String, u64)> {
     let ray = rustyray::current()?;
-    let first = c.next(300)?;
+    // The first call holds the actor until the cancel has been sent.
+    let first = c.next_after(go.clone())?;
     let second = c.next(300)?;
     let third = c.next(300)?;
     ray.cancel(&third)?;
+    let _ = std::fs::write(&go, b"");
     let ended = match ray.get(&third) {
         Err(e) => e.to_string(),
         Ok(v) => format!("it ran: {v:?}"),
@@ -163,6 +174,7 @@ fn call_from_worker(
     c: ActorHandle<Counter>,
     n: u32,
     nap_ms: u64,
+    mark: Option<String>,
 ) -> rustyray::Result<(Vec<(u32, u64)>, u64)> {
     let ray = rustyray::current()?;
     let before = rustyray::__private::direct_calls();
@@ -170,6 +182,11 @@ fn call_from_worker(
         .map(|_| c.next(nap_ms))
         .collect::<rustyray::Result<Vec<_>>>()?;
     let direct = rustyray::__private::direct_calls() - before;
+    // Once the first call is answered the rest are out: said in a file.
+    if let Some(mark) = mark {
+        let _ = ray.get(&refs[0]);
+        let _ = std::fs::write(mark, b"");
+    }
     Ok((ray.get_many(&refs)?, direct))
 }
 
@@ -215,7 +232,8 @@ fn a_workers_calls_go_straight_to_the_actors_process_in_order() -> rustyray::Res
     let ray = process_runtime();
     let c = Counter::remote(&ray)?;
     let actor_pid = ray.get_timeout(&c.pid()?, LONG)?;
-    let (results, direct) = ray.get_timeout(&call_from_worker::remote(&ray, c.clone(), 200, 0)?, LONG)?;
+    let (results, direct) =
+        ray.get_timeout(&call_from_worker::remote(&ray, c.clone(), 200, 0, None)?, LONG)?;
     assert_eq!(direct, 200, "every call should skip the owner");
     assert!(results.iter().all(|(p, _)| *p == actor_pid));
     assert_in_order(&results);
@@ -254,7 +272,9 @@ fn a_cancelled_direct_call_that_is_still_queued_never_runs() -> rustyray::Result
     let ray = process_runtime();
     let c = Counter::remote(&ray)?;
     ray.get_timeout(&c.pid()?, LONG)?;
-    let (ended, step) = ray.get_timeout(&cancel_a_queued_call::remote(&ray, c)?, LONG)?;
+    let dir = scratch("cancel-queued");
+    let go = dir.join("go").display().to_string();
+    let (ended, step) = ray.get_timeout(&cancel_a_queued_call::remote(&ray, c, go)?, LONG)?;
     assert!(ended.contains("cancel"), "{ended}");
     assert_eq!(step, 1, "the cancelled call ran in the actor");
     Ok(())
@@ -279,10 +299,11 @@ fn calls_out_when_the_actors_process_is_killed_keep_their_order() -> rustyray::R
         .max_task_retries(-1)
         .remote(&ray)?;
     let first = ray.get_timeout(&c.pid()?, LONG)?;
-    let calls = call_from_worker::remote(&ray, c.clone(), 100, 10)?;
-    // Killed while the worker's calls are in flight.
-    ray.get_timeout(&c.next(0)?, LONG)?;
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    let dir = scratch("kill-direct");
+    let mark = dir.join("out");
+    let calls = call_from_worker::remote(&ray, c.clone(), 100, 20, Some(mark.display().to_string()))?;
+    // Killed while the worker's calls are out.
+    common::wait_until("the worker's calls are out", || mark.exists());
     let killed = Command::new("kill").args(["-KILL", &first.to_string()]).status();
     assert!(killed.is_ok_and(|s| s.success()));
     let (results, _) = ray.get_timeout(&calls, LONG)?;
@@ -300,8 +321,10 @@ fn calls_out_when_the_actor_allows_no_retry_fail_with_its_death() -> rustyray::R
     let ray = process_runtime();
     let c = Counter::remote(&ray)?;
     let pid = ray.get_timeout(&c.pid()?, LONG)?;
-    let calls = call_from_worker::remote(&ray, c.clone(), 50, 20)?;
-    ray.get_timeout(&c.next(0)?, LONG)?;
+    let dir = scratch("kill-direct-no-retry");
+    let mark = dir.join("out");
+    let calls = call_from_worker::remote(&ray, c.clone(), 50, 40, Some(mark.display().to_string()))?;
+    common::wait_until("the worker's calls are out", || mark.exists());
     let killed = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
     assert!(killed.is_ok_and(|s| s.success()));
     match ray.get_timeout(&calls, LONG) {

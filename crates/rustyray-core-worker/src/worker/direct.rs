@@ -392,16 +392,7 @@ fn peer_call(
         let keep = rt.hold_received(refs, &[])?;
         let spec = TaskSpec::from_bytes(&Value::from_bytes(spec, "TaskSpec"), rt, &rt.registry)?;
         drop(keep);
-        let Target::Method(_, method) = spec.target else {
-            return Err(Error::Protocol(format!("{} is not a method", spec.target.name())));
-        };
-        let actor = worker
-            .actors
-            .lock()
-            .get(&actor_id)
-            .cloned()
-            .ok_or_else(|| Error::Protocol(format!("this worker does not host actor {actor_id}")))?;
-        actor.call(method, spec.args)
+        super::call_hosted(worker, actor_id, spec)
     })();
     match submitted {
         Ok(r) => super::reply_when_done(worker, task_id, r, Some(back.clone())),

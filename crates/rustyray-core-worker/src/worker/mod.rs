@@ -921,22 +921,25 @@ fn create_actor(
 /// actor keeps it. A method that panics ends the process, as the owner
 /// expects of a crashing actor.
 fn call_actor(worker: &Arc<Worker>, task_id: TaskId, actor_id: ActorId, spec: Vec<u8>) {
-    let submitted = decode_spec(worker, spec).and_then(|spec| {
-        let Target::Method(_, method) = spec.target else {
-            return Err(Error::Protocol(format!("{} is not a method", spec.target.name())));
-        };
-        let actor = worker
-            .actors
-            .lock()
-            .get(&actor_id)
-            .cloned()
-            .ok_or_else(|| Error::Protocol(format!("this worker does not host actor {actor_id}")))?;
-        actor.call(method, spec.args)
-    });
+    let submitted = decode_spec(worker, spec).and_then(|spec| call_hosted(worker, actor_id, spec));
     match submitted {
         Ok(r) => reply_when_done(worker, task_id, r, None),
         Err(e) => worker.up.replies.done(task_id, WireOutcome::Failed(e)),
     }
+}
+
+/// Submits a call, decoded, to the actor hosted here.
+fn call_hosted(worker: &Worker, actor_id: ActorId, spec: TaskSpec) -> Result<RawRef> {
+    let Target::Method(_, method) = spec.target else {
+        return Err(Error::Protocol(format!("{} is not a method", spec.target.name())));
+    };
+    let actor = worker
+        .actors
+        .lock()
+        .get(&actor_id)
+        .cloned()
+        .ok_or_else(|| Error::Protocol(format!("this worker does not host actor {actor_id}")))?;
+    actor.call(method, spec.args)
 }
 
 /// Answers actor call `task_id` once its local object `r` completes: to
