@@ -95,12 +95,11 @@ impl Blocked {
     pub(crate) fn enter(on: Option<ObjectId>) -> Option<Blocked> {
         let ctx = current()?;
         if ctx.blocked.fetch_add(1, Ordering::AcqRel) == 0 {
-            if !ctx.cpu.is_empty() {
-                ctx.rt.lend_back(&ctx.cpu);
-            }
             // In a worker process, the CPU is the owner's to lend.
-            if let Some(up) = ctx.rt.mode.upstream() {
-                up.blocked(ctx.task.id, true, on);
+            match ctx.rt.mode.upstream() {
+                Some(up) => up.blocked(&ctx.rt, ctx.task.id, true, on),
+                None if !ctx.cpu.is_empty() => ctx.rt.lend_back(&ctx.cpu),
+                None => {}
             }
         }
         Some(Blocked(ctx))
@@ -111,11 +110,10 @@ impl Drop for Blocked {
     fn drop(&mut self) {
         let ctx = &self.0;
         if ctx.blocked.fetch_sub(1, Ordering::AcqRel) == 1 {
-            if !ctx.cpu.is_empty() {
-                ctx.rt.take_back(&ctx.cpu);
-            }
-            if let Some(up) = ctx.rt.mode.upstream() {
-                up.blocked(ctx.task.id, false, None);
+            match ctx.rt.mode.upstream() {
+                Some(up) => up.blocked(&ctx.rt, ctx.task.id, false, None),
+                None if !ctx.cpu.is_empty() => ctx.rt.take_back(&ctx.cpu),
+                None => {}
             }
         }
     }

@@ -143,6 +143,9 @@ impl OwnerService for Owner {
             ledger: Mutex::new(Some(Ledger::default())),
             cpu: Mutex::new(HashMap::new()),
             endpoint: OnceLock::new(),
+            listening: tokio::sync::Notify::new(),
+            leases: Mutex::new(HashMap::new()),
+            lessor: Mutex::new(None),
         });
         let mut peers = self.peers.lock();
         // Workers that are gone leave their entries behind; swept here, so
@@ -273,6 +276,12 @@ pub struct Leased {
     cpu: Mutex<HashMap<TaskId, (ResourceSet, bool)>>,
     /// Where the worker accepts `Peer` connections (`Listening`).
     endpoint: OnceLock<String>,
+    /// Woken when the endpoint is known.
+    listening: tokio::sync::Notify,
+    /// Leases this worker holds for tasks it submitted (see `grant`).
+    leases: Mutex<HashMap<TaskId, crate::grant::Granted>>,
+    /// The worker this one is leased to, and the lease, while it is.
+    lessor: Mutex<Option<(Weak<Leased>, TaskId)>>,
 }
 
 impl std::fmt::Debug for Leased {
@@ -327,8 +336,8 @@ impl Leased {
         }
     }
 
-    /// Sends a message.
-    fn send(&self, msg: &Message) -> bool {
+    /// Sends a message; false when the worker is gone.
+    pub(crate) fn send(&self, msg: &Message) -> bool {
         self.link.send(msg)
     }
 
@@ -472,6 +481,35 @@ impl Leased {
     /// said.
     pub(crate) fn endpoint(&self) -> Option<&str> {
         self.endpoint.get().map(String::as_str)
+    }
+
+    /// Completes when the worker says its endpoint (enable it, then check
+    /// [`Leased::endpoint`], then await).
+    pub(crate) fn listening(&self) -> tokio::sync::futures::Notified<'_> {
+        self.listening.notified()
+    }
+
+    /// The leases this worker holds.
+    pub(crate) fn leases(&self) -> &Mutex<HashMap<TaskId, crate::grant::Granted>> {
+        &self.leases
+    }
+
+    /// Records whom this worker is leased to (`None` once it is not).
+    pub(crate) fn set_lessor(&self, lessor: Option<(Weak<Leased>, TaskId)>) {
+        *self.lessor.lock() = lessor;
+    }
+
+    /// Ends the leases this worker holds, and the one it is leased under:
+    /// it is gone.
+    fn end_leases(&self) {
+        let Some(rt) = self.owner.runtime() else { return };
+        crate::grant::end_all(&rt, self);
+        let lessor = self.lessor.lock().take();
+        if let Some((lessee, lease_id)) = lessor {
+            if let Some(lessee) = lessee.upgrade() {
+                crate::grant::end(&rt, &lessee, lease_id, true);
+            }
+        }
     }
 
     /// Records the CPU of a task sent here (`Some`), or forgets it when the
@@ -709,6 +747,21 @@ impl Leased {
             }
             Message::Listening { endpoint } => {
                 let _ = self.endpoint.set(endpoint);
+                self.listening.notify_waiters();
+            }
+            Message::RequestLease { lease_id, resources } => match owner {
+                Some(rt) => crate::grant::request(&rt, self, lease_id, &resources),
+                None => {
+                    self.send(&Message::LeaseRefused {
+                        lease_id,
+                        error: Error::Shutdown,
+                    });
+                }
+            },
+            Message::ReturnLease { lease_id, broken } => {
+                if let Some(rt) = owner {
+                    crate::grant::end(&rt, self, lease_id, broken);
+                }
             }
             Message::Lend { to, refs, actors } => {
                 let to = self.owner.peers.lock().get(&to).and_then(Weak::upgrade);
@@ -740,6 +793,7 @@ impl WorkerPeer for Leased {
     }
 
     fn lost(&self, why: &str) {
+        self.end_leases();
         let inflight = self.close();
         if !inflight.is_empty() {
             tracing::warn!(
@@ -755,6 +809,7 @@ impl WorkerPeer for Leased {
     }
 
     fn discard(&self) {
+        self.end_leases();
         let inflight = self.close();
         drop(inflight);
     }

@@ -54,6 +54,7 @@ mod actor;
 mod blob;
 mod codec;
 mod context;
+mod grant;
 mod lease;
 mod object_ref;
 mod pool;
@@ -104,7 +105,7 @@ pub mod __private {
         InvokeError, InvokeResult, MethodBody, MethodEntry, SharedGuard, ACTOR_CLASSES, ACTOR_METHODS,
         REMOTE_FUNCTIONS,
     };
-    pub use crate::worker::direct_calls;
+    pub use crate::worker::{direct_calls, leased_tasks};
     pub use linkme;
 
     use crate::{Arg, Data, ObjectRef, Ray, Result, TaskOptions, Value};

@@ -53,6 +53,22 @@ pub(crate) fn has_stack_to_spare() -> bool {
     base != 0 && base.saturating_sub(here) < STACK_SIZE / 2
 }
 
+/// Starts a thread with a pool thread's stack, marked so that
+/// [`has_stack_to_spare`] holds on it too (a worker process's reading
+/// threads run sync tasks, which may run their queued children).
+pub(crate) fn spawn_with_stack(
+    name: &str,
+    f: impl FnOnce() + Send + 'static,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .stack_size(STACK_SIZE)
+        .spawn(move || {
+            STACK_BASE.with(|b| b.set(stack_address()));
+            f()
+        })
+}
+
 /// How long an idle thread watches for work before it sleeps: a job that
 /// arrives meanwhile starts without a futex wake-up (a few microseconds on
 /// the hot path of synchronous task and actor calls).

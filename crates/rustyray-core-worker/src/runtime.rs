@@ -294,6 +294,8 @@ enum Lease {
 pub(crate) enum Work {
     Task(Box<TaskRun>),
     Actor(Arc<ActorState>),
+    /// A worker process's request for a worker lease (see `grant`).
+    Lease(Box<crate::grant::LeaseRun>),
 }
 
 impl Schedulable for Work {
@@ -301,6 +303,7 @@ impl Schedulable for Work {
         match self {
             Work::Task(t) => &t.request,
             Work::Actor(a) => a.placement_request(),
+            Work::Lease(l) => &l.request,
         }
     }
 }
@@ -1029,6 +1032,7 @@ impl Inner {
                     what: match &w {
                         Work::Task(t) => format!("task {}", t.entry.name),
                         Work::Actor(a) => format!("actor {}", a.class.name),
+                        Work::Lease(l) => l.describe(),
                     },
                     requested: w.request().to_string(),
                     available: self.sched.total().to_string(),
@@ -1047,6 +1051,7 @@ impl Inner {
                 self.forget_task(t.state.id);
             }
             Work::Actor(a) => actor::creation_failed(self, &a, err),
+            Work::Lease(l) => crate::grant::failed(&l, err),
         }
     }
 
@@ -1055,6 +1060,7 @@ impl Inner {
             match w {
                 Work::Task(t) => self.start_task(t),
                 Work::Actor(a) => actor::start_actor(self, a),
+                Work::Lease(l) => crate::grant::start(self, l),
             }
         }
     }
@@ -1206,6 +1212,7 @@ impl Inner {
             task_id: id,
             actor: None,
             spec,
+            cpu: run.request.get(crate::resources::CPU),
         };
         w.running_cpu(id, Some(run.request.cpu_only()));
         let (rt, leased) = (self.clone(), w.clone());
@@ -1403,8 +1410,12 @@ impl Inner {
     /// the blocked task's CPU is lent back, so nothing else starts on that
     /// CPU meanwhile, and returned when the child ends.
     fn help(self: &Arc<Self>, id: ObjectId) -> bool {
-        if !matches!(self.mode, Mode::Threads) {
-            return false;
+        match &self.mode {
+            Mode::Threads => {}
+            // A worker process runs its own queued child (see
+            // `worker::submit`).
+            Mode::Worker(up) => return up.help(self, id),
+            Mode::Node(_) => return false,
         }
         let Some(ctx) = context::current() else {
             return false;
@@ -1435,11 +1446,11 @@ impl Inner {
                     && t.request.fits_in(cpu)
                     && (!sync_only || matches!(t.entry.body, FunctionBody::Sync(_)))
             }
-            Work::Actor(_) => false,
+            Work::Actor(_) | Work::Lease(_) => false,
         })?;
         match work {
             Work::Task(run) => Some(run),
-            Work::Actor(_) => None,
+            Work::Actor(_) | Work::Lease(_) => None,
         }
     }
 
@@ -1683,7 +1694,7 @@ impl Inner {
         state.abort_running();
         state.cancel_remote(force);
         if let Some(up) = self.mode.upstream() {
-            up.cancel(state.id, force);
+            up.cancel(self, state.id, force);
         }
         self.store
             .complete(state.id.return_object(), Err(Error::TaskCancelled(state.id)));

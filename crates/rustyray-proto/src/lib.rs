@@ -56,7 +56,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub mod service;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// The first bytes of every `Hello`.
 pub const MAGIC: [u8; 4] = *b"RRAY";
@@ -128,6 +128,9 @@ pub enum Message {
         actor: Option<ActorId>,
         /// The task spec's bytes form (registry names, encoded arguments).
         spec: Vec<u8>,
+        /// The CPU the task holds (0 for actor calls): a task blocked on a
+        /// child still queued in the worker runs it there if it fits.
+        cpu: f64,
     },
     /// Worker → owner: a task finished. Idempotent by `task_id`: the owner
     /// keeps the first completion. A worker that dies first sends nothing:
@@ -365,13 +368,80 @@ pub enum Message {
         /// Its `retry_exceptions`.
         retry_exceptions: bool,
     },
+    /// Worker → owner (Ray's `RequestWorkerLease`): lease a worker process
+    /// for tasks of one resource shape that code in the sender submitted.
+    /// The owner admits the request as it admits a task (resources
+    /// reserved, queued while none are free), leases a worker from the
+    /// node and answers `LeaseGranted`, or `LeaseRefused` when no worker
+    /// can be had or no node could ever meet the shape. Not idempotent: a
+    /// second request is a second lease. If the sender dies first, a
+    /// lease granted to it is ended and its worker killed.
+    RequestLease {
+        /// The lease (minted by the sender).
+        lease_id: TaskId,
+        /// The shape: what each task run on the lease holds.
+        resources: Vec<(String, f64)>,
+    },
+    /// Owner → worker: the lease asked for is granted: push tasks straight
+    /// to the leased worker process (`LeasedTask`), one at a time, until
+    /// `ReturnLease`. Idempotent by `lease_id`.
+    LeaseGranted {
+        /// The lease.
+        lease_id: TaskId,
+        /// The leased worker's process.
+        pid: u32,
+        /// Where the leased worker accepts `Peer` connections.
+        endpoint: String,
+    },
+    /// Owner → worker: the lease cannot be granted; the tasks waiting for
+    /// it fail with `error`. Idempotent by `lease_id`.
+    LeaseRefused {
+        /// The lease.
+        lease_id: TaskId,
+        /// Why (no worker could start, or the shape is unschedulable).
+        error: Error,
+    },
+    /// Worker → owner (Ray's `ReturnWorker`): the sender is done with a
+    /// lease; the worker goes back to the node's pool and the resources to
+    /// the scheduler. With `broken`, the sender lost its connection to the
+    /// leased worker, which is killed instead of reused. Idempotent: an
+    /// unknown lease is ignored.
+    ReturnLease {
+        /// The lease.
+        lease_id: TaskId,
+        /// The connection to the leased worker failed.
+        broken: bool,
+    },
+    /// Worker → worker (on a `Peer` connection): run a function task on a
+    /// worker leased by the sender, which owns the task; the answer comes
+    /// back as `TaskDone` on the connection the receiver opens back (or as
+    /// `Answered` through the owner, when large or naming objects). The
+    /// objects and actors the spec names were lent to the receiver first
+    /// (`Lend`). Not idempotent. If the receiver dies first, the sender
+    /// retries the task per its `max_retries`.
+    LeasedTask {
+        /// The lease it runs under (a task that blocks reports `Blocked`
+        /// under the lease's id, whose CPU the owner then lends).
+        lease_id: TaskId,
+        /// The task (minted by the sender).
+        task_id: TaskId,
+        /// The task's spec in bytes form (values inline, references as
+        /// ids).
+        spec: Vec<u8>,
+        /// The objects passed as arguments by reference, each lent once.
+        refs: Vec<ObjectId>,
+        /// The CPU the task holds.
+        cpu: f64,
+    },
     /// Worker → owner: the task `task_id` running in the worker blocks
     /// (in `get`/`wait`): the owner lends its CPU to other tasks until
     /// `Unblocked`. If the task it waits for (the one that makes `on`) is
     /// still queued, the owner pushes that task to this worker, on the
     /// CPU the blocked task lends (as a blocked thread runs a queued child
     /// in the threads mode), so a recursive tree needs processes by its
-    /// depth, not its size. Ignored for a task the owner does not know.
+    /// depth, not its size. A worker leased by another worker reports its
+    /// tasks' blocking under the lease's id (`LeasedTask`), whose CPU the
+    /// owner then lends. Ignored for a task the owner does not know.
     Blocked {
         /// The task.
         task_id: TaskId,
@@ -828,6 +898,27 @@ mod tests {
                 task_id: TaskId::from_u128(7),
                 actor: Some(ActorId::from_u128(9)),
                 spec: vec![1, 2, 3],
+                cpu: 1.0,
+            },
+            Message::RequestLease {
+                lease_id: TaskId::from_u128(11),
+                resources: vec![("CPU".into(), 1.0)],
+            },
+            Message::LeaseGranted {
+                lease_id: TaskId::from_u128(11),
+                pid: 42,
+                endpoint: "rustyray-p-42".into(),
+            },
+            Message::ReturnLease {
+                lease_id: TaskId::from_u128(11),
+                broken: false,
+            },
+            Message::LeasedTask {
+                lease_id: TaskId::from_u128(11),
+                task_id: TaskId::from_u128(12),
+                spec: vec![4],
+                refs: vec![ObjectId::from_u128(5)],
+                cpu: 1.0,
             },
             Message::TaskDone {
                 task_id: TaskId::from_u128(7),

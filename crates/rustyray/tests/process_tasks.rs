@@ -293,11 +293,11 @@ fn parent_of_gated_child(gate: ObjectRef<()>, dir: String) -> rustyray::Result<u
 }
 
 #[test]
-fn a_forced_cancel_spares_a_task_that_shares_the_process() -> rustyray::Result<()> {
-    // One CPU: the child stays queued until its parent blocks on it, and
-    // then runs in the parent's process.
+fn a_forced_cancel_ends_the_parents_process_and_the_children_it_owns() -> rustyray::Result<()> {
+    // One CPU: the child stays queued in its parent's process (which owns
+    // it) until the parent blocks on it, and then runs there.
     let ray = process::TestRay(rustyray::init_with(process::process_config().num_cpus(1.0))?);
-    let (latch, gate) = common::latch(&ray);
+    let (_latch, gate) = common::latch(&ray);
     let dir = scratch("shared-cancel");
     let d = dir.display().to_string();
     let parent = parent_of_gated_child::remote(&ray, gate, d)?;
@@ -307,13 +307,11 @@ fn a_forced_cancel_spares_a_task_that_shares_the_process() -> rustyray::Result<(
         wait_until(&format!("the task wrote {name}"), || read().is_some());
         read()
     };
-    assert_eq!(
-        pid_in("child"),
-        pid_in("parent"),
-        "the child runs in its parent's process"
-    );
-    // A forced cancel of the parent alone must not take the child with
-    // its process (it once killed the process, and the child with it).
+    let pid = pid_in("parent");
+    assert_eq!(pid_in("child"), pid, "the child runs in its parent's process");
+    // A forced cancel kills the parent's process; the child, owned by that
+    // process, shares its fate (as in Ray, where a dead owner's tasks go
+    // with it). The driver is unharmed.
     ray.cancel_with(
         &parent,
         rustyray::CancelOptions {
@@ -321,13 +319,15 @@ fn a_forced_cancel_spares_a_task_that_shares_the_process() -> rustyray::Result<(
             recursive: false,
         },
     )?;
-    ray.get_timeout(&latch.open()?, LONG)?;
-    wait_until("the child that shares the process finishes", || {
-        dir.join("done").exists()
-    });
     assert!(matches!(
         ray.get_timeout(&parent, LONG),
         Err(Error::TaskCancelled(_))
     ));
+    let pid = pid.unwrap_or_default();
+    wait_until("the parent's process is gone", || {
+        !ray.worker_pids().contains(&pid)
+    });
+    assert!(!dir.join("done").exists(), "the child went with its owner");
+    assert_eq!(ray.get_timeout(&add::remote(&ray, 1, 2)?, LONG)?, 3);
     Ok(())
 }

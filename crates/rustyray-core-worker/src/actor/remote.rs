@@ -502,6 +502,7 @@ impl Outgoing {
             task_id: self.spec.id,
             actor: Some(actor.id),
             spec,
+            cpu: 0.0,
         };
         Ok((msg, loan))
     }

@@ -111,7 +111,7 @@ type OutSlot = Mutex<Option<Arc<PeerOut>>>;
 pub(crate) struct PeerOut {
     /// The other process.
     pid: u32,
-    conn: Mutex<Conn>,
+    pub(super) conn: Mutex<Conn>,
     broken: AtomicBool,
 }
 
@@ -153,7 +153,7 @@ impl PeerOut {
 
     /// Writes one frame on the connection, locked by the caller; false when
     /// the connection is broken (from then on).
-    fn write_on(&self, conn: &mut Conn, frame: &[u8]) -> bool {
+    pub(super) fn write_on(&self, conn: &mut Conn, frame: &[u8]) -> bool {
         if self.broken.load(Ordering::Acquire) {
             return false;
         }
@@ -201,7 +201,7 @@ impl Peers {
 
     /// The connection to `endpoint` (process `pid`), opened if there is
     /// none (or the last one broke).
-    fn out_to(&self, endpoint: &str, pid: u32) -> Result<Arc<PeerOut>> {
+    pub(super) fn out_to(&self, endpoint: &str, pid: u32) -> Result<Arc<PeerOut>> {
         let slot = self.out.lock().entry(endpoint.to_owned()).or_default().clone();
         let mut slot = slot.lock();
         if let Some(o) = slot.as_ref().filter(|o| !o.broken.load(Ordering::Acquire)) {
@@ -231,7 +231,7 @@ impl Peers {
     }
 
     /// Forgets the connection to `endpoint` (marked broken).
-    fn drop_out(&self, endpoint: &str) {
+    pub(super) fn drop_out(&self, endpoint: &str) {
         let slot = self.out.lock().remove(endpoint);
         if let Some(o) = slot.and_then(|s| s.lock().take()) {
             o.broken.store(true, Ordering::Release);
@@ -241,7 +241,7 @@ impl Peers {
     /// Waits until `endpoint`'s connection to this process is up; false
     /// when it is not within [`HANDSHAKE_TIME`] or the process there closed
     /// `out` meanwhile (it died).
-    fn wait_back(&self, endpoint: &str, out: &PeerOut) -> bool {
+    pub(super) fn wait_back(&self, endpoint: &str, out: &PeerOut) -> bool {
         let deadline = Instant::now() + HANDSHAKE_TIME;
         loop {
             {
@@ -267,6 +267,7 @@ impl Peers {
         self.drop_out(endpoint);
         if let Some(w) = self.worker.upgrade() {
             w.up.routes.peer_gone(&w.rt, &w.up, endpoint);
+            w.up.submitter.peer_gone(&w.up, &w.rt, endpoint);
         }
     }
 }
@@ -360,8 +361,22 @@ fn serve_peer(peers: &Arc<Peers>, mut conn: Conn, mut dec: FrameDecoder, endpoin
                 spec,
                 refs,
             } => peer_call(&worker, &back, actor_id, task_id, spec, &refs),
-            Message::CancelTask { task_id, .. } => super::cancel_here(&worker, task_id),
-            Message::TaskDone { task_id, outcome } => worker.up.routes.answered(&worker.rt, task_id, outcome),
+            Message::LeasedTask {
+                lease_id,
+                task_id,
+                spec,
+                refs,
+                cpu,
+            } => super::run_leased(&worker, &back, lease_id, task_id, spec, refs, cpu),
+            Message::CancelTask { task_id, force } => {
+                // A forced cancel of a task on a lease ends this process, as
+                // Ray's does.
+                if force && worker.up.is_leased_here(task_id) {
+                    std::process::exit(1);
+                }
+                super::cancel_here(&worker, task_id);
+            }
+            Message::TaskDone { task_id, outcome } => worker.up.answered(&worker.rt, task_id, outcome),
             Message::Ping { nonce } => {
                 back.send(&Message::Pong { nonce });
             }
@@ -628,7 +643,8 @@ impl Routes {
         Ok(Ok(ret))
     }
 
-    /// An answer to a call sent straight to an actor's process.
+    /// An answer to a call sent straight to an actor's process (or to
+    /// nothing: then what it lends is given back).
     pub(super) fn answered(&self, rt: &Arc<Inner>, task_id: TaskId, outcome: WireOutcome) {
         let route = self.calls.lock().get(&task_id).cloned();
         let sent = route.and_then(|r| {

@@ -24,15 +24,15 @@
 //! driver.
 //!
 //! Code running in a worker reaches the owner (the driver) through
-//! [`Upstream`]: tasks it submits and calls on the owner's actors (whose
-//! handles the worker received) go to the owner, which runs them (tasks in
-//! worker processes) and sends their outcomes back. The owner keeps those
-//! results for the worker until it releases them, so references to them
-//! may leave the worker (in a result, or as arguments). A task blocked in
-//! `get`/`wait` here tells the owner, which lends its CPU to other tasks
-//! meanwhile, so nested task trees cannot deadlock. Actors created here
-//! are created by the owner (`SpawnActor`), in processes of their own;
-//! `get_actor` and `kill` go to the owner too.
+//! [`Upstream`]. Tasks it submits are its own, run on workers it leases
+//! from the node ([`submit`]); calls on actors go straight to the actor's
+//! process when the handle carries its endpoint ([`direct`]), else through
+//! the owner, which keeps their results for the worker until it releases
+//! them, so references to them may leave the worker (in a result, or as
+//! arguments). A task blocked in `get`/`wait` here tells the owner, which
+//! lends its CPU to other tasks meanwhile, so nested task trees cannot
+//! deadlock. Actors created here are created by the owner (`SpawnActor`),
+//! in processes of their own; `get_actor` and `kill` go to the owner too.
 //!
 //! # Objects between a worker and its owner
 //!
@@ -57,6 +57,8 @@
 mod direct;
 pub use direct::direct_calls;
 mod reading;
+mod submit;
+pub use submit::leased_tasks;
 
 use crate::actor::RawActor;
 use crate::codec::Value;
@@ -101,7 +103,16 @@ pub fn worker_entry() {
     let Some(socket) = std::env::var_os(WORKER_ENV) else {
         return;
     };
-    exit_when_served(serve(&socket.to_string_lossy()))
+    // The first reader runs sync tasks, which may run their queued
+    // children on its stack: a stack of the pool's size, marked.
+    let socket = socket.to_string_lossy().into_owned();
+    match crate::pool::spawn_with_stack("rustyray-reader", move || exit_when_served(serve(&socket))) {
+        Ok(h) => {
+            let _ = h.join();
+            std::process::exit(1)
+        }
+        Err(e) => exit_when_served(Err(Error::from_io("starting the worker's reader", &e))),
+    }
 }
 
 /// Whether this process was started as a worker.
@@ -157,6 +168,37 @@ pub(crate) struct Upstream {
     /// This process's endpoint and connections to other workers, once
     /// listening.
     peers: std::sync::OnceLock<Arc<direct::Peers>>,
+    /// Tasks submitted here, run on leased workers.
+    submitter: submit::Submitter,
+    /// Tasks whose blocking the owner knows under another id: a task run
+    /// on a lease (the lease's), a child run by its blocked parent (the
+    /// parent's).
+    reported: Mutex<HashMap<TaskId, TaskId>>,
+    /// The sync tasks pushed here on each lease, run one at a time.
+    on_lease: Mutex<HashMap<TaskId, LeaseHere>>,
+}
+
+/// The sync tasks another worker pushed here on one lease: they run one
+/// at a time, on the lease's CPU. A task that blocks hands that CPU to the
+/// next one queued (a runner on another thread); only when none is queued
+/// is its blocking reported to the owner (under the lease's id), which
+/// lends the CPU elsewhere meanwhile.
+#[derive(Default)]
+struct LeaseHere {
+    queue: std::collections::VecDeque<Box<dyn FnOnce() + Send>>,
+    /// Threads running the queue.
+    runners: usize,
+    /// Tasks of the lease blocked now.
+    blocked: usize,
+    /// The owner was told the lease blocks.
+    reported: bool,
+}
+
+impl LeaseHere {
+    /// Runners not blocked.
+    fn active(&self) -> usize {
+        self.runners.saturating_sub(self.blocked)
+    }
 }
 
 impl std::fmt::Debug for Upstream {
@@ -194,7 +236,7 @@ impl Upstream {
             if !seen.insert(id) {
                 continue;
             }
-            if self.routes.is_out(id) {
+            if self.is_out(id) {
                 // Its error, if it fails, goes to the owner as its value
                 // would; a wait that could not happen is this share's.
                 let r = RawRef::acquire(id, rt.clone())?;
@@ -246,6 +288,54 @@ impl Upstream {
     /// This process's endpoint and connections to other workers.
     fn peers(&self) -> Option<&Arc<direct::Peers>> {
         self.peers.get()
+    }
+
+    /// Whether `id` is the result of this process's own work still out (a
+    /// direct call, or a task submitted here): a message naming it waits
+    /// for it.
+    pub(crate) fn is_out(&self, id: ObjectId) -> bool {
+        self.routes.is_out(id) || self.submitter.is_out(id)
+    }
+
+    /// Records (`Some`) or forgets the id task `task` blocks under.
+    fn report_as(&self, task: TaskId, under: Option<TaskId>) {
+        let mut r = self.reported.lock();
+        match under {
+            Some(u) => r.insert(task, u),
+            None => r.remove(&task),
+        };
+    }
+
+    /// The id the owner knows task `task`'s blocking under.
+    fn reported_as(&self, task: TaskId) -> TaskId {
+        self.reported.lock().get(&task).copied().unwrap_or(task)
+    }
+
+    /// Whether task `task` runs here on a lease.
+    fn is_leased_here(&self, task: TaskId) -> bool {
+        self.reported.lock().contains_key(&task)
+    }
+
+    /// An answer to this process's own work sent straight to another
+    /// worker (a task on a lease, or a call on an actor).
+    fn answered(&self, rt: &Arc<Inner>, task_id: TaskId, outcome: WireOutcome) {
+        if let Err(outcome) = self.submitter.answered(self, rt, task_id, outcome) {
+            self.routes.answered(rt, task_id, *outcome);
+        }
+    }
+
+    /// Runs the task that makes `id` on this thread, if it is queued here
+    /// and the current task (sync, with stack to spare) may run it on its
+    /// CPU while it would block. Returns whether it ran one.
+    pub(crate) fn help(&self, rt: &Arc<Inner>, id: ObjectId) -> bool {
+        let Some(ctx) = context::current() else {
+            return false;
+        };
+        if ctx.is_async() || !crate::pool::has_stack_to_spare() {
+            return false;
+        }
+        let under = self.reported_as(ctx.task.id);
+        self.submitter.help(self, rt, id, ctx.cpu(), under)
     }
 
     /// Sends a call on the owner's actor to the owner (see
@@ -307,6 +397,11 @@ impl Upstream {
         args: Vec<Arg>,
         opts: &crate::options::TaskOptions,
     ) -> Result<RawRef> {
+        // Owned here, on workers leased from the node, once this process
+        // listens (it always does after its start).
+        if self.peers().is_some() {
+            return self.submitter.submit(self, rt, entry, args, opts);
+        }
         let request = opts.request(&entry.options)?;
         let (state, ret) = rt.new_task()?;
         let spec = TaskSpec {
@@ -332,8 +427,8 @@ impl Upstream {
     /// Code here cancelled its task or call `task_id`: the process running
     /// it is asked to cancel it too (the actor's process, for a call sent
     /// straight there; the owner, for what went through it).
-    pub(crate) fn cancel(&self, task_id: TaskId, force: bool) {
-        if self.routes.cancel(task_id, force) {
+    pub(crate) fn cancel(&self, rt: &Arc<Inner>, task_id: TaskId, force: bool) {
+        if self.routes.cancel(task_id, force) || self.submitter.cancel(rt, task_id, force) {
             return;
         }
         if self.pending.lock().contains_key(&task_id) {
@@ -343,12 +438,124 @@ impl Upstream {
 
     /// The task `task_id` blocks (`true`) or resumes: its owner lends or
     /// takes back its CPU.
-    pub(crate) fn blocked(&self, task_id: TaskId, blocked: bool, on: Option<ObjectId>) {
+    pub(crate) fn blocked(
+        self: &Arc<Self>,
+        rt: &Arc<Inner>,
+        task_id: TaskId,
+        blocked: bool,
+        on: Option<ObjectId>,
+    ) {
+        let task_id = self.reported_as(task_id);
+        let Some(report) = self.lease_blocked(rt, task_id, blocked) else {
+            return;
+        };
+        if !report {
+            return;
+        }
         self.replies.send(&if blocked {
             Message::Blocked { task_id, on }
         } else {
             Message::Unblocked { task_id }
         });
+    }
+
+    /// A task of lease `lease` here blocks or resumes: `None` when `lease`
+    /// is not a lease here (report as usual), else whether to report it.
+    fn lease_blocked(self: &Arc<Self>, rt: &Arc<Inner>, lease: TaskId, blocked: bool) -> Option<bool> {
+        let mut start = false;
+        let report = {
+            let mut h = self.on_lease.lock();
+            let l = h.get_mut(&lease)?;
+            if blocked {
+                l.blocked += 1;
+                if l.active() > 0 {
+                    false
+                } else if !l.queue.is_empty() {
+                    // The next task takes the CPU.
+                    l.runners += 1;
+                    start = true;
+                    false
+                } else {
+                    !std::mem::replace(&mut l.reported, true)
+                }
+            } else {
+                l.blocked = l.blocked.saturating_sub(1);
+                l.reported && l.active() > 0 && {
+                    l.reported = false;
+                    true
+                }
+            }
+        };
+        if start {
+            self.start_runner(rt, lease);
+        }
+        Some(report)
+    }
+
+    /// Queues a sync task pushed on lease `lease`; starts a runner if none
+    /// is running.
+    fn run_on_lease(self: &Arc<Self>, rt: &Arc<Inner>, lease: TaskId, job: Box<dyn FnOnce() + Send>) {
+        let (start, resumed) = {
+            let mut h = self.on_lease.lock();
+            let l = h.entry(lease).or_default();
+            l.queue.push_back(job);
+            if l.active() == 0 {
+                l.runners += 1;
+                (true, std::mem::take(&mut l.reported))
+            } else {
+                (false, false)
+            }
+        };
+        if resumed {
+            self.replies.send(&Message::Unblocked { task_id: lease });
+        }
+        if start {
+            self.start_runner(rt, lease);
+        }
+    }
+
+    fn start_runner(self: &Arc<Self>, rt: &Arc<Inner>, lease: TaskId) {
+        let up = self.clone();
+        let job = Box::new(move || up.run_lease(lease));
+        if let Err(job) = rt.pool.execute(job) {
+            job();
+        }
+    }
+
+    /// A runner: runs the lease's queued tasks until none is left.
+    fn run_lease(&self, lease: TaskId) {
+        loop {
+            let (job, report) = {
+                let mut h = self.on_lease.lock();
+                let Some(l) = h.get_mut(&lease) else { return };
+                match l.queue.pop_front() {
+                    Some(job) => (Some(job), false),
+                    None => {
+                        l.runners -= 1;
+                        let report = l.active() == 0 && l.blocked > 0 && !l.reported;
+                        if report {
+                            l.reported = true;
+                        }
+                        if l.runners == 0 && l.blocked == 0 {
+                            h.remove(&lease);
+                        }
+                        (None, report)
+                    }
+                }
+            };
+            match job {
+                Some(job) => job(),
+                None => {
+                    if report {
+                        self.replies.send(&Message::Blocked {
+                            task_id: lease,
+                            on: None,
+                        });
+                    }
+                    return;
+                }
+            }
+        }
     }
 
     /// The last reference here to object `id` went: the owner drops the
@@ -633,6 +840,9 @@ fn serve(socket: &str) -> Result<()> {
         slots: Mutex::default(),
         routes: direct::Routes::default(),
         peers: std::sync::OnceLock::new(),
+        submitter: submit::Submitter::default(),
+        reported: Mutex::default(),
+        on_lease: Mutex::default(),
     });
     let rt = Inner::start_as(Config::default(), Some(up.clone()), None)?;
     // Objects the owner lent are asked for when first looked at.
@@ -656,14 +866,12 @@ fn serve(socket: &str) -> Result<()> {
     let weak = Arc::downgrade(&worker);
     worker.up.reading.set_spawn(Box::new(move || {
         let w = weak.clone();
-        std::thread::Builder::new()
-            .name("rustyray-reader".to_owned())
-            .spawn(move || {
-                if let Some(w) = w.upgrade() {
-                    exit_when_served(serve_messages(&w, None));
-                }
-            })
-            .map(drop)
+        crate::pool::spawn_with_stack("rustyray-reader", move || {
+            if let Some(w) = w.upgrade() {
+                exit_when_served(serve_messages(&w, None));
+            }
+        })
+        .map(drop)
     }));
     let up = worker.up.clone();
     std::thread::Builder::new()
@@ -688,8 +896,9 @@ fn serve_messages(worker: &Arc<Worker>, first: Option<Inbox>) -> Result<()> {
                 task_id,
                 actor: None,
                 spec,
+                cpu,
             }) => {
-                if let Some(job) = run_task(worker, task_id, spec) {
+                if let Some(job) = run_task(worker, task_id, spec, cpu) {
                     reading.leave(inbox);
                     job();
                     inbox = reading.retake().unwrap_or_else(|| reading.take());
@@ -699,6 +908,7 @@ fn serve_messages(worker: &Arc<Worker>, first: Option<Inbox>) -> Result<()> {
                 task_id,
                 actor: Some(actor_id),
                 spec,
+                ..
             }) => call_actor(worker, task_id, actor_id, spec),
             Some(Message::CreateActor {
                 actor_id,
@@ -713,7 +923,18 @@ fn serve_messages(worker: &Arc<Worker>, first: Option<Inbox>) -> Result<()> {
             }
             Some(Message::Fetched { id, outcome }) => complete(&worker.rt, id, outcome),
             Some(Message::Answered { task_id, outcome }) => {
-                worker.up.routes.answered(&worker.rt, task_id, outcome);
+                worker.up.answered(&worker.rt, task_id, outcome);
+            }
+            Some(Message::LeaseGranted {
+                lease_id,
+                pid,
+                endpoint,
+            }) => submit::Submitter::granted(&worker.up, &worker.rt, lease_id, pid, endpoint),
+            Some(Message::LeaseRefused { lease_id, error }) => {
+                worker
+                    .up
+                    .submitter
+                    .refused(&worker.up, &worker.rt, lease_id, error);
             }
             Some(Message::ObjectSlot { id, slot }) => {
                 if let Some(tx) = worker.up.slots.lock().remove(&id) {
@@ -767,13 +988,37 @@ struct Finish {
     /// The value sent, dropped only after the reply: the references it
     /// holds must reach the owner before their releases do.
     _sent: Option<Value>,
+    /// The connection back to the worker that pushed the task on a lease;
+    /// `None` for a task the owner pushed.
+    to: Option<Arc<direct::PeerOut>>,
+    /// The outcome goes to that worker through the owner (it is large or
+    /// names objects).
+    through_owner: bool,
 }
 
 impl Finish {
+    fn new(worker: &Arc<Worker>, task_id: TaskId, to: Option<Arc<direct::PeerOut>>) -> Finish {
+        Finish {
+            task_id,
+            worker: worker.clone(),
+            outcome: None,
+            _sent: None,
+            to,
+            through_owner: false,
+        }
+    }
+
     fn complete(mut self, outcome: Outcome) {
         self.outcome = Some(match outcome {
             Outcome::Value(v) => {
-                let wire = self.worker.up.to_owner(&self.worker.rt, &v);
+                let small = self.to.as_ref().and_then(|_| self.worker.up.small(&v));
+                let wire = match small {
+                    Some(wire) => wire,
+                    None => {
+                        self.through_owner = self.to.is_some();
+                        self.worker.up.to_owner(&self.worker.rt, &v)
+                    }
+                };
                 self._sent = Some(v);
                 wire
             }
@@ -789,20 +1034,123 @@ impl Drop for Finish {
             .outcome
             .take()
             .unwrap_or(WireOutcome::Failed(Error::TaskCancelled(self.task_id)));
-        self.worker.up.replies.done(self.task_id, outcome);
+        let up = &self.worker.up;
+        match &self.to {
+            Some(to) if self.through_owner => up.replies.send(&Message::Answer {
+                to: to.pid(),
+                task_id: self.task_id,
+                outcome,
+            }),
+            Some(to) => direct::answer(to, self.task_id, outcome),
+            None => up.replies.done(self.task_id, outcome),
+        }
+        up.report_as(self.task_id, None);
     }
+}
+
+/// The CPU a pushed task holds, as a set.
+fn cpu_set(cpu: f64) -> ResourceSet {
+    let mut set = ResourceSet::new();
+    if cpu > 0.0 {
+        // Out of range is the owner's error, not this task's: no CPU then.
+        let _ = set.set(crate::resources::CPU, cpu);
+    }
+    set
+}
+
+/// Starts a function task another worker pushed on a lease it holds here;
+/// its outcome goes back to that worker (`back`). Reference arguments are
+/// waited for first (fetched from their owner), then a sync task runs on a
+/// pool thread (this thread reads the connection), an async one on the
+/// executor.
+fn run_leased(
+    worker: &Arc<Worker>,
+    back: &Arc<direct::PeerOut>,
+    lease_id: TaskId,
+    task_id: TaskId,
+    spec: Vec<u8>,
+    refs: Vec<ObjectId>,
+    cpu: f64,
+) {
+    let rt = &worker.rt;
+    let mut finish = Finish::new(worker, task_id, Some(back.clone()));
+    let decoded = (|| {
+        // The references passed as arguments were lent here (`Lend`); the
+        // ones inside values are taken as the spec decodes.
+        let keep = rt.hold_received(&refs, &[])?;
+        let spec = TaskSpec::from_bytes(&Value::from_bytes(spec, "TaskSpec"), rt, &rt.registry)?;
+        drop(keep);
+        match spec.target {
+            Target::Function(entry) => Ok((entry, spec)),
+            other => Err(Error::Protocol(format!("{} is not a function", other.name()))),
+        }
+    })();
+    let (entry, spec) = match decoded {
+        Ok(x) => x,
+        Err(e) => {
+            finish.outcome = Some(WireOutcome::Failed(e));
+            return;
+        }
+    };
+    let state = TaskState::new(task_id);
+    worker.running.lock().insert(task_id, state.clone());
+    if matches!(entry.body, FunctionBody::Sync(_)) {
+        // Its blocking is the lease's (async tasks hold no thread).
+        worker.up.report_as(task_id, Some(lease_id));
+    }
+    state.start(1);
+    let deps: Vec<ObjectId> = refs;
+    submit::when_complete(rt, &deps, move |rt| {
+        if state.is_cancelled() {
+            // Dropped unsent: reported cancelled.
+            drop(finish);
+            return;
+        }
+        let ctx = TaskContext::new(rt.clone(), state.clone(), cpu_set(cpu), false);
+        match entry.body {
+            FunctionBody::Sync(f) => {
+                let rt2 = rt.clone();
+                let job = Box::new(move || {
+                    let outcome = context::with_sync(ctx, || match submit::resolve(&rt2, &spec, 1) {
+                        Ok(args) => {
+                            Outcome::from_invoke(std::panic::catch_unwind(AssertUnwindSafe(|| f(args))))
+                        }
+                        Err(e) => Outcome::Failed(e),
+                    });
+                    finish.complete(outcome);
+                });
+                if let Some(up) = rt.mode.upstream() {
+                    up.run_on_lease(rt, lease_id, job);
+                }
+            }
+            FunctionBody::Async(f) => {
+                let ctx = TaskContext::new(rt.clone(), state.clone(), cpu_set(cpu), true);
+                let rt2 = rt.clone();
+                let h = rt.handle.spawn(async move {
+                    let outcome = match submit::resolve(&rt2, &spec, 1) {
+                        Ok(args) => {
+                            Outcome::from_invoke(context::with_async(ctx, CatchUnwind(f(args))).await)
+                        }
+                        Err(e) => Outcome::Failed(e),
+                    };
+                    finish.complete(outcome);
+                });
+                state.set_abort(1, h.abort_handle());
+            }
+        }
+    });
 }
 
 /// Starts a pushed function task: an async one on the executor; a sync
 /// one is returned, for the reading thread to run.
-fn run_task(worker: &Arc<Worker>, task_id: TaskId, spec: Vec<u8>) -> Option<Box<dyn FnOnce() + Send>> {
+fn run_task(
+    worker: &Arc<Worker>,
+    task_id: TaskId,
+    spec: Vec<u8>,
+    cpu: f64,
+) -> Option<Box<dyn FnOnce() + Send>> {
     let rt = &worker.rt;
-    let mut finish = Finish {
-        task_id,
-        worker: worker.clone(),
-        outcome: None,
-        _sent: None,
-    };
+    let mut finish = Finish::new(worker, task_id, None);
     let (entry, args) = match decode(worker, spec) {
         Ok(x) => x,
         Err(e) => {
@@ -813,7 +1161,7 @@ fn run_task(worker: &Arc<Worker>, task_id: TaskId, spec: Vec<u8>) -> Option<Box<
     let state = TaskState::new(task_id);
     worker.running.lock().insert(task_id, state.clone());
     state.start(1);
-    let ctx = TaskContext::new(rt.clone(), state.clone(), ResourceSet::new(), false);
+    let ctx = TaskContext::new(rt.clone(), state.clone(), cpu_set(cpu), false);
     match entry.body {
         FunctionBody::Sync(f) => Some(Box::new(move || {
             let outcome = Outcome::from_invoke(context::with_sync(ctx, || {
@@ -822,7 +1170,7 @@ fn run_task(worker: &Arc<Worker>, task_id: TaskId, spec: Vec<u8>) -> Option<Box<
             finish.complete(outcome);
         })),
         FunctionBody::Async(f) => {
-            let ctx = TaskContext::new(rt.clone(), state.clone(), ResourceSet::new(), true);
+            let ctx = TaskContext::new(rt.clone(), state.clone(), cpu_set(cpu), true);
             let h = rt.handle.spawn(async move {
                 let outcome = Outcome::from_invoke(context::with_async(ctx, CatchUnwind(f(args))).await);
                 finish.complete(outcome);

@@ -1,0 +1,897 @@
+//! Tasks submitted by code in a worker process, owned by it and run on
+//! workers it leases from the node — Ray's normal task submitter.
+//!
+//! # Design
+//!
+//! A task submitted here is this process's own: its result lives in this
+//! process's store, and this process retries it. The task waits in a queue
+//! per resource shape. While a shape has queued tasks, this process asks
+//! its owner-side node for a lease on a worker of that shape
+//! (`RequestLease`, one request out per shape at a time; a grant while
+//! tasks are still queued asks for the next). A granted lease names the
+//! leased worker's endpoint; tasks go there straight (`LeasedTask`, one at
+//! a time per lease), and their outcomes come straight back (`TaskDone`
+//! on the connection back, or `Answered` through the owner for a value
+//! that is large or names objects). A lease whose shape has no task left
+//! is returned at once (`ReturnLease`).
+//!
+//! A task blocked in `get`/`wait` on a child of its own that is still
+//! queued here runs the child on its own thread instead (as the threads
+//! mode does, and rayon's `join`), so a recursive tree needs processes in
+//! proportion to its depth, not its size.
+//!
+//! # State and locks
+//!
+//! One lock ([`Submitter::state`]) holds the queues, the requests out, the
+//! leases and where each task is ([`Place`]); it is never held while
+//! sending, encoding, or touching the store. Each transition takes the
+//! task out of one place and puts it in another under that lock, so a
+//! task is pushed, run here, cancelled or failed over exactly once.
+//!
+//! # Failure
+//!
+//! When the connection to a leased worker ends, its task is retried (one
+//! attempt spent) per its `max_retries`, or fails with `WorkerCrashed`; a
+//! task whose code returned an error or panicked is retried when
+//! `retry_exceptions` allows. A lease refused as unschedulable fails the
+//! tasks of its shape; one refused because no worker could be had spends
+//! an attempt of each. A cancel takes a queued task out of its queue, and
+//! reaches a pushed one where it runs (`force` ends that process).
+
+use super::direct::PeerOut;
+use super::Upstream;
+use crate::codec::Value;
+use crate::context::{self, TaskContext};
+use crate::error::{Error, Result, TaskFailure};
+use crate::ids::{ObjectId, TaskId};
+use crate::object_ref::{Arg, RawRef};
+use crate::registry::{FunctionBody, FunctionEntry};
+use crate::resources::ResourceSet;
+use crate::runtime::{Inner, Outcome};
+use crate::store::Peek;
+use crate::task::{ArgList, Target, TaskSpec, TaskState};
+use crate::wire::{self, Message, WireOutcome};
+use parking_lot::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Tasks this process pushed to workers it leased, ever (see
+/// [`leased_tasks`]).
+static LEASED_TASKS: AtomicU64 = AtomicU64::new(0);
+
+/// How many tasks this process has pushed straight to worker processes it
+/// leased, skipping its owner. A diagnostic: tests and benchmarks check
+/// with it that the driver is off the path.
+pub fn leased_tasks() -> u64 {
+    LEASED_TASKS.load(Ordering::Relaxed)
+}
+
+/// The tasks this process submitted and the leases they run on.
+#[derive(Default)]
+pub(crate) struct Submitter {
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Submitter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.state.lock();
+        f.debug_struct("Submitter")
+            .field("tasks", &s.tasks.len())
+            .field("leases", &s.leases.len())
+            .finish()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    shapes: HashMap<ResourceSet, Shape>,
+    /// Lease requests out: the shape each is for.
+    requests: HashMap<TaskId, ResourceSet>,
+    /// Leases held.
+    leases: HashMap<TaskId, Arc<Lease>>,
+    /// Where each task submitted here and not finished is.
+    tasks: HashMap<TaskId, Place>,
+}
+
+/// Where a task is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// Waiting for the results of this process's own work it names.
+    Resolving,
+    /// In its shape's queue.
+    Queued,
+    /// Pushed on a lease.
+    Pushed(TaskId),
+    /// Running on a thread of this process (a blocked parent runs it).
+    Here,
+}
+
+#[derive(Default)]
+struct Shape {
+    queue: VecDeque<Box<Pending>>,
+    /// A lease request is out.
+    requested: bool,
+    /// The leases held for this shape.
+    leases: Vec<Arc<Lease>>,
+}
+
+/// A task submitted here, not finished.
+struct Pending {
+    state: Arc<TaskState>,
+    spec: TaskSpec,
+    entry: &'static FunctionEntry,
+    request: ResourceSet,
+    max_retries: i32,
+    retry_exceptions: bool,
+    attempt: u32,
+}
+
+/// A worker leased for one shape.
+struct Lease {
+    id: TaskId,
+    shape: ResourceSet,
+    pid: u32,
+    endpoint: String,
+    out: Arc<PeerOut>,
+    /// Tasks pushed and not answered (changed under the state's lock).
+    inflight: AtomicUsize,
+    /// How many tasks may be out on it at once (see [`Lease::settle`]).
+    depth: AtomicUsize,
+    /// The tasks pushed on it, each with what its spec names (kept alive
+    /// until the answer), when it went, and how many were ahead of it.
+    running: Mutex<HashMap<TaskId, Sent>>,
+    /// The connection failed: what is pushed from now on fails over.
+    gone: std::sync::atomic::AtomicBool,
+}
+
+/// A task out on a lease.
+struct Sent {
+    task: Box<Pending>,
+    _named: Value,
+    at: std::time::Instant,
+    ahead: usize,
+}
+
+/// The most tasks out on one lease at once.
+const MAX_DEPTH: usize = 16;
+
+/// A task shorter than this (its round trip shared by those out with it)
+/// lets its lease take more at once: the round trip, not the task, is the
+/// cost then.
+const SHORT_TASK: std::time::Duration = std::time::Duration::from_millis(1);
+
+impl Lease {
+    /// Learns from one answered task how many may be out at once: short
+    /// tasks double it (up to [`MAX_DEPTH`]), a long one brings it back to
+    /// one, so long tasks never queue behind each other on one worker
+    /// while another could run them (Ray's one task in flight per worker).
+    fn settle(&self, sent: &Sent) {
+        let per = sent.at.elapsed() / u32::try_from(sent.ahead + 1).unwrap_or(u32::MAX);
+        let depth = self.depth.load(Ordering::Relaxed);
+        let next = if per < SHORT_TASK {
+            (depth * 2).min(MAX_DEPTH)
+        } else {
+            1
+        };
+        self.depth.store(next, Ordering::Relaxed);
+    }
+}
+
+/// What to do once the state's lock is let go.
+enum Action {
+    Push(Arc<Lease>, Box<Pending>, usize),
+    Request(TaskId, ResourceSet),
+    Return(TaskId),
+}
+
+impl Submitter {
+    /// Submits a function task, owned here.
+    pub(crate) fn submit(
+        &self,
+        up: &Upstream,
+        rt: &Arc<Inner>,
+        entry: &'static FunctionEntry,
+        args: Vec<Arg>,
+        opts: &crate::options::TaskOptions,
+    ) -> Result<RawRef> {
+        let request = opts.request(&entry.options)?;
+        let (state, ret) = rt.new_task()?;
+        let pending = Box::new(Pending {
+            spec: TaskSpec {
+                id: state.id,
+                target: Target::Function(entry),
+                args,
+                name: opts.name.as_deref().map(Arc::from),
+            },
+            state,
+            entry,
+            request,
+            max_retries: opts
+                .max_retries
+                .or(entry.options.max_retries)
+                .unwrap_or(crate::options::DEFAULT_MAX_RETRIES),
+            retry_exceptions: opts.retry_exceptions.unwrap_or(entry.options.retry_exceptions),
+            attempt: 1,
+        });
+        // A reference argument that is the result of this process's own
+        // work still out is waited for before the task is queued: the
+        // task goes out naming only objects its receiver can fetch.
+        let deps: Vec<ObjectId> = pending
+            .spec
+            .args
+            .iter()
+            .filter_map(|a| match a {
+                Arg::Ref(r) if up.is_out(r.id()) => Some(r.id()),
+                _ => None,
+            })
+            .collect();
+        let id = pending.state.id;
+        if deps.is_empty() {
+            self.state.lock().tasks.insert(id, Place::Queued);
+            self.enqueue(up, rt, pending, true);
+        } else {
+            self.state.lock().tasks.insert(id, Place::Resolving);
+            let up = rt.mode.upstream().cloned();
+            when_complete(rt, &deps, move |rt| {
+                if let Some(up) = up {
+                    // Off the thread that completed the object (a reader).
+                    let (rt2, up2) = (rt.clone(), up.clone());
+                    let job = Box::new(move || up2.submitter.resolved(&up2, &rt2, pending));
+                    if let Err(job) = rt.pool.execute(job) {
+                        job();
+                    }
+                }
+            });
+        }
+        Ok(ret)
+    }
+
+    /// The objects a resolving task waited for are complete: it is queued.
+    fn resolved(&self, up: &Upstream, rt: &Arc<Inner>, pending: Box<Pending>) {
+        let id = pending.state.id;
+        {
+            let mut s = self.state.lock();
+            if s.tasks.get(&id) != Some(&Place::Resolving) {
+                return;
+            }
+            s.tasks.insert(id, Place::Queued);
+        }
+        self.enqueue(up, rt, pending, true);
+    }
+
+    /// Whether `id` is the result of a task submitted here and not
+    /// finished.
+    pub(crate) fn is_out(&self, id: ObjectId) -> bool {
+        let task = id.task();
+        task.return_object() == id && self.state.lock().tasks.contains_key(&task)
+    }
+
+    /// Queues a task (at the back, or the front for a retry) and starts
+    /// what may start. `may_block`: the caller may wait on other messages
+    /// (it is not a reader thread).
+    fn enqueue(&self, up: &Upstream, rt: &Arc<Inner>, pending: Box<Pending>, may_block: bool) {
+        let actions = {
+            let mut s = self.state.lock();
+            let shape = pending.request.clone();
+            let q = s.shapes.entry(shape.clone()).or_default();
+            if pending.attempt > 1 {
+                q.queue.push_front(pending);
+            } else {
+                q.queue.push_back(pending);
+            }
+            pump(&mut s, rt, &shape)
+        };
+        self.act(up, rt, actions, may_block);
+    }
+
+    fn act(&self, up: &Upstream, rt: &Arc<Inner>, actions: Vec<Action>, may_block: bool) {
+        for a in actions {
+            match a {
+                Action::Push(lease, task, ahead) => self.push(up, rt, lease, task, ahead, may_block),
+                Action::Request(lease_id, shape) => up.replies.send(&Message::RequestLease {
+                    lease_id,
+                    resources: shape.iter().map(|(n, v)| (n.to_owned(), v)).collect(),
+                }),
+                Action::Return(lease_id) => up.replies.send(&Message::ReturnLease {
+                    lease_id,
+                    broken: false,
+                }),
+            }
+        }
+    }
+
+    /// Pushes a task on a lease. A task whose spec names objects may have
+    /// to share them with the owner first, which may wait for messages: on
+    /// a reader thread (`!may_block`) that push goes to a pool thread.
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &self,
+        up: &Upstream,
+        rt: &Arc<Inner>,
+        lease: Arc<Lease>,
+        task: Box<Pending>,
+        ahead: usize,
+        may_block: bool,
+    ) {
+        let id = task.state.id;
+        if !task.state.start(task.attempt) {
+            // Cancelled while queued: its object already says so.
+            self.done(rt, task);
+            self.settled(up, rt, &lease, may_block);
+            return;
+        }
+        let named = match task.spec.to_bytes() {
+            Ok(n) => n,
+            Err(e) => {
+                self.finish(up, rt, task, Outcome::Failed(e), may_block);
+                self.settled(up, rt, &lease, may_block);
+                return;
+            }
+        };
+        let lent = named.nested_object_ids();
+        if !lent.is_empty() && !may_block {
+            let (rt2, lease2) = (rt.clone(), lease.clone());
+            let Some(up2) = rt.mode.upstream().cloned() else {
+                return;
+            };
+            let job = Box::new(move || up2.submitter.push(&up2, &rt2, lease2, task, ahead, true));
+            if let Err(job) = rt.pool.execute(job) {
+                job();
+            }
+            return;
+        }
+        let frame = up.share(rt, &lent).and_then(|()| {
+            let bytes = named
+                .bytes()
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| Error::serialization("a task spec without bytes"))?;
+            let refs = task
+                .spec
+                .args
+                .iter()
+                .filter_map(|a| match a {
+                    Arg::Ref(r) => Some(r.id()),
+                    Arg::Value(_) => None,
+                })
+                .collect();
+            wire::encode_frame(&Message::LeasedTask {
+                lease_id: lease.id,
+                task_id: id,
+                spec: bytes,
+                refs,
+                cpu: task.request.get(crate::resources::CPU),
+            })
+            .map_err(|e| Error::Protocol(format!("a task too large to send: {e}")))
+        });
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => {
+                self.finish(up, rt, task, Outcome::Failed(e), may_block);
+                self.settled(up, rt, &lease, may_block);
+                return;
+            }
+        };
+        let actors: Vec<_> = named.nested_actors().iter().map(|a| a.id()).collect();
+        if !lent.is_empty() || !actors.is_empty() {
+            up.replies.send(&Message::Lend {
+                to: lease.pid,
+                refs: lent,
+                actors,
+            });
+        }
+        lease.running.lock().insert(
+            id,
+            Sent {
+                task,
+                _named: named,
+                at: std::time::Instant::now(),
+                ahead,
+            },
+        );
+        // Recorded before the check: a lease that broke meanwhile either
+        // took this task with the others or left it for this check.
+        if lease.gone.load(Ordering::Acquire) {
+            let lost = lease.running.lock().remove(&id);
+            if let Some(sent) = lost {
+                let reason = format!("worker process {} died", lease.pid);
+                self.finish(up, rt, sent.task, Outcome::Crashed(reason), may_block);
+            }
+            return;
+        }
+        let sent = {
+            let mut conn = lease.out.conn.lock();
+            lease.out.write_on(&mut conn, &frame)
+        };
+        if sent {
+            LEASED_TASKS.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.broken(up, rt, &lease);
+        }
+    }
+
+    /// A task on a lease ended (or never went): the lease has room for the
+    /// next queued task, or is returned when none is left.
+    fn settled(&self, up: &Upstream, rt: &Arc<Inner>, lease: &Lease, may_block: bool) {
+        let actions = {
+            let mut s = self.state.lock();
+            if !s.leases.contains_key(&lease.id) {
+                return;
+            }
+            lease.inflight.fetch_sub(1, Ordering::Relaxed);
+            pump(&mut s, rt, &lease.shape)
+        };
+        self.act(up, rt, actions, may_block);
+    }
+
+    /// The owner granted lease `lease_id`: connects to the worker (on a pool
+    /// thread: the connection back is waited for) and starts tasks on it.
+    pub(crate) fn granted(up: &Arc<Upstream>, rt: &Arc<Inner>, lease_id: TaskId, pid: u32, endpoint: String) {
+        let (up, rt2) = (up.clone(), rt.clone());
+        let job = Box::new(move || up.submitter.connect(&up, &rt2, lease_id, pid, endpoint));
+        if let Err(job) = rt.pool.execute(job) {
+            job();
+        }
+    }
+
+    fn connect(&self, up: &Upstream, rt: &Arc<Inner>, lease_id: TaskId, pid: u32, endpoint: String) {
+        let out = match up.peers() {
+            Some(p) => match p.out_to(&endpoint, pid) {
+                Ok(o) if p.wait_back(&endpoint, &o) => Ok(o),
+                Ok(_) => {
+                    p.drop_out(&endpoint);
+                    Err(format!("worker process {pid} never connected back"))
+                }
+                Err(e) => Err(e.to_string()),
+            },
+            None => Err("this process has no endpoint".to_owned()),
+        };
+        let shape = self.state.lock().requests.get(&lease_id).cloned();
+        let Some(shape) = shape else {
+            // Not asked for (a duplicate): given back.
+            up.replies.send(&Message::ReturnLease {
+                lease_id,
+                broken: out.is_err(),
+            });
+            return;
+        };
+        match out {
+            Ok(out) => {
+                let lease = Arc::new(Lease {
+                    id: lease_id,
+                    shape: shape.clone(),
+                    pid,
+                    endpoint,
+                    out,
+                    inflight: AtomicUsize::new(0),
+                    depth: AtomicUsize::new(1),
+                    running: Mutex::new(HashMap::new()),
+                    gone: std::sync::atomic::AtomicBool::new(false),
+                });
+                let actions = {
+                    let mut s = self.state.lock();
+                    s.requests.remove(&lease_id);
+                    s.leases.insert(lease_id, lease.clone());
+                    let q = s.shapes.entry(shape.clone()).or_default();
+                    q.requested = false;
+                    q.leases.push(lease);
+                    pump(&mut s, rt, &shape)
+                };
+                self.act(up, rt, actions, true);
+            }
+            Err(reason) => {
+                up.replies.send(&Message::ReturnLease {
+                    lease_id,
+                    broken: true,
+                });
+                // The front task spends an attempt, so a worker that keeps
+                // failing cannot hold the queue forever.
+                let front = {
+                    let mut s = self.state.lock();
+                    s.requests.remove(&lease_id);
+                    let q = s.shapes.entry(shape.clone()).or_default();
+                    q.requested = false;
+                    q.queue.pop_front()
+                };
+                match front {
+                    Some(task) => self.finish(up, rt, task, Outcome::Crashed(reason), true),
+                    None => self.pump_shape(up, rt, &shape, true),
+                }
+            }
+        }
+    }
+
+    fn pump_shape(&self, up: &Upstream, rt: &Arc<Inner>, shape: &ResourceSet, may_block: bool) {
+        let actions = pump(&mut self.state.lock(), rt, shape);
+        self.act(up, rt, actions, may_block);
+    }
+
+    /// The owner refused lease `lease_id`: the tasks of its shape fail (the
+    /// shape is unschedulable) or spend an attempt (no worker could be had).
+    pub(crate) fn refused(&self, up: &Upstream, rt: &Arc<Inner>, lease_id: TaskId, error: Error) {
+        let queued = {
+            let mut s = self.state.lock();
+            let Some(shape) = s.requests.remove(&lease_id) else {
+                return;
+            };
+            let q = s.shapes.entry(shape).or_default();
+            q.requested = false;
+            std::mem::take(&mut q.queue)
+        };
+        let unschedulable = matches!(error, Error::Unschedulable { .. } | Error::Shutdown);
+        for task in queued {
+            let outcome = if unschedulable {
+                // Named as the task, as the owner's own scheduler names it.
+                Outcome::Failed(match &error {
+                    Error::Unschedulable {
+                        requested, available, ..
+                    } => Error::Unschedulable {
+                        what: format!("task {}", task.entry.name),
+                        requested: requested.clone(),
+                        available: available.clone(),
+                    },
+                    other => other.clone(),
+                })
+            } else {
+                Outcome::NoWorker(error.clone())
+            };
+            self.finish(up, rt, task, outcome, false);
+        }
+    }
+
+    /// The outcome of a task pushed on a lease (straight back, or through
+    /// the owner); handed back when no task here waits for it.
+    pub(crate) fn answered(
+        &self,
+        up: &Upstream,
+        rt: &Arc<Inner>,
+        task_id: TaskId,
+        outcome: WireOutcome,
+    ) -> std::result::Result<(), Box<WireOutcome>> {
+        let lease = {
+            let s = self.state.lock();
+            match s.tasks.get(&task_id) {
+                Some(Place::Pushed(lease)) => s.leases.get(lease).cloned(),
+                _ => None,
+            }
+        };
+        let Some(lease) = lease else {
+            return Err(Box::new(outcome));
+        };
+        let sent = lease.running.lock().remove(&task_id);
+        let Some(sent) = sent else {
+            return Err(Box::new(outcome));
+        };
+        lease.settle(&sent);
+        let Sent { task, _named, .. } = sent;
+        self.finish(up, rt, task, Outcome::from_wire(outcome, rt), false);
+        drop(_named);
+        self.settled(up, rt, &lease, false);
+        Ok(())
+    }
+
+    /// The connection to the worker at `endpoint` ended: its leases end,
+    /// and their tasks are retried or fail.
+    pub(crate) fn peer_gone(&self, up: &Upstream, rt: &Arc<Inner>, endpoint: &str) {
+        let gone: Vec<Arc<Lease>> = self
+            .state
+            .lock()
+            .leases
+            .values()
+            .filter(|l| l.endpoint == endpoint)
+            .cloned()
+            .collect();
+        for lease in gone {
+            self.broken(up, rt, &lease);
+        }
+    }
+
+    /// A lease's connection failed: the lease ends (its worker is not
+    /// reused) and its task is retried or fails.
+    fn broken(&self, up: &Upstream, rt: &Arc<Inner>, lease: &Arc<Lease>) {
+        let shape = {
+            let mut s = self.state.lock();
+            if s.leases.remove(&lease.id).is_none() {
+                return;
+            }
+            let q = s.shapes.entry(lease.shape.clone()).or_default();
+            q.leases.retain(|l| !Arc::ptr_eq(l, lease));
+            lease.gone.store(true, Ordering::Release);
+            lease.shape.clone()
+        };
+        up.replies.send(&Message::ReturnLease {
+            lease_id: lease.id,
+            broken: true,
+        });
+        // In the order they went, so retries keep it.
+        let mut lost: Vec<Sent> = lease.running.lock().drain().map(|(_, s)| s).collect();
+        lost.sort_by_key(|s| std::cmp::Reverse(s.at));
+        for sent in lost {
+            let reason = format!("worker process {} died", lease.pid);
+            self.finish(up, rt, sent.task, Outcome::Crashed(reason), false);
+        }
+        self.pump_shape(up, rt, &shape, false);
+    }
+
+    /// Code here cancelled task `task_id`: a queued one leaves its queue, a
+    /// pushed one is cancelled where it runs. False when it is not one of
+    /// this process's leased tasks.
+    pub(crate) fn cancel(&self, rt: &Arc<Inner>, task_id: TaskId, force: bool) -> bool {
+        let mut s = self.state.lock();
+        match s.tasks.get(&task_id).copied() {
+            Some(Place::Queued) => {
+                let mut found = None;
+                for q in s.shapes.values_mut() {
+                    if let Some(i) = q.queue.iter().position(|t| t.state.id == task_id) {
+                        found = q.queue.remove(i);
+                        break;
+                    }
+                }
+                if found.is_some() {
+                    s.tasks.remove(&task_id);
+                }
+                drop(s);
+                if let Some(task) = found {
+                    task.state.finish();
+                    rt.forget_task(task_id);
+                }
+                true
+            }
+            Some(Place::Pushed(lease)) => {
+                let lease = s.leases.get(&lease).cloned();
+                drop(s);
+                if let Some(lease) = lease {
+                    let mut conn = lease.out.conn.lock();
+                    let frame = wire::encode_frame(&Message::CancelTask { task_id, force });
+                    if let Ok(frame) = frame {
+                        lease.out.write_on(&mut conn, &frame);
+                    }
+                }
+                true
+            }
+            // A resolving task is dropped when it would be queued; one
+            // running here sees its flag.
+            Some(Place::Resolving | Place::Here) => true,
+            None => false,
+        }
+    }
+
+    /// Runs the task that makes `id` on this thread if it is queued here, is
+    /// sync and fits in `cpu` (the blocked caller's); returns whether it
+    /// ran. `report_as` is the id the caller's blocking is reported under.
+    pub(crate) fn help(
+        &self,
+        up: &Upstream,
+        rt: &Arc<Inner>,
+        id: ObjectId,
+        cpu: &ResourceSet,
+        report_as: TaskId,
+    ) -> bool {
+        let task_id = id.task();
+        let task = {
+            let mut s = self.state.lock();
+            if s.tasks.get(&task_id) != Some(&Place::Queued) {
+                return false;
+            }
+            let mut found = None;
+            for q in s.shapes.values_mut() {
+                let fits = |t: &Pending| {
+                    t.state.id == task_id
+                        && t.request.fits_in(cpu)
+                        && matches!(t.entry.body, FunctionBody::Sync(_))
+                };
+                if let Some(i) = q.queue.iter().rposition(|t| fits(t)) {
+                    found = q.queue.remove(i);
+                    break;
+                }
+            }
+            if found.is_some() {
+                s.tasks.insert(task_id, Place::Here);
+            }
+            found
+        };
+        let Some(task) = task else { return false };
+        if !task.state.start(task.attempt) {
+            self.done(rt, task);
+            return true;
+        }
+        let f = match task.entry.body {
+            FunctionBody::Sync(f) => f,
+            // Not taken (only sync tasks are): back to its queue.
+            FunctionBody::Async(_) => {
+                task.state.back_to_waiting();
+                self.state.lock().tasks.insert(task_id, Place::Queued);
+                self.enqueue(up, rt, task, true);
+                return false;
+            }
+        };
+        up.report_as(task_id, Some(report_as));
+        let ctx = TaskContext::new(rt.clone(), task.state.clone(), task.request.cpu_only(), false);
+        let outcome = context::with_sync(ctx, || match resolve(rt, &task.spec, task.attempt) {
+            Ok(args) => Outcome::from_invoke(std::panic::catch_unwind(AssertUnwindSafe(|| f(args)))),
+            Err(e) => Outcome::Failed(e),
+        });
+        up.report_as(task_id, None);
+        self.finish(up, rt, task, outcome, true);
+        true
+    }
+
+    /// Ends one attempt: retries the task (queued again, at the front) or
+    /// completes its object.
+    fn finish(
+        &self,
+        up: &Upstream,
+        rt: &Arc<Inner>,
+        mut task: Box<Pending>,
+        outcome: Outcome,
+        may_block: bool,
+    ) {
+        let cancelled = task.state.is_cancelled();
+        let attempts_left = task.max_retries < 0 || i64::from(task.attempt) <= i64::from(task.max_retries);
+        let retry = !cancelled
+            && attempts_left
+            && rt.check_open().is_ok()
+            && match &outcome {
+                Outcome::Panicked(_) | Outcome::Crashed(_) | Outcome::NoWorker(_) => true,
+                Outcome::Returned(_) => task.retry_exceptions,
+                _ => false,
+            };
+        let id = task.state.id;
+        if retry {
+            tracing::debug!(task = %id, attempt = task.attempt, "retrying task");
+            task.attempt += 1;
+            task.state.back_to_waiting();
+            self.state.lock().tasks.insert(id, Place::Queued);
+            self.enqueue(up, rt, task, may_block);
+            return;
+        }
+        let task_error = |failure, message| Error::Task {
+            function: task.entry.name.to_owned(),
+            name: task.spec.name.as_deref().map(str::to_owned),
+            task_id: id,
+            failure,
+            message,
+            attempts: task.attempt,
+            cause: None,
+        };
+        let result = if cancelled {
+            Err(Error::TaskCancelled(id))
+        } else {
+            match outcome {
+                Outcome::Value(v) => rt.admit(v),
+                Outcome::Returned(msg) => Err(task_error(TaskFailure::Returned, msg)),
+                Outcome::Panicked(msg) => Err(task_error(TaskFailure::Panicked, msg)),
+                Outcome::Failed(e) | Outcome::NoWorker(e) => Err(e),
+                Outcome::Crashed(reason) => Err(Error::WorkerCrashed { task_id: id, reason }),
+            }
+        };
+        task.spec.args.clear();
+        rt.store.complete(id.return_object(), result);
+        self.done(rt, task);
+    }
+
+    /// Forgets a task that ended.
+    #[allow(clippy::boxed_local)]
+    fn done(&self, rt: &Arc<Inner>, task: Box<Pending>) {
+        let id = task.state.id;
+        self.state.lock().tasks.remove(&id);
+        task.state.finish();
+        rt.forget_task(id);
+    }
+}
+
+/// Under the state's lock: starts queued tasks of `shape` on its leases
+/// with room (the least busy first), asks for another lease while tasks
+/// are left, and returns the leases left with nothing to do.
+fn pump(s: &mut State, rt: &Inner, shape: &ResourceSet) -> Vec<Action> {
+    let mut actions = Vec::new();
+    let State {
+        shapes,
+        requests,
+        leases,
+        tasks,
+    } = s;
+    let Some(q) = shapes.get_mut(shape) else {
+        return actions;
+    };
+    while !q.queue.is_empty() {
+        let room = q
+            .leases
+            .iter()
+            .filter(|l| l.inflight.load(Ordering::Relaxed) < l.depth.load(Ordering::Relaxed))
+            .min_by_key(|l| l.inflight.load(Ordering::Relaxed));
+        let Some(lease) = room.cloned() else { break };
+        if let Some(task) = q.queue.pop_front() {
+            let ahead = lease.inflight.fetch_add(1, Ordering::Relaxed);
+            tasks.insert(task.state.id, Place::Pushed(lease.id));
+            actions.push(Action::Push(lease, task, ahead));
+        }
+    }
+    if q.queue.is_empty() {
+        q.leases.retain(|l| {
+            let idle = l.inflight.load(Ordering::Relaxed) == 0;
+            if idle {
+                leases.remove(&l.id);
+                actions.push(Action::Return(l.id));
+            }
+            !idle
+        });
+    } else if !q.requested {
+        q.requested = true;
+        let lease_id = rt.ids.task();
+        requests.insert(lease_id, shape.clone());
+        actions.push(Action::Request(lease_id, shape.clone()));
+    }
+    if q.queue.is_empty() && q.leases.is_empty() && !q.requested {
+        shapes.remove(shape);
+    }
+    actions
+}
+
+/// The argument values of a task run here: reference arguments waited for.
+pub(super) fn resolve(rt: &Arc<Inner>, spec: &TaskSpec, attempt: u32) -> Result<ArgList> {
+    let name = spec.target.name();
+    let mut values = Vec::with_capacity(spec.args.len());
+    for (i, a) in spec.args.iter().enumerate() {
+        values.push(match a {
+            Arg::Value(v) => v.clone(),
+            Arg::Ref(r) => rt.get_value(r, None).map_err(|cause| Error::Task {
+                function: name.to_owned(),
+                name: spec.name.as_deref().map(str::to_owned),
+                task_id: spec.id,
+                failure: TaskFailure::DependencyFailed,
+                message: format!("argument {i} failed: {cause}"),
+                attempts: attempt,
+                cause: Some(Box::new(cause)),
+            })?,
+        });
+    }
+    Ok(ArgList::new(values, rt.clone(), name))
+}
+
+/// Runs `then` once every object in `ids` is complete (on the thread that
+/// completes the last, or this one).
+pub(super) fn when_complete(
+    rt: &Arc<Inner>,
+    ids: &[ObjectId],
+    then: impl FnOnce(&Arc<Inner>) + Send + 'static,
+) {
+    type Then = Box<dyn FnOnce(&Arc<Inner>) + Send>;
+    struct Waiter {
+        remaining: AtomicUsize,
+        then: Mutex<Option<Then>>,
+        rt: Arc<Inner>,
+    }
+    impl Waiter {
+        fn done_one(&self) {
+            if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                if let Some(f) = self.then.lock().take() {
+                    f(&self.rt);
+                }
+            }
+        }
+    }
+    impl std::task::Wake for Waiter {
+        fn wake(self: Arc<Self>) {
+            self.done_one();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.done_one();
+        }
+    }
+    let w = Arc::new(Waiter {
+        remaining: AtomicUsize::new(1),
+        then: Mutex::new(Some(Box::new(then))),
+        rt: rt.clone(),
+    });
+    let waker = std::task::Waker::from(w.clone());
+    rt.will_wait();
+    for id in ids {
+        w.remaining.fetch_add(1, Ordering::AcqRel);
+        if !matches!(rt.store.peek(*id, Some(&waker)), Ok(Peek::Pending)) {
+            w.done_one();
+        }
+    }
+    w.done_one();
+}
