@@ -155,7 +155,7 @@ struct Sent {
 }
 
 /// The most tasks out on one lease at once.
-const MAX_DEPTH: usize = 16;
+const MAX_DEPTH: usize = 64;
 
 /// A task shorter than this (its round trip shared by those out with it)
 /// lets its lease take more at once: the round trip, not the task, is the
@@ -287,9 +287,31 @@ impl Submitter {
     }
 
     fn act(&self, up: &Upstream, rt: &Arc<Inner>, actions: Vec<Action>, may_block: bool) {
+        // The frames of consecutive pushes on one lease go in one write.
+        let mut batch: Option<(Arc<Lease>, Vec<u8>, u64)> = None;
         for a in actions {
+            if let Action::Push(lease, task, ahead) = a {
+                let Some(frame) = self.prepare(up, rt, &lease, task, ahead, may_block) else {
+                    continue;
+                };
+                match &mut batch {
+                    Some((l, frames, n)) if Arc::ptr_eq(l, &lease) => {
+                        frames.extend_from_slice(&frame);
+                        *n += 1;
+                    }
+                    _ => {
+                        if let Some((l, frames, n)) = batch.replace((lease, frame, 1)) {
+                            self.write(up, rt, &l, &frames, n);
+                        }
+                    }
+                }
+                continue;
+            }
+            if let Some((l, frames, n)) = batch.take() {
+                self.write(up, rt, &l, &frames, n);
+            }
             match a {
-                Action::Push(lease, task, ahead) => self.push(up, rt, lease, task, ahead, may_block),
+                Action::Push(..) => {}
                 Action::Request(lease_id, shape) => up.replies.send(&Message::RequestLease {
                     lease_id,
                     resources: shape.iter().map(|(n, v)| (n.to_owned(), v)).collect(),
@@ -300,47 +322,71 @@ impl Submitter {
                 }),
             }
         }
+        if let Some((l, frames, n)) = batch {
+            self.write(up, rt, &l, &frames, n);
+        }
     }
 
-    /// Pushes a task on a lease. A task whose spec names objects may have
-    /// to share them with the owner first, which may wait for messages: on
-    /// a reader thread (`!may_block`) that push goes to a pool thread.
-    #[allow(clippy::too_many_arguments)]
-    fn push(
+    /// Writes the frames of `n` tasks on a lease; a failed write breaks
+    /// the lease (its tasks are retried or fail).
+    fn write(&self, up: &Upstream, rt: &Arc<Inner>, lease: &Arc<Lease>, frames: &[u8], n: u64) {
+        let sent = {
+            let mut conn = lease.out.conn.lock();
+            lease.out.write_on(&mut conn, frames)
+        };
+        if sent {
+            LEASED_TASKS.fetch_add(n, Ordering::Relaxed);
+        } else {
+            self.broken(up, rt, lease);
+        }
+    }
+
+    /// Pushes a task on a lease (see [`Submitter::prepare`]).
+    fn push(&self, up: &Upstream, rt: &Arc<Inner>, lease: Arc<Lease>, task: Box<Pending>, ahead: usize) {
+        if let Some(frame) = self.prepare(up, rt, &lease, task, ahead, true) {
+            self.write(up, rt, &lease, &frame, 1);
+        }
+    }
+
+    /// Readies a task's push on a lease: its frame, the task recorded as
+    /// out there. `None` when the task is done with otherwise (cancelled,
+    /// failed) or its push went to a pool thread: a task whose spec names
+    /// objects may have to share them with the owner first, which may wait
+    /// for messages, so on a reader thread (`!may_block`) it is pushed
+    /// from a pool thread.
+    fn prepare(
         &self,
         up: &Upstream,
         rt: &Arc<Inner>,
-        lease: Arc<Lease>,
+        lease: &Arc<Lease>,
         task: Box<Pending>,
         ahead: usize,
         may_block: bool,
-    ) {
+    ) -> Option<Vec<u8>> {
         let id = task.state.id;
         if !task.state.start(task.attempt) {
             // Cancelled while queued: its object already says so.
             self.done(rt, task);
-            self.settled(up, rt, &lease, may_block);
-            return;
+            self.settled(up, rt, lease, may_block);
+            return None;
         }
         let named = match task.spec.to_bytes() {
             Ok(n) => n,
             Err(e) => {
                 self.finish(up, rt, task, Outcome::Failed(e), may_block);
-                self.settled(up, rt, &lease, may_block);
-                return;
+                self.settled(up, rt, lease, may_block);
+                return None;
             }
         };
         let lent = named.nested_object_ids();
         if !lent.is_empty() && !may_block {
             let (rt2, lease2) = (rt.clone(), lease.clone());
-            let Some(up2) = rt.mode.upstream().cloned() else {
-                return;
-            };
-            let job = Box::new(move || up2.submitter.push(&up2, &rt2, lease2, task, ahead, true));
+            let up2 = rt.mode.upstream().cloned()?;
+            let job = Box::new(move || up2.submitter.push(&up2, &rt2, lease2, task, ahead));
             if let Err(job) = rt.pool.execute(job) {
                 job();
             }
-            return;
+            return None;
         }
         let frame = up.share(rt, &lent).and_then(|()| {
             let bytes = named
@@ -369,8 +415,8 @@ impl Submitter {
             Ok(f) => f,
             Err(e) => {
                 self.finish(up, rt, task, Outcome::Failed(e), may_block);
-                self.settled(up, rt, &lease, may_block);
-                return;
+                self.settled(up, rt, lease, may_block);
+                return None;
             }
         };
         let actors: Vec<_> = named.nested_actors().iter().map(|a| a.id()).collect();
@@ -398,17 +444,9 @@ impl Submitter {
                 let reason = format!("worker process {} died", lease.pid);
                 self.finish(up, rt, sent.task, Outcome::Crashed(reason), may_block);
             }
-            return;
+            return None;
         }
-        let sent = {
-            let mut conn = lease.out.conn.lock();
-            lease.out.write_on(&mut conn, &frame)
-        };
-        if sent {
-            LEASED_TASKS.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.broken(up, rt, &lease);
-        }
+        Some(frame)
     }
 
     /// A task on a lease ended (or never went): the lease has room for the
