@@ -146,6 +146,7 @@ impl OwnerService for Owner {
             listening: tokio::sync::Notify::new(),
             leases: Mutex::new(HashMap::new()),
             lessor: Mutex::new(None),
+            created: Mutex::new(Vec::new()),
         });
         let mut peers = self.peers.lock();
         // Workers that are gone leave their entries behind; swept here, so
@@ -282,6 +283,9 @@ pub struct Leased {
     leases: Mutex<HashMap<TaskId, crate::grant::Granted>>,
     /// The worker this one is leased to, and the lease, while it is.
     lessor: Mutex<Option<(Weak<Leased>, TaskId)>>,
+    /// The actors code in this worker created, not detached: they end
+    /// with it.
+    created: Mutex<Vec<ActorId>>,
 }
 
 impl std::fmt::Debug for Leased {
@@ -674,9 +678,17 @@ impl Leased {
                 options,
             } => {
                 let reply = self.object_ready(task_id);
-                let created = owner.ok_or(Error::Shutdown).and_then(|rt| {
+                let created = owner.clone().ok_or(Error::Shutdown).and_then(|rt| {
                     crate::actor::spawn_for_worker(&rt, &Value::from_bytes(spec, "TaskSpec"), &options)
                 });
+                if let (Ok(actor), false, Some(rt)) = (&created, options.detached, &owner) {
+                    let mut mine = self.created.lock();
+                    // Actors that ended leave their ids behind; swept here.
+                    if mine.len() >= 64 && mine.len().is_power_of_two() {
+                        mine.retain(|id| crate::actor::is_live(rt, *id));
+                    }
+                    mine.push(actor.id());
+                }
                 reply(created.map(Value::local));
             }
             Message::GetActor { task_id, name } => {
@@ -794,6 +806,13 @@ impl WorkerPeer for Leased {
 
     fn lost(&self, why: &str) {
         self.end_leases();
+        // The actors it owns go with it.
+        let created = std::mem::take(&mut *self.created.lock());
+        if let Some(rt) = self.owner.runtime() {
+            for id in created {
+                crate::actor::owner_died(&rt, id, self.pid());
+            }
+        }
         let inflight = self.close();
         if !inflight.is_empty() {
             tracing::warn!(

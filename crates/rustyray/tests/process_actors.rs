@@ -447,6 +447,46 @@ fn actors_created_in_workers_are_the_owners_in_their_own_processes() -> rustyray
     Ok(())
 }
 
+/// Creates two actors, one detached, and returns their handles with this
+/// worker's pid.
+#[rustyray::remote]
+#[allow(clippy::type_complexity)]
+fn make_two_tallies() -> rustyray::Result<(ActorHandle<Tally>, ActorHandle<Tally>, u32)> {
+    let ray = rustyray::current()?;
+    let owned = Tally::remote(&ray, 1)?;
+    let detached = Tally::options().detached(true).remote(&ray, 2)?;
+    ray.get(&owned.add(0)?)?;
+    ray.get(&detached.add(0)?)?;
+    Ok((owned, detached, std::process::id()))
+}
+
+#[test]
+fn an_actor_goes_with_the_worker_that_created_it_unless_detached() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let (owned, detached, creator) = ray.get_timeout(&make_two_tallies::remote(&ray)?, LONG)?;
+    assert_eq!(ray.get_timeout(&owned.add(1)?, LONG)?, 2);
+    let owned_pid = ray.get_timeout(&owned.pid()?, LONG)?;
+    // The creator's process dies (its task is over; the process idles in
+    // the pool): the actor it owns ends with it, as in Ray; the detached
+    // one lives on.
+    let killed = Command::new("kill")
+        .args(["-KILL", &creator.to_string()])
+        .status();
+    assert!(killed.is_ok_and(|s| s.success()));
+    wait_until("the owned actor's process ends with its owner", || {
+        gone(owned_pid)
+    });
+    match ray.get_timeout(&owned.add(1)?, LONG) {
+        Err(Error::ActorDied { reason, .. }) => {
+            assert!(reason.contains(&creator.to_string()), "{reason}");
+        }
+        other => panic!("expected ActorDied naming the owner, got {other:?}"),
+    }
+    assert_eq!(ray.get_timeout(&detached.add(1)?, LONG)?, 3);
+    ray.kill(&detached)?;
+    Ok(())
+}
+
 /// Calls the owner's actor with a reference to a result not made yet, and
 /// returns the call's reference unread.
 #[rustyray::remote]

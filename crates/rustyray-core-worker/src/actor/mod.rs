@@ -1260,6 +1260,23 @@ pub(crate) fn named(rt: &Arc<Inner>, name: &str) -> Result<RawActor> {
     }
 }
 
+/// Ends actor `id`, created by code in worker process `pid`, which died:
+/// an actor is owned by the process that created it and, unless
+/// detached, goes with it (Ray's actor fate-sharing). Its calls fail with
+/// `ActorDied` naming the owner.
+pub(crate) fn owner_died(rt: &Arc<Inner>, id: ActorId, pid: u32) {
+    let actor = rt.actors.actors.lock().get(&id).cloned();
+    if let Some(actor) = actor {
+        let e = actor.died(format!("its owner, worker process {pid}, died"), None);
+        actor.die(rt, e);
+    }
+}
+
+/// Whether this owner still has actor `id`.
+pub(crate) fn is_live(rt: &Inner, id: ActorId) -> bool {
+    rt.actors.actors.lock().contains_key(&id)
+}
+
 /// Kills this owner's actor `id` for code in a worker process.
 pub(crate) fn kill_for_worker(rt: &Arc<Inner>, id: ActorId, no_restart: bool) {
     if let Some(handle) = hold_actor(rt, id) {
