@@ -76,9 +76,15 @@ pub enum Error {
     /// `ObjectLostError`).
     #[error("object {0} was lost")]
     ObjectLost(ObjectId),
-    /// The process that owned the object died (Ray's `OwnerDiedError`).
-    #[error("the owner of object {0} died")]
-    OwnerDied(ObjectId),
+    /// The process that owned the object died before the object was made
+    /// (Ray's `OwnerDiedError`).
+    #[error("the owner of object {object_id}, {owner}, died")]
+    OwnerDied {
+        /// The object.
+        object_id: ObjectId,
+        /// The process that owned it.
+        owner: String,
+    },
     /// `get` did not see the object before its timeout (Ray's
     /// `GetTimeoutError`).
     #[error("get timed out after {timeout:?} waiting for object {object_id}")]

@@ -147,6 +147,7 @@ impl OwnerService for Owner {
             leases: Mutex::new(HashMap::new()),
             lessor: Mutex::new(None),
             created: Mutex::new(Vec::new()),
+            pending_puts: Mutex::new(std::collections::HashSet::new()),
         });
         let mut peers = self.peers.lock();
         // Workers that are gone leave their entries behind; swept here, so
@@ -286,6 +287,10 @@ pub struct Leased {
     /// The actors code in this worker created, not detached: they end
     /// with it.
     created: Mutex<Vec<ActorId>>,
+    /// Objects of the worker's own that it handed over before they were
+    /// made (`PutPending`), until its `Put` completes them: if it dies
+    /// first they fail with `OwnerDied`.
+    pending_puts: Mutex<std::collections::HashSet<ObjectId>>,
 }
 
 impl std::fmt::Debug for Leased {
@@ -648,6 +653,30 @@ impl Leased {
                     rt.take_back(&cpu);
                 }
             }
+            Message::PutPending { id } => {
+                let Some(rt) = owner else { return Ok(()) };
+                match rt.store.create_pending(id) {
+                    Ok(()) => {
+                        self.pending_puts.lock().insert(id);
+                        self.keep_for(RawRef::adopt(id, rt.clone()));
+                    }
+                    Err(e) => {
+                        tracing::warn!(object = %id, error = %e, "could not keep a worker's pending object")
+                    }
+                }
+            }
+            // The object handed over pending is made: completed here.
+            Message::Put { id, value } if self.pending_puts.lock().remove(&id) => {
+                if let Some(rt) = owner {
+                    match crate::runtime::Outcome::from_wire(value, &rt) {
+                        crate::runtime::Outcome::Value(v) => rt.publish(id, v),
+                        crate::runtime::Outcome::Failed(e) => rt.store.complete(id, Err(e)),
+                        _ => rt
+                            .store
+                            .complete(id, Err(Error::Protocol("a put without a value".to_owned()))),
+                    }
+                }
+            }
             Message::Put { id, value } => {
                 let Some(rt) = owner else {
                     // Nobody will keep it: a sealed object is freed here.
@@ -730,7 +759,12 @@ impl Leased {
                     // A value is lent to the caller as the owner lends its
                     // own (pinned in shared memory, or inline).
                     WireOutcome::Value { .. } | WireOutcome::Stored { .. } => {
-                        let reply = to.answer(move |outcome| Message::Answered { task_id, outcome });
+                        let from = self.pid();
+                        let reply = to.answer(move |outcome| Message::Answered {
+                            task_id,
+                            from,
+                            outcome,
+                        });
                         reply(match crate::runtime::Outcome::from_wire(outcome, &rt) {
                             crate::runtime::Outcome::Value(v) => Ok(v),
                             crate::runtime::Outcome::Failed(e) => Err(e),
@@ -740,6 +774,7 @@ impl Leased {
                     other => {
                         to.send(&Message::Answered {
                             task_id,
+                            from: self.pid(),
                             outcome: other,
                         });
                     }
@@ -806,6 +841,18 @@ impl WorkerPeer for Leased {
 
     fn lost(&self, why: &str) {
         self.end_leases();
+        // What it handed over before making it will never be made.
+        let pending = std::mem::take(&mut *self.pending_puts.lock());
+        if let Some(rt) = self.owner.runtime() {
+            let owner = format!("worker process {}", self.pid());
+            for id in pending {
+                let died = Error::OwnerDied {
+                    object_id: id,
+                    owner: owner.clone(),
+                };
+                rt.store.complete(id, Err(died));
+            }
+        }
         // The actors it owns go with it.
         let created = std::mem::take(&mut *self.created.lock());
         if let Some(rt) = self.owner.runtime() {

@@ -877,6 +877,12 @@ impl Inner {
             self.store.complete(id, admitted);
             return;
         }
+        self.publish_now(id, v);
+    }
+
+    /// [`Inner::publish`] as a reader thread does it: never waiting here
+    /// for room.
+    pub(crate) fn publish_now(self: &Arc<Self>, id: ObjectId, v: Value) {
         match self.measure(v) {
             Ok((v, size)) if self.store.try_reserve(size) => self.store.complete(id, Ok((v, size))),
             Ok((v, size)) => self.complete_later(id, v, size),

@@ -228,6 +228,24 @@ impl Store {
         }
     }
 
+    /// Hands an object that only this process holds and that is not made
+    /// yet to the owner process: counts the count the owner will keep for
+    /// this one. False when the owner already keeps it, or it is complete
+    /// or gone.
+    pub(crate) fn share_pending(&self, id: ObjectId) -> bool {
+        match self.shard(id).lock().get_mut(&id) {
+            Some(Entry {
+                state: State::Pending(_),
+                lent: lent @ 0,
+                ..
+            }) => {
+                *lent = 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Undoes [`Store::share_with_owner`] for a value that could not be sent.
     pub(crate) fn unshare(&self, id: ObjectId) {
         if let Some(e) = self.shard(id).lock().get_mut(&id) {
@@ -526,15 +544,6 @@ impl Store {
             }
             State::Remote => Peek::Pending,
         })
-    }
-
-    /// The value of object `id` if it is here and ready; never asks an
-    /// owner for it (unlike [`Store::peek`]).
-    pub(crate) fn ready_value(&self, id: ObjectId) -> Option<Value> {
-        match &self.shard(id).lock().get(&id)?.state {
-            State::Ready(v, _) => Some(v.clone()),
-            _ => None,
-        }
     }
 
     /// Polls an object for its value.

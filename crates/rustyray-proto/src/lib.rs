@@ -178,6 +178,17 @@ pub enum Message {
         /// Its offset in the arena, or the failure.
         slot: Result<u64, Error>,
     },
+    /// Worker → owner: an object of the worker's own that is not made yet
+    /// (the result of a task it leased out or of a call it sent straight
+    /// to an actor), sent when a reference to it first leaves the worker
+    /// and before any message that names it. The owner keeps it pending,
+    /// for the worker, until the worker's `Put` completes it; if the
+    /// worker dies first, the object fails with `OwnerDied`. Not
+    /// idempotent: sent once per object.
+    PutPending {
+        /// The object (minted by the worker).
+        id: ObjectId,
+    },
     /// Worker → owner: an object put in the worker (`id` minted by the
     /// worker), sent when a reference to it first leaves the worker and
     /// always before any message that names it. The owner keeps it, for
@@ -328,6 +339,8 @@ pub enum Message {
     Answered {
         /// The call.
         task_id: TaskId,
+        /// The worker that answered.
+        from: u32,
         /// Its outcome: inline (lending what it names), pinned in shared
         /// memory, or the error.
         outcome: WireOutcome,
@@ -1039,7 +1052,11 @@ mod tests {
             },
             Message::Answered {
                 task_id: TaskId::from_u128(13),
+                from: 4,
                 outcome: WireOutcome::Panicked("no".into()),
+            },
+            Message::PutPending {
+                id: ObjectId::from_u128(14),
             },
             Message::Lend {
                 to: 2,

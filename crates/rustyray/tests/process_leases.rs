@@ -263,3 +263,111 @@ fn a_shape_no_node_can_meet_fails_in_the_worker_that_asked() -> rustyray::Result
     assert!(what.contains("whoami"), "{what}");
     Ok(())
 }
+
+// ----- on one CPU: what holds the CPU must lend it, nothing waits on a lease
+
+/// A task the driver pushed (holding the only CPU) that waits for its own
+/// child with a deadline (no help then): its CPU must be lent meanwhile.
+#[rustyray::remote]
+fn parent_waits_with_deadline() -> rustyray::Result<u32> {
+    let ray = rustyray::current()?;
+    let c = whoami::remote(&ray)?;
+    let (ready, _) = ray.wait(
+        std::slice::from_ref(&c),
+        1,
+        Some(std::time::Duration::from_secs(60)),
+    )?;
+    if ready.is_empty() {
+        return Ok(0);
+    }
+    ray.get(&c)
+}
+
+/// `a + b` after a nap.
+#[rustyray::remote]
+fn slow_add(a: i64, b: i64) -> i64 {
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    a + b
+}
+
+/// Returns a reference to a child it submitted, unread.
+#[rustyray::remote]
+fn returns_child_ref() -> rustyray::Result<ObjectRef<u32>> {
+    let ray = rustyray::current()?;
+    whoami::remote(&ray)
+}
+
+/// Holds no CPU; its tasks name each other's results.
+#[rustyray::actor]
+struct Chain;
+
+#[rustyray::actor(num_cpus = 0)]
+impl Chain {
+    fn new() -> Self {
+        Chain
+    }
+
+    /// `x` names `y` inside a value while `y` still waits for `a`.
+    fn nested_while_resolving(&self) -> rustyray::Result<i64> {
+        let ray = rustyray::current()?;
+        let a = slow_add::remote(&ray, 1, 2)?;
+        let y = slow_add::remote(&ray, &a, 3)?;
+        let x = sum_of::remote(&ray, 0, vec![y])?;
+        ray.get(&x)
+    }
+
+    /// Returns a reference to a task of its own still running (parked
+    /// until cancelled), and its pid.
+    fn hand_over_pending(&self, dir: String) -> rustyray::Result<(ObjectRef<u32>, u32)> {
+        let ray = rustyray::current()?;
+        Ok((park_forever::remote(&ray, dir)?, std::process::id()))
+    }
+}
+
+fn one_cpu() -> process::TestRay {
+    process::TestRay(rustyray::init_with(process::process_config().num_cpus(1.0)).expect("runtime"))
+}
+
+#[test]
+fn a_task_that_waits_for_its_child_lends_its_cpu_to_the_childs_lease() -> rustyray::Result<()> {
+    let ray = one_cpu();
+    let pid = ray.get_timeout(&parent_waits_with_deadline::remote(&ray)?, LONG)?;
+    assert_ne!(pid, 0, "the child never ran");
+    Ok(())
+}
+
+#[test]
+fn a_task_may_return_a_reference_to_its_running_child() -> rustyray::Result<()> {
+    let ray = one_cpu();
+    // The parent answers at once, handing its child's result over pending;
+    // the child then runs on the CPU the parent gave back.
+    let inner = ray.get_timeout(&returns_child_ref::remote(&ray)?, LONG)?;
+    assert!(ray.get_timeout(&inner, LONG)? > 0);
+    Ok(())
+}
+
+#[test]
+fn a_task_naming_a_result_still_waiting_holds_no_lease_meanwhile() -> rustyray::Result<()> {
+    let ray = one_cpu();
+    let chain = Chain::remote(&ray)?;
+    assert_eq!(ray.get_timeout(&chain.nested_while_resolving()?, LONG)?, 6);
+    Ok(())
+}
+
+#[test]
+fn an_object_whose_owner_dies_before_making_it_fails_with_owner_died() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let chain = Chain::remote(&ray)?;
+    let dir = scratch("owner-died");
+    let (pending, owner) = ray.get_timeout(&chain.hand_over_pending(dir.display().to_string())?, LONG)?;
+    read_pid(&dir);
+    let killed = Command::new("kill").args(["-KILL", &owner.to_string()]).status();
+    assert!(killed.is_ok_and(|s| s.success()));
+    match ray.get_timeout(&pending, LONG) {
+        Err(Error::OwnerDied { owner: who, .. }) => {
+            assert!(who.contains(&owner.to_string()), "{who}");
+        }
+        other => panic!("expected OwnerDied, got {other:?}"),
+    }
+    Ok(())
+}

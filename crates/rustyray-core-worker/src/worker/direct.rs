@@ -374,9 +374,13 @@ fn serve_peer(peers: &Arc<Peers>, mut conn: Conn, mut dec: FrameDecoder, endpoin
                 if force && worker.up.is_leased_here(task_id) {
                     std::process::exit(1);
                 }
-                super::cancel_here(&worker, task_id);
+                if !super::cancel_here(&worker, task_id) {
+                    // Not here yet (its push may be behind): it is
+                    // cancelled when it comes.
+                    worker.up.cancel_early(task_id);
+                }
             }
-            Message::TaskDone { task_id, outcome } => worker.up.answered(&worker.rt, task_id, outcome),
+            Message::TaskDone { task_id, outcome } => worker.up.answered(&worker.rt, task_id, pid, outcome),
             Message::Ping { nonce } => {
                 back.send(&Message::Pong { nonce });
             }

@@ -42,7 +42,9 @@
 //!   names it (a result, a task argument, a value inside either), it is
 //!   handed over first, as a `Put` ([`Upstream::share`]), together with
 //!   the objects its value names; from then on the owner keeps it for this
-//!   process until `Release`.
+//!   process until `Release`. An object of this process's own work still
+//!   out (a leased task, a direct call) is handed over pending
+//!   (`PutPending`) and its value follows once made; nothing waits for it.
 //! * A reference inside a value the owner sends (an argument, a result, a
 //!   fetched value) is lent: the owner counts a loan per message, and this
 //!   process makes an entry that is fetched (`Fetch`/`Fetched`) only when
@@ -173,9 +175,24 @@ pub(crate) struct Upstream {
     /// Tasks whose blocking the owner knows under another id: a task run
     /// on a lease (the lease's), a child run by its blocked parent (the
     /// parent's).
-    reported: Mutex<HashMap<TaskId, TaskId>>,
+    reported: Mutex<HashMap<TaskId, Reported>>,
     /// The sync tasks pushed here on each lease, run one at a time.
     on_lease: Mutex<HashMap<TaskId, LeaseHere>>,
+    /// Tasks cancelled by the worker that leased this one before their
+    /// push arrived (the newest [`EARLY_CANCELS`]).
+    early_cancels: Mutex<std::collections::VecDeque<TaskId>>,
+}
+
+/// How many early cancels a worker remembers.
+const EARLY_CANCELS: usize = 1024;
+
+/// The id the owner knows a task's blocking under, and whether the task
+/// holds one of its lease's runners here (a sync task on a lease, or a
+/// child such a task runs itself): only those count in [`LeaseHere`].
+#[derive(Debug, Clone, Copy)]
+struct Reported {
+    under: TaskId,
+    on_runner: bool,
 }
 
 /// The sync tasks another worker pushed here on one lease: they run one
@@ -217,9 +234,6 @@ impl Upstream {
         if ids.is_empty() {
             return Ok(());
         }
-        // Results of calls still out straight to an actor's process are
-        // waited for first, outside the lock (the answer may need it).
-        self.settle(rt, ids)?;
         // Held until the `Put`s are out: a message naming an object that
         // another thread is sharing waits here, so it never reaches the
         // owner before the object does.
@@ -227,37 +241,18 @@ impl Upstream {
         self.share_each(rt, ids)
     }
 
-    /// Waits for every result of a call still out straight to an actor's
-    /// process among `ids` and the objects their local values name.
-    fn settle(&self, rt: &Arc<Inner>, ids: &[ObjectId]) -> Result<()> {
-        let mut todo = ids.to_vec();
-        let mut seen = std::collections::HashSet::new();
-        while let Some(id) = todo.pop() {
-            if !seen.insert(id) {
-                continue;
-            }
-            if self.is_out(id) {
-                // Its error, if it fails, goes to the owner as its value
-                // would; a wait that could not happen is this share's.
-                let r = RawRef::acquire(id, rt.clone())?;
-                if let Err(e) = rt.get_value(&r, None) {
-                    if !rt.store.is_complete(id) {
-                        return Err(e);
-                    }
-                }
-            }
-            // Only values already here: a lent object is not fetched.
-            if let Some(v) = rt.store.ready_value(id) {
-                todo.extend(v.nested_object_ids());
-            }
-        }
-        Ok(())
-    }
-
     fn share_each(&self, rt: &Arc<Inner>, ids: &[ObjectId]) -> Result<()> {
         for &id in ids {
             let v = match rt.store.share_with_owner(id) {
                 Some(Ok(v)) => v,
+                // This process's own work still out (a task on a lease, a
+                // call sent straight to an actor): handed over pending, and
+                // its value once it is made. Nothing waits for it here.
+                None if self.is_out(id) && rt.store.share_pending(id) => {
+                    self.replies.send(&Message::PutPending { id });
+                    self.put_when_made(rt, id);
+                    continue;
+                }
                 // An object that failed here (a direct call's error) goes
                 // to the owner as its error.
                 Some(Err(e)) => {
@@ -285,6 +280,50 @@ impl Upstream {
         Ok(())
     }
 
+    /// Sends the owner the value of object `id`, handed over pending, once
+    /// it is made (from a pool thread: sharing what it names may wait for
+    /// messages). The object is kept here until then.
+    fn put_when_made(&self, rt: &Arc<Inner>, id: ObjectId) {
+        let keep = match RawRef::acquire(id, rt.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                self.replies.send(&Message::Put {
+                    id,
+                    value: WireOutcome::Failed(e),
+                });
+                return;
+            }
+        };
+        submit::when_complete(rt, &[id], move |rt| {
+            let rt2 = rt.clone();
+            let job = Box::new(move || {
+                let Some(up) = rt2.mode.upstream() else { return };
+                let value = match rt2.store.peek(id, None) {
+                    Ok(Peek::Ready(v)) => {
+                        let _order = up.sharing.lock();
+                        let mut value = up.encode(&v);
+                        if let WireOutcome::Value { refs, .. } = &value {
+                            if let Err(e) = up.share_each(&rt2, refs) {
+                                value = WireOutcome::Failed(e);
+                            }
+                        }
+                        up.replies.send(&Message::Put { id, value });
+                        drop(v);
+                        drop(keep);
+                        return;
+                    }
+                    Ok(Peek::Failed(e)) | Err(e) => WireOutcome::Failed(e),
+                    Ok(Peek::Pending) => WireOutcome::Failed(Error::ObjectLost(id)),
+                };
+                up.replies.send(&Message::Put { id, value });
+                drop(keep);
+            });
+            if let Err(job) = rt.pool.execute(job) {
+                job();
+            }
+        });
+    }
+
     /// This process's endpoint and connections to other workers.
     fn peers(&self) -> Option<&Arc<direct::Peers>> {
         self.peers.get()
@@ -298,7 +337,7 @@ impl Upstream {
     }
 
     /// Records (`Some`) or forgets the id task `task` blocks under.
-    fn report_as(&self, task: TaskId, under: Option<TaskId>) {
+    fn report_as(&self, task: TaskId, under: Option<Reported>) {
         let mut r = self.reported.lock();
         match under {
             Some(u) => r.insert(task, u),
@@ -307,8 +346,32 @@ impl Upstream {
     }
 
     /// The id the owner knows task `task`'s blocking under.
-    fn reported_as(&self, task: TaskId) -> TaskId {
-        self.reported.lock().get(&task).copied().unwrap_or(task)
+    fn reported_as(&self, task: TaskId) -> Reported {
+        self.reported.lock().get(&task).copied().unwrap_or(Reported {
+            under: task,
+            on_runner: false,
+        })
+    }
+
+    /// Remembers that task `task` was cancelled before it came.
+    fn cancel_early(&self, task: TaskId) {
+        let mut c = self.early_cancels.lock();
+        if c.len() >= EARLY_CANCELS {
+            c.pop_front();
+        }
+        c.push_back(task);
+    }
+
+    /// Whether task `task` was cancelled before it came (forgetting it).
+    fn cancelled_early(&self, task: TaskId) -> bool {
+        let mut c = self.early_cancels.lock();
+        match c.iter().position(|t| *t == task) {
+            Some(i) => {
+                c.remove(i);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Whether task `task` runs here on a lease.
@@ -318,8 +381,8 @@ impl Upstream {
 
     /// An answer to this process's own work sent straight to another
     /// worker (a task on a lease, or a call on an actor).
-    fn answered(&self, rt: &Arc<Inner>, task_id: TaskId, outcome: WireOutcome) {
-        if let Err(outcome) = self.submitter.answered(self, rt, task_id, outcome) {
+    fn answered(&self, rt: &Arc<Inner>, task_id: TaskId, from: u32, outcome: WireOutcome) {
+        if let Err(outcome) = self.submitter.answered(self, rt, task_id, from, outcome) {
             self.routes.answered(rt, task_id, *outcome);
         }
     }
@@ -445,10 +508,14 @@ impl Upstream {
         blocked: bool,
         on: Option<ObjectId>,
     ) {
-        let task_id = self.reported_as(task_id);
-        let Some(report) = self.lease_blocked(rt, task_id, blocked) else {
-            return;
-        };
+        let Reported { under, on_runner } = self.reported_as(task_id);
+        let task_id = under;
+        // A task that holds one of its lease's runners may hand the lease
+        // on; anything else reports as it is.
+        let report = on_runner
+            .then(|| self.lease_blocked(rt, under, blocked))
+            .flatten()
+            .unwrap_or(true);
         if !report {
             return;
         }
@@ -528,7 +595,10 @@ impl Upstream {
             let (job, report) = {
                 let mut h = self.on_lease.lock();
                 let Some(l) = h.get_mut(&lease) else { return };
-                match l.queue.pop_front() {
+                // A task that resumed while another runner took the lease
+                // on: one of them stops at its next task.
+                let next = if l.active() > 1 { None } else { l.queue.pop_front() };
+                match next {
                     Some(job) => (Some(job), false),
                     None => {
                         l.runners -= 1;
@@ -843,6 +913,7 @@ fn serve(socket: &str) -> Result<()> {
         submitter: submit::Submitter::default(),
         reported: Mutex::default(),
         on_lease: Mutex::default(),
+        early_cancels: Mutex::default(),
     });
     let rt = Inner::start_as(Config::default(), Some(up.clone()), None)?;
     // Objects the owner lent are asked for when first looked at.
@@ -922,8 +993,12 @@ fn serve_messages(worker: &Arc<Worker>, first: Option<Inbox>) -> Result<()> {
                 }
             }
             Some(Message::Fetched { id, outcome }) => complete(&worker.rt, id, outcome),
-            Some(Message::Answered { task_id, outcome }) => {
-                worker.up.answered(&worker.rt, task_id, outcome);
+            Some(Message::Answered {
+                task_id,
+                from,
+                outcome,
+            }) => {
+                worker.up.answered(&worker.rt, task_id, from, outcome);
             }
             Some(Message::LeaseGranted {
                 lease_id,
@@ -941,7 +1016,9 @@ fn serve_messages(worker: &Arc<Worker>, first: Option<Inbox>) -> Result<()> {
                     let _ = tx.send(slot);
                 }
             }
-            Some(Message::CancelTask { task_id, .. }) => cancel_here(worker, task_id),
+            Some(Message::CancelTask { task_id, .. }) => {
+                cancel_here(worker, task_id);
+            }
             Some(Message::Ping { nonce }) => worker.up.replies.send(&Message::Pong { nonce }),
             Some(Message::Shutdown) | None => return Ok(()),
             Some(other) => return Err(Error::Protocol(format!("unexpected message {other:?}"))),
@@ -949,17 +1026,20 @@ fn serve_messages(worker: &Arc<Worker>, first: Option<Inbox>) -> Result<()> {
     }
 }
 
-/// Cancels a task or actor call running here.
-fn cancel_here(worker: &Worker, task_id: TaskId) {
+/// Cancels a task or actor call running here; false when none is.
+fn cancel_here(worker: &Worker, task_id: TaskId) -> bool {
     let state = worker.running.lock().get(&task_id).cloned();
+    let found = state.is_some();
     if let Some(s) = state {
         s.mark_cancelled();
         s.abort_running();
     }
     let call = worker.calls.lock().get(&task_id).cloned();
+    let called = call.is_some();
     if let Some(r) = call {
         let _ = worker.rt.cancel(r.id(), crate::options::CancelOptions::default());
     }
+    found || called
 }
 
 /// Ends the process once a reader saw the connection end (or fail).
@@ -1094,9 +1174,17 @@ fn run_leased(
     };
     let state = TaskState::new(task_id);
     worker.running.lock().insert(task_id, state.clone());
-    if matches!(entry.body, FunctionBody::Sync(_)) {
-        // Its blocking is the lease's (async tasks hold no thread).
-        worker.up.report_as(task_id, Some(lease_id));
+    // Its blocking is the lease's; a sync task holds one of the lease's
+    // runners (async tasks hold no thread).
+    worker.up.report_as(
+        task_id,
+        Some(Reported {
+            under: lease_id,
+            on_runner: matches!(entry.body, FunctionBody::Sync(_)),
+        }),
+    );
+    if worker.up.cancelled_early(task_id) {
+        state.mark_cancelled();
     }
     state.start(1);
     let deps: Vec<ObjectId> = refs;
@@ -1111,6 +1199,11 @@ fn run_leased(
             FunctionBody::Sync(f) => {
                 let rt2 = rt.clone();
                 let job = Box::new(move || {
+                    if state.is_cancelled() {
+                        // Cancelled while queued here: reported so, unrun.
+                        drop(finish);
+                        return;
+                    }
                     let outcome = context::with_sync(ctx, || match submit::resolve(&rt2, &spec, 1) {
                         Ok(args) => {
                             Outcome::from_invoke(std::panic::catch_unwind(AssertUnwindSafe(|| f(args))))

@@ -121,6 +121,9 @@ struct Shape {
 struct Pending {
     state: Arc<TaskState>,
     spec: TaskSpec,
+    /// The spec's bytes form, made at submission (to find what it names),
+    /// until its first push.
+    named: Option<Value>,
     entry: &'static FunctionEntry,
     request: ResourceSet,
     max_retries: i32,
@@ -153,6 +156,9 @@ struct Sent {
     at: std::time::Instant,
     ahead: usize,
 }
+
+/// Writes at least this long do not go out from a reader thread.
+const LARGE_WRITE: usize = 64 << 10;
 
 /// The most tasks out on one lease at once.
 const MAX_DEPTH: usize = 64;
@@ -198,13 +204,30 @@ impl Submitter {
     ) -> Result<RawRef> {
         let request = opts.request(&entry.options)?;
         let (state, ret) = rt.new_task()?;
+        let spec = TaskSpec {
+            id: state.id,
+            target: Target::Function(entry),
+            args,
+            name: opts.name.as_deref().map(Arc::from),
+        };
+        let named = match spec.to_bytes() {
+            Ok(n) => n,
+            Err(e) => {
+                rt.forget_task(state.id);
+                return Err(e);
+            }
+        };
+        // Every object the task names (by reference or inside a value)
+        // that is this process's own work still out is waited for before
+        // the task is queued: a task holds no lease while it waits.
+        let deps: Vec<ObjectId> = named
+            .nested_object_ids()
+            .into_iter()
+            .filter(|id| up.is_out(*id))
+            .collect();
         let pending = Box::new(Pending {
-            spec: TaskSpec {
-                id: state.id,
-                target: Target::Function(entry),
-                args,
-                name: opts.name.as_deref().map(Arc::from),
-            },
+            spec,
+            named: Some(named),
             state,
             entry,
             request,
@@ -215,18 +238,6 @@ impl Submitter {
             retry_exceptions: opts.retry_exceptions.unwrap_or(entry.options.retry_exceptions),
             attempt: 1,
         });
-        // A reference argument that is the result of this process's own
-        // work still out is waited for before the task is queued: the
-        // task goes out naming only objects its receiver can fetch.
-        let deps: Vec<ObjectId> = pending
-            .spec
-            .args
-            .iter()
-            .filter_map(|a| match a {
-                Arg::Ref(r) if up.is_out(r.id()) => Some(r.id()),
-                _ => None,
-            })
-            .collect();
         let id = pending.state.id;
         if deps.is_empty() {
             self.state.lock().tasks.insert(id, Place::Queued);
@@ -301,14 +312,14 @@ impl Submitter {
                     }
                     _ => {
                         if let Some((l, frames, n)) = batch.replace((lease, frame, 1)) {
-                            self.write(up, rt, &l, &frames, n);
+                            self.write_from(up, rt, l, frames, n, may_block);
                         }
                     }
                 }
                 continue;
             }
             if let Some((l, frames, n)) = batch.take() {
-                self.write(up, rt, &l, &frames, n);
+                self.write_from(up, rt, l, frames, n, may_block);
             }
             match a {
                 Action::Push(..) => {}
@@ -323,12 +334,37 @@ impl Submitter {
             }
         }
         if let Some((l, frames, n)) = batch {
-            self.write(up, rt, &l, &frames, n);
+            self.write_from(up, rt, l, frames, n, may_block);
         }
     }
 
     /// Writes the frames of `n` tasks on a lease; a failed write breaks
-    /// the lease (its tasks are retried or fail).
+    /// the lease (its tasks are retried or fail). A reader thread hands a
+    /// large write to a pool thread: two workers that lease each other
+    /// must never both wait, on their readers, for the other to read.
+    fn write_from(
+        &self,
+        up: &Upstream,
+        rt: &Arc<Inner>,
+        lease: Arc<Lease>,
+        frames: Vec<u8>,
+        n: u64,
+        may_block: bool,
+    ) {
+        if may_block || frames.len() < LARGE_WRITE {
+            self.write(up, rt, &lease, &frames, n);
+            return;
+        }
+        let Some(up2) = rt.mode.upstream().cloned() else {
+            return;
+        };
+        let rt2 = rt.clone();
+        let job = Box::new(move || up2.submitter.write(&up2, &rt2, &lease, &frames, n));
+        if let Err(job) = rt.pool.execute(job) {
+            job();
+        }
+    }
+
     fn write(&self, up: &Upstream, rt: &Arc<Inner>, lease: &Arc<Lease>, frames: &[u8], n: u64) {
         let sent = {
             let mut conn = lease.out.conn.lock();
@@ -359,7 +395,7 @@ impl Submitter {
         up: &Upstream,
         rt: &Arc<Inner>,
         lease: &Arc<Lease>,
-        task: Box<Pending>,
+        mut task: Box<Pending>,
         ahead: usize,
         may_block: bool,
     ) -> Option<Vec<u8>> {
@@ -370,7 +406,7 @@ impl Submitter {
             self.settled(up, rt, lease, may_block);
             return None;
         }
-        let named = match task.spec.to_bytes() {
+        let named = match task.named.take().map_or_else(|| task.spec.to_bytes(), Ok) {
             Ok(n) => n,
             Err(e) => {
                 self.finish(up, rt, task, Outcome::Failed(e), may_block);
@@ -457,7 +493,10 @@ impl Submitter {
             if !s.leases.contains_key(&lease.id) {
                 return;
             }
-            lease.inflight.fetch_sub(1, Ordering::Relaxed);
+            if lease.inflight.fetch_sub(1, Ordering::Relaxed) == 1 {
+                // Idle: the next task may be long; it learns anew.
+                lease.depth.store(1, Ordering::Relaxed);
+            }
             pump(&mut s, rt, &lease.shape)
         };
         self.act(up, rt, actions, may_block);
@@ -485,7 +524,17 @@ impl Submitter {
             },
             None => Err("this process has no endpoint".to_owned()),
         };
-        let shape = self.state.lock().requests.get(&lease_id).cloned();
+        let (shape, held) = {
+            let s = self.state.lock();
+            (
+                s.requests.get(&lease_id).cloned(),
+                s.leases.contains_key(&lease_id),
+            )
+        };
+        if held {
+            // A duplicate of a grant in use: ignored.
+            return;
+        }
         let Some(shape) = shape else {
             // Not asked for (a duplicate): given back.
             up.replies.send(&Message::ReturnLease {
@@ -548,16 +597,24 @@ impl Submitter {
     /// The owner refused lease `lease_id`: the tasks of its shape fail (the
     /// shape is unschedulable) or spend an attempt (no worker could be had).
     pub(crate) fn refused(&self, up: &Upstream, rt: &Arc<Inner>, lease_id: TaskId, error: Error) {
-        let queued = {
+        let unschedulable = matches!(error, Error::Unschedulable { .. } | Error::Shutdown);
+        let (shape, queued): (ResourceSet, Vec<Box<Pending>>) = {
             let mut s = self.state.lock();
             let Some(shape) = s.requests.remove(&lease_id) else {
                 return;
             };
-            let q = s.shapes.entry(shape).or_default();
+            let q = s.shapes.entry(shape.clone()).or_default();
             q.requested = false;
-            std::mem::take(&mut q.queue)
+            let taken = if unschedulable {
+                q.queue.drain(..).collect()
+            } else {
+                // A worker that could not be had this time: the front task
+                // spends an attempt (so this cannot go on forever), the
+                // rest stay queued for the leases held or the next one.
+                q.queue.pop_front().into_iter().collect()
+            };
+            (shape, taken)
         };
-        let unschedulable = matches!(error, Error::Unschedulable { .. } | Error::Shutdown);
         for task in queued {
             let outcome = if unschedulable {
                 // Named as the task, as the owner's own scheduler names it.
@@ -576,6 +633,8 @@ impl Submitter {
             };
             self.finish(up, rt, task, outcome, false);
         }
+        // What is left asks again.
+        self.pump_shape(up, rt, &shape, false);
     }
 
     /// The outcome of a task pushed on a lease (straight back, or through
@@ -585,12 +644,15 @@ impl Submitter {
         up: &Upstream,
         rt: &Arc<Inner>,
         task_id: TaskId,
+        from: u32,
         outcome: WireOutcome,
     ) -> std::result::Result<(), Box<WireOutcome>> {
+        // Only from the worker it is out on now: an answer of an earlier
+        // attempt, from a worker that died since, is not this one's.
         let lease = {
             let s = self.state.lock();
             match s.tasks.get(&task_id) {
-                Some(Place::Pushed(lease)) => s.leases.get(lease).cloned(),
+                Some(Place::Pushed(lease)) => s.leases.get(lease).filter(|l| l.pid == from).cloned(),
                 _ => None,
             }
         };
@@ -704,7 +766,7 @@ impl Submitter {
         rt: &Arc<Inner>,
         id: ObjectId,
         cpu: &ResourceSet,
-        report_as: TaskId,
+        report_as: super::Reported,
     ) -> bool {
         let task_id = id.task();
         let task = {
@@ -797,6 +859,13 @@ impl Submitter {
             Err(Error::TaskCancelled(id))
         } else {
             match outcome {
+                // A reader never waits for room: the wait goes elsewhere.
+                Outcome::Value(v) if !may_block => {
+                    task.spec.args.clear();
+                    rt.publish_now(id.return_object(), v);
+                    self.done(rt, task);
+                    return;
+                }
                 Outcome::Value(v) => rt.admit(v),
                 Outcome::Returned(msg) => Err(task_error(TaskFailure::Returned, msg)),
                 Outcome::Panicked(msg) => Err(task_error(TaskFailure::Panicked, msg)),
