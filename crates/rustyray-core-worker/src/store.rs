@@ -199,13 +199,15 @@ impl Store {
         }
     }
 
-    /// Hands a complete object that only this process holds to the owner
-    /// process: counts the count the owner will keep for this one, and
-    /// returns the value (or the error it failed with) to send it. `None`
-    /// when the owner already keeps the object (or lent it), or it is not
-    /// complete. The caller sends the
-    /// value, or gives the count back with [`Store::unshare`].
-    pub(crate) fn share_with_owner(&self, id: ObjectId) -> Option<Result<Value>> {
+    /// Hands an object that only this process holds to the owner process:
+    /// counts the count the owner will keep for this one, and returns the
+    /// value (or the error it failed with) to send it; with `pending`, an
+    /// object not made yet too (`Ok(None)`: it is handed over pending). One
+    /// look, so an object that completes meanwhile is handed over either
+    /// way. `None` when the owner already keeps the object (or lent it), or
+    /// it is pending and `pending` is false. The caller sends the value, or
+    /// gives the count back with [`Store::unshare`].
+    pub(crate) fn share_maybe_pending(&self, id: ObjectId, pending: bool) -> Option<Result<Option<Value>>> {
         match self.shard(id).lock().get_mut(&id) {
             Some(Entry {
                 state: State::Ready(v, _),
@@ -213,9 +215,8 @@ impl Store {
                 ..
             }) => {
                 *lent = 1;
-                Some(Ok(v.clone()))
+                Some(Ok(Some(v.clone())))
             }
-            // A local object that failed goes to the owner as its error.
             Some(Entry {
                 state: State::Failed(e),
                 lent: lent @ 0,
@@ -224,29 +225,43 @@ impl Store {
                 *lent = 1;
                 Some(Err((**e).clone()))
             }
-            _ => None,
-        }
-    }
-
-    /// Hands an object that only this process holds and that is not made
-    /// yet to the owner process: counts the count the owner will keep for
-    /// this one. False when the owner already keeps it, or it is complete
-    /// or gone.
-    pub(crate) fn share_pending(&self, id: ObjectId) -> bool {
-        match self.shard(id).lock().get_mut(&id) {
             Some(Entry {
                 state: State::Pending(_),
                 lent: lent @ 0,
                 ..
-            }) => {
+            }) if pending => {
                 *lent = 1;
-                true
+                Some(Ok(None))
             }
-            _ => false,
+            _ => None,
         }
     }
 
-    /// Undoes [`Store::share_with_owner`] for a value that could not be sent.
+    /// Joins a pending object another message already made here (one more
+    /// reference on it), or makes it. Errors when it exists and is done.
+    pub(crate) fn join_pending(&self, id: ObjectId) -> Result<()> {
+        {
+            let mut shard = self.shard(id).lock();
+            match shard.get_mut(&id) {
+                Some(Entry {
+                    state: State::Pending(_) | State::Remote,
+                    refs,
+                    ..
+                }) => {
+                    *refs += 1;
+                    return Ok(());
+                }
+                Some(_) => {
+                    return Err(Error::Protocol(format!("object {id} is already made")));
+                }
+                None => {}
+            }
+        }
+        self.create_pending(id)
+    }
+
+    /// Undoes [`Store::share_maybe_pending`] for a value that could not be
+    /// sent.
     pub(crate) fn unshare(&self, id: ObjectId) {
         if let Some(e) = self.shard(id).lock().get_mut(&id) {
             e.lent = e.lent.saturating_sub(1);

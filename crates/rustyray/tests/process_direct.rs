@@ -333,3 +333,33 @@ fn calls_out_when_the_actor_allows_no_retry_fail_with_its_death() -> rustyray::R
     }
     Ok(())
 }
+
+/// Calls the actor straight, once the file `go` exists, and returns the
+/// call's result unread (handed to the driver pending).
+#[rustyray::remote]
+fn call_and_hand_over(c: ActorHandle<Counter>, go: String) -> rustyray::Result<Vec<ObjectRef<(u32, u64)>>> {
+    Ok(vec![c.next_after(go)?])
+}
+
+#[test]
+fn a_result_handed_over_pending_survives_the_fail_over_of_its_call() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let c = Counter::options()
+        .max_restarts(1)
+        .max_task_retries(-1)
+        .remote(&ray)?;
+    let first = ray.get_timeout(&c.pid()?, LONG)?;
+    let dir = scratch("handed-over-fail-over");
+    let go = dir.join("go").display().to_string();
+    let refs = ray.get_timeout(&call_and_hand_over::remote(&ray, c.clone(), go.clone())?, LONG)?;
+    // The call is out on the route (it waits for `go`); its process dies,
+    // so the call fails over through the driver, which already holds its
+    // result pending: the retried call completes that one.
+    let killed = Command::new("kill").args(["-KILL", &first.to_string()]).status();
+    assert!(killed.is_ok_and(|s| s.success()));
+    std::fs::write(&go, b"go").map_err(|e| rustyray::Error::InvalidArgument(e.to_string()))?;
+    let (pid, n) = ray.get_timeout(&refs[0], LONG)?;
+    assert_ne!(pid, first, "it ran again in the restarted process");
+    assert_eq!(n, 1);
+    Ok(())
+}

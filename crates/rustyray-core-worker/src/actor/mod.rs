@@ -1411,7 +1411,9 @@ pub(crate) fn call_for_worker(
                 cause: None,
             })?;
         rt.check_open()?;
-        rt.store.create_pending(task_id.return_object())?;
+        // A call failed over from a direct route may find its result here
+        // already, handed over pending: the call completes that one.
+        rt.store.join_pending(task_id.return_object())?;
         let ret = RawRef::adopt(task_id.return_object(), rt.clone());
         let state = TaskState::new(task_id);
         rt.register_task(&state);

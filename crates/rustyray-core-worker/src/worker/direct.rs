@@ -25,8 +25,8 @@
 //! them, and it is told to lend them to the actor's process (`Lend`) before
 //! the call goes; the answer lends the call's result's objects back the
 //! same way. A call's result is this process's own until a reference to it
-//! leaves; a message naming it while the call is still out waits for the
-//! answer first. Values travel inline on these connections (a large one is
+//! leaves; a message naming it while the call is still out hands it to the
+//! owner pending (`PutPending`), its value following once made. Values travel inline on these connections (a large one is
 //! copied through the socket rather than read in shared memory).
 //!
 //! # Order and failure
@@ -662,8 +662,8 @@ impl Routes {
             return;
         };
         complete(rt, task_id.return_object(), outcome);
-        // Out until complete: a message naming the result meanwhile waits
-        // for it (see `is_out`).
+        // Out until complete: a message naming the result meanwhile hands
+        // it over pending (see `is_out`).
         self.calls.lock().remove(&task_id);
         sent.state.finish();
         rt.forget_task(task_id);

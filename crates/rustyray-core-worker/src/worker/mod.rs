@@ -243,12 +243,15 @@ impl Upstream {
 
     fn share_each(&self, rt: &Arc<Inner>, ids: &[ObjectId]) -> Result<()> {
         for &id in ids {
-            let v = match rt.store.share_with_owner(id) {
-                Some(Ok(v)) => v,
+            // Asked first: work of this process's own stops being out only
+            // once its object is complete, which the one look below sees.
+            let out = self.is_out(id);
+            let v = match rt.store.share_maybe_pending(id, out) {
+                Some(Ok(Some(v))) => v,
                 // This process's own work still out (a task on a lease, a
                 // call sent straight to an actor): handed over pending, and
                 // its value once it is made. Nothing waits for it here.
-                None if self.is_out(id) && rt.store.share_pending(id) => {
+                Some(Ok(None)) => {
                     self.replies.send(&Message::PutPending { id });
                     self.put_when_made(rt, id);
                     continue;
@@ -318,9 +321,10 @@ impl Upstream {
                 up.replies.send(&Message::Put { id, value });
                 drop(keep);
             });
-            if let Err(job) = rt.pool.execute(job) {
-                job();
-            }
+            // Never inline: the caller may hold the sharing lock. A pool
+            // that is closed means the process is ending; its owner sees
+            // that as the owner's death.
+            drop(rt.pool.execute(job));
         });
     }
 
@@ -1176,11 +1180,13 @@ fn run_leased(
     worker.running.lock().insert(task_id, state.clone());
     // Its blocking is the lease's; a sync task holds one of the lease's
     // runners (async tasks hold no thread).
+    // (An async task holds no thread: its waits are its own, unreported.)
+    let sync = matches!(entry.body, FunctionBody::Sync(_));
     worker.up.report_as(
         task_id,
         Some(Reported {
-            under: lease_id,
-            on_runner: matches!(entry.body, FunctionBody::Sync(_)),
+            under: if sync { lease_id } else { task_id },
+            on_runner: sync,
         }),
     );
     if worker.up.cancelled_early(task_id) {

@@ -493,8 +493,10 @@ impl Submitter {
             if !s.leases.contains_key(&lease.id) {
                 return;
             }
-            if lease.inflight.fetch_sub(1, Ordering::Relaxed) == 1 {
-                // Idle: the next task may be long; it learns anew.
+            let idle = lease.inflight.fetch_sub(1, Ordering::Relaxed) == 1;
+            if idle && s.shapes.get(&lease.shape).is_none_or(|q| q.queue.is_empty()) {
+                // Nothing left to do: the next task may be long, and
+                // learns anew.
                 lease.depth.store(1, Ordering::Relaxed);
             }
             pump(&mut s, rt, &lease.shape)
@@ -558,7 +560,11 @@ impl Submitter {
                 });
                 let actions = {
                     let mut s = self.state.lock();
-                    s.requests.remove(&lease_id);
+                    // Checked again here: of two copies of one grant, the
+                    // second finds the request gone and is dropped.
+                    if s.requests.remove(&lease_id).is_none() {
+                        return;
+                    }
                     s.leases.insert(lease_id, lease.clone());
                     let q = s.shapes.entry(shape.clone()).or_default();
                     q.requested = false;
