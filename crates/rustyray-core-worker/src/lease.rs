@@ -577,7 +577,7 @@ impl Leased {
         })
     }
 
-    /// Answers a `CallActor`, `SubmitTask`, `SpawnActor` or `GetActor` with
+    /// Answers a `CallActor`, `SpawnActor` or `GetActor` with
     /// `ObjectReady`.
     fn object_ready(self: &Arc<Self>, task_id: TaskId) -> crate::actor::Reply {
         self.answer(move |outcome| Message::ObjectReady { task_id, outcome })
@@ -617,27 +617,6 @@ impl Leased {
                         }
                     }
                     None => reply(Err(Error::Shutdown)),
-                }
-            }
-            Message::SubmitTask {
-                task_id,
-                spec,
-                resources,
-                max_retries,
-                retry_exceptions,
-            } => {
-                let reply = self.object_ready(task_id);
-                let submitted = owner.ok_or(Error::Shutdown).and_then(|rt| {
-                    let spec = Value::from_bytes(spec, "TaskSpec");
-                    rt.submit_for_worker(task_id, &spec, &resources, max_retries, retry_exceptions)
-                        .map(|r| (rt, r))
-                });
-                match submitted {
-                    Ok((rt, r)) => {
-                        self.keep_for(r.clone());
-                        crate::actor::reply_when_done(&rt, r, reply);
-                    }
-                    Err(e) => reply(Err(e)),
                 }
             }
             Message::Blocked { task_id, on } => {

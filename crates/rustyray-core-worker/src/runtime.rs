@@ -325,6 +325,12 @@ pub(crate) struct TaskRun {
     attempt: u32,
 }
 
+/// Whether a task with `max_retries` may have another attempt after
+/// attempt `attempt` (negative: as many as it takes).
+pub(crate) fn attempts_left(max_retries: i32, attempt: u32) -> bool {
+    max_retries < 0 || i64::from(attempt) <= i64::from(max_retries)
+}
+
 /// How one attempt ended.
 pub(crate) enum Outcome {
     Value(Value),
@@ -339,6 +345,43 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
+    /// Whether the attempt may be tried again: it crashed, panicked or
+    /// found no worker; with `retry_exceptions`, also when the task
+    /// returned an error.
+    pub(crate) fn is_retryable(&self, retry_exceptions: bool) -> bool {
+        match self {
+            Outcome::Panicked(_) | Outcome::Crashed(_) | Outcome::NoWorker(_) => true,
+            Outcome::Returned(_) => retry_exceptions,
+            _ => false,
+        }
+    }
+
+    /// The result of a task (`function`, named `name`) whose last attempt
+    /// (`attempts`) ended so.
+    pub(crate) fn into_result(
+        self,
+        function: &str,
+        name: Option<&str>,
+        task_id: TaskId,
+        attempts: u32,
+    ) -> Result<Value> {
+        let task_error = |failure, message| Error::Task {
+            function: function.to_owned(),
+            name: name.map(str::to_owned),
+            task_id,
+            failure,
+            message,
+            attempts,
+            cause: None,
+        };
+        match self {
+            Outcome::Value(v) => Ok(v),
+            Outcome::Returned(msg) => Err(task_error(TaskFailure::Returned, msg)),
+            Outcome::Panicked(msg) => Err(task_error(TaskFailure::Panicked, msg)),
+            Outcome::Failed(e) | Outcome::NoWorker(e) => Err(e),
+            Outcome::Crashed(reason) => Err(Error::WorkerCrashed { task_id, reason }),
+        }
+    }
     pub(crate) fn from_invoke(r: std::thread::Result<std::result::Result<Value, InvokeError>>) -> Self {
         match r {
             Ok(Ok(v)) => Outcome::Value(v),
@@ -964,49 +1007,6 @@ impl Inner {
         Ok(ret)
     }
 
-    /// Submits a task a worker process sent (ids minted there); returns
-    /// the reference the owner keeps for that worker.
-    pub(crate) fn submit_for_worker(
-        self: &Arc<Self>,
-        task_id: TaskId,
-        spec: &Value,
-        resources: &[(String, f64)],
-        max_retries: i32,
-        retry_exceptions: bool,
-    ) -> Result<RawRef> {
-        self.check_open()?;
-        let spec = TaskSpec::from_bytes(spec, self, &self.registry)?;
-        let Target::Function(entry) = spec.target else {
-            return Err(Error::invalid(format!(
-                "{} is not a function",
-                spec.target.name()
-            )));
-        };
-        if spec.id != task_id {
-            return Err(Error::invalid("a submitted task's spec names another task"));
-        }
-        let mut request = ResourceSet::new();
-        for (name, amount) in resources {
-            request.set(name, *amount)?;
-        }
-        self.store.create_pending(task_id.return_object())?;
-        let ret = RawRef::adopt(task_id.return_object(), self.clone());
-        let state = TaskState::new(task_id);
-        self.register_task(&state);
-        let run = TaskRun {
-            spec,
-            entry,
-            state,
-            request,
-            max_retries,
-            retry_exceptions,
-            attempt: 1,
-        };
-        let deps = ref_ids(&run.spec.args);
-        self.when_ready(&deps, Work::Task(Box::new(run)));
-        Ok(ret)
-    }
-
     /// Enqueues `work` once every object in `deps` is complete.
     pub(crate) fn when_ready(self: &Arc<Self>, deps: &[ObjectId], work: Work) {
         if deps.iter().all(|d| self.store.is_complete(*d)) {
@@ -1304,15 +1304,10 @@ impl Inner {
     /// return object.
     pub(crate) fn finish_task(self: &Arc<Self>, mut run: Box<TaskRun>, outcome: Outcome) {
         let cancelled = run.state.is_cancelled();
-        let attempts_left = run.max_retries < 0 || i64::from(run.attempt) <= i64::from(run.max_retries);
         let retry = !cancelled
-            && attempts_left
+            && attempts_left(run.max_retries, run.attempt)
             && self.check_open().is_ok()
-            && match &outcome {
-                Outcome::Panicked(_) | Outcome::Crashed(_) | Outcome::NoWorker(_) => true,
-                Outcome::Returned(_) => run.retry_exceptions,
-                _ => false,
-            };
+            && outcome.is_retryable(run.retry_exceptions);
         let start = self.sched.release(&run.request);
         if retry {
             tracing::debug!(task = %run.state.id, attempt = run.attempt, "retrying task");
@@ -1323,25 +1318,10 @@ impl Inner {
             return;
         }
         let id = run.state.id;
-        let task_error = |failure, message| Error::Task {
-            function: run.entry.name.to_owned(),
-            name: run.spec.name.as_deref().map(str::to_owned),
-            task_id: id,
-            failure,
-            message,
-            attempts: run.attempt,
-            cause: None,
-        };
         let result = if cancelled {
             Err(Error::TaskCancelled(id))
         } else {
-            match outcome {
-                Outcome::Value(v) => Ok(v),
-                Outcome::Returned(msg) => Err(task_error(TaskFailure::Returned, msg)),
-                Outcome::Panicked(msg) => Err(task_error(TaskFailure::Panicked, msg)),
-                Outcome::Failed(e) | Outcome::NoWorker(e) => Err(e),
-                Outcome::Crashed(reason) => Err(Error::WorkerCrashed { task_id: id, reason }),
-            }
+            outcome.into_result(run.entry.name, run.spec.name.as_deref(), id, run.attempt)
         };
         // The arguments go before the result is published, so whoever sees
         // the result also sees them released.

@@ -200,7 +200,7 @@ pub enum Message {
         value: WireOutcome,
     },
     /// Worker → owner: the worker dropped its last reference to an object
-    /// the owner keeps counts on for it: one per `Put`, `SubmitTask` or
+    /// the owner keeps counts on for it: one per `Put`, `PutPending` or
     /// `CallActor` that made it, and one per time the owner lent it (a
     /// reference inside a value the owner sent). The owner drops `count` of them. Not
     /// idempotent: each count is given back once. A worker that dies has
@@ -365,22 +365,6 @@ pub enum Message {
         /// The actors, one handle each.
         actors: Vec<ActorId>,
     },
-    /// Worker → owner: a task submitted by code running in the worker. The
-    /// owner runs it as its own (`task_id` minted by the worker), keeps its
-    /// result for the worker until `Release`, and answers `ObjectReady`
-    /// when it completes. Not idempotent.
-    SubmitTask {
-        /// The task.
-        task_id: TaskId,
-        /// Its spec's bytes form (arguments inline or as object ids).
-        spec: Vec<u8>,
-        /// The resources it asks for.
-        resources: Vec<(String, f64)>,
-        /// Its `max_retries`.
-        max_retries: i32,
-        /// Its `retry_exceptions`.
-        retry_exceptions: bool,
-    },
     /// Worker → owner (Ray's `RequestWorkerLease`): lease a worker process
     /// for tasks of one resource shape that code in the sender submitted.
     /// The owner admits the request as it admits a task (resources
@@ -466,7 +450,7 @@ pub enum Message {
         /// The task.
         task_id: TaskId,
     },
-    /// Owner → worker: the answer to a `CallActor`, `SubmitTask`,
+    /// Owner → worker: the answer to a `CallActor`,
     /// `SpawnActor` or `GetActor`. Idempotent: a second one for the same
     /// request is ignored (what it lends is given back at once).
     ObjectReady {
@@ -1011,13 +995,6 @@ mod tests {
                     offset: 4096,
                     len: 1 << 20,
                 },
-            },
-            Message::SubmitTask {
-                task_id: TaskId::from_u128(14),
-                spec: vec![1],
-                resources: vec![("CPU".into(), 1.0)],
-                max_retries: 3,
-                retry_exceptions: false,
             },
             Message::Blocked {
                 task_id: TaskId::from_u128(14),

@@ -1067,7 +1067,6 @@ fn read_messages<O: OwnerService>(
             Ok(Some(
                 Message::TaskDone { .. }
                     | Message::CallActor { .. }
-                    | Message::SubmitTask { .. }
                     | Message::Release { .. }
                     | Message::ReleaseActor { .. }
                     | Message::Unpin { .. }

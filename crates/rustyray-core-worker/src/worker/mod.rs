@@ -464,31 +464,7 @@ impl Upstream {
         args: Vec<Arg>,
         opts: &crate::options::TaskOptions,
     ) -> Result<RawRef> {
-        // Owned here, on workers leased from the node, once this process
-        // listens (it always does after its start).
-        if self.peers().is_some() {
-            return self.submitter.submit(self, rt, entry, args, opts);
-        }
-        let request = opts.request(&entry.options)?;
-        let (state, ret) = rt.new_task()?;
-        let spec = TaskSpec {
-            id: state.id,
-            target: Target::Function(entry),
-            args,
-            name: opts.name.as_deref().map(Arc::from),
-        };
-        let (_named, spec_bytes) = self.request(rt, &state, &ret, &spec)?;
-        self.replies.send(&Message::SubmitTask {
-            task_id: state.id,
-            spec: spec_bytes,
-            resources: request.iter().map(|(n, v)| (n.to_owned(), v)).collect(),
-            max_retries: opts
-                .max_retries
-                .or(entry.options.max_retries)
-                .unwrap_or(crate::options::DEFAULT_MAX_RETRIES),
-            retry_exceptions: opts.retry_exceptions.unwrap_or(entry.options.retry_exceptions),
-        });
-        Ok(ret)
+        self.submitter.submit(self, rt, entry, args, opts)
     }
 
     /// Code here cancelled its task or call `task_id`: the process running

@@ -834,15 +834,10 @@ impl Submitter {
         may_block: bool,
     ) {
         let cancelled = task.state.is_cancelled();
-        let attempts_left = task.max_retries < 0 || i64::from(task.attempt) <= i64::from(task.max_retries);
         let retry = !cancelled
-            && attempts_left
+            && crate::runtime::attempts_left(task.max_retries, task.attempt)
             && rt.check_open().is_ok()
-            && match &outcome {
-                Outcome::Panicked(_) | Outcome::Crashed(_) | Outcome::NoWorker(_) => true,
-                Outcome::Returned(_) => task.retry_exceptions,
-                _ => false,
-            };
+            && outcome.is_retryable(task.retry_exceptions);
         let id = task.state.id;
         if retry {
             tracing::debug!(task = %id, attempt = task.attempt, "retrying task");
@@ -852,31 +847,19 @@ impl Submitter {
             self.enqueue(up, rt, task, may_block);
             return;
         }
-        let task_error = |failure, message| Error::Task {
-            function: task.entry.name.to_owned(),
-            name: task.spec.name.as_deref().map(str::to_owned),
-            task_id: id,
-            failure,
-            message,
-            attempts: task.attempt,
-            cause: None,
-        };
         let result = if cancelled {
             Err(Error::TaskCancelled(id))
         } else {
-            match outcome {
+            match outcome.into_result(task.entry.name, task.spec.name.as_deref(), id, task.attempt) {
                 // A reader never waits for room: the wait goes elsewhere.
-                Outcome::Value(v) if !may_block => {
+                Ok(v) if !may_block => {
                     task.spec.args.clear();
                     rt.publish_now(id.return_object(), v);
                     self.done(rt, task);
                     return;
                 }
-                Outcome::Value(v) => rt.admit(v),
-                Outcome::Returned(msg) => Err(task_error(TaskFailure::Returned, msg)),
-                Outcome::Panicked(msg) => Err(task_error(TaskFailure::Panicked, msg)),
-                Outcome::Failed(e) | Outcome::NoWorker(e) => Err(e),
-                Outcome::Crashed(reason) => Err(Error::WorkerCrashed { task_id: id, reason }),
+                Ok(v) => rt.admit(v),
+                Err(e) => Err(e),
             }
         };
         task.spec.args.clear();
