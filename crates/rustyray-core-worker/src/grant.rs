@@ -198,11 +198,19 @@ pub(crate) fn end(rt: &Arc<Inner>, lessee: &Leased, lease_id: TaskId, kill: bool
     rt.release(&g.request);
 }
 
-/// Ends every lease `lessee` holds (it died), killing their workers.
+/// Ends every lease `lessee` holds (it died), killing their workers, and
+/// drops its requests still queued, so they hold up no one behind them.
 pub(crate) fn end_all(rt: &Arc<Inner>, lessee: &Leased) {
     let ids: Vec<TaskId> = lessee.leases().lock().keys().copied().collect();
     for id in ids {
         end(rt, lessee, id, true);
+    }
+    let its = |w: &Work| matches!(w, Work::Lease(l) if std::ptr::eq(l.lessee.as_ptr(), lessee));
+    // Taking one grants it its request, which goes straight back.
+    while let Some(w) = rt.sched.take_queued(usize::MAX, its) {
+        if let Work::Lease(l) = w {
+            rt.release(&l.request);
+        }
     }
 }
 

@@ -180,11 +180,19 @@ pub(crate) struct Upstream {
     on_lease: Mutex<HashMap<TaskId, LeaseHere>>,
     /// Tasks cancelled by the worker that leased this one before their
     /// push arrived (the newest [`EARLY_CANCELS`]).
-    early_cancels: Mutex<std::collections::VecDeque<TaskId>>,
+    early_cancels: Mutex<EarlyCancels>,
 }
 
 /// How many early cancels a worker remembers.
 const EARLY_CANCELS: usize = 1024;
+
+/// The newest [`EARLY_CANCELS`] tasks cancelled before they came: a set to
+/// look in, and their order to forget the oldest.
+#[derive(Default)]
+struct EarlyCancels {
+    set: std::collections::HashSet<TaskId>,
+    order: std::collections::VecDeque<TaskId>,
+}
 
 /// The id the owner knows a task's blocking under, and whether the task
 /// holds one of its lease's runners here (a sync task on a lease, or a
@@ -360,22 +368,23 @@ impl Upstream {
     /// Remembers that task `task` was cancelled before it came.
     fn cancel_early(&self, task: TaskId) {
         let mut c = self.early_cancels.lock();
-        if c.len() >= EARLY_CANCELS {
-            c.pop_front();
+        if !c.set.insert(task) {
+            return;
         }
-        c.push_back(task);
+        c.order.push_back(task);
+        // Those already taken keep their place in the order until they
+        // are the oldest: the order is bounded all the same.
+        while c.order.len() > EARLY_CANCELS {
+            if let Some(old) = c.order.pop_front() {
+                c.set.remove(&old);
+            }
+        }
     }
 
     /// Whether task `task` was cancelled before it came (forgetting it).
     fn cancelled_early(&self, task: TaskId) -> bool {
         let mut c = self.early_cancels.lock();
-        match c.iter().position(|t| *t == task) {
-            Some(i) => {
-                c.remove(i);
-                true
-            }
-            None => false,
-        }
+        !c.set.is_empty() && c.set.remove(&task)
     }
 
     /// Whether task `task` runs here on a lease.
