@@ -634,18 +634,37 @@ impl Leased {
             }
             Message::PutPending { id } => {
                 let Some(rt) = owner else { return Ok(()) };
-                match rt.store.create_pending(id) {
-                    Ok(()) => {
+                // A call failed over from a direct route may have made the
+                // object here first (it raced this message): joined.
+                let kept = match RawRef::acquire(id, rt.clone()) {
+                    Ok(r) => Ok(r),
+                    Err(_) => rt
+                        .store
+                        .create_pending(id)
+                        .map(|()| RawRef::adopt(id, rt.clone())),
+                };
+                match kept {
+                    Ok(r) => {
+                        // Even when made already: the worker's `Put` that
+                        // follows must find it (and is dropped then).
                         self.pending_puts.lock().insert(id);
-                        self.keep_for(RawRef::adopt(id, rt.clone()));
+                        self.keep_for(r);
                     }
                     Err(e) => {
                         tracing::warn!(object = %id, error = %e, "could not keep a worker's pending object")
                     }
                 }
             }
-            // The object handed over pending is made: completed here.
+            // The object handed over pending is made: completed here, unless
+            // a failed-over call made it first (then the copy goes).
             Message::Put { id, value } if self.pending_puts.lock().remove(&id) => {
+                let done = owner.as_ref().is_none_or(|rt| rt.store.is_complete(id));
+                if done {
+                    if let WireOutcome::Stored { id: stored, .. } = value {
+                        let _ = self.owner.shm.store.delete(stored);
+                    }
+                    return Ok(());
+                }
                 if let Some(rt) = owner {
                     match crate::runtime::Outcome::from_wire(value, &rt) {
                         crate::runtime::Outcome::Value(v) => rt.publish(id, v),

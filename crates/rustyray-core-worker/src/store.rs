@@ -201,13 +201,14 @@ impl Store {
 
     /// Hands an object that only this process holds to the owner process:
     /// counts the count the owner will keep for this one, and returns the
-    /// value (or the error it failed with) to send it; with `pending`, an
-    /// object not made yet too (`Ok(None)`: it is handed over pending). One
-    /// look, so an object that completes meanwhile is handed over either
-    /// way. `None` when the owner already keeps the object (or lent it), or
-    /// it is pending and `pending` is false. The caller sends the value, or
-    /// gives the count back with [`Store::unshare`].
-    pub(crate) fn share_maybe_pending(&self, id: ObjectId, pending: bool) -> Option<Result<Option<Value>>> {
+    /// value (or the error it failed with) to send it, or `Ok(None)` for
+    /// one not made yet (it is handed over pending: in a worker, an object
+    /// no owner keeps and not made yet is always its own work under way).
+    /// One look, so an object that completes meanwhile is handed over
+    /// either way. `None` when the owner already keeps the object (or lent
+    /// it). The caller sends the value, or gives the count back with
+    /// [`Store::unshare`].
+    pub(crate) fn share_maybe_pending(&self, id: ObjectId) -> Option<Result<Option<Value>>> {
         match self.shard(id).lock().get_mut(&id) {
             Some(Entry {
                 state: State::Ready(v, _),
@@ -229,7 +230,7 @@ impl Store {
                 state: State::Pending(_),
                 lent: lent @ 0,
                 ..
-            }) if pending => {
+            }) => {
                 *lent = 1;
                 Some(Ok(None))
             }
@@ -341,7 +342,12 @@ impl Store {
         if self.shut_down.load(Ordering::Acquire) {
             return Err(Error::Shutdown);
         }
-        let prev = shard.insert(
+        // Never over an entry that is there: its waiters and counts would
+        // go with it.
+        if shard.contains_key(&id) {
+            return Err(Error::Protocol(format!("object {id} was made twice")));
+        }
+        shard.insert(
             id,
             Entry {
                 state: State::Pending(Vec::new()),
@@ -352,8 +358,6 @@ impl Store {
         // Counted under the lock, before anyone can remove the entry and
         // uncount it.
         self.entries.fetch_add(1, Ordering::Relaxed);
-        drop(shard);
-        debug_assert!(prev.is_none(), "object {id:?} created twice");
         Ok(())
     }
 

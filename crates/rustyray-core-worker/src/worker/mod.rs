@@ -251,10 +251,7 @@ impl Upstream {
 
     fn share_each(&self, rt: &Arc<Inner>, ids: &[ObjectId]) -> Result<()> {
         for &id in ids {
-            // Asked first: work of this process's own stops being out only
-            // once its object is complete, which the one look below sees.
-            let out = self.is_out(id);
-            let v = match rt.store.share_maybe_pending(id, out) {
+            let v = match rt.store.share_maybe_pending(id) {
                 Some(Ok(Some(v))) => v,
                 // This process's own work still out (a task on a lease, a
                 // call sent straight to an actor): handed over pending, and

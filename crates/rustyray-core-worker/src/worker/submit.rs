@@ -574,19 +574,22 @@ impl Submitter {
                 self.act(up, rt, actions, true);
             }
             Err(reason) => {
-                up.replies.send(&Message::ReturnLease {
-                    lease_id,
-                    broken: true,
-                });
                 // The front task spends an attempt, so a worker that keeps
                 // failing cannot hold the queue forever.
                 let front = {
                     let mut s = self.state.lock();
-                    s.requests.remove(&lease_id);
+                    // A second copy of a grant in use: nothing to undo.
+                    if s.requests.remove(&lease_id).is_none() {
+                        return;
+                    }
                     let q = s.shapes.entry(shape.clone()).or_default();
                     q.requested = false;
                     q.queue.pop_front()
                 };
+                up.replies.send(&Message::ReturnLease {
+                    lease_id,
+                    broken: true,
+                });
                 match front {
                     Some(task) => self.finish(up, rt, task, Outcome::Crashed(reason), true),
                     None => self.pump_shape(up, rt, &shape, true),
