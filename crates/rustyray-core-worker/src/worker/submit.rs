@@ -142,6 +142,8 @@ struct Lease {
     inflight: AtomicUsize,
     /// How many tasks may be out on it at once (see [`Lease::settle`]).
     depth: AtomicUsize,
+    /// What one task has taken lately, in nanoseconds (a moving average).
+    per_task_ns: AtomicU64,
     /// The tasks pushed on it, each with what its spec names (kept alive
     /// until the answer), when it went, and how many were ahead of it.
     running: Mutex<HashMap<TaskId, Sent>>,
@@ -161,7 +163,12 @@ struct Sent {
 const LARGE_WRITE: usize = 64 << 10;
 
 /// The most tasks out on one lease at once.
-const MAX_DEPTH: usize = 64;
+const MAX_DEPTH: usize = 256;
+
+/// How much work (by the tasks' recent times) may wait on one lease behind
+/// the task that runs: what a task pushed behind others may wait, at most,
+/// when another worker could have taken it.
+const PIPELINE_BUDGET: std::time::Duration = std::time::Duration::from_millis(4);
 
 /// A task shorter than this (its round trip shared by those out with it)
 /// lets its lease take more at once: the round trip, not the task, is the
@@ -169,18 +176,29 @@ const MAX_DEPTH: usize = 64;
 const SHORT_TASK: std::time::Duration = std::time::Duration::from_millis(1);
 
 impl Lease {
-    /// Learns from one answered task how many may be out at once: short
-    /// tasks double it (up to [`MAX_DEPTH`]), a long one brings it back to
-    /// one, so long tasks never queue behind each other on one worker
-    /// while another could run them (Ray's one task in flight per worker).
+    /// Learns from one answered task how many may be out at once: as many
+    /// as [`PIPELINE_BUDGET`] holds at the tasks' recent time each (up to
+    /// [`MAX_DEPTH`], growing at most twofold per answer); a long task
+    /// brings it back to one, so long tasks never queue behind each other
+    /// on one worker while another could run them (Ray's one task in
+    /// flight per worker).
     fn settle(&self, sent: &Sent) {
         let per = sent.at.elapsed() / u32::try_from(sent.ahead + 1).unwrap_or(u32::MAX);
-        let depth = self.depth.load(Ordering::Relaxed);
-        let next = if per < SHORT_TASK {
-            (depth * 2).min(MAX_DEPTH)
-        } else {
-            1
+        if per >= SHORT_TASK {
+            self.depth.store(1, Ordering::Relaxed);
+            self.per_task_ns.store(0, Ordering::Relaxed);
+            return;
+        }
+        let per = u64::try_from(per.as_nanos()).unwrap_or(u64::MAX).max(1);
+        let avg = match self.per_task_ns.load(Ordering::Relaxed) {
+            0 => per,
+            avg => (avg * 3 + per) / 4,
         };
+        self.per_task_ns.store(avg, Ordering::Relaxed);
+        let budget = u64::try_from(PIPELINE_BUDGET.as_nanos()).unwrap_or(u64::MAX);
+        let fits = usize::try_from(budget / avg).unwrap_or(MAX_DEPTH);
+        let depth = self.depth.load(Ordering::Relaxed);
+        let next = fits.clamp(1, MAX_DEPTH).min(depth * 2);
         self.depth.store(next, Ordering::Relaxed);
     }
 }
@@ -555,6 +573,7 @@ impl Submitter {
                     out,
                     inflight: AtomicUsize::new(0),
                     depth: AtomicUsize::new(1),
+                    per_task_ns: AtomicU64::new(0),
                     running: Mutex::new(HashMap::new()),
                     gone: std::sync::atomic::AtomicBool::new(false),
                 });
