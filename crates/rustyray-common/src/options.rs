@@ -80,6 +80,16 @@ impl TaskOptions {
             &self.resources,
         )
     }
+
+    /// The task's `max_retries` (this call's, else its function's, else
+    /// [`DEFAULT_MAX_RETRIES`]) and `retry_exceptions`.
+    #[doc(hidden)]
+    pub fn retries(&self, d: &DeclaredOptions) -> (i32, bool) {
+        (
+            self.max_retries.or(d.max_retries).unwrap_or(DEFAULT_MAX_RETRIES),
+            self.retry_exceptions.unwrap_or(d.retry_exceptions),
+        )
+    }
 }
 
 /// The builder methods shared by every task's options (`f::options()`).

@@ -591,11 +591,8 @@ impl Leased {
                 let done = self.inflight.lock().remove(&task_id);
                 match (done, outcome) {
                     (Some(done), outcome) => done(Ok(outcome)),
-                    // Nobody waits for it (a duplicate): free its object.
-                    (None, WireOutcome::Stored { id, .. }) => {
-                        let _ = self.owner.shm.store.delete(id);
-                    }
-                    (None, _) => {}
+                    // Nobody waits for it (a duplicate).
+                    (None, outcome) => self.discard(outcome),
                 }
             }
             Message::CallActor {
@@ -658,37 +655,24 @@ impl Leased {
             // The object handed over pending is made: completed here, unless
             // a failed-over call made it first (then the copy goes).
             Message::Put { id, value } if self.pending_puts.lock().remove(&id) => {
-                let done = owner.as_ref().is_none_or(|rt| rt.store.is_complete(id));
-                if done {
-                    if let WireOutcome::Stored { id: stored, .. } = value {
-                        let _ = self.owner.shm.store.delete(stored);
-                    }
-                    return Ok(());
-                }
-                if let Some(rt) = owner {
-                    match crate::runtime::Outcome::from_wire(value, &rt) {
-                        crate::runtime::Outcome::Value(v) => rt.publish(id, v),
-                        crate::runtime::Outcome::Failed(e) => rt.store.complete(id, Err(e)),
-                        _ => rt
-                            .store
-                            .complete(id, Err(Error::Protocol("a put without a value".to_owned()))),
-                    }
+                match owner.filter(|rt| !rt.store.is_complete(id)) {
+                    Some(rt) => match value_from_wire(value, &rt) {
+                        Ok(v) => rt.publish(id, v),
+                        Err(e) => rt.store.complete(id, Err(e)),
+                    },
+                    None => self.discard(value),
                 }
             }
             Message::Put { id, value } => {
                 let Some(rt) = owner else {
-                    // Nobody will keep it: a sealed object is freed here.
-                    if let WireOutcome::Stored { id, .. } = value {
-                        let _ = self.owner.shm.store.delete(id);
-                    }
+                    self.discard(value);
                     return Ok(());
                 };
-                let kept = match crate::runtime::Outcome::from_wire(value, &rt) {
-                    crate::runtime::Outcome::Value(v) => rt.put_for_worker(id, v),
+                let kept = match value_from_wire(value, &rt) {
+                    Ok(v) => rt.put_for_worker(id, v),
                     // An object that failed where it was made (a call's
                     // error) fails here too.
-                    crate::runtime::Outcome::Failed(e) => rt.put_failure_for_worker(id, e),
-                    _ => Err(Error::Protocol("a put without a value".to_owned())),
+                    Err(e) => rt.put_failure_for_worker(id, e),
                 };
                 match kept {
                     Ok(r) => self.keep_for(r),
@@ -748,9 +732,7 @@ impl Leased {
                 let to = self.owner.peers.lock().get(&to).and_then(Weak::upgrade);
                 let (Some(to), Some(rt)) = (to, owner) else {
                     // The caller is gone: what the answer holds goes too.
-                    if let WireOutcome::Stored { id, .. } = outcome {
-                        let _ = self.owner.shm.store.delete(id);
-                    }
+                    self.discard(outcome);
                     return Ok(());
                 };
                 match outcome {
@@ -763,11 +745,7 @@ impl Leased {
                             from,
                             outcome,
                         });
-                        reply(match crate::runtime::Outcome::from_wire(outcome, &rt) {
-                            crate::runtime::Outcome::Value(v) => Ok(v),
-                            crate::runtime::Outcome::Failed(e) => Err(e),
-                            _ => Err(Error::Protocol("an answer without a value".to_owned())),
-                        });
+                        reply(value_from_wire(outcome, &rt));
                     }
                     other => {
                         to.send(&Message::Answered {
@@ -817,6 +795,14 @@ impl Leased {
             other => return Err(format!("unexpected message from a worker: {other:?}")),
         }
         Ok(())
+    }
+
+    /// Drops an outcome the worker sent that nobody keeps: a sealed object
+    /// in shared memory is freed here.
+    fn discard(&self, outcome: WireOutcome) {
+        if let WireOutcome::Stored { id, .. } = outcome {
+            let _ = self.owner.shm.store.delete(id);
+        }
     }
 
     /// Lets go of what was kept for the worker; the tasks in flight are
@@ -876,6 +862,16 @@ impl WorkerPeer for Leased {
         self.end_leases();
         let inflight = self.close();
         drop(inflight);
+    }
+}
+
+/// The value a worker sent (a put, an answer), or the error it sent
+/// instead; a bare task outcome there is a protocol error.
+fn value_from_wire(outcome: WireOutcome, rt: &Arc<Inner>) -> Result<Value> {
+    match crate::runtime::Outcome::from_wire(outcome, rt) {
+        crate::runtime::Outcome::Value(v) => Ok(v),
+        crate::runtime::Outcome::Failed(e) => Err(e),
+        _ => Err(Error::Protocol("a value was expected".to_owned())),
     }
 }
 

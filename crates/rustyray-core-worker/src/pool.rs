@@ -155,6 +155,14 @@ impl Pool {
         }
     }
 
+    /// Runs `job` on a pool thread, or on this one when the pool is closed
+    /// (shutdown), so it runs either way.
+    pub(crate) fn execute_or_run(&self, job: Job) {
+        if let Err(job) = self.execute(job) {
+            job();
+        }
+    }
+
     /// Runs `job` on a pool thread. Hands the job back if the pool is
     /// closed.
     pub(crate) fn execute(&self, job: Job) -> Result<(), Job> {

@@ -31,7 +31,7 @@ use crate::error::{Error, Result, TaskFailure};
 use crate::ids::{IdGen, ObjectId, TaskId};
 use crate::lease::{Leased, Owner};
 use crate::object_ref::{Arg, ObjectRef, RawRef};
-use crate::options::{CancelOptions, TaskOptions, DEFAULT_MAX_RETRIES};
+use crate::options::{CancelOptions, TaskOptions};
 use crate::options::{NodeOptions, WorkerCommand};
 use crate::pool::Pool;
 use crate::registry::{BoxFuture, FunctionBody, FunctionEntry, InvokeError, Registry};
@@ -323,6 +323,19 @@ pub(crate) struct TaskRun {
     max_retries: i32,
     retry_exceptions: bool,
     attempt: u32,
+}
+
+/// The error of a task (attempt `attempt`) whose argument `i` failed.
+pub(crate) fn dependency_failed(spec: &TaskSpec, i: usize, attempt: u32, cause: Error) -> Error {
+    Error::Task {
+        function: spec.target.name().to_owned(),
+        name: spec.name.as_deref().map(str::to_owned),
+        task_id: spec.id,
+        failure: TaskFailure::DependencyFailed,
+        message: format!("argument {i} failed: {cause}"),
+        attempts: attempt,
+        cause: Some(Box::new(cause)),
+    }
 }
 
 /// Whether a task with `max_retries` may have another attempt after
@@ -620,18 +633,21 @@ pub fn is_cancelled() -> bool {
 /// What [`Ray::wait`] returns: `(ready, not_ready)`.
 pub type WaitResult<T> = (Vec<ObjectRef<T>>, Vec<ObjectRef<T>>);
 
-/// Waits for the dependencies of one piece of work, then enqueues it.
+/// What runs once some objects are complete (see [`Inner::when_complete`]).
+type Then = Box<dyn FnOnce(&Arc<Inner>) + Send>;
+
+/// Waits for some objects, then runs what waits for them.
 struct DepWaiter {
     remaining: AtomicUsize,
-    work: Mutex<Option<Work>>,
+    then: Mutex<Option<Then>>,
     rt: Arc<Inner>,
 }
 
 impl DepWaiter {
     fn done_one(&self) {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            if let Some(w) = self.work.lock().take() {
-                self.rt.enqueue(w);
+            if let Some(then) = self.then.lock().take() {
+                then(&self.rt);
             }
         }
     }
@@ -984,6 +1000,7 @@ impl Inner {
             return up.submit_task(self, entry, args, opts);
         }
         let request = opts.request(&entry.options)?;
+        let (max_retries, retry_exceptions) = opts.retries(&entry.options);
         let (state, ret) = self.new_task()?;
         let run = TaskRun {
             spec: TaskSpec {
@@ -995,11 +1012,8 @@ impl Inner {
             entry,
             state,
             request,
-            max_retries: opts
-                .max_retries
-                .or(entry.options.max_retries)
-                .unwrap_or(DEFAULT_MAX_RETRIES),
-            retry_exceptions: opts.retry_exceptions.unwrap_or(entry.options.retry_exceptions),
+            max_retries,
+            retry_exceptions,
             attempt: 1,
         };
         let deps = ref_ids(&run.spec.args);
@@ -1013,13 +1027,25 @@ impl Inner {
             self.enqueue(work);
             return;
         }
+        self.when_complete(deps, move |rt| rt.enqueue(work));
+    }
+
+    /// Runs `then` once every object in `ids` is complete: on the thread
+    /// that completes the last, or this one if all are.
+    pub(crate) fn when_complete(
+        self: &Arc<Self>,
+        ids: &[ObjectId],
+        then: impl FnOnce(&Arc<Inner>) + Send + 'static,
+    ) {
         let waiter = Arc::new(DepWaiter {
             remaining: AtomicUsize::new(1),
-            work: Mutex::new(Some(work)),
+            then: Mutex::new(Some(Box::new(then))),
             rt: self.clone(),
         });
         let waker = Waker::from(waiter.clone());
-        for d in deps {
+        // In a worker process an object may complete with a message.
+        self.will_wait();
+        for d in ids {
             waiter.remaining.fetch_add(1, Ordering::AcqRel);
             match self.store.peek(*d, Some(&waker)) {
                 Ok(Peek::Pending) => {}
@@ -1278,17 +1304,7 @@ impl Inner {
                 Arg::Value(v) => v.clone(),
                 Arg::Ref(r) => match self.store.peek(r.id(), None)? {
                     Peek::Ready(v) => v,
-                    Peek::Failed(cause) => {
-                        return Err(Error::Task {
-                            function: name.to_owned(),
-                            name: spec.name.as_deref().map(str::to_owned),
-                            task_id: spec.id,
-                            failure: TaskFailure::DependencyFailed,
-                            message: format!("argument {i} failed: {cause}"),
-                            attempts: attempt,
-                            cause: Some(Box::new(cause)),
-                        })
-                    }
+                    Peek::Failed(cause) => return Err(dependency_failed(spec, i, attempt, cause)),
                     Peek::Pending => {
                         return Err(Error::invalid(format!(
                             "{name}: argument {i} was not ready when the task started"

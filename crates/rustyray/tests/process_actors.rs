@@ -6,10 +6,9 @@ mod common;
 #[path = "common/process.rs"]
 mod process;
 use common::{wait_until, LONG};
-use process::{add, gone, process_runtime, scratch, shm_runtime};
+use process::{add, gone, kill9, process_runtime, scratch, shm_runtime};
 use rustyray::prelude::*;
 use std::path::Path;
-use std::process::Command;
 
 /// The entry point of the worker processes the tests start: this binary,
 /// run with arguments that select this test, in worker mode.
@@ -158,8 +157,7 @@ fn calls_keep_their_order_when_the_actors_process_is_killed() -> rustyray::Resul
         .collect::<rustyray::Result<Vec<_>>>()?;
     // Killed while calls are in flight and queued in the process.
     ray.get_timeout(&refs[20], LONG)?;
-    let status = Command::new("kill").args(["-KILL", &first.to_string()]).status();
-    assert!(status.is_ok_and(|s| s.success()));
+    kill9(first);
     let results = ray.get_many_timeout(&refs, LONG)?;
     assert_ran_in_order(&results);
     assert!(
@@ -223,8 +221,7 @@ fn a_crashed_actor_process_restarts_per_max_restarts() -> rustyray::Result<()> {
     wait_until("the first actor process is gone", || gone(first));
     assert_eq!(ray.get_timeout(&t.add(1)?, LONG)?, 11);
     // No restarts left: a killed process ends the actor.
-    let status = Command::new("kill").args(["-KILL", &second.to_string()]).status();
-    assert!(status.is_ok_and(|s| s.success()));
+    kill9(second);
     wait_until("the actor is dead", || {
         matches!(
             ray.get_timeout(&t.pid().expect("submit"), LONG),
@@ -469,10 +466,7 @@ fn an_actor_goes_with_the_worker_that_created_it_unless_detached() -> rustyray::
     // The creator's process dies (its task is over; the process idles in
     // the pool): the actor it owns ends with it, as in Ray; the detached
     // one lives on.
-    let killed = Command::new("kill")
-        .args(["-KILL", &creator.to_string()])
-        .status();
-    assert!(killed.is_ok_and(|s| s.success()));
+    kill9(creator);
     wait_until("the owned actor's process ends with its owner", || {
         gone(owned_pid)
     });

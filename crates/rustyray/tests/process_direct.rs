@@ -6,10 +6,9 @@ mod common;
 #[path = "common/process.rs"]
 mod process;
 use common::LONG;
-use process::{process_runtime, scratch};
+use process::{kill9, process_runtime, scratch};
 use rustyray::prelude::*;
 use std::path::Path;
-use std::process::Command;
 
 /// The entry point of the worker processes the tests start: this binary,
 /// run with arguments that select this test, in worker mode.
@@ -304,8 +303,7 @@ fn calls_out_when_the_actors_process_is_killed_keep_their_order() -> rustyray::R
     let calls = call_from_worker::remote(&ray, c.clone(), 100, 20, Some(mark.display().to_string()))?;
     // Killed while the worker's calls are out.
     common::wait_until("the worker's calls are out", || mark.exists());
-    let killed = Command::new("kill").args(["-KILL", &first.to_string()]).status();
-    assert!(killed.is_ok_and(|s| s.success()));
+    kill9(first);
     let (results, _) = ray.get_timeout(&calls, LONG)?;
     assert_eq!(results.len(), 100);
     assert_in_order(&results);
@@ -325,8 +323,7 @@ fn calls_out_when_the_actor_allows_no_retry_fail_with_its_death() -> rustyray::R
     let mark = dir.join("out");
     let calls = call_from_worker::remote(&ray, c.clone(), 50, 40, Some(mark.display().to_string()))?;
     common::wait_until("the worker's calls are out", || mark.exists());
-    let killed = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
-    assert!(killed.is_ok_and(|s| s.success()));
+    kill9(pid);
     match ray.get_timeout(&calls, LONG) {
         Err(Error::Task { message, .. }) => assert!(message.contains("died"), "{message}"),
         other => panic!("expected the actor's death, got {other:?}"),
@@ -355,8 +352,7 @@ fn a_result_handed_over_pending_survives_the_fail_over_of_its_call() -> rustyray
     // The call is out on the route (it waits for `go`); its process dies,
     // so the call fails over through the driver, which already holds its
     // result pending: the retried call completes that one.
-    let killed = Command::new("kill").args(["-KILL", &first.to_string()]).status();
-    assert!(killed.is_ok_and(|s| s.success()));
+    kill9(first);
     std::fs::write(&go, b"go").map_err(|e| rustyray::Error::InvalidArgument(e.to_string()))?;
     let (pid, n) = ray.get_timeout(&refs[0], LONG)?;
     assert_ne!(pid, first, "it ran again in the restarted process");

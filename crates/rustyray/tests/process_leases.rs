@@ -8,10 +8,9 @@ mod common;
 #[path = "common/process.rs"]
 mod process;
 use common::{wait_until, LONG};
-use process::{add, gone, park_forever, process_runtime, read_pid, scratch, whoami};
+use process::{add, gone, kill9, park_forever, process_runtime, read_pid, scratch, whoami};
 use rustyray::prelude::*;
 use std::path::Path;
-use std::process::Command;
 
 /// The entry point of the worker processes the tests start: this binary,
 /// run with arguments that select this test, in worker mode.
@@ -245,10 +244,7 @@ fn the_leases_of_an_owner_that_dies_end_with_it() -> rustyray::Result<()> {
     let dir = scratch("lease-owner-dies");
     ray.get_timeout(&owner.park(dir.display().to_string())?, LONG)?;
     let leased = read_pid(&dir);
-    let killed = Command::new("kill")
-        .args(["-KILL", &owner_pid.to_string()])
-        .status();
-    assert!(killed.is_ok_and(|s| s.success()));
+    kill9(owner_pid);
     // The task of the dead owner goes with it, as in Ray.
     wait_until("the dead owner's leased worker is gone", || gone(leased));
     assert_eq!(ray.get_timeout(&add::remote(&ray, 2, 3)?, LONG)?, 5);
@@ -361,8 +357,7 @@ fn an_object_whose_owner_dies_before_making_it_fails_with_owner_died() -> rustyr
     let dir = scratch("owner-died");
     let (pending, owner) = ray.get_timeout(&chain.hand_over_pending(dir.display().to_string())?, LONG)?;
     read_pid(&dir);
-    let killed = Command::new("kill").args(["-KILL", &owner.to_string()]).status();
-    assert!(killed.is_ok_and(|s| s.success()));
+    kill9(owner);
     match ray.get_timeout(&pending, LONG) {
         Err(Error::OwnerDied { owner: who, .. }) => {
             assert!(who.contains(&owner.to_string()), "{who}");

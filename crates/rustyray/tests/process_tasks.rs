@@ -7,10 +7,9 @@ mod common;
 #[path = "common/process.rs"]
 mod process;
 use common::{wait_until, LONG};
-use process::{add, gone, park_forever, process_runtime, read_pid, scratch, whoami};
+use process::{add, gone, kill9, park_forever, process_runtime, read_pid, scratch, whoami};
 use rustyray::prelude::*;
 use std::path::Path;
-use std::process::Command;
 
 /// The entry point of the worker processes the tests start: this binary,
 /// run with arguments that select this test, in worker mode.
@@ -147,8 +146,7 @@ fn a_killed_worker_is_a_crash() -> rustyray::Result<()> {
         .max_retries(0)
         .remote(&ray, dir.display().to_string())?;
     let pid = read_pid(&dir);
-    let status = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
-    assert!(status.is_ok_and(|s| s.success()));
+    kill9(pid);
     match ray.get_timeout(&r, LONG) {
         Err(Error::WorkerCrashed { reason, .. }) => assert!(reason.contains(&pid.to_string()), "{reason}"),
         other => panic!("expected WorkerCrashed, got {other:?}"),

@@ -540,30 +540,15 @@ impl Routes {
             return Ok(Err(args));
         };
         let (state, ret) = rt.new_task()?;
-        let top: Vec<ObjectId> = args
-            .iter()
-            .filter_map(|a| match a {
-                Arg::Ref(r) => Some(r.id()),
-                Arg::Value(_) => None,
-            })
-            .collect();
+        let top = crate::runtime::ref_ids(&args);
         let spec = TaskSpec {
             id: state.id,
             target: Target::Method(actor, method),
             args,
             name: None,
         };
-        let built = spec.to_bytes().and_then(|named| {
-            // What only this process holds goes to the owner first (the
-            // results of calls still out are waited for).
-            up.share(rt, &named.nested_object_ids())?;
-            let bytes = named
-                .bytes()
-                .map(<[u8]>::to_vec)
-                .ok_or_else(|| Error::serialization("a task spec without bytes"))?;
-            Ok((named, bytes))
-        });
-        let (named, bytes) = match built {
+        // What only this process holds goes to the owner first.
+        let (named, bytes) = match up.spec_for_owner(rt, &spec) {
             Ok(b) => b,
             Err(e) => {
                 rt.forget_task(state.id);

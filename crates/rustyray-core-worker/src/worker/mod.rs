@@ -302,26 +302,16 @@ impl Upstream {
                 return;
             }
         };
-        submit::when_complete(rt, &[id], move |rt| {
+        rt.when_complete(&[id], move |rt| {
             let rt2 = rt.clone();
             let job = Box::new(move || {
                 let Some(up) = rt2.mode.upstream() else { return };
-                let value = match rt2.store.peek(id, None) {
-                    Ok(Peek::Ready(v)) => {
-                        let _order = up.sharing.lock();
-                        let mut value = up.encode(&v);
-                        if let WireOutcome::Value { refs, .. } = &value {
-                            if let Err(e) = up.share_each(&rt2, refs) {
-                                value = WireOutcome::Failed(e);
-                            }
-                        }
-                        up.replies.send(&Message::Put { id, value });
-                        drop(v);
-                        drop(keep);
-                        return;
-                    }
-                    Ok(Peek::Failed(e)) | Err(e) => WireOutcome::Failed(e),
-                    Ok(Peek::Pending) => WireOutcome::Failed(Error::ObjectLost(id)),
+                // The value lives until the `Put` is out: what it names
+                // must reach the owner before their releases do.
+                let (value, _sent) = match rt2.store.peek(id, None) {
+                    Ok(Peek::Ready(v)) => (up.to_owner(&rt2, &v), Some(v)),
+                    Ok(Peek::Failed(e)) | Err(e) => (WireOutcome::Failed(e), None),
+                    Ok(Peek::Pending) => (WireOutcome::Failed(Error::ObjectLost(id)), None),
                 };
                 up.replies.send(&Message::Put { id, value });
                 drop(keep);
@@ -339,8 +329,7 @@ impl Upstream {
     }
 
     /// Whether `id` is the result of this process's own work still out (a
-    /// direct call, or a task submitted here): a message naming it waits
-    /// for it.
+    /// direct call, or a task submitted here).
     pub(crate) fn is_out(&self, id: ObjectId) -> bool {
         self.routes.is_out(id) || self.submitter.is_out(id)
     }
@@ -380,8 +369,7 @@ impl Upstream {
 
     /// Whether task `task` was cancelled before it came (forgetting it).
     fn cancelled_early(&self, task: TaskId) -> bool {
-        let mut c = self.early_cancels.lock();
-        !c.set.is_empty() && c.set.remove(&task)
+        self.early_cancels.lock().set.remove(&task)
     }
 
     /// Whether task `task` runs here on a lease.
@@ -569,10 +557,7 @@ impl Upstream {
 
     fn start_runner(self: &Arc<Self>, rt: &Arc<Inner>, lease: TaskId) {
         let up = self.clone();
-        let job = Box::new(move || up.run_lease(lease));
-        if let Err(job) = rt.pool.execute(job) {
-            job();
-        }
+        rt.pool.execute_or_run(Box::new(move || up.run_lease(lease)));
     }
 
     /// A runner: runs the lease's queued tasks until none is left.
@@ -766,12 +751,18 @@ impl Upstream {
     /// it names alive; hold it until the message is sent.
     fn spec_for_owner(&self, rt: &Arc<Inner>, spec: &TaskSpec) -> Result<(Value, Vec<u8>)> {
         let named = spec.to_bytes()?;
+        let bytes = self.shared_bytes(rt, &named)?;
+        Ok((named, bytes))
+    }
+
+    /// The bytes of an encoded spec, once what it names that only this
+    /// process holds is handed to the owner.
+    fn shared_bytes(&self, rt: &Arc<Inner>, named: &Value) -> Result<Vec<u8>> {
         self.share(rt, &named.nested_object_ids())?;
-        let bytes = named
+        named
             .bytes()
             .map(<[u8]>::to_vec)
-            .ok_or_else(|| Error::serialization("a task spec without bytes"))?;
-        Ok((named, bytes))
+            .ok_or_else(|| Error::serialization("a task spec without bytes"))
     }
 
     /// Asks the owner something it answers with `ObjectReady`, and waits
@@ -1160,9 +1151,8 @@ fn run_leased(
     };
     let state = TaskState::new(task_id);
     worker.running.lock().insert(task_id, state.clone());
-    // Its blocking is the lease's; a sync task holds one of the lease's
-    // runners (async tasks hold no thread).
-    // (An async task holds no thread: its waits are its own, unreported.)
+    // A sync task's blocking is the lease's: it holds one of the lease's
+    // runners. An async task holds no thread: its waits go unreported.
     let sync = matches!(entry.body, FunctionBody::Sync(_));
     worker.up.report_as(
         task_id,
@@ -1175,16 +1165,15 @@ fn run_leased(
         state.mark_cancelled();
     }
     state.start(1);
-    let deps: Vec<ObjectId> = refs;
-    submit::when_complete(rt, &deps, move |rt| {
+    rt.when_complete(&refs, move |rt| {
         if state.is_cancelled() {
             // Dropped unsent: reported cancelled.
             drop(finish);
             return;
         }
-        let ctx = TaskContext::new(rt.clone(), state.clone(), cpu_set(cpu), false);
         match entry.body {
             FunctionBody::Sync(f) => {
+                let ctx = TaskContext::new(rt.clone(), state.clone(), cpu_set(cpu), false);
                 let rt2 = rt.clone();
                 let job = Box::new(move || {
                     if state.is_cancelled() {
@@ -1441,9 +1430,7 @@ impl ReplyWhenDone {
                         let outcome = me.encode(&v);
                         me.send(outcome, true);
                     });
-                    if let Err(job) = w.rt.pool.execute(job) {
-                        job();
-                    }
+                    w.rt.pool.execute_or_run(job);
                     return;
                 }
                 None => (self.encode(&v), Some(v), true),

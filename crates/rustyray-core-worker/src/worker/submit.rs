@@ -42,13 +42,12 @@ use super::direct::PeerOut;
 use super::Upstream;
 use crate::codec::Value;
 use crate::context::{self, TaskContext};
-use crate::error::{Error, Result, TaskFailure};
+use crate::error::{Error, Result};
 use crate::ids::{ObjectId, TaskId};
 use crate::object_ref::{Arg, RawRef};
 use crate::registry::{FunctionBody, FunctionEntry};
 use crate::resources::ResourceSet;
 use crate::runtime::{Inner, Outcome};
-use crate::store::Peek;
 use crate::task::{ArgList, Target, TaskSpec, TaskState};
 use crate::wire::{self, Message, WireOutcome};
 use parking_lot::Mutex;
@@ -221,6 +220,7 @@ impl Submitter {
         opts: &crate::options::TaskOptions,
     ) -> Result<RawRef> {
         let request = opts.request(&entry.options)?;
+        let (max_retries, retry_exceptions) = opts.retries(&entry.options);
         let (state, ret) = rt.new_task()?;
         let spec = TaskSpec {
             id: state.id,
@@ -249,11 +249,8 @@ impl Submitter {
             state,
             entry,
             request,
-            max_retries: opts
-                .max_retries
-                .or(entry.options.max_retries)
-                .unwrap_or(crate::options::DEFAULT_MAX_RETRIES),
-            retry_exceptions: opts.retry_exceptions.unwrap_or(entry.options.retry_exceptions),
+            max_retries,
+            retry_exceptions,
             attempt: 1,
         });
         let id = pending.state.id;
@@ -263,14 +260,12 @@ impl Submitter {
         } else {
             self.state.lock().tasks.insert(id, Place::Resolving);
             let up = rt.mode.upstream().cloned();
-            when_complete(rt, &deps, move |rt| {
+            rt.when_complete(&deps, move |rt| {
                 if let Some(up) = up {
                     // Off the thread that completed the object (a reader).
                     let (rt2, up2) = (rt.clone(), up.clone());
                     let job = Box::new(move || up2.submitter.resolved(&up2, &rt2, pending));
-                    if let Err(job) = rt.pool.execute(job) {
-                        job();
-                    }
+                    rt.pool.execute_or_run(job);
                 }
             });
         }
@@ -378,9 +373,7 @@ impl Submitter {
         };
         let rt2 = rt.clone();
         let job = Box::new(move || up2.submitter.write(&up2, &rt2, &lease, &frames, n));
-        if let Err(job) = rt.pool.execute(job) {
-            job();
-        }
+        rt.pool.execute_or_run(job);
     }
 
     fn write(&self, up: &Upstream, rt: &Arc<Inner>, lease: &Arc<Lease>, frames: &[u8], n: u64) {
@@ -434,33 +427,20 @@ impl Submitter {
         };
         let lent = named.nested_object_ids();
         if !lent.is_empty() && !may_block {
+            // Encoded already: the pool thread sends these bytes.
+            task.named = Some(named);
             let (rt2, lease2) = (rt.clone(), lease.clone());
             let up2 = rt.mode.upstream().cloned()?;
             let job = Box::new(move || up2.submitter.push(&up2, &rt2, lease2, task, ahead));
-            if let Err(job) = rt.pool.execute(job) {
-                job();
-            }
+            rt.pool.execute_or_run(job);
             return None;
         }
-        let frame = up.share(rt, &lent).and_then(|()| {
-            let bytes = named
-                .bytes()
-                .map(<[u8]>::to_vec)
-                .ok_or_else(|| Error::serialization("a task spec without bytes"))?;
-            let refs = task
-                .spec
-                .args
-                .iter()
-                .filter_map(|a| match a {
-                    Arg::Ref(r) => Some(r.id()),
-                    Arg::Value(_) => None,
-                })
-                .collect();
+        let frame = up.shared_bytes(rt, &named).and_then(|bytes| {
             wire::encode_frame(&Message::LeasedTask {
                 lease_id: lease.id,
                 task_id: id,
                 spec: bytes,
-                refs,
+                refs: crate::runtime::ref_ids(&task.spec.args),
                 cpu: task.request.get(crate::resources::CPU),
             })
             .map_err(|e| Error::Protocol(format!("a task too large to send: {e}")))
@@ -527,9 +507,7 @@ impl Submitter {
     pub(crate) fn granted(up: &Arc<Upstream>, rt: &Arc<Inner>, lease_id: TaskId, pid: u32, endpoint: String) {
         let (up, rt2) = (up.clone(), rt.clone());
         let job = Box::new(move || up.submitter.connect(&up, &rt2, lease_id, pid, endpoint));
-        if let Err(job) = rt.pool.execute(job) {
-            job();
-        }
+        rt.pool.execute_or_run(job);
     }
 
     fn connect(&self, up: &Upstream, rt: &Arc<Inner>, lease_id: TaskId, pid: u32, endpoint: String) {
@@ -954,62 +932,10 @@ pub(super) fn resolve(rt: &Arc<Inner>, spec: &TaskSpec, attempt: u32) -> Result<
     for (i, a) in spec.args.iter().enumerate() {
         values.push(match a {
             Arg::Value(v) => v.clone(),
-            Arg::Ref(r) => rt.get_value(r, None).map_err(|cause| Error::Task {
-                function: name.to_owned(),
-                name: spec.name.as_deref().map(str::to_owned),
-                task_id: spec.id,
-                failure: TaskFailure::DependencyFailed,
-                message: format!("argument {i} failed: {cause}"),
-                attempts: attempt,
-                cause: Some(Box::new(cause)),
-            })?,
+            Arg::Ref(r) => rt
+                .get_value(r, None)
+                .map_err(|cause| crate::runtime::dependency_failed(spec, i, attempt, cause))?,
         });
     }
     Ok(ArgList::new(values, rt.clone(), name))
-}
-
-/// Runs `then` once every object in `ids` is complete (on the thread that
-/// completes the last, or this one).
-pub(super) fn when_complete(
-    rt: &Arc<Inner>,
-    ids: &[ObjectId],
-    then: impl FnOnce(&Arc<Inner>) + Send + 'static,
-) {
-    type Then = Box<dyn FnOnce(&Arc<Inner>) + Send>;
-    struct Waiter {
-        remaining: AtomicUsize,
-        then: Mutex<Option<Then>>,
-        rt: Arc<Inner>,
-    }
-    impl Waiter {
-        fn done_one(&self) {
-            if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-                if let Some(f) = self.then.lock().take() {
-                    f(&self.rt);
-                }
-            }
-        }
-    }
-    impl std::task::Wake for Waiter {
-        fn wake(self: Arc<Self>) {
-            self.done_one();
-        }
-        fn wake_by_ref(self: &Arc<Self>) {
-            self.done_one();
-        }
-    }
-    let w = Arc::new(Waiter {
-        remaining: AtomicUsize::new(1),
-        then: Mutex::new(Some(Box::new(then))),
-        rt: rt.clone(),
-    });
-    let waker = std::task::Waker::from(w.clone());
-    rt.will_wait();
-    for id in ids {
-        w.remaining.fetch_add(1, Ordering::AcqRel);
-        if !matches!(rt.store.peek(*id, Some(&waker)), Ok(Peek::Pending)) {
-            w.done_one();
-        }
-    }
-    w.done_one();
 }

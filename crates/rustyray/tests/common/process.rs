@@ -102,6 +102,14 @@ pub(crate) fn gone(pid: u32) -> bool {
     }
 }
 
+/// Kills process `pid` with SIGKILL (the test fails if it cannot).
+pub(crate) fn kill9(pid: u32) {
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status();
+    assert!(status.is_ok_and(|s| s.success()), "kill -KILL {pid}");
+}
+
 #[rustyray::remote]
 pub(crate) fn whoami() -> u32 {
     std::process::id()
