@@ -649,10 +649,17 @@ pub fn encode_frame(msg: &Message) -> Result<Vec<u8>, WireError> {
     Ok(out)
 }
 
+/// The most one read of a connection takes at once.
+const READ_CHUNK: usize = 16 * 1024;
+
 /// Splits a byte stream into messages.
 #[derive(Debug)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
+    /// Where the first byte not yet decoded lies in `buf`: decoded frames
+    /// are dropped from the front once per read, not once per frame (a
+    /// read may bring hundreds).
+    start: usize,
     max: u32,
 }
 
@@ -665,7 +672,11 @@ impl Default for FrameDecoder {
 impl FrameDecoder {
     /// A decoder accepting frames up to `max` bytes.
     pub fn new(max: u32) -> Self {
-        FrameDecoder { buf: Vec::new(), max }
+        FrameDecoder {
+            buf: Vec::new(),
+            start: 0,
+            max,
+        }
     }
 
     /// Changes the largest frame accepted from now on (a connection
@@ -676,6 +687,10 @@ impl FrameDecoder {
 
     /// Appends received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
         self.buf.extend_from_slice(bytes);
     }
 
@@ -694,24 +709,34 @@ impl FrameDecoder {
 
     /// Bytes received but not yet decoded.
     pub fn pending(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
+    }
+
+    /// The length of the next frame's payload, once its header is here.
+    fn frame_len(&self) -> Option<u32> {
+        let head = self.buf.get(self.start..self.start + 4)?;
+        Some(u32::from_le_bytes([head[0], head[1], head[2], head[3]]))
     }
 
     /// The next complete message; `Ok(None)` when more bytes are needed.
     pub fn next_message(&mut self) -> Result<Option<Message>, WireError> {
-        let Some(head) = self.buf.get(..4) else {
+        let Some(len) = self.frame_len() else {
             return Ok(None);
         };
-        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
         if len > self.max {
             return Err(WireError::TooLarge { len, max: self.max });
         }
-        let end = 4 + len as usize;
-        let Some(payload) = self.buf.get(4..end) else {
+        let end = self.start + 4 + len as usize;
+        let Some(payload) = self.buf.get(self.start + 4..end) else {
             return Ok(None);
         };
         let msg = postcard::from_bytes(payload).map_err(|e| WireError::Malformed(e.to_string()));
-        self.buf.drain(..end);
+        if end == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else {
+            self.start = end;
+        }
         msg.map(Some)
     }
 }
@@ -728,11 +753,11 @@ pub async fn read_message<R: AsyncRead + Unpin>(
     r: &mut R,
     dec: &mut FrameDecoder,
 ) -> Result<Option<Message>, WireError> {
-    let mut chunk = [0_u8; 8192];
     loop {
         if let Some(msg) = dec.next_message()? {
             return Ok(Some(msg));
         }
+        let mut chunk = [0_u8; READ_CHUNK];
         let n = r.read(&mut chunk).await?;
         if !dec.after_read(&chunk[..n])? {
             return Ok(None);
@@ -746,11 +771,13 @@ pub fn read_message_blocking<R: std::io::Read>(
     r: &mut R,
     dec: &mut FrameDecoder,
 ) -> Result<Option<Message>, WireError> {
-    let mut chunk = [0_u8; 8192];
     loop {
         if let Some(msg) = dec.next_message()? {
             return Ok(Some(msg));
         }
+        // Made only when a read is due: a message already received costs
+        // no buffer to be zeroed.
+        let mut chunk = [0_u8; READ_CHUNK];
         let n = match r.read(&mut chunk) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,

@@ -84,6 +84,72 @@ impl Counter {
     }
 }
 
+/// A gate that calls wait at until another call opens it (a threaded
+/// actor: the calls run side by side).
+#[rustyray::actor]
+struct Gate {
+    open: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+#[rustyray::actor]
+impl Gate {
+    fn new() -> Self {
+        Gate {
+            open: std::sync::Mutex::new(false),
+            opened: std::sync::Condvar::new(),
+        }
+    }
+
+    fn ping(&self) -> u32 {
+        std::process::id()
+    }
+
+    /// Returns after `ms` milliseconds.
+    fn nap(&self, ms: u64) {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+
+    /// Whether the gate opened within a minute.
+    fn wait_open(&self) -> bool {
+        let Ok(open) = self.open.lock() else { return false };
+        let waited = self.opened.wait_timeout_while(open, LONG, |open| !*open);
+        waited.is_ok_and(|(open, _)| *open)
+    }
+
+    fn open(&self) {
+        if let Ok(mut open) = self.open.lock() {
+            *open = true;
+        }
+        self.opened.notify_all();
+    }
+}
+
+/// Calls the gate's `wait_open`, then `open`, and returns both results
+/// without waiting for either: the second call goes out while the first
+/// is unanswered, and no wait of this task sends it.
+#[rustyray::remote]
+fn open_behind_a_wait(g: ActorHandle<Gate>) -> rustyray::Result<(ObjectRef<bool>, ObjectRef<()>, u64)> {
+    let before = rustyray::__private::direct_calls();
+    let waiting = g.wait_open()?;
+    let opening = g.open()?;
+    Ok((waiting, opening, rustyray::__private::direct_calls() - before))
+}
+
+/// Calls `nap`, then `wait_open` (which starts while the nap runs and holds
+/// the actor's answer to it back, unless something sends it), waits for
+/// the nap, then opens the gate.
+#[rustyray::remote]
+fn wait_for_an_answer_behind_a_wait(g: ActorHandle<Gate>) -> rustyray::Result<(bool, u64)> {
+    let ray = rustyray::current()?;
+    let before = rustyray::__private::direct_calls();
+    let nap = g.nap(100)?;
+    let waiting = g.wait_open()?;
+    ray.get(&nap)?;
+    g.open()?;
+    Ok((ray.get(&waiting)?, rustyray::__private::direct_calls() - before))
+}
+
 /// Makes three calls, cancels the third while the first still holds the
 /// actor (so the third is queued in the actor's process), and returns how
 /// that call ended and how many calls the actor ran by then.
@@ -263,6 +329,30 @@ fn large_answers_handles_and_failures_reach_a_direct_caller() -> rustyray::Resul
     assert_eq!(n, 1, "the returned handle works");
     assert!(err.contains("no luck"), "{err}");
     assert!(direct >= 3, "{direct} direct calls");
+    Ok(())
+}
+
+#[test]
+fn a_call_behind_an_unanswered_one_goes_out_though_the_caller_never_waits() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let g = Gate::options().max_concurrency(4).remote(&ray)?;
+    ray.get_timeout(&g.ping()?, LONG)?;
+    let (waiting, opening, direct) = ray.get_timeout(&open_behind_a_wait::remote(&ray, g.clone())?, LONG)?;
+    assert_eq!(direct, 2, "both calls should go straight to the actor");
+    ray.get_timeout(&opening, LONG)?;
+    assert!(ray.get_timeout(&waiting, LONG)?, "the gate never opened");
+    Ok(())
+}
+
+#[test]
+fn an_answer_behind_a_running_call_reaches_a_caller_that_waits_for_it() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let g = Gate::options().max_concurrency(4).remote(&ray)?;
+    ray.get_timeout(&g.ping()?, LONG)?;
+    let (opened, direct) =
+        ray.get_timeout(&wait_for_an_answer_behind_a_wait::remote(&ray, g.clone())?, LONG)?;
+    assert_eq!(direct, 3, "every call should go straight to the actor");
+    assert!(opened, "the gate never opened");
     Ok(())
 }
 

@@ -94,6 +94,8 @@ pub(crate) struct Peers {
     back: Mutex<HashSet<String>>,
     back_ready: Condvar,
     worker: Weak<Worker>,
+    /// Frames held back on this process's connections.
+    pub(super) holding: Arc<Holding>,
 }
 
 impl std::fmt::Debug for Peers {
@@ -107,12 +109,127 @@ impl std::fmt::Debug for Peers {
 /// The connection to one endpoint, once opened.
 type OutSlot = Mutex<Option<Arc<PeerOut>>>;
 
+/// The most bytes of frames a connection holds back before it writes them.
+const HOLD_MAX: usize = 32 * 1024;
+
+/// The longest a held frame waits for the write that takes it (see
+/// [`Holding`]).
+const HOLD_TIME: Duration = Duration::from_micros(100);
+
 /// A connection this process opened to another worker process.
 pub(crate) struct PeerOut {
     /// The other process.
     pid: u32,
-    pub(super) conn: Mutex<Conn>,
+    pub(super) conn: Mutex<OutConn>,
     broken: AtomicBool,
+    /// Calls the other process made here whose answers are not written
+    /// yet (answers are held back while more are to come).
+    owed: AtomicUsize,
+    /// An answer came back from the other process since the last write:
+    /// the next frame goes at once, with what is held.
+    acked: AtomicBool,
+    holding: Arc<Holding>,
+}
+
+/// A connection's writing side: the socket and the frames held back for
+/// the next write (see [`Holding`]).
+///
+/// Only threads that read no connection write what is held: a reader
+/// blocked in a write to a process whose reader is blocked in a write
+/// back would never return.
+pub(crate) struct OutConn {
+    conn: Conn,
+    held: Vec<u8>,
+}
+
+/// Frames held back for a write that takes several at once (as Nagle's
+/// rule does for TCP). A frame is held only while an answer is due on the
+/// same pair of connections: a call while earlier calls on its route are
+/// unanswered (the first call made after one of them is answered writes
+/// what is held), an answer while the caller's later calls are still
+/// running here (the last answer writes). Any other write on the
+/// connection takes what is held first, so the order of frames never
+/// changes; at [`HOLD_MAX`] bytes the frames go at once. Waiting for a
+/// frame that is held could deadlock (an actor call that waits for a later
+/// call of the same caller), so nothing waits longer than [`HOLD_TIME`]: a
+/// thread of the process writes what is held then, and a task that blocks
+/// writes it at once.
+pub(crate) struct Holding {
+    /// Connections holding frames, each with when its first was held.
+    due: Mutex<std::collections::VecDeque<(Instant, Weak<PeerOut>)>>,
+    wake: Condvar,
+}
+
+impl Holding {
+    /// Starts the thread that writes held frames when they are due.
+    fn start() -> Result<Arc<Holding>> {
+        let holding = Arc::new(Holding {
+            due: Mutex::default(),
+            wake: Condvar::new(),
+        });
+        let h = holding.clone();
+        std::thread::Builder::new()
+            .name("rustyray-flush".to_owned())
+            .spawn(move || h.run())
+            .map_err(|e| Error::from_io("starting the worker's flush thread", &e))?;
+        Ok(holding)
+    }
+
+    /// Writes held frames as they come due, for as long as the process
+    /// lives.
+    fn run(&self) {
+        let mut due = self.due.lock();
+        loop {
+            let Some(&(at, _)) = due.front() else {
+                self.wake.wait(&mut due);
+                continue;
+            };
+            if Instant::now() < at {
+                self.wake.wait_until(&mut due, at);
+                continue;
+            }
+            let Some((_, out)) = due.pop_front() else { continue };
+            drop(due);
+            if let Some(out) = out.upgrade() {
+                out.flush();
+            }
+            due = self.due.lock();
+        }
+    }
+
+    /// `out` started holding frames.
+    fn held(&self, out: &Arc<PeerOut>) {
+        let mut due = self.due.lock();
+        let first = due.is_empty();
+        due.push_back((Instant::now() + HOLD_TIME, Arc::downgrade(out)));
+        drop(due);
+        if first {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Has every held frame written now by the holding thread (for a
+    /// thread that reads a connection, which must not write them itself).
+    pub(super) fn hurry(&self) {
+        let mut due = self.due.lock();
+        if due.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for entry in due.iter_mut() {
+            entry.0 = now;
+        }
+        drop(due);
+        self.wake.notify_one();
+    }
+
+    /// Writes every held frame now (a task of this process blocks).
+    pub(super) fn flush_all(&self) {
+        let outs: Vec<_> = self.due.lock().iter().map(|(_, o)| o.clone()).collect();
+        for out in outs.iter().filter_map(Weak::upgrade) {
+            out.flush();
+        }
+    }
 }
 
 impl PeerOut {
@@ -125,7 +242,8 @@ impl PeerOut {
     /// a connection nothing was sent on yet: the other side never writes on
     /// it, so a read finds either nothing or the end.
     fn closed(&self) -> bool {
-        let conn = self.conn.lock();
+        let c = self.conn.lock();
+        let conn = &c.conn;
         if conn.set_read_timeout(Some(Duration::from_millis(1))).is_err() {
             return true;
         }
@@ -144,24 +262,87 @@ impl PeerOut {
     }
 
     /// [`PeerOut::send`] on the connection, locked by the caller.
-    fn send_on(&self, conn: &mut Conn, msg: &Message) -> bool {
+    fn send_on(&self, conn: &mut OutConn, msg: &Message) -> bool {
         match wire::encode_frame(msg) {
             Ok(frame) => self.write_on(conn, &frame),
             Err(_) => false,
         }
     }
 
-    /// Writes one frame on the connection, locked by the caller; false when
-    /// the connection is broken (from then on).
-    pub(super) fn write_on(&self, conn: &mut Conn, frame: &[u8]) -> bool {
+    /// Writes one frame on the connection, locked by the caller, after the
+    /// frames held back; false when the connection is broken (from then
+    /// on).
+    pub(super) fn write_on(&self, c: &mut OutConn, frame: &[u8]) -> bool {
         if self.broken.load(Ordering::Acquire) {
+            c.held.clear();
             return false;
         }
-        let written = conn.write_all(frame);
+        let written = if c.held.is_empty() {
+            c.conn.write_all(frame)
+        } else {
+            c.held.extend_from_slice(frame);
+            let written = c.conn.write_all(&c.held);
+            c.held.clear();
+            written
+        };
         if written.is_err() {
             self.broken.store(true, Ordering::Release);
         }
         written.is_ok()
+    }
+
+    /// Holds one frame back for the next write on the connection, locked
+    /// by the caller (see [`Holding`]); false when the connection is
+    /// broken.
+    fn hold_on(self: &Arc<Self>, c: &mut OutConn, frame: &[u8]) -> bool {
+        if c.held.len() + frame.len() > HOLD_MAX
+            || self.broken.load(Ordering::Acquire)
+            || self.acked.swap(false, Ordering::AcqRel)
+        {
+            return self.write_on(c, frame);
+        }
+        let first = c.held.is_empty();
+        c.held.extend_from_slice(frame);
+        if first {
+            self.holding.held(self);
+        }
+        true
+    }
+
+    /// Writes the frames held back, if any.
+    pub(super) fn flush(&self) {
+        let mut c = self.conn.lock();
+        if !c.held.is_empty() {
+            self.write_on(&mut c, &[]);
+        }
+    }
+
+    /// An answer to a call this process made came back on the other
+    /// process's connection.
+    fn ack(&self) {
+        self.acked.store(true, Ordering::Release);
+    }
+
+    /// A call the other process made here came in: its answer is owed.
+    fn owe(&self) {
+        self.owed.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A call the other process made here is answered (by `frame`, or
+    /// through the owner when `None`): held back while more answers are
+    /// owed, else written with whatever is held.
+    fn answer_with(self: &Arc<Self>, frame: Option<&[u8]>) {
+        let more = self
+            .owed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(1)))
+            .is_ok_and(|n| n > 1);
+        let mut c = self.conn.lock();
+        match frame {
+            Some(frame) if more => self.hold_on(&mut c, frame),
+            Some(frame) => self.write_on(&mut c, frame),
+            None if more || c.held.is_empty() => true,
+            None => self.write_on(&mut c, &[]),
+        };
     }
 }
 
@@ -186,6 +367,7 @@ impl Peers {
             back: Mutex::default(),
             back_ready: Condvar::new(),
             worker: Arc::downgrade(worker),
+            holding: Holding::start()?,
         });
         worker
             .rt
@@ -215,8 +397,14 @@ impl Peers {
         wire::connect_handshake_blocking(&mut conn, &mut dec, Role::Peer, self.token)?;
         let o = Arc::new(PeerOut {
             pid,
-            conn: Mutex::new(conn),
+            conn: Mutex::new(OutConn {
+                conn,
+                held: Vec::new(),
+            }),
             broken: AtomicBool::new(false),
+            owed: AtomicUsize::new(0),
+            acked: AtomicBool::new(false),
+            holding: self.holding.clone(),
         });
         if !o.send(&Message::Listening {
             endpoint: self.endpoint.clone(),
@@ -360,7 +548,10 @@ fn serve_peer(peers: &Arc<Peers>, mut conn: Conn, mut dec: FrameDecoder, endpoin
                 task_id,
                 spec,
                 refs,
-            } => peer_call(&worker, &back, actor_id, task_id, spec, &refs),
+            } => {
+                back.owe();
+                peer_call(&worker, &back, actor_id, task_id, spec, &refs)
+            }
             Message::LeasedTask {
                 lease_id,
                 task_id,
@@ -380,7 +571,10 @@ fn serve_peer(peers: &Arc<Peers>, mut conn: Conn, mut dec: FrameDecoder, endpoin
                     worker.up.cancel_early(task_id);
                 }
             }
-            Message::TaskDone { task_id, outcome } => worker.up.answered(&worker.rt, task_id, pid, outcome),
+            Message::TaskDone { task_id, outcome } => {
+                back.ack();
+                worker.up.answered(&worker.rt, task_id, pid, outcome)
+            }
             Message::Ping { nonce } => {
                 back.send(&Message::Pong { nonce });
             }
@@ -415,17 +609,29 @@ fn peer_call(
     })();
     match submitted {
         Ok(r) => super::reply_when_done(worker, task_id, r, Some(back.clone())),
-        Err(e) => {
-            back.send(&Message::TaskDone {
-                task_id,
-                outcome: WireOutcome::Failed(e),
-            });
-        }
+        Err(e) => answer(back, task_id, WireOutcome::Failed(e)),
     }
 }
 
-/// Sends an answer on a connection back; lost if the caller is gone.
-pub(super) fn answer(to: &PeerOut, task_id: TaskId, outcome: WireOutcome) {
+/// Sends the answer to a call another worker process made on the actor
+/// hosted here, on the connection back; lost if the caller is gone.
+pub(super) fn answer(to: &Arc<PeerOut>, task_id: TaskId, outcome: WireOutcome) {
+    match wire::encode_frame(&Message::TaskDone { task_id, outcome }) {
+        Ok(frame) => to.answer_with(Some(&frame)),
+        Err(_) => to.answer_with(None),
+    }
+}
+
+/// The answer to a call another worker process made on the actor hosted
+/// here went through the owner (`Answer`).
+pub(super) fn answered_through_owner(to: &Arc<PeerOut>) {
+    to.answer_with(None);
+}
+
+/// Sends the answer to a task another worker pushed here on a lease, on
+/// the connection back (at once: the lease's owner pushes more as answers
+/// come); lost if the caller is gone.
+pub(super) fn answer_leased(to: &PeerOut, task_id: TaskId, outcome: WireOutcome) {
     to.send(&Message::TaskDone { task_id, outcome });
 }
 
@@ -617,9 +823,16 @@ impl Routes {
         // The connection is taken before the route is let go, so calls go
         // out in the order of their numbers; the write itself holds no
         // route lock (its answers are read meanwhile).
+        // Held back while earlier calls on the route are unanswered: the
+        // reader of their answers writes it (see `Holding`).
+        let hold = st.inflight.len() > 1;
         let mut conn = out.conn.lock();
         drop(st);
-        let sent = out.write_on(&mut conn, &frame);
+        let sent = if hold {
+            out.hold_on(&mut conn, &frame)
+        } else {
+            out.write_on(&mut conn, &frame)
+        };
         drop(conn);
         if sent {
             DIRECT_CALLS.fetch_add(1, Ordering::Relaxed);

@@ -482,6 +482,13 @@ impl Upstream {
         blocked: bool,
         on: Option<ObjectId>,
     ) {
+        if blocked {
+            // Nothing this process holds back may be what the task waits
+            // for.
+            if let Some(p) = self.peers() {
+                p.holding.flush_all();
+            }
+        }
         let Reported { under, on_runner } = self.reported_as(task_id);
         let task_id = under;
         // A task that holds one of its lease's runners may hand the lease
@@ -976,6 +983,11 @@ fn serve_messages(worker: &Arc<Worker>, first: Option<Inbox>) -> Result<()> {
                 outcome,
             }) => {
                 worker.up.answered(&worker.rt, task_id, from, outcome);
+                // Calls held back behind this one's answer go now (written
+                // by the holding thread: this one reads).
+                if let Some(p) = worker.up.peers() {
+                    p.holding.hurry();
+                }
             }
             Some(Message::LeaseGranted {
                 lease_id,
@@ -1098,7 +1110,7 @@ impl Drop for Finish {
                 task_id: self.task_id,
                 outcome,
             }),
-            Some(to) => direct::answer(to, self.task_id, outcome),
+            Some(to) => direct::answer_leased(to, self.task_id, outcome),
             None => up.replies.done(self.task_id, outcome),
         }
         up.report_as(self.task_id, None);
@@ -1441,6 +1453,7 @@ impl ReplyWhenDone {
                 let crashed = matches!(local_failure(e.clone()), WireOutcome::Panicked(_));
                 self.send(WireOutcome::Failed(e), false);
                 if crashed {
+                    self.flush();
                     std::process::exit(1);
                 }
                 return;
@@ -1450,6 +1463,7 @@ impl ReplyWhenDone {
         let crashed = matches!(outcome, WireOutcome::Panicked(_));
         self.send(outcome, large);
         if crashed {
+            self.flush();
             std::process::exit(1);
         }
     }
@@ -1466,13 +1480,24 @@ impl ReplyWhenDone {
     fn send(&self, outcome: WireOutcome, large: bool) {
         let up = &self.worker.up;
         match &self.to {
-            Some(to) if large => up.replies.send(&Message::Answer {
-                to: to.pid(),
-                task_id: self.task_id,
-                outcome,
-            }),
+            Some(to) if large => {
+                up.replies.send(&Message::Answer {
+                    to: to.pid(),
+                    task_id: self.task_id,
+                    outcome,
+                });
+                direct::answered_through_owner(to);
+            }
             Some(to) => direct::answer(to, self.task_id, outcome),
             None => up.replies.done(self.task_id, outcome),
+        }
+    }
+
+    /// Writes the answers held back for the caller (the process is about
+    /// to end).
+    fn flush(&self) {
+        if let Some(to) = &self.to {
+            to.flush();
         }
     }
 }
