@@ -148,6 +148,7 @@ impl OwnerService for Owner {
             lessor: Mutex::new(None),
             created: Mutex::new(Vec::new()),
             pending_puts: Mutex::new(std::collections::HashSet::new()),
+            routed: Mutex::new(std::collections::HashSet::new()),
         });
         let mut peers = self.peers.lock();
         // Workers that are gone leave their entries behind; swept here, so
@@ -291,6 +292,9 @@ pub struct Leased {
     /// made (`PutPending`), until its `Put` completes them: if it dies
     /// first they fail with `OwnerDied`.
     pending_puts: Mutex<std::collections::HashSet<ObjectId>>,
+    /// Actors whose route the worker was told (`Route`), after it made
+    /// calls on them through the owner.
+    routed: Mutex<std::collections::HashSet<ActorId>>,
 }
 
 impl std::fmt::Debug for Leased {
@@ -577,6 +581,25 @@ impl Leased {
         })
     }
 
+    /// Tells the worker, once, the route of an actor it calls through the
+    /// owner, when the actor is alive in another worker process: its later
+    /// calls go there straight (`Route`). A call failed over from a route
+    /// (`attempted`) found it broken; the worker does not take it again.
+    fn tell_route(&self, rt: &Arc<Inner>, actor_id: ActorId) {
+        if self.routed.lock().contains(&actor_id) {
+            return;
+        }
+        let Some(actor) = crate::actor::named_for_worker(rt, actor_id) else {
+            return;
+        };
+        if actor.route.as_ref().is_none_or(|r| r.pid == self.pid()) {
+            return;
+        }
+        if self.routed.lock().insert(actor_id) {
+            self.send(&Message::Route { actor });
+        }
+    }
+
     /// Answers a `CallActor`, `SpawnActor` or `GetActor` with
     /// `ObjectReady`.
     fn object_ready(self: &Arc<Self>, task_id: TaskId) -> crate::actor::Reply {
@@ -612,6 +635,7 @@ impl Leased {
                         {
                             self.keep_for(r);
                         }
+                        self.tell_route(&rt, actor_id);
                     }
                     None => reply(Err(Error::Shutdown)),
                 }

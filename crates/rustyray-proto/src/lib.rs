@@ -56,7 +56,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub mod service;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 
 /// The first bytes of every `Hello`.
 pub const MAGIC: [u8; 4] = *b"RRAY";
@@ -364,6 +364,15 @@ pub enum Message {
         refs: Vec<ObjectId>,
         /// The actors, one handle each.
         actors: Vec<ActorId>,
+    },
+    /// Owner → worker: the actor the worker made calls on through the owner
+    /// (`CallActor`) is alive in a worker process, at `actor.route`. Once
+    /// every call it sent through the owner on that actor is answered, the
+    /// worker sends its later calls straight there (so its calls keep
+    /// their order). Idempotent: a route already known is kept.
+    Route {
+        /// The actor and the way to its process.
+        actor: NamedActor,
     },
     /// Worker → owner (Ray's `RequestWorkerLease`): lease a worker process
     /// for tasks of one resource shape that code in the sender submitted.
@@ -927,6 +936,17 @@ mod tests {
             Message::RequestLease {
                 lease_id: TaskId::from_u128(11),
                 resources: vec![("CPU".into(), 1.0)],
+            },
+            Message::Route {
+                actor: NamedActor {
+                    id: ActorId::from_u128(6),
+                    class: "Counter".into(),
+                    route: Some(ActorRoute {
+                        endpoint: "rustyray-p-1-ab".into(),
+                        pid: 1,
+                        max_task_retries: 0,
+                    }),
+                },
             },
             Message::LeaseGranted {
                 lease_id: TaskId::from_u128(11),

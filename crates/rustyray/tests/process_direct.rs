@@ -255,6 +255,23 @@ fn call_from_worker(
     Ok((ray.get_many(&refs)?, direct))
 }
 
+/// Makes `rounds` rounds of `n` calls on `c` (each round waited for before
+/// the next) and returns every result, in order, with how many calls of
+/// the last round went straight to the actor's process.
+#[rustyray::remote]
+fn call_in_rounds(c: ActorHandle<Counter>, rounds: u32, n: u32) -> rustyray::Result<(Vec<(u32, u64)>, u64)> {
+    let ray = rustyray::current()?;
+    let mut results = Vec::new();
+    let mut direct = 0;
+    for _ in 0..rounds {
+        let before = rustyray::__private::direct_calls();
+        let refs = (0..n).map(|_| c.next(0)).collect::<rustyray::Result<Vec<_>>>()?;
+        direct = rustyray::__private::direct_calls() - before;
+        results.extend(ray.get_many(&refs)?);
+    }
+    Ok((results, direct))
+}
+
 /// Passes objects to the actor by reference, inside a value, and as the
 /// pending result of an earlier call; returns the sums and a value read
 /// through a reference the actor returned.
@@ -304,6 +321,21 @@ fn a_workers_calls_go_straight_to_the_actors_process_in_order() -> rustyray::Res
     assert_in_order(&results);
     // The driver's own calls and the worker's land on the same actor.
     assert_eq!(ray.get_timeout(&c.next(0)?, LONG)?, (actor_pid, 201));
+    Ok(())
+}
+
+#[test]
+fn a_worker_given_a_handle_before_the_actor_started_goes_straight_there_later_in_order(
+) -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let c = Counter::remote(&ray)?;
+    // Lent before the actor is alive: the handle carries no route, so the
+    // first calls go through the owner, which then tells the route.
+    let (results, direct) = ray.get_timeout(&call_in_rounds::remote(&ray, c.clone(), 3, 100)?, LONG)?;
+    assert_eq!(results.len(), 300);
+    assert_in_order(&results);
+    assert_eq!(direct, 100, "the last round should go straight to the actor");
+    assert_eq!(ray.get_timeout(&c.next(0)?, LONG)?.1, 301);
     Ok(())
 }
 

@@ -1226,6 +1226,18 @@ pub(crate) fn borrow_actor(rt: &Arc<Inner>, named: &crate::wire::NamedActor) -> 
     Ok(handle)
 }
 
+/// In a worker process: the owner told the way to actor `named`, alive in
+/// another worker process, after calls went to it through the owner
+/// (`Route`). Learnt while a proxy lives here (under the table lock, as a
+/// new proxy learns its route); calls take it once those through the
+/// owner are answered (see `Routes::call`).
+pub(crate) fn learn_route(rt: &Arc<Inner>, named: &crate::wire::NamedActor) {
+    let table = rt.actors.actors.lock();
+    if let (true, Some(up)) = (table.contains_key(&named.id), rt.mode.upstream()) {
+        up.routes.learn(named);
+    }
+}
+
 /// In the owner: a handle on its actor `id`, named in a value a worker
 /// sent, kept with the value; `None` when the actor is gone (the value's
 /// handle then decodes as dead).
@@ -1381,6 +1393,18 @@ impl RawActor {
 
 /// Where the outcome of a call made for a worker process goes.
 pub(crate) type Reply = Box<dyn FnOnce(Result<Value>) + Send>;
+
+/// Actor `actor_id` of this owner as a worker would be lent it, with the
+/// way to its process while it is alive in one; `None` when it is not an
+/// actor of this owner.
+pub(crate) fn named_for_worker(rt: &Arc<Inner>, actor_id: ActorId) -> Option<crate::wire::NamedActor> {
+    let actor = rt.actors.actors.lock().get(&actor_id).cloned()?;
+    Some(crate::wire::NamedActor {
+        id: actor_id,
+        class: actor.class.name.to_owned(),
+        route: remote::route(&actor),
+    })
+}
 
 /// Runs a call a worker process sent for one of this owner's actors, and
 /// hands its outcome to `reply` once it completes; returns the call's

@@ -641,6 +641,17 @@ pub(crate) struct Routes {
     by_actor: Mutex<HashMap<ActorId, Arc<Route>>>,
     /// Calls out on a route, by task.
     calls: Mutex<HashMap<TaskId, Arc<Route>>>,
+    /// Calls sent through the owner and not answered yet: a route learnt
+    /// meanwhile is taken only once they are (a call straight to the
+    /// actor could overtake them).
+    relayed: Mutex<Relayed>,
+}
+
+/// Calls out through the owner, by task and how many per actor.
+#[derive(Default)]
+struct Relayed {
+    actor_of: HashMap<TaskId, ActorId>,
+    out: HashMap<ActorId, usize>,
 }
 
 /// The way from this process straight to one actor's process.
@@ -708,6 +719,37 @@ impl Routes {
         }
     }
 
+    /// Call `task` on `actor` goes through the owner.
+    pub(super) fn relaying(&self, task: TaskId, actor: ActorId) {
+        let mut r = self.relayed.lock();
+        if r.actor_of.insert(task, actor).is_none() {
+            *r.out.entry(actor).or_default() += 1;
+        }
+    }
+
+    /// The owner answered call `task` (if it went through the owner).
+    pub(super) fn relay_answered(&self, task: TaskId) {
+        let mut r = self.relayed.lock();
+        if r.actor_of.is_empty() {
+            return;
+        }
+        let Some(actor) = r.actor_of.remove(&task) else {
+            return;
+        };
+        if let std::collections::hash_map::Entry::Occupied(mut n) = r.out.entry(actor) {
+            *n.get_mut() -= 1;
+            if *n.get() == 0 {
+                n.remove();
+            }
+        }
+    }
+
+    /// Whether calls on `actor` sent through the owner are unanswered.
+    fn relays_out(&self, actor: ActorId) -> bool {
+        let r = self.relayed.lock();
+        !r.out.is_empty() && r.out.contains_key(&actor)
+    }
+
     /// Whether `id` is the result of a call still out on a route.
     pub(crate) fn is_out(&self, id: ObjectId) -> bool {
         let task = id.task();
@@ -745,6 +787,9 @@ impl Routes {
         let Some(route) = self.by_actor.lock().get(&actor).cloned() else {
             return Ok(Err(args));
         };
+        if self.relays_out(actor) {
+            return Ok(Err(args));
+        }
         let (state, ret) = rt.new_task()?;
         let top = crate::runtime::ref_ids(&args);
         let spec = TaskSpec {

@@ -414,6 +414,7 @@ impl Upstream {
             .kept_upstream(ret.id())
             .inspect_err(|_| rt.forget_task(state.id))?;
         self.pending.lock().insert(state.id, state.clone());
+        self.routes.relaying(state.id, actor_id);
         self.replies.send(&Message::CallActor {
             actor_id,
             task_id: state.id,
@@ -725,6 +726,7 @@ impl Upstream {
             name: None,
         };
         let (_named, bytes) = self.request(rt, &state, &ret, &spec)?;
+        self.routes.relaying(state.id, actor_id);
         self.replies.send(&Message::CallActor {
             actor_id,
             task_id: state.id,
@@ -826,6 +828,7 @@ impl Upstream {
             drop(Outcome::from_wire(outcome, rt));
             return;
         };
+        self.routes.relay_answered(task_id);
         complete(rt, task_id.return_object(), outcome);
         state.finish();
         rt.forget_task(task_id);
@@ -977,6 +980,7 @@ fn serve_messages(worker: &Arc<Worker>, first: Option<Inbox>) -> Result<()> {
                 }
             }
             Some(Message::Fetched { id, outcome }) => complete(&worker.rt, id, outcome),
+            Some(Message::Route { actor }) => crate::actor::learn_route(&worker.rt, &actor),
             Some(Message::Answered {
                 task_id,
                 from,
