@@ -581,15 +581,16 @@ impl Leased {
         })
     }
 
-    /// Tells the worker, once, the route of an actor it calls through the
-    /// owner, when the actor is alive in another worker process: its later
-    /// calls go there straight (`Route`). A call failed over from a route
-    /// (`attempted`) found it broken; the worker does not take it again.
+    /// Tells the worker, once per actor, the route of an actor it calls
+    /// through the owner, when the actor is alive in another worker
+    /// process: its later calls go there straight (`Route`). (A worker
+    /// whose route to the actor broke keeps calling through the owner: it
+    /// keeps the broken route, whatever it is told.)
     fn tell_route(&self, rt: &Arc<Inner>, actor_id: ActorId) {
         if self.routed.lock().contains(&actor_id) {
             return;
         }
-        let Some(actor) = crate::actor::named_for_worker(rt, actor_id) else {
+        let Some(actor) = crate::actor::routed_for_worker(rt, actor_id) else {
             return;
         };
         if actor.route.as_ref().is_none_or(|r| r.pid == self.pid()) {

@@ -255,21 +255,57 @@ fn call_from_worker(
     Ok((ray.get_many(&refs)?, direct))
 }
 
-/// Makes `rounds` rounds of `n` calls on `c` (each round waited for before
-/// the next) and returns every result, in order, with how many calls of
-/// the last round went straight to the actor's process.
+/// Numbers its calls; starts only once the file `go` exists (a minute at
+/// most).
+#[rustyray::actor]
+struct Late {
+    n: u64,
+}
+
+#[rustyray::actor]
+impl Late {
+    fn new(go: String) -> Self {
+        let deadline = std::time::Instant::now() + LONG;
+        while !Path::new(&go).exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        Late { n: 0 }
+    }
+
+    /// The number of this call, with the process id.
+    fn next(&mut self) -> (u32, u64) {
+        self.n += 1;
+        (std::process::id(), self.n)
+    }
+}
+
+/// Calls' results: the process that ran each and its number there.
+type Numbered = Vec<(u32, u64)>;
+
+/// Makes `rounds` rounds of `n` calls on `c`, each waited for before the
+/// next; the actor starts only once the first round is out (the handle
+/// came here before it was alive). Returns every result in order, and how
+/// many calls of the first and of the last round went straight to the
+/// actor's process.
 #[rustyray::remote]
-fn call_in_rounds(c: ActorHandle<Counter>, rounds: u32, n: u32) -> rustyray::Result<(Vec<(u32, u64)>, u64)> {
+fn call_late_in_rounds(
+    c: ActorHandle<Late>,
+    go: String,
+    rounds: u32,
+    n: u32,
+) -> rustyray::Result<(Numbered, u64, u64)> {
     let ray = rustyray::current()?;
     let mut results = Vec::new();
-    let mut direct = 0;
+    let (mut first, mut last) = (None, 0);
     for _ in 0..rounds {
         let before = rustyray::__private::direct_calls();
-        let refs = (0..n).map(|_| c.next(0)).collect::<rustyray::Result<Vec<_>>>()?;
-        direct = rustyray::__private::direct_calls() - before;
+        let refs = (0..n).map(|_| c.next()).collect::<rustyray::Result<Vec<_>>>()?;
+        last = rustyray::__private::direct_calls() - before;
+        first.get_or_insert(last);
+        let _ = std::fs::write(&go, b"");
         results.extend(ray.get_many(&refs)?);
     }
-    Ok((results, direct))
+    Ok((results, first.unwrap_or_default(), last))
 }
 
 /// Passes objects to the actor by reference, inside a value, and as the
@@ -328,14 +364,19 @@ fn a_workers_calls_go_straight_to_the_actors_process_in_order() -> rustyray::Res
 fn a_worker_given_a_handle_before_the_actor_started_goes_straight_there_later_in_order(
 ) -> rustyray::Result<()> {
     let ray = process_runtime();
-    let c = Counter::remote(&ray)?;
-    // Lent before the actor is alive: the handle carries no route, so the
-    // first calls go through the owner, which then tells the route.
-    let (results, direct) = ray.get_timeout(&call_in_rounds::remote(&ray, c.clone(), 3, 100)?, LONG)?;
+    let dir = scratch("late-route");
+    let go = dir.join("go").display().to_string();
+    // Lent before the actor is alive (it starts once the worker's first
+    // round is out): the handle carries no route, so the first calls go
+    // through the owner, which then tells the route.
+    let c = Late::remote(&ray, go.clone())?;
+    let (results, first, last) =
+        ray.get_timeout(&call_late_in_rounds::remote(&ray, c.clone(), go, 3, 100)?, LONG)?;
     assert_eq!(results.len(), 300);
     assert_in_order(&results);
-    assert_eq!(direct, 100, "the last round should go straight to the actor");
-    assert_eq!(ray.get_timeout(&c.next(0)?, LONG)?.1, 301);
+    assert_eq!(first, 0, "the first round should go through the owner");
+    assert_eq!(last, 100, "the last round should go straight to the actor");
+    assert_eq!(ray.get_timeout(&c.next()?, LONG)?.1, 301);
     Ok(())
 }
 

@@ -1395,14 +1395,14 @@ impl RawActor {
 pub(crate) type Reply = Box<dyn FnOnce(Result<Value>) + Send>;
 
 /// Actor `actor_id` of this owner as a worker would be lent it, with the
-/// way to its process while it is alive in one; `None` when it is not an
-/// actor of this owner.
-pub(crate) fn named_for_worker(rt: &Arc<Inner>, actor_id: ActorId) -> Option<crate::wire::NamedActor> {
+/// way to its process, while it is alive in one; `None` otherwise.
+pub(crate) fn routed_for_worker(rt: &Arc<Inner>, actor_id: ActorId) -> Option<crate::wire::NamedActor> {
     let actor = rt.actors.actors.lock().get(&actor_id).cloned()?;
+    let route = remote::route(&actor)?;
     Some(crate::wire::NamedActor {
         id: actor_id,
         class: actor.class.name.to_owned(),
-        route: remote::route(&actor),
+        route: Some(route),
     })
 }
 

@@ -125,8 +125,8 @@ pub(crate) struct PeerOut {
     /// Calls the other process made here whose answers are not written
     /// yet (answers are held back while more are to come).
     owed: AtomicUsize,
-    /// An answer came back from the other process since the last write:
-    /// the next frame goes at once, with what is held.
+    /// An answer came back from the other process since held frames were
+    /// last written: the next frame goes at once, with what is held.
     acked: AtomicBool,
     holding: Arc<Holding>,
 }
@@ -134,9 +134,11 @@ pub(crate) struct PeerOut {
 /// A connection's writing side: the socket and the frames held back for
 /// the next write (see [`Holding`]).
 ///
-/// Only threads that read no connection write what is held: a reader
-/// blocked in a write to a process whose reader is blocked in a write
-/// back would never return.
+/// The threads that read connections do not write held frames for
+/// others: a reader that read an answer only marks it (`acked`), and one
+/// that must have held frames go hands them to the holding thread
+/// (`Holding::hurry`). A reader still writes a frame of its own (the
+/// answer to a call that completed at once), taking what is held with it.
 pub(crate) struct OutConn {
     conn: Conn,
     held: Vec<u8>,
@@ -190,10 +192,14 @@ impl Holding {
             }
             let Some((_, out)) = due.pop_front() else { continue };
             drop(due);
-            if let Some(out) = out.upgrade() {
-                out.flush();
-            }
+            // A connection busy with a write (one that may be stuck on a
+            // slow peer) does not hold up the others: it is looked at
+            // again later.
+            let busy = out.upgrade().is_some_and(|o| !o.try_flush());
             due = self.due.lock();
+            if busy {
+                due.push_back((Instant::now() + HOLD_TIME, out));
+            }
         }
     }
 
@@ -223,11 +229,17 @@ impl Holding {
         self.wake.notify_one();
     }
 
-    /// Writes every held frame now (a task of this process blocks).
+    /// Writes every held frame now (a task of this process blocks); a
+    /// connection busy with a write is left to the holding thread, at
+    /// once.
     pub(super) fn flush_all(&self) {
         let outs: Vec<_> = self.due.lock().iter().map(|(_, o)| o.clone()).collect();
-        for out in outs.iter().filter_map(Weak::upgrade) {
-            out.flush();
+        let busy = outs
+            .iter()
+            .filter(|o| o.upgrade().is_some_and(|o| !o.try_flush()))
+            .count();
+        if busy > 0 {
+            self.hurry();
         }
     }
 }
@@ -283,6 +295,7 @@ impl PeerOut {
             c.held.extend_from_slice(frame);
             let written = c.conn.write_all(&c.held);
             c.held.clear();
+            self.acked.store(false, Ordering::Release);
             written
         };
         if written.is_err() {
@@ -315,6 +328,18 @@ impl PeerOut {
         if !c.held.is_empty() {
             self.write_on(&mut c, &[]);
         }
+    }
+
+    /// [`PeerOut::flush`] unless another thread has the connection (then
+    /// `false`).
+    fn try_flush(&self) -> bool {
+        let Some(mut c) = self.conn.try_lock() else {
+            return false;
+        };
+        if !c.held.is_empty() {
+            self.write_on(&mut c, &[]);
+        }
+        true
     }
 
     /// An answer to a call this process made came back on the other
@@ -416,6 +441,23 @@ impl Peers {
         }
         *slot = Some(o.clone());
         Ok(o)
+    }
+
+    /// Writes what every connection holds, waiting at most a moment for
+    /// each (the process is about to end).
+    pub(super) fn flush_every(&self) {
+        let slots: Vec<_> = self.out.lock().values().cloned().collect();
+        for slot in slots {
+            let Some(out) = slot.try_lock().and_then(|o| o.clone()) else {
+                continue;
+            };
+            let Some(mut c) = out.conn.try_lock_for(Duration::from_millis(100)) else {
+                continue;
+            };
+            if !c.held.is_empty() {
+                out.write_on(&mut c, &[]);
+            }
+        }
     }
 
     /// Forgets the connection to `endpoint` (marked broken).
@@ -645,6 +687,8 @@ pub(crate) struct Routes {
     /// meanwhile is taken only once they are (a call straight to the
     /// actor could overtake them).
     relayed: Mutex<Relayed>,
+    /// How many calls `relayed` holds, read without its lock.
+    relayed_any: AtomicUsize,
 }
 
 /// Calls out through the owner, by task and how many per actor.
@@ -724,18 +768,20 @@ impl Routes {
         let mut r = self.relayed.lock();
         if r.actor_of.insert(task, actor).is_none() {
             *r.out.entry(actor).or_default() += 1;
+            self.relayed_any.fetch_add(1, Ordering::AcqRel);
         }
     }
 
     /// The owner answered call `task` (if it went through the owner).
     pub(super) fn relay_answered(&self, task: TaskId) {
-        let mut r = self.relayed.lock();
-        if r.actor_of.is_empty() {
+        if self.relayed_any.load(Ordering::Acquire) == 0 {
             return;
         }
+        let mut r = self.relayed.lock();
         let Some(actor) = r.actor_of.remove(&task) else {
             return;
         };
+        self.relayed_any.fetch_sub(1, Ordering::AcqRel);
         if let std::collections::hash_map::Entry::Occupied(mut n) = r.out.entry(actor) {
             *n.get_mut() -= 1;
             if *n.get() == 0 {
@@ -746,8 +792,7 @@ impl Routes {
 
     /// Whether calls on `actor` sent through the owner are unanswered.
     fn relays_out(&self, actor: ActorId) -> bool {
-        let r = self.relayed.lock();
-        !r.out.is_empty() && r.out.contains_key(&actor)
+        self.relayed_any.load(Ordering::Acquire) > 0 && self.relayed.lock().out.contains_key(&actor)
     }
 
     /// Whether `id` is the result of a call still out on a route.
@@ -869,7 +914,8 @@ impl Routes {
         // out in the order of their numbers; the write itself holds no
         // route lock (its answers are read meanwhile).
         // Held back while earlier calls on the route are unanswered: the
-        // reader of their answers writes it (see `Holding`).
+        // first call made after one of them is answered writes it (see
+        // `Holding`).
         let hold = st.inflight.len() > 1;
         let mut conn = out.conn.lock();
         drop(st);
@@ -977,6 +1023,9 @@ impl Routes {
         let ret = task_id.return_object();
         let wanted = rt.store.kept_upstream(ret).is_ok();
         up.pending.lock().insert(task_id, sent.state.clone());
+        // Counted as any call through the owner: a route this process
+        // learns again (a new proxy, after this one went) waits for it.
+        self.relaying(task_id, route.actor);
         up.replies.send(&Message::CallActor {
             actor_id: route.actor,
             task_id,

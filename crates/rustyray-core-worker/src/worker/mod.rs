@@ -1485,6 +1485,8 @@ impl ReplyWhenDone {
         let up = &self.worker.up;
         match &self.to {
             Some(to) if large => {
+                // The answers held for the caller go first.
+                to.flush();
                 up.replies.send(&Message::Answer {
                     to: to.pid(),
                     task_id: self.task_id,
@@ -1497,11 +1499,11 @@ impl ReplyWhenDone {
         }
     }
 
-    /// Writes the answers held back for the caller (the process is about
-    /// to end).
+    /// Writes the answers held back for every caller (the process is
+    /// about to end).
     fn flush(&self) {
-        if let Some(to) = &self.to {
-            to.flush();
+        if let Some(p) = self.worker.up.peers() {
+            p.flush_every();
         }
     }
 }
