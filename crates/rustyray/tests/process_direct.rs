@@ -279,6 +279,17 @@ impl Late {
     }
 }
 
+/// Makes `n` calls on `c` that nap `nap_ms` each and returns them
+/// unanswered: the task's handle (the last one) goes while they run.
+#[rustyray::remote]
+fn call_then_let_go(
+    c: ActorHandle<Counter>,
+    n: u32,
+    nap_ms: u64,
+) -> rustyray::Result<Vec<ObjectRef<(u32, u64)>>> {
+    (0..n).map(|_| c.next(nap_ms)).collect()
+}
+
 /// Calls' results: the process that ran each and its number there.
 type Numbered = Vec<(u32, u64)>;
 
@@ -377,6 +388,20 @@ fn a_worker_given_a_handle_before_the_actor_started_goes_straight_there_later_in
     assert_eq!(first, 0, "the first round should go through the owner");
     assert_eq!(last, 100, "the last round should go straight to the actor");
     assert_eq!(ray.get_timeout(&c.next()?, LONG)?.1, 301);
+    Ok(())
+}
+
+#[test]
+fn calls_still_out_when_the_last_handle_goes_run_before_the_actor_ends() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let c = Counter::remote(&ray)?;
+    ray.get_timeout(&c.pid()?, LONG)?;
+    // The driver's handle goes into the task; the task's goes when it
+    // returns, with its calls still running in the actor's process.
+    let refs = ray.get_timeout(&call_then_let_go::remote(&ray, c, 20, 10)?, LONG)?;
+    let results = ray.get_many_timeout(&refs, LONG)?;
+    let counts: Vec<u64> = results.iter().map(|(_, n)| *n).collect();
+    assert_eq!(counts, (1..=20).collect::<Vec<_>>());
     Ok(())
 }
 

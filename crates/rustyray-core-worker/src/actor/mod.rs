@@ -1197,7 +1197,16 @@ fn release_proxy(rt: &Arc<Inner>, actor: &Arc<ActorState>) {
         actor.lent.swap(0, Ordering::AcqRel)
     };
     if let (1.., Some(up)) = (lent, rt.mode.upstream()) {
-        up.released_actor(actor.id, lent);
+        up.routes.release_after_calls(up, actor.id, lent);
+    }
+}
+
+/// In a worker process: forgets the route to actor `id` unless a proxy
+/// here still holds it (its calls went, after the proxy did).
+pub(crate) fn forget_route_unless_held(rt: &Arc<Inner>, id: ActorId) {
+    let table = rt.actors.actors.lock();
+    if let (false, Some(up)) = (table.contains_key(&id), rt.mode.upstream()) {
+        up.routes.forget(id);
     }
 }
 

@@ -718,6 +718,10 @@ struct RouteState {
     /// Their submission numbers, by task.
     seq: HashMap<TaskId, u64>,
     next: u64,
+    /// Handles on the actor this process gave up (its last local one
+    /// went) while calls were out: given back to the owner once they are
+    /// answered, since the actor ends with its last handle.
+    released: u32,
 }
 
 /// A call sent straight to the actor's process.
@@ -749,6 +753,22 @@ impl Routes {
         let route = self.by_actor.lock().get(&actor).cloned()?;
         let broken = route.state.lock().broken;
         (!broken).then(|| route.to.clone())
+    }
+
+    /// Gives the owner back `count` handles on `actor` (the last local one
+    /// went), once the calls still out on its route are answered: the
+    /// actor ends with its last handle, and calls made before must run
+    /// first, as calls queued behind the owner's own handle do.
+    pub(crate) fn release_after_calls(&self, up: &Upstream, actor: ActorId, count: u32) {
+        let route = self.by_actor.lock().get(&actor).cloned();
+        if let Some(route) = route {
+            let mut st = route.state.lock();
+            if !st.inflight.is_empty() && !st.broken {
+                st.released += count;
+                return;
+            }
+        }
+        up.released_actor(actor, count);
     }
 
     /// Forgets `actor`'s route when no call is out on it (its last handle
@@ -940,12 +960,19 @@ impl Routes {
     /// nothing: then what it lends is given back).
     pub(super) fn answered(&self, rt: &Arc<Inner>, task_id: TaskId, outcome: WireOutcome) {
         let route = self.calls.lock().get(&task_id).cloned();
-        let sent = route.and_then(|r| {
+        let sent = route.as_ref().and_then(|r| {
             let mut st = r.state.lock();
             let seq = st.seq.remove(&task_id)?;
-            st.inflight.remove(&seq)
+            let sent = st.inflight.remove(&seq)?;
+            // The last call out: handles given up meanwhile go back.
+            let released = if st.inflight.is_empty() {
+                std::mem::take(&mut st.released)
+            } else {
+                0
+            };
+            Some((sent, released))
         });
-        let Some(sent) = sent else {
+        let Some((sent, released)) = sent else {
             // Failed over already: what it lends goes back as it drops.
             drop(crate::runtime::Outcome::from_wire(outcome, rt));
             return;
@@ -956,6 +983,10 @@ impl Routes {
         self.calls.lock().remove(&task_id);
         sent.state.finish();
         rt.forget_task(task_id);
+        if let (1.., Some(route), Some(up)) = (released, route, rt.mode.upstream()) {
+            up.released_actor(route.actor, released);
+            crate::actor::forget_route_unless_held(rt, route.actor);
+        }
     }
 
     /// The process at `endpoint` is gone: every route to it fails over.
@@ -996,6 +1027,12 @@ impl Routes {
             let task_id = sent.state.id;
             self.fail_over_one(rt, up, route, sent);
             self.calls.lock().remove(&task_id);
+        }
+        // After the calls, on the same connection: the owner queues them
+        // before it lets the handles go.
+        let released = std::mem::take(&mut st.released);
+        if released > 0 {
+            up.released_actor(route.actor, released);
         }
     }
 
