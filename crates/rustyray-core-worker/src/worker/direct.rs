@@ -120,7 +120,10 @@ const HOLD_TIME: Duration = Duration::from_micros(100);
 pub(crate) struct PeerOut {
     /// The other process.
     pid: u32,
-    pub(super) conn: Mutex<OutConn>,
+    /// The socket: written by one thread at a time (the one that found
+    /// no write under way, see [`Outgoing`]), never under a lock.
+    conn: Conn,
+    out: Mutex<Outgoing>,
     broken: AtomicBool,
     /// Calls the other process made here whose answers are not written
     /// yet (answers are held back while more are to come).
@@ -131,17 +134,30 @@ pub(crate) struct PeerOut {
     holding: Arc<Holding>,
 }
 
-/// A connection's writing side: the socket and the frames held back for
-/// the next write (see [`Holding`]).
+/// What a connection has to write: frames queued (held back, or waiting
+/// for the write under way), and whether a thread is writing.
 ///
-/// The threads that read connections do not write held frames for
-/// others: a reader that read an answer only marks it (`acked`), and one
-/// that must have held frames go hands them to the holding thread
-/// (`Holding::hurry`). A reader still writes a frame of its own (the
-/// answer to a call that completed at once), taking what is held with it.
-pub(crate) struct OutConn {
-    conn: Conn,
-    held: Vec<u8>,
+/// No lock is held across a write: a thread that queues a frame while
+/// another writes leaves it to that one, which writes what was queued
+/// meanwhile before it lets go. So no thread ever waits for another
+/// one's write, and a reader (which takes the route and connection locks
+/// to finish answers) is never held up behind a write stuck on a peer
+/// whose reader is itself stuck writing back to this process.
+#[derive(Default)]
+struct Outgoing {
+    queued: Vec<u8>,
+    writing: bool,
+}
+
+/// What a frame queued on a connection asks of the thread that queued it.
+#[must_use]
+pub(super) enum Queued {
+    /// Nothing more: held back, or a write under way takes it.
+    Done,
+    /// Write it (and what else is queued) with [`PeerOut::drain`].
+    Write,
+    /// The connection is broken.
+    Broken,
 }
 
 /// Frames held back for a write that takes several at once (as Nagle's
@@ -192,14 +208,10 @@ impl Holding {
             }
             let Some((_, out)) = due.pop_front() else { continue };
             drop(due);
-            // A connection busy with a write (one that may be stuck on a
-            // slow peer) does not hold up the others: it is looked at
-            // again later.
-            let busy = out.upgrade().is_some_and(|o| !o.try_flush());
-            due = self.due.lock();
-            if busy {
-                due.push_back((Instant::now() + HOLD_TIME, out));
+            if let Some(out) = out.upgrade() {
+                out.flush();
             }
+            due = self.due.lock();
         }
     }
 
@@ -229,17 +241,11 @@ impl Holding {
         self.wake.notify_one();
     }
 
-    /// Writes every held frame now (a task of this process blocks); a
-    /// connection busy with a write is left to the holding thread, at
-    /// once.
+    /// Writes every held frame now (a task of this process blocks).
     pub(super) fn flush_all(&self) {
         let outs: Vec<_> = self.due.lock().iter().map(|(_, o)| o.clone()).collect();
-        let busy = outs
-            .iter()
-            .filter(|o| o.upgrade().is_some_and(|o| !o.try_flush()))
-            .count();
-        if busy > 0 {
-            self.hurry();
+        for out in outs.iter().filter_map(Weak::upgrade) {
+            out.flush();
         }
     }
 }
@@ -254,13 +260,15 @@ impl PeerOut {
     /// a connection nothing was sent on yet: the other side never writes on
     /// it, so a read finds either nothing or the end.
     fn closed(&self) -> bool {
-        let c = self.conn.lock();
-        let conn = &c.conn;
-        if conn.set_read_timeout(Some(Duration::from_millis(1))).is_err() {
+        if self
+            .conn
+            .set_read_timeout(Some(Duration::from_millis(1)))
+            .is_err()
+        {
             return true;
         }
         let mut byte = [0_u8; 1];
-        match std::io::Read::read(&mut &*conn, &mut byte) {
+        match std::io::Read::read(&mut &self.conn, &mut byte) {
             Ok(0) => true,
             Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
             Ok(_) => false,
@@ -270,76 +278,96 @@ impl PeerOut {
     /// Writes one message; false when it cannot go (the connection is
     /// broken from then on, or the message is too large).
     fn send(&self, msg: &Message) -> bool {
-        self.send_on(&mut self.conn.lock(), msg)
-    }
-
-    /// [`PeerOut::send`] on the connection, locked by the caller.
-    fn send_on(&self, conn: &mut OutConn, msg: &Message) -> bool {
         match wire::encode_frame(msg) {
-            Ok(frame) => self.write_on(conn, &frame),
+            Ok(frame) => self.write(&frame),
             Err(_) => false,
         }
     }
 
-    /// Writes one frame on the connection, locked by the caller, after the
-    /// frames held back; false when the connection is broken (from then
-    /// on).
-    pub(super) fn write_on(&self, c: &mut OutConn, frame: &[u8]) -> bool {
-        if self.broken.load(Ordering::Acquire) {
-            c.held.clear();
-            return false;
+    /// Writes one frame after what is queued; false when the connection
+    /// is broken (from then on).
+    pub(super) fn write(&self, frame: &[u8]) -> bool {
+        match self.queue(frame) {
+            Queued::Done => true,
+            Queued::Write => self.drain(),
+            Queued::Broken => false,
         }
-        let written = if c.held.is_empty() {
-            c.conn.write_all(frame)
-        } else {
-            c.held.extend_from_slice(frame);
-            let written = c.conn.write_all(&c.held);
-            c.held.clear();
-            self.acked.store(false, Ordering::Release);
-            written
-        };
-        if written.is_err() {
-            self.broken.store(true, Ordering::Release);
-        }
-        written.is_ok()
     }
 
-    /// Holds one frame back for the next write on the connection, locked
-    /// by the caller (see [`Holding`]); false when the connection is
-    /// broken.
-    fn hold_on(self: &Arc<Self>, c: &mut OutConn, frame: &[u8]) -> bool {
-        if c.held.len() + frame.len() > HOLD_MAX
-            || self.broken.load(Ordering::Acquire)
-            || self.acked.swap(false, Ordering::AcqRel)
-        {
-            return self.write_on(c, frame);
+    /// Queues one frame to be written next (see [`Queued`]); the caller
+    /// writes it with [`PeerOut::drain`] when told to, after letting go of
+    /// any lock it holds.
+    pub(super) fn queue(&self, frame: &[u8]) -> Queued {
+        let mut o = self.out.lock();
+        if self.broken.load(Ordering::Acquire) {
+            o.queued.clear();
+            return Queued::Broken;
         }
-        let first = c.held.is_empty();
-        c.held.extend_from_slice(frame);
+        o.queued.extend_from_slice(frame);
+        if o.writing {
+            Queued::Done
+        } else {
+            Queued::Write
+        }
+    }
+
+    /// Queues one frame held back for a later write (see [`Holding`]),
+    /// unless it should go now: more than [`HOLD_MAX`] bytes are queued, or
+    /// an answer came since the last write.
+    fn hold(self: &Arc<Self>, frame: &[u8]) -> Queued {
+        let mut o = self.out.lock();
+        if self.broken.load(Ordering::Acquire) {
+            o.queued.clear();
+            return Queued::Broken;
+        }
+        let first = o.queued.is_empty();
+        o.queued.extend_from_slice(frame);
+        if o.writing {
+            return Queued::Done;
+        }
+        if o.queued.len() > HOLD_MAX || self.acked.swap(false, Ordering::AcqRel) {
+            return Queued::Write;
+        }
+        drop(o);
         if first {
             self.holding.held(self);
         }
-        true
+        Queued::Done
+    }
+
+    /// Writes what is queued, unless another thread is writing (it takes
+    /// it); false when the connection is broken (from then on).
+    pub(super) fn drain(&self) -> bool {
+        let mut o = self.out.lock();
+        if o.writing || o.queued.is_empty() {
+            return !self.broken.load(Ordering::Acquire);
+        }
+        o.writing = true;
+        loop {
+            let mut bytes = std::mem::take(&mut o.queued);
+            self.acked.store(false, Ordering::Release);
+            drop(o);
+            let written = (&self.conn).write_all(&bytes);
+            o = self.out.lock();
+            if written.is_err() {
+                self.broken.store(true, Ordering::Release);
+                o.queued.clear();
+                o.writing = false;
+                return false;
+            }
+            if o.queued.is_empty() {
+                // The buffer is kept for the next frames.
+                bytes.clear();
+                o.queued = bytes;
+                o.writing = false;
+                return true;
+            }
+        }
     }
 
     /// Writes the frames held back, if any.
     pub(super) fn flush(&self) {
-        let mut c = self.conn.lock();
-        if !c.held.is_empty() {
-            self.write_on(&mut c, &[]);
-        }
-    }
-
-    /// [`PeerOut::flush`] unless another thread has the connection (then
-    /// `false`).
-    fn try_flush(&self) -> bool {
-        let Some(mut c) = self.conn.try_lock() else {
-            return false;
-        };
-        if !c.held.is_empty() {
-            self.write_on(&mut c, &[]);
-        }
-        true
+        self.drain();
     }
 
     /// An answer to a call this process made came back on the other
@@ -361,13 +389,15 @@ impl PeerOut {
             .owed
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(1)))
             .is_ok_and(|n| n > 1);
-        let mut c = self.conn.lock();
-        match frame {
-            Some(frame) if more => self.hold_on(&mut c, frame),
-            Some(frame) => self.write_on(&mut c, frame),
-            None if more || c.held.is_empty() => true,
-            None => self.write_on(&mut c, &[]),
+        let queued = match frame {
+            Some(frame) if more => self.hold(frame),
+            Some(frame) => self.queue(frame),
+            None if more => Queued::Done,
+            None => Queued::Write,
         };
+        if let Queued::Write = queued {
+            self.drain();
+        }
     }
 }
 
@@ -422,10 +452,8 @@ impl Peers {
         wire::connect_handshake_blocking(&mut conn, &mut dec, Role::Peer, self.token)?;
         let o = Arc::new(PeerOut {
             pid,
-            conn: Mutex::new(OutConn {
-                conn,
-                held: Vec::new(),
-            }),
+            conn,
+            out: Mutex::default(),
             broken: AtomicBool::new(false),
             owed: AtomicUsize::new(0),
             acked: AtomicBool::new(false),
@@ -443,20 +471,15 @@ impl Peers {
         Ok(o)
     }
 
-    /// Writes what every connection holds, waiting at most a moment for
-    /// each (the process is about to end).
+    /// Writes what every connection holds (the process is about to end;
+    /// a connection another thread is writing on is left to it).
     pub(super) fn flush_every(&self) {
         let slots: Vec<_> = self.out.lock().values().cloned().collect();
         for slot in slots {
             let Some(out) = slot.try_lock().and_then(|o| o.clone()) else {
                 continue;
             };
-            let Some(mut c) = out.conn.try_lock_for(Duration::from_millis(100)) else {
-                continue;
-            };
-            if !c.held.is_empty() {
-                out.write_on(&mut c, &[]);
-            }
+            out.flush();
         }
     }
 
@@ -930,21 +953,23 @@ impl Routes {
             },
         );
         self.calls.lock().insert(state.id, route.clone());
-        // The connection is taken before the route is let go, so calls go
-        // out in the order of their numbers; the write itself holds no
-        // route lock (its answers are read meanwhile).
         // Held back while earlier calls on the route are unanswered: the
         // first call made after one of them is answered writes it (see
         // `Holding`).
-        let hold = st.inflight.len() > 1;
-        let mut conn = out.conn.lock();
-        drop(st);
-        let sent = if hold {
-            out.hold_on(&mut conn, &frame)
+        let queued = if st.inflight.len() > 1 {
+            out.hold(&frame)
         } else {
-            out.write_on(&mut conn, &frame)
+            out.queue(&frame)
         };
-        drop(conn);
+        // Queued under the route's lock, so calls go out in the order of
+        // their numbers; written after it is let go (its answers are read
+        // meanwhile, and their reader takes that lock).
+        drop(st);
+        let sent = match queued {
+            Queued::Done => true,
+            Queued::Write => out.drain(),
+            Queued::Broken => false,
+        };
         if sent {
             DIRECT_CALLS.fetch_add(1, Ordering::Relaxed);
         } else {

@@ -377,10 +377,7 @@ impl Submitter {
     }
 
     fn write(&self, up: &Upstream, rt: &Arc<Inner>, lease: &Arc<Lease>, frames: &[u8], n: u64) {
-        let sent = {
-            let mut conn = lease.out.conn.lock();
-            lease.out.write_on(&mut conn, frames)
-        };
+        let sent = lease.out.write(frames);
         if sent {
             LEASED_TASKS.fetch_add(n, Ordering::Relaxed);
         } else {
@@ -748,10 +745,9 @@ impl Submitter {
                 let lease = s.leases.get(&lease).cloned();
                 drop(s);
                 if let Some(lease) = lease {
-                    let mut conn = lease.out.conn.lock();
                     let frame = wire::encode_frame(&Message::CancelTask { task_id, force });
                     if let Ok(frame) = frame {
-                        lease.out.write_on(&mut conn, &frame);
+                        lease.out.write(&frame);
                     }
                 }
                 true
