@@ -645,7 +645,11 @@ impl From<WireError> for Error {
 
 /// Encodes a message as one frame.
 pub fn encode_frame(msg: &Message) -> Result<Vec<u8>, WireError> {
-    let mut out = postcard::to_extend(msg, vec![0_u8; 4]).map_err(|e| WireError::Malformed(e.to_string()))?;
+    // Room for most frames at once (growing from a few bytes took several
+    // reallocations per frame).
+    let mut start = Vec::with_capacity(FRAME_START);
+    start.extend_from_slice(&[0_u8; 4]);
+    let mut out = postcard::to_extend(msg, start).map_err(|e| WireError::Malformed(e.to_string()))?;
     let len = u32::try_from(out.len() - 4).unwrap_or(u32::MAX);
     if len > DEFAULT_MAX_FRAME {
         // The receiving side would refuse it and drop the connection.
@@ -657,6 +661,10 @@ pub fn encode_frame(msg: &Message) -> Result<Vec<u8>, WireError> {
     out[..4].copy_from_slice(&len.to_le_bytes());
     Ok(out)
 }
+
+/// The room a frame's buffer starts with: enough for calls, answers and
+/// task pushes with small values.
+const FRAME_START: usize = 256;
 
 /// The most one read of a connection takes at once.
 const READ_CHUNK: usize = 16 * 1024;

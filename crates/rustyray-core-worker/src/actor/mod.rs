@@ -1197,7 +1197,7 @@ fn release_proxy(rt: &Arc<Inner>, actor: &Arc<ActorState>) {
         actor.lent.swap(0, Ordering::AcqRel)
     };
     if let (1.., Some(up)) = (lent, rt.mode.upstream()) {
-        up.routes.release_after_calls(up, actor.id, lent);
+        up.routes.release_after_calls(rt, up, actor.id, lent);
     }
 }
 

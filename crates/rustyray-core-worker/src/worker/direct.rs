@@ -124,6 +124,11 @@ pub(crate) struct PeerOut {
     /// no write under way, see [`Outgoing`]), never under a lock.
     conn: Conn,
     out: Mutex<Outgoing>,
+    /// Woken when a write under way ends.
+    written: Condvar,
+    /// The other process's endpoint (to fail over what a failed write
+    /// carried).
+    endpoint: String,
     broken: AtomicBool,
     /// Calls the other process made here whose answers are not written
     /// yet (answers are held back while more are to come).
@@ -176,6 +181,12 @@ pub(crate) struct Holding {
     /// Connections holding frames, each with when its first was held.
     due: Mutex<std::collections::VecDeque<(Instant, Weak<PeerOut>)>>,
     wake: Condvar,
+    /// Endpoints whose connection failed in a write: what was sent there
+    /// is failed over, from the holding thread (the writer may hold locks
+    /// that failing over takes).
+    lost: Mutex<Vec<String>>,
+    /// The process's connections, to fail over what a lost one carried.
+    peers: std::sync::OnceLock<Weak<Peers>>,
 }
 
 impl Holding {
@@ -184,6 +195,8 @@ impl Holding {
         let holding = Arc::new(Holding {
             due: Mutex::default(),
             wake: Condvar::new(),
+            lost: Mutex::default(),
+            peers: std::sync::OnceLock::new(),
         });
         let h = holding.clone();
         std::thread::Builder::new()
@@ -198,6 +211,17 @@ impl Holding {
     fn run(&self) {
         let mut due = self.due.lock();
         loop {
+            if !self.lost.lock().is_empty() {
+                drop(due);
+                let lost = std::mem::take(&mut *self.lost.lock());
+                if let Some(peers) = self.peers.get().and_then(Weak::upgrade) {
+                    for endpoint in lost {
+                        peers.gone(&endpoint);
+                    }
+                }
+                due = self.due.lock();
+                continue;
+            }
             let Some(&(at, _)) = due.front() else {
                 self.wake.wait(&mut due);
                 continue;
@@ -209,10 +233,27 @@ impl Holding {
             let Some((_, out)) = due.pop_front() else { continue };
             drop(due);
             if let Some(out) = out.upgrade() {
-                out.flush();
+                out.drain_all();
             }
             due = self.due.lock();
         }
+    }
+
+    /// The connection to `endpoint` failed in a write: what it carried is
+    /// failed over.
+    fn lost(&self, endpoint: &str) {
+        self.lost.lock().push(endpoint.to_owned());
+        let _due = self.due.lock();
+        self.wake.notify_one();
+    }
+
+    /// The holding thread takes over writing what `out` has queued (a
+    /// thread that wrote its share leaves the rest to it).
+    fn take_over(&self, out: &Arc<PeerOut>) {
+        let mut due = self.due.lock();
+        due.push_front((Instant::now(), Arc::downgrade(out)));
+        drop(due);
+        self.wake.notify_one();
     }
 
     /// `out` started holding frames.
@@ -241,7 +282,8 @@ impl Holding {
         self.wake.notify_one();
     }
 
-    /// Writes every held frame now (a task of this process blocks).
+    /// Writes every held frame now (a task of this process blocks; what
+    /// is more than its share is left to the holding thread).
     pub(super) fn flush_all(&self) {
         let outs: Vec<_> = self.due.lock().iter().map(|(_, o)| o.clone()).collect();
         for out in outs.iter().filter_map(Weak::upgrade) {
@@ -277,7 +319,7 @@ impl PeerOut {
 
     /// Writes one message; false when it cannot go (the connection is
     /// broken from then on, or the message is too large).
-    fn send(&self, msg: &Message) -> bool {
+    fn send(self: &Arc<Self>, msg: &Message) -> bool {
         match wire::encode_frame(msg) {
             Ok(frame) => self.write(&frame),
             Err(_) => false,
@@ -286,7 +328,7 @@ impl PeerOut {
 
     /// Writes one frame after what is queued; false when the connection
     /// is broken (from then on).
-    pub(super) fn write(&self, frame: &[u8]) -> bool {
+    pub(super) fn write(self: &Arc<Self>, frame: &[u8]) -> bool {
         match self.queue(frame) {
             Queued::Done => true,
             Queued::Write => self.drain(),
@@ -336,23 +378,43 @@ impl PeerOut {
     }
 
     /// Writes what is queued, unless another thread is writing (it takes
-    /// it); false when the connection is broken (from then on).
-    pub(super) fn drain(&self) -> bool {
+    /// it); false when the connection is broken (from then on). A thread
+    /// writes its share: what was queued when it began, and more only up
+    /// to [`HOLD_MAX`] bytes; the holding thread takes over the rest, so
+    /// a reader never writes an unbounded amount of other threads' frames
+    /// (two readers each stuck writing to the other would never return).
+    pub(super) fn drain(self: &Arc<Self>) -> bool {
+        self.drain_up_to(Some(HOLD_MAX))
+    }
+
+    /// [`PeerOut::drain`] with no bound (the holding thread).
+    fn drain_all(self: &Arc<Self>) -> bool {
+        self.drain_up_to(None)
+    }
+
+    fn drain_up_to(self: &Arc<Self>, bound: Option<usize>) -> bool {
         let mut o = self.out.lock();
         if o.writing || o.queued.is_empty() {
             return !self.broken.load(Ordering::Acquire);
         }
         o.writing = true;
+        let mut total = 0;
         loop {
             let mut bytes = std::mem::take(&mut o.queued);
             self.acked.store(false, Ordering::Release);
             drop(o);
             let written = (&self.conn).write_all(&bytes);
+            total += bytes.len();
             o = self.out.lock();
             if written.is_err() {
                 self.broken.store(true, Ordering::Release);
                 o.queued.clear();
                 o.writing = false;
+                drop(o);
+                self.written.notify_all();
+                // Frames other threads queued went with it: what was sent
+                // there is failed over (the holding thread does it).
+                self.holding.lost(&self.endpoint);
                 return false;
             }
             if o.queued.is_empty() {
@@ -360,14 +422,36 @@ impl PeerOut {
                 bytes.clear();
                 o.queued = bytes;
                 o.writing = false;
+                drop(o);
+                self.written.notify_all();
+                return true;
+            }
+            if bound.is_some_and(|b| total > b) {
+                o.writing = false;
+                drop(o);
+                self.written.notify_all();
+                self.holding.take_over(self);
                 return true;
             }
         }
     }
 
-    /// Writes the frames held back, if any.
-    pub(super) fn flush(&self) {
+    /// Writes the frames held back, if any (a write under way takes them).
+    pub(super) fn flush(self: &Arc<Self>) {
         self.drain();
+    }
+
+    /// Waits until `deadline` for a write under way to end, then writes
+    /// everything queued (the process is about to end).
+    fn flush_before(self: &Arc<Self>, deadline: Instant) {
+        let mut o = self.out.lock();
+        while o.writing {
+            if self.written.wait_until(&mut o, deadline).timed_out() {
+                return;
+            }
+        }
+        drop(o);
+        self.drain_all();
     }
 
     /// An answer to a call this process made came back on the other
@@ -424,6 +508,7 @@ impl Peers {
             worker: Arc::downgrade(worker),
             holding: Holding::start()?,
         });
+        let _ = peers.holding.peers.set(Arc::downgrade(&peers));
         worker
             .rt
             .handle
@@ -454,6 +539,8 @@ impl Peers {
             pid,
             conn,
             out: Mutex::default(),
+            written: Condvar::new(),
+            endpoint: endpoint.to_owned(),
             broken: AtomicBool::new(false),
             owed: AtomicUsize::new(0),
             acked: AtomicBool::new(false),
@@ -471,15 +558,16 @@ impl Peers {
         Ok(o)
     }
 
-    /// Writes what every connection holds (the process is about to end;
-    /// a connection another thread is writing on is left to it).
+    /// Writes what every connection has queued, waiting at most a moment
+    /// for writes under way (the process is about to end).
     pub(super) fn flush_every(&self) {
+        let deadline = Instant::now() + Duration::from_millis(100);
         let slots: Vec<_> = self.out.lock().values().cloned().collect();
         for slot in slots {
             let Some(out) = slot.try_lock().and_then(|o| o.clone()) else {
                 continue;
             };
-            out.flush();
+            out.flush_before(deadline);
         }
     }
 
@@ -696,7 +784,7 @@ pub(super) fn answered_through_owner(to: &Arc<PeerOut>) {
 /// Sends the answer to a task another worker pushed here on a lease, on
 /// the connection back (at once: the lease's owner pushes more as answers
 /// come); lost if the caller is gone.
-pub(super) fn answer_leased(to: &PeerOut, task_id: TaskId, outcome: WireOutcome) {
+pub(super) fn answer_leased(to: &Arc<PeerOut>, task_id: TaskId, outcome: WireOutcome) {
     to.send(&Message::TaskDone { task_id, outcome });
 }
 
@@ -782,7 +870,7 @@ impl Routes {
     /// went), once the calls still out on its route are answered: the
     /// actor ends with its last handle, and calls made before must run
     /// first, as calls queued behind the owner's own handle do.
-    pub(crate) fn release_after_calls(&self, up: &Upstream, actor: ActorId, count: u32) {
+    pub(crate) fn release_after_calls(&self, rt: &Arc<Inner>, up: &Upstream, actor: ActorId, count: u32) {
         let route = self.by_actor.lock().get(&actor).cloned();
         if let Some(route) = route {
             let mut st = route.state.lock();
@@ -792,6 +880,9 @@ impl Routes {
             }
         }
         up.released_actor(actor, count);
+        // Its last call may have been answered before the route could be
+        // forgotten.
+        crate::actor::forget_route_unless_held(rt, actor);
     }
 
     /// Forgets `actor`'s route when no call is out on it (its last handle

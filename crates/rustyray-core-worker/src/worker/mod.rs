@@ -1485,7 +1485,9 @@ impl ReplyWhenDone {
         let up = &self.worker.up;
         match &self.to {
             Some(to) if large => {
-                // The answers held for the caller go first.
+                // The answers held for the caller go first (unless a write
+                // under way takes them: answers keep no order among
+                // themselves).
                 to.flush();
                 up.replies.send(&Message::Answer {
                     to: to.pid(),
