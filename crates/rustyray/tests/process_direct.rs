@@ -503,6 +503,30 @@ fn calls_out_when_the_actors_process_is_killed_keep_their_order() -> rustyray::R
 }
 
 #[test]
+fn calls_out_when_the_last_handle_went_and_the_actors_process_is_killed_run_after_the_restart(
+) -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let c = Counter::options()
+        .max_restarts(1)
+        .max_task_retries(-1)
+        .remote(&ray)?;
+    let first = ray.get_timeout(&c.pid()?, LONG)?;
+    // The task's handle, the last one, goes while its calls run; the
+    // actor's process is killed under them: they go through the owner,
+    // which restarts the actor, and only then is the handle given back.
+    let refs = ray.get_timeout(&call_then_let_go::remote(&ray, c, 40, 20)?, LONG)?;
+    kill9(first);
+    let results = ray.get_many_timeout(&refs, LONG)?;
+    assert_eq!(results.len(), 40);
+    assert_in_order(&results);
+    assert!(
+        results.iter().any(|r| r.0 != first),
+        "the kill came too late: {results:?}"
+    );
+    Ok(())
+}
+
+#[test]
 fn calls_out_when_the_actor_allows_no_retry_fail_with_its_death() -> rustyray::Result<()> {
     let ray = process_runtime();
     let c = Counter::remote(&ray)?;
