@@ -339,6 +339,27 @@ fn pass_references(
     Ok((a, b, read, rustyray::__private::direct_calls() - before))
 }
 
+/// A counter restarted once after its process dies, its calls retried
+/// without limit; with its first process's id.
+fn restartable_counter(ray: &Ray) -> rustyray::Result<(ActorHandle<Counter>, u32)> {
+    let c = Counter::options()
+        .max_restarts(1)
+        .max_task_retries(-1)
+        .remote(ray)?;
+    let first = ray.get_timeout(&c.pid()?, LONG)?;
+    Ok((c, first))
+}
+
+/// [`assert_in_order`], and some calls ran after the first process
+/// (`first`) was killed.
+fn assert_in_order_across_a_restart(results: &[(u32, u64)], first: u32) {
+    assert_in_order(results);
+    assert!(
+        results.iter().any(|r| r.0 != first),
+        "the kill came too late: {results:?}"
+    );
+}
+
 /// Checks that each process ran one unbroken, in-order range of calls.
 fn assert_in_order(results: &[(u32, u64)]) {
     for (i, w) in results.windows(2).enumerate() {
@@ -481,11 +502,7 @@ fn a_task_a_worker_cancels_is_cancelled_where_it_runs() -> rustyray::Result<()> 
 #[test]
 fn calls_out_when_the_actors_process_is_killed_keep_their_order() -> rustyray::Result<()> {
     let ray = process_runtime();
-    let c = Counter::options()
-        .max_restarts(1)
-        .max_task_retries(-1)
-        .remote(&ray)?;
-    let first = ray.get_timeout(&c.pid()?, LONG)?;
+    let (c, first) = restartable_counter(&ray)?;
     let dir = scratch("kill-direct");
     let mark = dir.join("out");
     let calls = call_from_worker::remote(&ray, c.clone(), 100, 20, Some(mark.display().to_string()))?;
@@ -494,11 +511,7 @@ fn calls_out_when_the_actors_process_is_killed_keep_their_order() -> rustyray::R
     kill9(first);
     let (results, _) = ray.get_timeout(&calls, LONG)?;
     assert_eq!(results.len(), 100);
-    assert_in_order(&results);
-    assert!(
-        results.iter().any(|r| r.0 != first),
-        "the kill came too late: {results:?}"
-    );
+    assert_in_order_across_a_restart(&results, first);
     Ok(())
 }
 
@@ -506,11 +519,7 @@ fn calls_out_when_the_actors_process_is_killed_keep_their_order() -> rustyray::R
 fn calls_out_when_the_last_handle_went_and_the_actors_process_is_killed_run_after_the_restart(
 ) -> rustyray::Result<()> {
     let ray = process_runtime();
-    let c = Counter::options()
-        .max_restarts(1)
-        .max_task_retries(-1)
-        .remote(&ray)?;
-    let first = ray.get_timeout(&c.pid()?, LONG)?;
+    let (c, first) = restartable_counter(&ray)?;
     // The task's handle, the last one, goes while its calls run; the
     // actor's process is killed under them: they go through the owner,
     // which restarts the actor, and only then is the handle given back.
@@ -518,11 +527,7 @@ fn calls_out_when_the_last_handle_went_and_the_actors_process_is_killed_run_afte
     kill9(first);
     let results = ray.get_many_timeout(&refs, LONG)?;
     assert_eq!(results.len(), 40);
-    assert_in_order(&results);
-    assert!(
-        results.iter().any(|r| r.0 != first),
-        "the kill came too late: {results:?}"
-    );
+    assert_in_order_across_a_restart(&results, first);
     Ok(())
 }
 
@@ -553,11 +558,7 @@ fn call_and_hand_over(c: ActorHandle<Counter>, go: String) -> rustyray::Result<V
 #[test]
 fn a_result_handed_over_pending_survives_the_fail_over_of_its_call() -> rustyray::Result<()> {
     let ray = process_runtime();
-    let c = Counter::options()
-        .max_restarts(1)
-        .max_task_retries(-1)
-        .remote(&ray)?;
-    let first = ray.get_timeout(&c.pid()?, LONG)?;
+    let (c, first) = restartable_counter(&ray)?;
     let dir = scratch("handed-over-fail-over");
     let go = dir.join("go").display().to_string();
     let refs = ray.get_timeout(&call_and_hand_over::remote(&ray, c.clone(), go.clone())?, LONG)?;

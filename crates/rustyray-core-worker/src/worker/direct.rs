@@ -26,8 +26,10 @@
 //! the call goes; the answer lends the call's result's objects back the
 //! same way. A call's result is this process's own until a reference to it
 //! leaves; a message naming it while the call is still out hands it to the
-//! owner pending (`PutPending`), its value following once made. Values travel inline on these connections (a large one is
-//! copied through the socket rather than read in shared memory).
+//! owner pending (`PutPending`), its value following once made. Values
+//! travel inline on these connections (a large one is copied through the
+//! socket rather than read in shared memory), and frames are held back
+//! and written several at a time while answers are due (see `Holding`).
 //!
 //! # Order and failure
 //!
@@ -156,10 +158,10 @@ struct Outgoing {
 
 /// What a frame queued on a connection asks of the thread that queued it.
 #[must_use]
-pub(super) enum Queued {
+enum Queued {
     /// Nothing more: held back, or a write under way takes it.
     Done,
-    /// Write it (and what else is queued) with [`PeerOut::drain`].
+    /// Write it (and what else is queued): [`PeerOut::settle`] does.
     Write,
     /// The connection is broken.
     Broken,
@@ -287,7 +289,7 @@ impl Holding {
     pub(super) fn flush_all(&self) {
         let outs: Vec<_> = self.due.lock().iter().map(|(_, o)| o.clone()).collect();
         for out in outs.iter().filter_map(Weak::upgrade) {
-            out.flush();
+            out.drain();
         }
     }
 }
@@ -329,34 +331,16 @@ impl PeerOut {
     /// Writes one frame after what is queued; false when the connection
     /// is broken (from then on).
     pub(super) fn write(self: &Arc<Self>, frame: &[u8]) -> bool {
-        match self.queue(frame) {
-            Queued::Done => true,
-            Queued::Write => self.drain(),
-            Queued::Broken => false,
-        }
+        let queued = self.push(frame, false);
+        self.settle(queued)
     }
 
     /// Queues one frame to be written next (see [`Queued`]); the caller
-    /// writes it with [`PeerOut::drain`] when told to, after letting go of
-    /// any lock it holds.
-    pub(super) fn queue(&self, frame: &[u8]) -> Queued {
-        let mut o = self.out.lock();
-        if self.broken.load(Ordering::Acquire) {
-            o.queued.clear();
-            return Queued::Broken;
-        }
-        o.queued.extend_from_slice(frame);
-        if o.writing {
-            Queued::Done
-        } else {
-            Queued::Write
-        }
-    }
-
-    /// Queues one frame held back for a later write (see [`Holding`]),
-    /// unless it should go now: more than [`HOLD_MAX`] bytes are queued, or
-    /// an answer came since the last write.
-    fn hold(self: &Arc<Self>, frame: &[u8]) -> Queued {
+    /// settles it with [`PeerOut::settle`] after letting go of any lock it
+    /// holds. With `hold`, the frame is held back for a later write (see
+    /// [`Holding`]) unless it should go now: more than [`HOLD_MAX`] bytes
+    /// are queued, or an answer came since the last write.
+    fn push(self: &Arc<Self>, frame: &[u8], hold: bool) -> Queued {
         let mut o = self.out.lock();
         if self.broken.load(Ordering::Acquire) {
             o.queued.clear();
@@ -367,7 +351,7 @@ impl PeerOut {
         if o.writing {
             return Queued::Done;
         }
-        if o.queued.len() > HOLD_MAX || self.acked.swap(false, Ordering::AcqRel) {
+        if !hold || o.queued.len() > HOLD_MAX || self.acked.swap(false, Ordering::AcqRel) {
             return Queued::Write;
         }
         drop(o);
@@ -375,6 +359,16 @@ impl PeerOut {
             self.holding.held(self);
         }
         Queued::Done
+    }
+
+    /// Does what queuing a frame asked for: writes when told to; false
+    /// when the connection is broken.
+    fn settle(self: &Arc<Self>, queued: Queued) -> bool {
+        match queued {
+            Queued::Done => true,
+            Queued::Write => self.drain(),
+            Queued::Broken => false,
+        }
     }
 
     /// Writes what is queued, unless another thread is writing (it takes
@@ -436,11 +430,6 @@ impl PeerOut {
         }
     }
 
-    /// Writes the frames held back, if any (a write under way takes them).
-    pub(super) fn flush(self: &Arc<Self>) {
-        self.drain();
-    }
-
     /// Waits until `deadline` for a write under way to end, then writes
     /// everything queued (the process is about to end).
     fn flush_before(self: &Arc<Self>, deadline: Instant) {
@@ -474,14 +463,11 @@ impl PeerOut {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(1)))
             .is_ok_and(|n| n > 1);
         let queued = match frame {
-            Some(frame) if more => self.hold(frame),
-            Some(frame) => self.queue(frame),
+            Some(frame) => self.push(frame, more),
             None if more => Queued::Done,
             None => Queued::Write,
         };
-        if let Queued::Write = queued {
-            self.drain();
-        }
+        self.settle(queued);
     }
 }
 
@@ -1047,20 +1033,12 @@ impl Routes {
         // Held back while earlier calls on the route are unanswered: the
         // first call made after one of them is answered writes it (see
         // `Holding`).
-        let queued = if st.inflight.len() > 1 {
-            out.hold(&frame)
-        } else {
-            out.queue(&frame)
-        };
+        let queued = out.push(&frame, st.inflight.len() > 1);
         // Queued under the route's lock, so calls go out in the order of
         // their numbers; written after it is let go (its answers are read
         // meanwhile, and their reader takes that lock).
         drop(st);
-        let sent = match queued {
-            Queued::Done => true,
-            Queued::Write => out.drain(),
-            Queued::Broken => false,
-        };
+        let sent = out.settle(queued);
         if sent {
             DIRECT_CALLS.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -1175,16 +1153,9 @@ impl Routes {
         }
         let ret = task_id.return_object();
         let wanted = rt.store.kept_upstream(ret).is_ok();
-        up.pending.lock().insert(task_id, sent.state.clone());
         // Counted as any call through the owner: a route this process
         // learns again (a new proxy, after this one went) waits for it.
-        self.relaying(task_id, route.actor);
-        up.replies.send(&Message::CallActor {
-            actor_id: route.actor,
-            task_id,
-            spec: sent.spec,
-            attempted: true,
-        });
+        up.send_relayed(&sent.state, route.actor, sent.spec, true);
         if !wanted {
             // Nobody here wants the result any more: the owner drops what
             // it keeps for it as soon as it made it.

@@ -413,6 +413,20 @@ impl Upstream {
         rt.store
             .kept_upstream(ret.id())
             .inspect_err(|_| rt.forget_task(state.id))?;
+        self.send_relayed(state, actor_id, spec, attempted);
+        Ok(())
+    }
+
+    /// Sends call `state` on the owner's actor `actor_id` through the
+    /// owner (`CallActor`), its answer pending here; counted as relayed,
+    /// so a route to the actor waits for it.
+    pub(super) fn send_relayed(
+        &self,
+        state: &Arc<TaskState>,
+        actor_id: ActorId,
+        spec: Vec<u8>,
+        attempted: bool,
+    ) {
         self.pending.lock().insert(state.id, state.clone());
         self.routes.relaying(state.id, actor_id);
         self.replies.send(&Message::CallActor {
@@ -421,7 +435,6 @@ impl Upstream {
             spec,
             attempted,
         });
-        Ok(())
     }
 
     /// A value as it goes to the owner when that needs no message back: it
@@ -725,34 +738,12 @@ impl Upstream {
             args,
             name: None,
         };
-        let (_named, bytes) = self.request(rt, &state, &ret, &spec)?;
-        self.routes.relaying(state.id, actor_id);
-        self.replies.send(&Message::CallActor {
-            actor_id,
-            task_id: state.id,
-            spec: bytes,
-            attempted: false,
-        });
-        Ok(ret)
-    }
-
-    /// Readies a request whose result the owner keeps for this process
-    /// (a task or an actor call): the spec's bytes (see
-    /// [`Upstream::spec_for_owner`]), the result counted as kept upstream,
-    /// the request pending its answer. On failure nothing is left behind.
-    fn request(
-        &self,
-        rt: &Arc<Inner>,
-        state: &Arc<TaskState>,
-        ret: &RawRef,
-        spec: &TaskSpec,
-    ) -> Result<(Value, Vec<u8>)> {
-        let out = self
-            .spec_for_owner(rt, spec)
-            .and_then(|named| rt.store.kept_upstream(ret.id()).map(|()| named))
+        // `_named` keeps what the spec names alive until the call is out.
+        let (_named, bytes) = self
+            .spec_for_owner(rt, &spec)
             .inspect_err(|_| rt.forget_task(state.id))?;
-        self.pending.lock().insert(state.id, state.clone());
-        Ok(out)
+        self.relay(rt, &state, &ret, actor_id, bytes, false)?;
+        Ok(ret)
     }
 
     /// A spec as the owner receives it: values inline, references as ids,
@@ -1488,7 +1479,7 @@ impl ReplyWhenDone {
                 // The answers held for the caller go first (unless a write
                 // under way takes them: answers keep no order among
                 // themselves).
-                to.flush();
+                to.drain();
                 up.replies.send(&Message::Answer {
                     to: to.pid(),
                     task_id: self.task_id,
