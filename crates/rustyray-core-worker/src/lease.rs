@@ -49,7 +49,7 @@ pub struct Owner {
     /// Every worker's peer by process id, for a `Lend` naming it.
     peers: Mutex<HashMap<u32, Weak<Leased>>>,
     /// `Fetch`es of objects not here yet, by object (see [`Owner::park`]).
-    parked: Mutex<HashMap<ObjectId, Vec<crate::actor::Reply>>>,
+    parked: Mutex<HashMap<ObjectId, Vec<crate::actor::Reply>, crate::ids::IdHash>>,
 }
 
 /// How long a `Fetch` of an object this owner does not know waits for it
@@ -68,7 +68,7 @@ impl Owner {
             rt: OnceLock::new(),
             shm,
             peers: Mutex::new(HashMap::new()),
-            parked: Mutex::new(HashMap::new()),
+            parked: Mutex::new(HashMap::default()),
         })
     }
 
@@ -139,12 +139,12 @@ impl OwnerService for Owner {
         let leased = Arc::new(Leased {
             link,
             owner: self.clone(),
-            inflight: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::default()),
             ledger: Mutex::new(Some(Ledger::default())),
-            cpu: Mutex::new(HashMap::new()),
+            cpu: Mutex::new(HashMap::default()),
             endpoint: OnceLock::new(),
             listening: tokio::sync::Notify::new(),
-            leases: Mutex::new(HashMap::new()),
+            leases: Mutex::new(HashMap::default()),
             lessor: Mutex::new(None),
             created: Mutex::new(Vec::new()),
             pending_puts: Mutex::new(std::collections::HashSet::new()),
@@ -270,19 +270,19 @@ pub struct Leased {
     link: Arc<dyn WorkerLink>,
     owner: Arc<Owner>,
     /// Tasks pushed to the worker and not finished yet.
-    inflight: Mutex<HashMap<TaskId, Completion>>,
+    inflight: Mutex<HashMap<TaskId, Completion, crate::ids::IdHash>>,
     /// `None` once the worker is gone: what would be lent then goes back
     /// at once.
     ledger: Mutex<Option<Ledger>>,
     /// Tasks running here: their CPU, and whether it is lent out while the
     /// task blocks.
-    cpu: Mutex<HashMap<TaskId, (ResourceSet, bool)>>,
+    cpu: Mutex<HashMap<TaskId, (ResourceSet, bool), crate::ids::IdHash>>,
     /// Where the worker accepts `Peer` connections (`Listening`).
     endpoint: OnceLock<String>,
     /// Woken when the endpoint is known.
     listening: tokio::sync::Notify,
     /// Leases this worker holds for tasks it submitted (see `grant`).
-    leases: Mutex<HashMap<TaskId, crate::grant::Granted>>,
+    leases: Mutex<HashMap<TaskId, crate::grant::Granted, crate::ids::IdHash>>,
     /// The worker this one is leased to, and the lease, while it is.
     lessor: Mutex<Option<(Weak<Leased>, TaskId)>>,
     /// The actors code in this worker created, not detached: they end
@@ -503,7 +503,7 @@ impl Leased {
     }
 
     /// The leases this worker holds.
-    pub(crate) fn leases(&self) -> &Mutex<HashMap<TaskId, crate::grant::Granted>> {
+    pub(crate) fn leases(&self) -> &Mutex<HashMap<TaskId, crate::grant::Granted, crate::ids::IdHash>> {
         &self.leases
     }
 
@@ -832,7 +832,7 @@ impl Leased {
 
     /// Lets go of what was kept for the worker; the tasks in flight are
     /// returned for the caller to fail or drop.
-    fn close(&self) -> HashMap<TaskId, Completion> {
+    fn close(&self) -> HashMap<TaskId, Completion, crate::ids::IdHash> {
         let ledger = self.ledger.lock().take();
         drop(ledger);
         std::mem::take(&mut *self.inflight.lock())

@@ -60,7 +60,7 @@ const ASYNC_ACTOR_CONCURRENCY: u32 = 1000;
 /// The runtime's actors, by id and by name.
 #[derive(Debug, Default)]
 pub(crate) struct ActorTable {
-    actors: Mutex<HashMap<ActorId, Arc<ActorState>>>,
+    actors: Mutex<HashMap<ActorId, Arc<ActorState>, crate::ids::IdHash>>,
     names: Mutex<HashMap<String, ActorId>>,
 }
 

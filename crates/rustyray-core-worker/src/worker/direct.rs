@@ -777,9 +777,9 @@ pub(super) fn answer_leased(to: &Arc<PeerOut>, task_id: TaskId, outcome: WireOut
 /// The direct routes this process knows, by actor.
 #[derive(Default)]
 pub(crate) struct Routes {
-    by_actor: Mutex<HashMap<ActorId, Arc<Route>>>,
-    /// Calls out on a route, by task.
-    calls: Mutex<HashMap<TaskId, Arc<Route>>>,
+    by_actor: Mutex<HashMap<ActorId, Arc<Route>, crate::ids::IdHash>>,
+    /// Calls out on a route, by task, with their submission numbers there.
+    calls: Mutex<HashMap<TaskId, (Arc<Route>, u64), crate::ids::IdHash>>,
     /// Calls sent through the owner and not answered yet: a route learnt
     /// meanwhile is taken only once they are (a call straight to the
     /// actor could overtake them).
@@ -791,8 +791,8 @@ pub(crate) struct Routes {
 /// Calls out through the owner, by task and how many per actor.
 #[derive(Default)]
 struct Relayed {
-    actor_of: HashMap<TaskId, ActorId>,
-    out: HashMap<ActorId, usize>,
+    actor_of: HashMap<TaskId, ActorId, crate::ids::IdHash>,
+    out: HashMap<ActorId, usize, crate::ids::IdHash>,
 }
 
 /// The way from this process straight to one actor's process.
@@ -812,8 +812,6 @@ struct RouteState {
     broken: bool,
     /// Calls sent and not answered, by submission number.
     inflight: BTreeMap<u64, Sent>,
-    /// Their submission numbers, by task.
-    seq: HashMap<TaskId, u64>,
     next: u64,
     /// Handles on the actor this process gave up (its last local one
     /// went) while calls were out: given back to the owner once they are
@@ -925,7 +923,7 @@ impl Routes {
     /// a route (a call still queued there does not run); false when it is
     /// not.
     pub(crate) fn cancel(&self, task_id: TaskId, force: bool) -> bool {
-        let Some(route) = self.calls.lock().get(&task_id).cloned() else {
+        let Some(route) = self.calls.lock().get(&task_id).map(|(r, _)| r.clone()) else {
             return false;
         };
         let out = route.state.lock().out.clone();
@@ -973,12 +971,17 @@ impl Routes {
         };
         // Encoded first: a call too large to send is refused here, before
         // anything is lent or numbered.
-        let frame = wire::encode_frame(&Message::ActorCall {
+        let msg = Message::ActorCall {
             actor_id: actor,
             task_id: state.id,
-            spec: bytes.clone(),
+            spec: bytes,
             refs: top,
-        });
+        };
+        let frame = wire::encode_frame(&msg);
+        // The spec is kept for a fail-over (moved back out, not copied).
+        let Message::ActorCall { spec: bytes, .. } = msg else {
+            unreachable!("built as an ActorCall just above")
+        };
         let frame = match frame {
             Ok(f) => f,
             Err(e) => {
@@ -1020,7 +1023,6 @@ impl Routes {
         }
         let seq = st.next;
         st.next += 1;
-        st.seq.insert(state.id, seq);
         st.inflight.insert(
             seq,
             Sent {
@@ -1029,7 +1031,7 @@ impl Routes {
                 _named: named,
             },
         );
-        self.calls.lock().insert(state.id, route.clone());
+        self.calls.lock().insert(state.id, (route.clone(), seq));
         // Held back while earlier calls on the route are unanswered: the
         // first call made after one of them is answered writes it (see
         // `Holding`).
@@ -1054,10 +1056,9 @@ impl Routes {
     /// nothing: then what it lends is given back).
     pub(super) fn answered(&self, rt: &Arc<Inner>, task_id: TaskId, outcome: WireOutcome) {
         let route = self.calls.lock().get(&task_id).cloned();
-        let sent = route.as_ref().and_then(|r| {
+        let sent = route.as_ref().and_then(|(r, seq)| {
             let mut st = r.state.lock();
-            let seq = st.seq.remove(&task_id)?;
-            let sent = st.inflight.remove(&seq)?;
+            let sent = st.inflight.remove(seq)?;
             // The last call out: handles given up meanwhile go back.
             let released = if st.inflight.is_empty() {
                 std::mem::take(&mut st.released)
@@ -1077,7 +1078,7 @@ impl Routes {
         self.calls.lock().remove(&task_id);
         sent.state.finish();
         rt.forget_task(task_id);
-        if let (1.., Some(route), Some(up)) = (released, route, rt.mode.upstream()) {
+        if let (1.., Some((route, _)), Some(up)) = (released, route, rt.mode.upstream()) {
             up.released_actor(route.actor, released);
             crate::actor::forget_route_unless_held(rt, route.actor);
         }
@@ -1097,8 +1098,8 @@ impl Routes {
             self.calls
                 .lock()
                 .values()
-                .filter(|r| r.to.endpoint == endpoint)
-                .cloned(),
+                .filter(|(r, _)| r.to.endpoint == endpoint)
+                .map(|(r, _)| r.clone()),
         );
         routes.sort_by_key(|r| Arc::as_ptr(r) as usize);
         routes.dedup_by(|a, b| Arc::ptr_eq(a, b));
@@ -1115,7 +1116,6 @@ impl Routes {
     fn fail_over(&self, rt: &Arc<Inner>, up: &Upstream, route: &Route, st: &mut RouteState) {
         st.broken = true;
         st.out = None;
-        st.seq.clear();
         let lost = std::mem::take(&mut st.inflight);
         for (_, sent) in lost {
             let task_id = sent.state.id;

@@ -154,7 +154,7 @@ impl Replies {
 pub(crate) struct Upstream {
     replies: Replies,
     /// Calls sent and not answered yet.
-    pending: Mutex<HashMap<TaskId, Arc<TaskState>>>,
+    pending: Mutex<HashMap<TaskId, Arc<TaskState>, crate::ids::IdHash>>,
     /// Orders messages after the `Put`s of the objects they name.
     sharing: Mutex<()>,
     /// Who reads the connection.
@@ -175,9 +175,9 @@ pub(crate) struct Upstream {
     /// Tasks whose blocking the owner knows under another id: a task run
     /// on a lease (the lease's), a child run by its blocked parent (the
     /// parent's).
-    reported: Mutex<HashMap<TaskId, Reported>>,
+    reported: Mutex<HashMap<TaskId, Reported, crate::ids::IdHash>>,
     /// The sync tasks pushed here on each lease, run one at a time.
-    on_lease: Mutex<HashMap<TaskId, LeaseHere>>,
+    on_lease: Mutex<HashMap<TaskId, LeaseHere, crate::ids::IdHash>>,
     /// Tasks cancelled by the worker that leased this one before their
     /// push arrived (the newest [`EARLY_CANCELS`]).
     early_cancels: Mutex<EarlyCancels>,
@@ -842,12 +842,12 @@ fn complete(rt: &Arc<Inner>, id: ObjectId, outcome: WireOutcome) {
 struct Worker {
     rt: Arc<Inner>,
     /// Function tasks running here, for cancellation.
-    running: Mutex<HashMap<TaskId, Arc<TaskState>>>,
+    running: Mutex<HashMap<TaskId, Arc<TaskState>, crate::ids::IdHash>>,
     /// The actors this worker hosts, by their owner's id (one, in practice).
-    actors: Mutex<HashMap<ActorId, RawActor>>,
+    actors: Mutex<HashMap<ActorId, RawActor, crate::ids::IdHash>>,
     /// Actor calls in progress: the owner's task id → the local call's
     /// object.
-    calls: Mutex<HashMap<TaskId, RawRef>>,
+    calls: Mutex<HashMap<TaskId, RawRef, crate::ids::IdHash>>,
     /// The way to the owner.
     up: Arc<Upstream>,
 }

@@ -87,11 +87,11 @@ impl std::fmt::Debug for Submitter {
 struct State {
     shapes: HashMap<ResourceSet, Shape>,
     /// Lease requests out: the shape each is for.
-    requests: HashMap<TaskId, ResourceSet>,
+    requests: HashMap<TaskId, ResourceSet, crate::ids::IdHash>,
     /// Leases held.
-    leases: HashMap<TaskId, Arc<Lease>>,
+    leases: HashMap<TaskId, Arc<Lease>, crate::ids::IdHash>,
     /// Where each task submitted here and not finished is.
-    tasks: HashMap<TaskId, Place>,
+    tasks: HashMap<TaskId, Place, crate::ids::IdHash>,
 }
 
 /// Where a task is.
@@ -145,7 +145,7 @@ struct Lease {
     per_task_ns: AtomicU64,
     /// The tasks pushed on it, each with what its spec names (kept alive
     /// until the answer), when it went, and how many were ahead of it.
-    running: Mutex<HashMap<TaskId, Sent>>,
+    running: Mutex<HashMap<TaskId, Sent, crate::ids::IdHash>>,
     /// The connection failed: what is pushed from now on fails over.
     gone: std::sync::atomic::AtomicBool,
 }
@@ -549,7 +549,7 @@ impl Submitter {
                     inflight: AtomicUsize::new(0),
                     depth: AtomicUsize::new(1),
                     per_task_ns: AtomicU64::new(0),
-                    running: Mutex::new(HashMap::new()),
+                    running: Mutex::new(HashMap::default()),
                     gone: std::sync::atomic::AtomicBool::new(false),
                 });
                 let actions = {
