@@ -629,13 +629,7 @@ impl Leased {
                 match owner {
                     Some(rt) => {
                         let spec = Value::from_bytes(spec, "TaskSpec");
-                        // The call's result is kept for the worker, so a
-                        // reference to it may leave the worker.
-                        if let Some(r) =
-                            crate::actor::call_for_worker(&rt, actor_id, task_id, &spec, attempted, reply)
-                        {
-                            self.keep_for(r);
-                        }
+                        crate::actor::call_for_worker(&rt, actor_id, task_id, &spec, attempted, reply);
                         self.tell_route(&rt, actor_id);
                     }
                     None => reply(Err(Error::Shutdown)),

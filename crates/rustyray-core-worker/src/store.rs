@@ -187,18 +187,6 @@ impl Store {
         Ok(())
     }
 
-    /// Counts one more count the owner process keeps on object `id` for
-    /// this one (it keeps an object this process put or submitted).
-    pub(crate) fn kept_upstream(&self, id: ObjectId) -> Result<()> {
-        match self.shard(id).lock().get_mut(&id) {
-            Some(entry) => {
-                entry.lent += 1;
-                Ok(())
-            }
-            None => Err(self.missing(id)),
-        }
-    }
-
     /// Hands an object that only this process holds to the owner process:
     /// counts the count the owner will keep for this one, and returns the
     /// value (or the error it failed with) to send it, or `Ok(None)` for

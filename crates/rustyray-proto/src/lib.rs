@@ -56,7 +56,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub mod service;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 8;
+pub const PROTOCOL_VERSION: u16 = 9;
 
 /// The first bytes of every `Hello`.
 pub const MAGIC: [u8; 4] = *b"RRAY";
@@ -200,8 +200,8 @@ pub enum Message {
         value: WireOutcome,
     },
     /// Worker → owner: the worker dropped its last reference to an object
-    /// the owner keeps counts on for it: one per `Put`, `PutPending` or
-    /// `CallActor` that made it, and one per time the owner lent it (a
+    /// the owner keeps counts on for it: one per `Put` or `PutPending`
+    /// that handed it over, and one per time the owner lent it (a
     /// reference inside a value the owner sent). The owner drops `count` of them. Not
     /// idempotent: each count is given back once. A worker that dies has
     /// its counts dropped for it.
@@ -290,9 +290,11 @@ pub enum Message {
     /// Worker → owner: a call, made by code running in the worker, on an
     /// actor of the owner (whose handle the worker received). The owner
     /// runs it as if it had made it and answers `ObjectReady` for
-    /// `task_id` (minted by the worker) with its outcome, and keeps the
-    /// call's result for the worker until `Release`. Not idempotent. If
-    /// the worker dies first, the answer is dropped.
+    /// `task_id` (minted by the worker) with its outcome. The result is
+    /// the worker's, as a direct call's is: the owner keeps nothing once it
+    /// answered (a reference to it that leaves the worker is handed over
+    /// as the worker's other objects are, `PutPending`/`Put`). Not
+    /// idempotent. If the worker dies first, the answer is dropped.
     CallActor {
         /// The owner's actor.
         actor_id: ActorId,

@@ -290,8 +290,11 @@ fn call_then_let_go(
     (0..n).map(|_| c.next(nap_ms)).collect()
 }
 
+/// A call's result: the process that ran it and its number there.
+type OneCall = (u32, u64);
+
 /// Calls' results: the process that ran each and its number there.
-type Numbered = Vec<(u32, u64)>;
+type Numbered = Vec<OneCall>;
 
 /// Makes `rounds` rounds of `n` calls on `c`, each waited for before the
 /// next; the actor starts only once the first round is out (the handle
@@ -337,6 +340,27 @@ fn pass_references(
     let b = ray.get(&c.sum(&from_driver, vec![inner.clone()])?)?;
     let read = ray.get(&inner)?;
     Ok((a, b, read, rustyray::__private::direct_calls() - before))
+}
+
+/// Makes two calls on `c` that go through the owner (the actor starts
+/// only once they are out), lets it start, reads the first when `read`
+/// and returns both: handed to the driver done or still out. Returns how
+/// many went straight to the actor's process too.
+#[rustyray::remote]
+fn call_through_the_owner_and_hand_over(
+    c: ActorHandle<Late>,
+    go: String,
+    read: bool,
+) -> rustyray::Result<(Vec<ObjectRef<OneCall>>, u64)> {
+    let ray = rustyray::current()?;
+    let before = rustyray::__private::direct_calls();
+    let refs = vec![c.next()?, c.next()?];
+    let direct = rustyray::__private::direct_calls() - before;
+    std::fs::write(&go, b"").map_err(|e| rustyray::Error::InvalidArgument(e.to_string()))?;
+    if read {
+        ray.get(&refs[0])?;
+    }
+    Ok((refs, direct))
 }
 
 /// A counter restarted once after its process dies, its calls retried
@@ -570,5 +594,25 @@ fn a_result_handed_over_pending_survives_the_fail_over_of_its_call() -> rustyray
     let (pid, n) = ray.get_timeout(&refs[0], LONG)?;
     assert_ne!(pid, first, "it ran again in the restarted process");
     assert_eq!(n, 1);
+    Ok(())
+}
+
+#[test]
+fn results_of_calls_through_the_owner_are_the_workers_and_can_be_handed_on() -> rustyray::Result<()> {
+    let ray = process_runtime();
+    let dir = scratch("through-owner-hand-over");
+    for (i, read) in [false, true].into_iter().enumerate() {
+        let go = dir.join(format!("go{i}")).display().to_string();
+        let c = Late::remote(&ray, go.clone())?;
+        let task = call_through_the_owner_and_hand_over::remote(&ray, c.clone(), go, read)?;
+        let (refs, direct) = ray.get_timeout(&task, LONG)?;
+        assert_eq!(direct, 0, "the calls should go through the owner");
+        // The driver kept nothing for the worker: each result reaches it
+        // as the worker's object, handed over when it left the worker.
+        let got = ray.get_many(&refs)?;
+        assert_eq!(got.iter().map(|r| r.1).collect::<Vec<_>>(), vec![1, 2]);
+        drop(refs);
+        assert_eq!(ray.get_timeout(&c.next()?, LONG)?.1, 3);
+    }
     Ok(())
 }

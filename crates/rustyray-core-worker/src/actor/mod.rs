@@ -1416,8 +1416,8 @@ pub(crate) fn routed_for_worker(rt: &Arc<Inner>, actor_id: ActorId) -> Option<cr
 }
 
 /// Runs a call a worker process sent for one of this owner's actors, and
-/// hands its outcome to `reply` once it completes; returns the call's
-/// object, if it was submitted.
+/// hands its outcome to `reply` once it completes. The result is the
+/// worker's: the call's object here lives until it is answered.
 pub(crate) fn call_for_worker(
     rt: &Arc<Inner>,
     actor_id: ActorId,
@@ -1425,7 +1425,7 @@ pub(crate) fn call_for_worker(
     spec: &Value,
     attempted: bool,
     reply: Reply,
-) -> Option<RawRef> {
+) {
     let submitted = (|| -> Result<RawRef> {
         let spec = TaskSpec::from_bytes(spec, rt, &rt.registry)?;
         let Target::Method(_, method) = spec.target else {
@@ -1462,14 +1462,8 @@ pub(crate) fn call_for_worker(
         Ok(ret)
     })();
     match submitted {
-        Ok(r) => {
-            reply_when_done(rt, r.clone(), reply);
-            Some(r)
-        }
-        Err(e) => {
-            reply(Err(e));
-            None
-        }
+        Ok(r) => reply_when_done(rt, r, reply),
+        Err(e) => reply(Err(e)),
     }
 }
 

@@ -1008,7 +1008,7 @@ impl Routes {
             (Some(o), false) => o.clone(),
             _ => {
                 drop(st);
-                up.relay(rt, &state, &ret, actor, bytes, false)?;
+                up.send_relayed(&state, actor, bytes, false);
                 return Ok(Ok(ret));
             }
         };
@@ -1151,15 +1151,8 @@ impl Routes {
             rt.forget_task(task_id);
             return;
         }
-        let ret = task_id.return_object();
-        let wanted = rt.store.kept_upstream(ret).is_ok();
         // Counted as any call through the owner: a route this process
         // learns again (a new proxy, after this one went) waits for it.
         up.send_relayed(&sent.state, route.actor, sent.spec, true);
-        if !wanted {
-            // Nobody here wants the result any more: the owner drops what
-            // it keeps for it as soon as it made it.
-            up.released(ret, 1);
-        }
     }
 }

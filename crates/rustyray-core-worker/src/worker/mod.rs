@@ -329,9 +329,14 @@ impl Upstream {
     }
 
     /// Whether `id` is the result of this process's own work still out (a
-    /// direct call, or a task submitted here).
+    /// call, straight to the actor or through the owner, or a task
+    /// submitted here).
     pub(crate) fn is_out(&self, id: ObjectId) -> bool {
-        self.routes.is_out(id) || self.submitter.is_out(id)
+        let relayed = || {
+            let task = id.task();
+            task.return_object() == id && self.pending.lock().contains_key(&task)
+        };
+        self.routes.is_out(id) || self.submitter.is_out(id) || relayed()
     }
 
     /// Records (`Some`) or forgets the id task `task` blocks under.
@@ -397,24 +402,6 @@ impl Upstream {
         }
         let under = self.reported_as(ctx.task.id);
         self.submitter.help(self, rt, id, ctx.cpu(), under)
-    }
-
-    /// Sends a call on the owner's actor to the owner (see
-    /// `Message::CallActor`); its result is kept there for this process.
-    fn relay(
-        &self,
-        rt: &Arc<Inner>,
-        state: &Arc<TaskState>,
-        ret: &RawRef,
-        actor_id: ActorId,
-        spec: Vec<u8>,
-        attempted: bool,
-    ) -> Result<()> {
-        rt.store
-            .kept_upstream(ret.id())
-            .inspect_err(|_| rt.forget_task(state.id))?;
-        self.send_relayed(state, actor_id, spec, attempted);
-        Ok(())
     }
 
     /// Sends call `state` on the owner's actor `actor_id` through the
@@ -742,7 +729,7 @@ impl Upstream {
         let (_named, bytes) = self
             .spec_for_owner(rt, &spec)
             .inspect_err(|_| rt.forget_task(state.id))?;
-        self.relay(rt, &state, &ret, actor_id, bytes, false)?;
+        self.send_relayed(&state, actor_id, bytes, false);
         Ok(ret)
     }
 
