@@ -15,6 +15,14 @@
 //! worker; the node keeps the shared-memory side (allocations for results,
 //! pins, `Unpin`) to itself.
 //!
+//! The owner also borrows from each worker the objects that are the
+//! worker's own (their ids carry the worker's tag, see `Listening`) when a
+//! message of the worker names them: one count per message, given back
+//! ([`Owner::give_back`]) when the owner's last reference goes; their
+//! values are asked of the worker when first looked at
+//! ([`Owner::fetch`]); those not fetched when the worker dies fail with
+//! `OwnerDied`.
+//!
 //! # Order at a worker's death
 //!
 //! The node marks the worker dead, reaps it, releases its pins, then calls
@@ -48,6 +56,9 @@ pub struct Owner {
     shm: Arc<NodeStore>,
     /// Every worker's peer by process id, for a `Lend` naming it.
     peers: Mutex<HashMap<u32, Weak<Leased>>>,
+    /// Every worker's peer by the tag its ids carry, for what the owner
+    /// borrows from it, with its process id (to name it once it is gone).
+    by_tag: Mutex<HashMap<u64, (Weak<Leased>, u32)>>,
     /// `Fetch`es of objects not here yet, by object (see [`Owner::park`]).
     parked: Mutex<HashMap<ObjectId, Vec<crate::actor::Reply>, crate::ids::IdHash>>,
 }
@@ -68,6 +79,7 @@ impl Owner {
             rt: OnceLock::new(),
             shm,
             peers: Mutex::new(HashMap::new()),
+            by_tag: Mutex::new(HashMap::new()),
             parked: Mutex::new(HashMap::default()),
         })
     }
@@ -78,8 +90,8 @@ impl Owner {
     }
 
     /// Holds `reply` to a `Fetch` of object `id`, which is not here yet: a
-    /// worker that passed a reference straight to another worker sent the
-    /// object (`Put`, or the task that makes it) on its own connection,
+    /// worker that passed a reference straight to another worker lent the
+    /// object (`Lend`, or the task that makes it) on its own connection,
     /// which may be read after the receiver's `Fetch`. Answered when the
     /// object comes ([`Owner::unpark`]), or `ObjectLost` after
     /// [`PARK_TIME`].
@@ -120,6 +132,37 @@ impl Owner {
         }
     }
 
+    /// The worker whose ids carry `tag`, while it is connected.
+    fn lender(&self, tag: u64) -> Option<Arc<Leased>> {
+        self.by_tag.lock().get(&tag).and_then(|(w, _)| w.upgrade())
+    }
+
+    /// Asks the worker that owns object `id` (it lent it here) for its
+    /// value; a worker that is gone fails it with `OwnerDied`.
+    pub(crate) fn fetch(&self, id: ObjectId) {
+        let lender = self.lender(id.owner()).filter(|w| !w.is_dead());
+        if lender.is_some_and(|w| w.send(&Message::Fetch { id })) {
+            return;
+        }
+        if let Some(rt) = self.runtime() {
+            let pid = self.by_tag.lock().get(&id.owner()).map(|(_, pid)| *pid);
+            let owner = pid.map_or_else(
+                || "a worker process that is gone".to_owned(),
+                |pid| format!("worker process {pid}"),
+            );
+            rt.store
+                .complete(id, Err(Error::OwnerDied { object_id: id, owner }));
+        }
+    }
+
+    /// Gives back to the worker that owns object `id` the `count` counts
+    /// this process borrowed it with (its last reference here went).
+    pub(crate) fn give_back(&self, id: ObjectId, count: u32) {
+        if let Some(w) = self.lender(id.owner()) {
+            w.send(&Message::Release { id, count });
+        }
+    }
+
     /// The node's shared-memory store, as this owner writes to it.
     pub(crate) fn shm(&self) -> &Arc<NodeStore> {
         &self.shm
@@ -147,7 +190,7 @@ impl OwnerService for Owner {
             leases: Mutex::new(HashMap::default()),
             lessor: Mutex::new(None),
             created: Mutex::new(Vec::new()),
-            pending_puts: Mutex::new(std::collections::HashSet::new()),
+            tag: OnceLock::new(),
             routed: Mutex::new(std::collections::HashSet::new()),
         });
         let mut peers = self.peers.lock();
@@ -176,7 +219,7 @@ struct Ledger {
 /// from another worker (lent with `Lend`, which that worker sends to this
 /// owner) may give it back before the `Lend` is read. The value is held
 /// while the count is above zero.
-struct Counts<K, V> {
+pub(crate) struct Counts<K, V> {
     held: HashMap<K, (Option<V>, i64)>,
     /// Keys whose count is below zero (bounded: see [`Counts::release`]).
     owed: usize,
@@ -199,7 +242,7 @@ impl<K: std::hash::Hash + Eq + Copy + std::fmt::Debug, V> Counts<K, V> {
     /// Counts one more for `key`; `value` makes what the count keeps
     /// alive, when it is the first (it is not called for a count that only
     /// pays a debt back, nor when a value is kept already).
-    fn lend_with(&mut self, key: K, value: impl FnOnce() -> Option<V>) {
+    pub(crate) fn lend_with(&mut self, key: K, value: impl FnOnce() -> Option<V>) {
         let entry = self.held.entry(key).or_insert((None, 0));
         let was = entry.1;
         entry.1 += 1;
@@ -222,7 +265,7 @@ impl<K: std::hash::Hash + Eq + Copy + std::fmt::Debug, V> Counts<K, V> {
     /// [`Counts::lend_with`] with `value` at hand; returns it when it was
     /// not kept, for the caller to drop outside the lock (dropping the
     /// last handle on an object frees what it refers to).
-    fn lend(&mut self, key: K, value: V) -> Option<V> {
+    pub(crate) fn lend(&mut self, key: K, value: V) -> Option<V> {
         let mut slot = Some(value);
         self.lend_with(key, || slot.take());
         slot
@@ -230,7 +273,7 @@ impl<K: std::hash::Hash + Eq + Copy + std::fmt::Debug, V> Counts<K, V> {
 
     /// Takes `count` back for `key`; returns the value once no count is
     /// left, for the caller to drop outside the lock.
-    fn release(&mut self, key: K, count: u32) -> Option<V> {
+    pub(crate) fn release(&mut self, key: K, count: u32) -> Option<V> {
         let count = i64::from(count);
         match self.held.get_mut(&key) {
             Some(entry) if entry.1 > count => {
@@ -288,10 +331,9 @@ pub struct Leased {
     /// The actors code in this worker created, not detached: they end
     /// with it.
     created: Mutex<Vec<ActorId>>,
-    /// Objects of the worker's own that it handed over before they were
-    /// made (`PutPending`), until its `Put` completes them: if it dies
-    /// first they fail with `OwnerDied`.
-    pending_puts: Mutex<std::collections::HashSet<ObjectId>>,
+    /// The tag the worker's ids carry (`Listening`): objects whose ids
+    /// carry it are the worker's own, borrowed from it.
+    tag: OnceLock<u64>,
     /// Actors whose route the worker was told (`Route`), after it made
     /// calls on them through the owner.
     routed: Mutex<std::collections::HashSet<ActorId>>,
@@ -462,15 +504,37 @@ impl Leased {
         true
     }
 
-    /// Keeps `r` for the worker (an object it put or a task it submitted)
-    /// until it gives the count back.
-    fn keep_for(&self, r: RawRef) {
-        self.owner.unpark(&r);
-        let spare = match self.ledger.lock().as_mut() {
-            Some(ledger) => ledger.borrows.lend(r.id(), r),
-            None => Some(r),
+    /// Borrows from the worker the objects of its own among `ids` (one
+    /// count each: a message of its lent them here), before what names
+    /// them is taken. The returned references hold them until then.
+    fn borrow_lent(&self, rt: &Arc<Inner>, ids: &[ObjectId]) -> Vec<RawRef> {
+        let Some(&tag) = self.tag.get() else {
+            return Vec::new();
         };
-        drop(spare);
+        let mut held = Vec::new();
+        for &id in ids.iter().filter(|id| id.owner() == tag) {
+            match rt.store.borrow(id) {
+                Ok(()) => {
+                    let r = RawRef::adopt(id, rt.clone());
+                    // A worker that asked for it before it came gets it now.
+                    self.owner.unpark(&r);
+                    held.push(r);
+                }
+                // Shutting down: the count goes back at once.
+                Err(_) => {
+                    self.send(&Message::Release { id, count: 1 });
+                }
+            }
+        }
+        held
+    }
+
+    /// [`Leased::borrow_lent`] for what an outcome names.
+    fn borrow_named(&self, rt: &Arc<Inner>, outcome: &WireOutcome) -> Vec<RawRef> {
+        match outcome {
+            WireOutcome::Value { refs, .. } if !refs.is_empty() => self.borrow_lent(rt, refs),
+            _ => Vec::new(),
+        }
     }
 
     /// Counts for this worker what another worker lent it (`Lend`).
@@ -612,6 +676,9 @@ impl Leased {
         let owner = self.owner.runtime();
         match msg {
             Message::TaskDone { task_id, outcome } => {
+                // What the worker lent with it is borrowed before the value
+                // is taken (and given back if nobody takes it).
+                let _held = owner.as_ref().map(|rt| self.borrow_named(rt, &outcome));
                 let done = self.inflight.lock().remove(&task_id);
                 match (done, outcome) {
                     (Some(done), outcome) => done(Ok(outcome)),
@@ -623,11 +690,13 @@ impl Leased {
                 actor_id,
                 task_id,
                 spec,
+                refs,
                 attempted,
             } => {
                 let reply = self.object_ready(task_id);
                 match owner {
                     Some(rt) => {
+                        let _held = self.borrow_lent(&rt, &refs);
                         let spec = Value::from_bytes(spec, "TaskSpec");
                         crate::actor::call_for_worker(&rt, actor_id, task_id, &spec, attempted, reply);
                         self.tell_route(&rt, actor_id);
@@ -648,66 +717,16 @@ impl Leased {
                     rt.take_back(&cpu);
                 }
             }
-            Message::PutPending { id } => {
-                let Some(rt) = owner else { return Ok(()) };
-                // A call failed over from a direct route may have made the
-                // object here first (it raced this message): joined.
-                let kept = match RawRef::acquire(id, rt.clone()) {
-                    Ok(r) => Ok(r),
-                    Err(_) => rt
-                        .store
-                        .create_pending(id)
-                        .map(|()| RawRef::adopt(id, rt.clone())),
-                };
-                match kept {
-                    Ok(r) => {
-                        // Even when made already: the worker's `Put` that
-                        // follows must find it (and is dropped then).
-                        self.pending_puts.lock().insert(id);
-                        self.keep_for(r);
-                    }
-                    Err(e) => {
-                        tracing::warn!(object = %id, error = %e, "could not keep a worker's pending object")
-                    }
-                }
-            }
-            // The object handed over pending is made: completed here, unless
-            // a failed-over call made it first (then the copy goes).
-            Message::Put { id, value } if self.pending_puts.lock().remove(&id) => {
-                match owner.filter(|rt| !rt.store.is_complete(id)) {
-                    Some(rt) => match value_from_wire(value, &rt) {
-                        Ok(v) => rt.publish(id, v),
-                        Err(e) => rt.store.complete(id, Err(e)),
-                    },
-                    None => self.discard(value),
-                }
-            }
-            Message::Put { id, value } => {
-                let Some(rt) = owner else {
-                    self.discard(value);
-                    return Ok(());
-                };
-                let kept = match value_from_wire(value, &rt) {
-                    Ok(v) => rt.put_for_worker(id, v),
-                    // An object that failed where it was made (a call's
-                    // error) fails here too.
-                    Err(e) => rt.put_failure_for_worker(id, e),
-                };
-                match kept {
-                    Ok(r) => self.keep_for(r),
-                    Err(e) => {
-                        tracing::warn!(object = %id, error = %e, "could not keep a worker's object")
-                    }
-                }
-            }
             Message::Release { id, count } => drop(self.release(id, count)),
             Message::ReleaseActor { actor, count } => drop(self.release_actor(actor, count)),
             Message::SpawnActor {
                 task_id,
                 spec,
+                refs,
                 options,
             } => {
                 let reply = self.object_ready(task_id);
+                let _held = owner.as_ref().map(|rt| self.borrow_lent(rt, &refs));
                 let created = owner.clone().ok_or(Error::Shutdown).and_then(|rt| {
                     crate::actor::spawn_for_worker(&rt, &Value::from_bytes(spec, "TaskSpec"), &options)
                 });
@@ -748,6 +767,7 @@ impl Leased {
                 }
             }
             Message::Answer { to, task_id, outcome } => {
+                let _held = owner.as_ref().map(|rt| self.borrow_named(rt, &outcome));
                 let to = self.owner.peers.lock().get(&to).and_then(Weak::upgrade);
                 let (Some(to), Some(rt)) = (to, owner) else {
                     // The caller is gone: what the answer holds goes too.
@@ -787,7 +807,15 @@ impl Leased {
                     let _ = rt.cancel(task_id.return_object(), opts);
                 }
             }
-            Message::Listening { endpoint } => {
+            Message::Listening { endpoint, tag } => {
+                if self.tag.set(tag).is_ok() {
+                    let mut by_tag = self.owner.by_tag.lock();
+                    // Swept as `peers` is (see `attach`).
+                    if by_tag.len() >= 64 && by_tag.len().is_power_of_two() {
+                        by_tag.retain(|_, (w, _)| w.strong_count() > 0);
+                    }
+                    by_tag.insert(tag, (Arc::downgrade(self), self.pid()));
+                }
                 let _ = self.endpoint.set(endpoint);
                 self.listening.notify_waiters();
             }
@@ -806,9 +834,26 @@ impl Leased {
                 }
             }
             Message::Lend { to, refs, actors } => {
+                // The sender's own objects are borrowed from it first (and
+                // given back at once if the receiver is gone).
+                let _held = owner.as_ref().map(|rt| self.borrow_lent(rt, &refs));
                 let to = self.owner.peers.lock().get(&to).and_then(Weak::upgrade);
                 if let (Some(to), Some(rt)) = (to, owner) {
                     to.lent_by_peer(&rt, &refs, &actors);
+                }
+            }
+            // The value of an object of the worker's own that this process
+            // borrows and asked for.
+            Message::Fetched { id, outcome } => {
+                let _held = owner.as_ref().map(|rt| self.borrow_named(rt, &outcome));
+                match owner {
+                    // Never waiting here for room: this thread reads the
+                    // releases that make it.
+                    Some(rt) => match value_from_wire(outcome, &rt) {
+                        Ok(v) => rt.publish(id, v),
+                        Err(e) => rt.store.complete(id, Err(e)),
+                    },
+                    None => self.discard(outcome),
                 }
             }
             other => return Err(format!("unexpected message from a worker: {other:?}")),
@@ -844,17 +889,14 @@ impl WorkerPeer for Leased {
 
     fn lost(&self, why: &str) {
         self.end_leases();
-        // What it handed over before making it will never be made.
-        let pending = std::mem::take(&mut *self.pending_puts.lock());
-        if let Some(rt) = self.owner.runtime() {
+        // What this process borrows from it and has not got is lost with
+        // it (Ray's `OwnerDiedError`).
+        if let (Some(rt), Some(&tag)) = (self.owner.runtime(), self.tag.get()) {
             let owner = format!("worker process {}", self.pid());
-            for id in pending {
-                let died = Error::OwnerDied {
-                    object_id: id,
-                    owner: owner.clone(),
-                };
-                rt.store.complete(id, Err(died));
-            }
+            rt.store.fail_owned_by(tag, |id| Error::OwnerDied {
+                object_id: id,
+                owner: owner.clone(),
+            });
         }
         // The actors it owns go with it.
         let created = std::mem::take(&mut *self.created.lock());

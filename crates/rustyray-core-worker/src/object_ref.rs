@@ -31,12 +31,10 @@ struct RefHandle {
 
 impl Drop for RefHandle {
     fn drop(&mut self) {
-        // Counts the owner process kept for this one go back with the
-        // last handle (only in a worker process are there any).
+        // Counts another process keeps on the object for this one (it lent
+        // the object here) go back with the last handle.
         if let Some(lent @ 1..) = self.rt.store.release(self.id) {
-            if let Some(up) = self.rt.mode.upstream() {
-                up.released(self.id, lent);
-            }
+            self.rt.mode.give_back(self.id, lent);
         }
     }
 }

@@ -471,6 +471,9 @@ pub(crate) enum Mode {
 pub(crate) struct NodeLink {
     /// The node manager it leases worker processes from.
     manager: Arc<dyn NodeManager<Leased>>,
+    /// The owner the node's workers answer to (which also borrows their
+    /// objects).
+    owner: Arc<Owner>,
     /// The node's shared-memory store.
     shm: Arc<NodeStore>,
     /// Where the workers' logs go.
@@ -546,6 +549,17 @@ impl Mode {
         match self {
             Mode::Worker(up) => Some(up),
             Mode::Threads | Mode::Node(_) => None,
+        }
+    }
+
+    /// Gives back the `count` counts this process borrowed object `id`
+    /// with to its owner (its last reference here went): a worker's owner
+    /// is its uplink, a driver's the worker that owns the object.
+    pub(crate) fn give_back(&self, id: ObjectId, count: u32) {
+        match self {
+            Mode::Worker(up) => up.released(id, count),
+            Mode::Node(n) => n.owner.give_back(id, count),
+            Mode::Threads => {}
         }
     }
 
@@ -754,9 +768,10 @@ impl Inner {
                     return Err(Error::invalid("the node daemon did not name its owner"));
                 };
                 let shm = made.shm().clone();
-                owner = Some(made);
+                owner = Some(made.clone());
                 Mode::Node(NodeLink {
                     manager: parts.manager,
+                    owner: made,
                     shm,
                     log_dir: parts.log_dir,
                     session_dir: parts.session_dir,
@@ -785,6 +800,10 @@ impl Inner {
         });
         if let Some(owner) = owner {
             owner.set_runtime(&inner);
+            // Objects borrowed from workers are asked of them when first
+            // looked at.
+            let lender = owner.clone();
+            inner.store.set_fetch(Box::new(move |id| lender.fetch(id)));
         }
         Ok(inner)
     }
@@ -824,6 +843,14 @@ impl Inner {
         let mut failed = None;
         for &id in ids {
             let r = match up {
+                // Its own object, lent back by the owner (which borrows it
+                // from here): held here as any of its own, and the owner's
+                // count goes back at once (this process keeps it alive).
+                Some(up) if id.owner() == self.ids.owner() => {
+                    let r = RawRef::acquire(id, self.clone());
+                    up.released(id, 1);
+                    r
+                }
                 Some(up) => self
                     .store
                     .borrow(id)
@@ -897,31 +924,6 @@ impl Inner {
         }));
         measured
             .map_err(|p| Error::Serialization(format!("Serialize panicked: {}", panic_message(p.as_ref()))))?
-    }
-
-    /// Keeps object `id`, put by a worker process, without waiting: when
-    /// the store has no room yet, the object is pending until room comes
-    /// (see [`Self::complete_later`]), so whoever hands it over can go on
-    /// meanwhile — e.g. reading the `Release` that frees the room.
-    pub(crate) fn put_for_worker(self: &Arc<Self>, id: ObjectId, v: Value) -> Result<RawRef> {
-        self.check_open()?;
-        let (v, size) = self.measure(v)?;
-        if self.store.try_reserve(size) {
-            self.store.insert_ready(id, v, size)?;
-            return Ok(RawRef::adopt(id, self.clone()));
-        }
-        self.store.create_pending(id)?;
-        self.complete_later(id, v, size);
-        Ok(RawRef::adopt(id, self.clone()))
-    }
-
-    /// Keeps an object that failed in a worker (its error) for it, as
-    /// [`Inner::put_for_worker`] keeps a value.
-    pub(crate) fn put_failure_for_worker(self: &Arc<Self>, id: ObjectId, e: Error) -> Result<RawRef> {
-        self.check_open()?;
-        self.store.create_pending(id)?;
-        self.store.complete(id, Err(e));
-        Ok(RawRef::adopt(id, self.clone()))
     }
 
     /// Completes the pending object `id` with a task's or call's value.

@@ -187,45 +187,6 @@ impl Store {
         Ok(())
     }
 
-    /// Hands an object that only this process holds to the owner process:
-    /// counts the count the owner will keep for this one, and returns the
-    /// value (or the error it failed with) to send it, or `Ok(None)` for
-    /// one not made yet (it is handed over pending: in a worker, an object
-    /// no owner keeps and not made yet is always its own work under way).
-    /// One look, so an object that completes meanwhile is handed over
-    /// either way. `None` when the owner already keeps the object (or lent
-    /// it). The caller sends the value, or gives the count back with
-    /// [`Store::unshare`].
-    pub(crate) fn share_maybe_pending(&self, id: ObjectId) -> Option<Result<Option<Value>>> {
-        match self.shard(id).lock().get_mut(&id) {
-            Some(Entry {
-                state: State::Ready(v, _),
-                lent: lent @ 0,
-                ..
-            }) => {
-                *lent = 1;
-                Some(Ok(Some(v.clone())))
-            }
-            Some(Entry {
-                state: State::Failed(e),
-                lent: lent @ 0,
-                ..
-            }) => {
-                *lent = 1;
-                Some(Err((**e).clone()))
-            }
-            Some(Entry {
-                state: State::Pending(_),
-                lent: lent @ 0,
-                ..
-            }) => {
-                *lent = 1;
-                Some(Ok(None))
-            }
-            _ => None,
-        }
-    }
-
     /// Joins a pending object another message already made here (one more
     /// reference on it), or makes it. Errors when it exists and is done.
     pub(crate) fn join_pending(&self, id: ObjectId) -> Result<()> {
@@ -249,12 +210,27 @@ impl Store {
         self.create_pending(id)
     }
 
-    /// Undoes [`Store::share_maybe_pending`] for a value that could not be
-    /// sent.
-    pub(crate) fn unshare(&self, id: ObjectId) {
-        if let Some(e) = self.shard(id).lock().get_mut(&id) {
-            e.lent = e.lent.saturating_sub(1);
+    /// Fails every object this store borrows from the owner whose ids
+    /// carry `tag` and has no value of yet (its owner died): `err` makes
+    /// each one's error.
+    pub(crate) fn fail_owned_by(&self, tag: u64, err: impl Fn(ObjectId) -> Error) {
+        let mut woken = Vec::new();
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            for (id, entry) in shard.iter_mut() {
+                if id.owner() != tag || entry.lent == 0 {
+                    continue;
+                }
+                if matches!(entry.state, State::Pending(_) | State::Remote) {
+                    if let State::Pending(w) =
+                        std::mem::replace(&mut entry.state, State::Failed(Box::new(err(*id))))
+                    {
+                        woken.extend(w);
+                    }
+                }
+            }
         }
+        woken.into_iter().for_each(Waker::wake);
     }
 
     /// Frees a value, keeping its buffer for reuse when it is a large

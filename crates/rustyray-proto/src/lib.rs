@@ -56,7 +56,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub mod service;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 9;
+pub const PROTOCOL_VERSION: u16 = 10;
 
 /// The first bytes of every `Hello`.
 pub const MAGIC: [u8; 4] = *b"RRAY";
@@ -178,33 +178,14 @@ pub enum Message {
         /// Its offset in the arena, or the failure.
         slot: Result<u64, Error>,
     },
-    /// Worker → owner: an object of the worker's own that is not made yet
-    /// (the result of a task it leased out or of a call it sent straight
-    /// to an actor), sent when a reference to it first leaves the worker
-    /// and before any message that names it. The owner keeps it pending,
-    /// for the worker, until the worker's `Put` completes it; if the
-    /// worker dies first, the object fails with `OwnerDied`. Not
-    /// idempotent: sent once per object.
-    PutPending {
-        /// The object (minted by the worker).
-        id: ObjectId,
-    },
-    /// Worker → owner: an object put in the worker (`id` minted by the
-    /// worker), sent when a reference to it first leaves the worker and
-    /// always before any message that names it. The owner keeps it, for
-    /// the worker, until `Release`. Not idempotent: sent once per object.
-    Put {
-        /// The object.
-        id: ObjectId,
-        /// Its value, inline or in shared memory (`Stored`).
-        value: WireOutcome,
-    },
-    /// Worker → owner: the worker dropped its last reference to an object
-    /// the owner keeps counts on for it: one per `Put` or `PutPending`
-    /// that handed it over, and one per time the owner lent it (a
-    /// reference inside a value the owner sent). The owner drops `count` of them. Not
-    /// idempotent: each count is given back once. A worker that dies has
-    /// its counts dropped for it.
+    /// Borrower → owner: the borrower dropped its last reference to an
+    /// object of the owner's that the owner counts for it: one count per
+    /// time it was lent (a reference inside a message the owner sent, one
+    /// another worker lent it with `Lend`, or, from the node's owner to a
+    /// worker, one the worker lent it: an object of the worker's own that
+    /// a message of the worker named). The owner drops `count` of them.
+    /// Not idempotent: each count is given back once. A worker that dies
+    /// has its counts dropped for it.
     Release {
         /// The object.
         id: ObjectId,
@@ -232,6 +213,9 @@ pub enum Message {
         /// The constructor task's spec bytes (arguments inline or as
         /// object ids).
         spec: Vec<u8>,
+        /// The objects of the worker's own that the spec names, each lent
+        /// to the owner once (see `Lend`).
+        refs: Vec<ObjectId>,
         /// The creation's options.
         options: rustyray_common::ActorOptions,
     },
@@ -253,17 +237,19 @@ pub enum Message {
         /// Do not restart it.
         no_restart: bool,
     },
-    /// Worker → owner: code in the worker looked at an object the owner
-    /// lent it (it holds a count on it, so the object exists). The owner
-    /// answers `Fetched` once the object is complete. Idempotent: a second
-    /// answer for the same object is ignored.
+    /// Borrower → owner: code in the borrower looked at an object the
+    /// owner lent it (it holds a count on it, so the object exists). The
+    /// owner answers `Fetched` once the object is complete (a worker asked
+    /// by the node's owner for an object of its own answers from a pool
+    /// thread: a large value waits for its slot in shared memory).
+    /// Idempotent: a second answer for the same object is ignored.
     Fetch {
         /// The object.
         id: ObjectId,
     },
-    /// Owner → worker: the value (or error) of an object the worker asked
-    /// for with `Fetch`. Idempotent: the first answer completes the object
-    /// and later ones are dropped (releasing what they lend).
+    /// Owner → borrower: the value (or error) of an object the borrower
+    /// asked for with `Fetch`. Idempotent: the first answer completes the
+    /// object and later ones are dropped (releasing what they lend).
     Fetched {
         /// The object.
         id: ObjectId,
@@ -292,9 +278,9 @@ pub enum Message {
     /// runs it as if it had made it and answers `ObjectReady` for
     /// `task_id` (minted by the worker) with its outcome. The result is
     /// the worker's, as a direct call's is: the owner keeps nothing once it
-    /// answered (a reference to it that leaves the worker is handed over
-    /// as the worker's other objects are, `PutPending`/`Put`). Not
-    /// idempotent. If the worker dies first, the answer is dropped.
+    /// answered (a reference to it that leaves the worker is lent as the
+    /// worker's other objects are). Not idempotent. If the worker dies
+    /// first, the answer is dropped.
     CallActor {
         /// The owner's actor.
         actor_id: ActorId,
@@ -302,6 +288,9 @@ pub enum Message {
         task_id: TaskId,
         /// The call's spec bytes, arguments inline.
         spec: Vec<u8>,
+        /// The objects of the worker's own that the spec names, each lent
+        /// to the owner once (see `Lend`).
+        refs: Vec<ObjectId>,
         /// The call was sent straight to the actor's process once and lost
         /// with it: one attempt of its retries is spent.
         attempted: bool,
@@ -353,12 +342,17 @@ pub enum Message {
     Listening {
         /// The endpoint's name (a Unix socket in the abstract namespace).
         endpoint: String,
+        /// The tag in the upper half of the ids this process mints: the
+        /// objects whose ids carry it are this process's own.
+        tag: u64,
     },
     /// Worker → owner: lend the owner's objects and actors to worker `to`
     /// (by process id), which the sender is about to send a message naming
     /// them; counted for `to` as if the owner had sent the message, and
     /// given back by its `Release`/`ReleaseActor`, which may arrive first.
-    /// Not idempotent.
+    /// Objects of the sender's own among `refs` (their ids carry its tag)
+    /// the owner borrows from the sender first, one count each (the sender
+    /// lent them to it), and then lends to `to`. Not idempotent.
     Lend {
         /// The receiving worker.
         to: u32,
@@ -526,9 +520,12 @@ pub enum WireOutcome {
         type_name: String,
         /// The encoded value.
         bytes: Vec<u8>,
-        /// The objects it refers to, kept alive with the value: a worker
-        /// sends objects its owner holds for it; an owner lends its own
-        /// (counted until the worker's `Release`).
+        /// The objects it refers to, kept alive with the value, one entry
+        /// per reference. An owner lends its own to a worker (counted until
+        /// the worker's `Release`). A worker names objects its owner lent
+        /// it, and lends its own (those whose ids carry its tag, see
+        /// `Listening`): the owner borrows each from it, one count each,
+        /// given back with `Release`.
         refs: Vec<ObjectId>,
         /// The actors it holds handles to, kept alive with the value: all
         /// of them the owner's; an owner lends them (counted until the
@@ -1016,10 +1013,6 @@ mod tests {
             },
             Message::Unpin { id: 3 },
             Message::AbortObject { id: 3 },
-            Message::Put {
-                id: ObjectId::from_u128(13),
-                value: WireOutcome::Panicked("x".into()),
-            },
             Message::Release {
                 id: ObjectId::from_u128(13),
                 count: 2,
@@ -1034,6 +1027,7 @@ mod tests {
             Message::SpawnActor {
                 task_id: TaskId::from_u128(15),
                 spec: vec![1, 2],
+                refs: vec![ObjectId::from_u128(5)],
                 options: rustyray_common::ActorOptions::default(),
             },
             Message::GetActor {
@@ -1064,6 +1058,7 @@ mod tests {
                 actor_id: ActorId::from_u128(9),
                 task_id: TaskId::from_u128(12),
                 spec: vec![6],
+                refs: Vec::new(),
                 attempted: true,
             },
             Message::ActorCall {
@@ -1074,6 +1069,7 @@ mod tests {
             },
             Message::Listening {
                 endpoint: "rustyray-p-2-cd".into(),
+                tag: 0x1234,
             },
             Message::Answer {
                 to: 2,
@@ -1088,9 +1084,6 @@ mod tests {
                 task_id: TaskId::from_u128(13),
                 from: 4,
                 outcome: WireOutcome::Panicked("no".into()),
-            },
-            Message::PutPending {
-                id: ObjectId::from_u128(14),
             },
             Message::Lend {
                 to: 2,

@@ -1086,9 +1086,9 @@ fn read_messages<O: OwnerService>(
                 task_id,
                 outcome: seal_stored(w, outcome),
             },
-            Message::Put { id, value } => Message::Put {
+            Message::Fetched { id, outcome } => Message::Fetched {
                 id,
-                value: seal_stored(w, value),
+                outcome: seal_stored(w, outcome),
             },
             Message::Answer { to, task_id, outcome } => Message::Answer {
                 to,

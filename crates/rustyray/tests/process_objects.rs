@@ -22,9 +22,9 @@ fn byte_len(v: Vec<u8>) -> usize {
     v.len()
 }
 
-/// Hands the owner a second object while the owner's store is full of the
-/// first, then lets go of the first: the `Release` that makes room is
-/// queued behind the `Put` that needs it.
+/// Has the owner fetch a second object of this worker's while the owner's
+/// store is full of the first: the `Release` that makes room is read
+/// behind the value (`Fetched`) that needs it.
 #[rustyray::remote]
 fn put_while_full() -> rustyray::Result<usize> {
     let ray = rustyray::current()?;
@@ -524,8 +524,8 @@ fn objects_put_in_a_worker_stay_there_until_a_reference_leaves() -> rustyray::Re
     let dir = scratch("local-puts");
     let ray = shm_runtime(64 << 20, &dir.join("spill"));
     let baseline = ray.store_stats().num_entries;
-    // Nothing left the worker: the owner was handed none of its puts (a
-    // `Put` would have reached it before the task's result).
+    // Nothing left the worker: the owner borrowed none of its puts (a
+    // borrowed one would have an entry there).
     assert_eq!(ray.get_timeout(&put_and_drop::remote(&ray, 100)?, LONG)?, 7);
     assert_eq!(ray.store_stats().num_entries, baseline);
     assert!(ray.shared_store_stats().is_some_and(|s| s.used == 0));

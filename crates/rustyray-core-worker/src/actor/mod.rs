@@ -1445,7 +1445,7 @@ pub(crate) fn call_for_worker(
             })?;
         rt.check_open()?;
         // A call failed over from a direct route may find its result here
-        // already, handed over pending: the call completes that one.
+        // already, borrowed from the worker: the call completes that one.
         rt.store.join_pending(task_id.return_object())?;
         let ret = RawRef::adopt(task_id.return_object(), rt.clone());
         let state = TaskState::new(task_id);

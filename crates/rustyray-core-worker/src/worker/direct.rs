@@ -20,13 +20,12 @@
 //!
 //! # Objects
 //!
-//! The owner (the driver) stays the owner of every object: the objects and
-//! actors a call names are handed to it first, if only this process holds
-//! them, and it is told to lend them to the actor's process (`Lend`) before
-//! the call goes; the answer lends the call's result's objects back the
-//! same way. A call's result is this process's own until a reference to it
-//! leaves; a message naming it while the call is still out hands it to the
-//! owner pending (`PutPending`), its value following once made. Values
+//! Objects a call names go through the driver's books: it is told to lend
+//! them to the actor's process (`Lend`) before the call goes, borrowing
+//! from this process first the ones that are this process's own; the
+//! answer lends the call's result's objects back the same way. A call's
+//! result is this process's own, made or not: the driver borrows it like
+//! any other (asking for its value once someone looks at it). Values
 //! travel inline on these connections (a large one is copied through the
 //! socket rather than read in shared memory), and frames are held back
 //! and written several at a time while answers are due (see `Holding`).
@@ -86,6 +85,8 @@ const MAX_HANDSHAKES: usize = 64;
 /// This process's endpoint and its connections to other worker processes.
 pub(crate) struct Peers {
     endpoint: String,
+    /// The tag this process's ids carry (said with the endpoint).
+    tag: u64,
     token: u128,
     /// Connections this process opened (it writes on them), by endpoint;
     /// each slot is locked while its connection is being opened, so no
@@ -487,6 +488,7 @@ impl Peers {
         };
         let peers = Arc::new(Peers {
             endpoint,
+            tag: worker.rt.ids.owner(),
             token,
             out: Mutex::default(),
             back: Mutex::default(),
@@ -534,6 +536,7 @@ impl Peers {
         });
         if !o.send(&Message::Listening {
             endpoint: self.endpoint.clone(),
+            tag: self.tag,
         }) {
             return Err(Error::Connection {
                 what: "connecting to a worker process".to_owned(),
@@ -658,7 +661,7 @@ fn greet(peers: &Peers, mut conn: Conn) -> Result<(Conn, FrameDecoder, String, u
             "a {role:?} connection from process {pid} is not a worker's"
         )));
     }
-    let Some(Message::Listening { endpoint }) = wire::read_message_blocking(&mut conn, &mut dec)? else {
+    let Some(Message::Listening { endpoint, .. }) = wire::read_message_blocking(&mut conn, &mut dec)? else {
         return Err(Error::Handshake("a worker did not say its endpoint".to_owned()));
     };
     conn.set_read_timeout(None)
@@ -961,8 +964,8 @@ impl Routes {
             args,
             name: None,
         };
-        // What only this process holds goes to the owner first.
-        let (named, bytes) = match up.spec_for_owner(rt, &spec) {
+        // What is this process's own is lent to the owner first.
+        let (named, shared) = match up.spec_for_owner(rt, &spec) {
             Ok(b) => b,
             Err(e) => {
                 rt.forget_task(state.id);
@@ -974,7 +977,7 @@ impl Routes {
         let msg = Message::ActorCall {
             actor_id: actor,
             task_id: state.id,
-            spec: bytes,
+            spec: shared.bytes,
             refs: top,
         };
         let frame = wire::encode_frame(&msg);
@@ -985,6 +988,7 @@ impl Routes {
         let frame = match frame {
             Ok(f) => f,
             Err(e) => {
+                up.unshare(&shared.lent);
                 rt.forget_task(state.id);
                 return Err(Error::Protocol(format!("an actor call too large to send: {e}")));
             }
@@ -1008,10 +1012,16 @@ impl Routes {
             (Some(o), false) => o.clone(),
             _ => {
                 drop(st);
-                up.send_relayed(&state, actor, bytes, false);
+                let spec = super::SharedSpec {
+                    bytes,
+                    lent: shared.lent,
+                };
+                up.send_relayed(&state, actor, spec, false);
                 return Ok(Ok(ret));
             }
         };
+        // The owner lends the receiver what the call names (borrowing
+        // first, from here, what is this process's own).
         let lent = named.nested_object_ids();
         let actors: Vec<ActorId> = named.nested_actors().iter().map(|a| a.id()).collect();
         if !lent.is_empty() || !actors.is_empty() {
@@ -1151,8 +1161,23 @@ impl Routes {
             rt.forget_task(task_id);
             return;
         }
+        // What the call names that is this process's own is lent to the
+        // owner again: what went with the lost call went with its receiver.
+        let lent = match up.share(rt, &sent._named.nested_object_ids()) {
+            Ok(lent) => lent,
+            Err(e) => {
+                rt.store.complete(task_id.return_object(), Err(e));
+                sent.state.finish();
+                rt.forget_task(task_id);
+                return;
+            }
+        };
         // Counted as any call through the owner: a route this process
         // learns again (a new proxy, after this one went) waits for it.
-        up.send_relayed(&sent.state, route.actor, sent.spec, true);
+        let spec = super::SharedSpec {
+            bytes: sent.spec,
+            lent,
+        };
+        up.send_relayed(&sent.state, route.actor, spec, true);
     }
 }

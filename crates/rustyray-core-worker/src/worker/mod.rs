@@ -36,15 +36,15 @@
 //!
 //! # Objects between a worker and its owner
 //!
-//! * An object put here stays in this process's store, uncopied, for as
-//!   long as no reference to it leaves the process (as Ray keeps small
-//!   objects in the owner's in-process store). When a message to the owner
-//!   names it (a result, a task argument, a value inside either), it is
-//!   handed over first, as a `Put` ([`Upstream::share`]), together with
-//!   the objects its value names; from then on the owner keeps it for this
-//!   process until `Release`. An object of this process's own work still
-//!   out (a leased task, a direct call) is handed over pending
-//!   (`PutPending`) and its value follows once made; nothing waits for it.
+//! * An object this process makes (a put, a call's or a task's result) is
+//!   its own and stays in its store (Ray's ownership). A message to the
+//!   owner that names it (a result, a task argument, a value inside
+//!   either) lends it ([`Upstream::share`]): the owner borrows it, one
+//!   count per message, asks for its value (`Fetch`, answered `Fetched`)
+//!   when someone looks at it, and gives the counts back (`Release`); the
+//!   object stays here until then. Nothing waits for one not made yet.
+//!   Objects whose ids carry this process's tag are its own; one lent back
+//!   to it is held as its own, the lender's count given back at once.
 //! * A reference inside a value the owner sends (an argument, a result, a
 //!   fetched value) is lent: the owner counts a loan per message, and this
 //!   process makes an entry that is fetched (`Fetch`/`Fetched`) only when
@@ -155,8 +155,9 @@ pub(crate) struct Upstream {
     replies: Replies,
     /// Calls sent and not answered yet.
     pending: Mutex<HashMap<TaskId, Arc<TaskState>, crate::ids::IdHash>>,
-    /// Orders messages after the `Put`s of the objects they name.
-    sharing: Mutex<()>,
+    /// This process's own objects the owner borrows (a message to it named
+    /// them), one count per time they were lent, until its `Release`.
+    lent_up: Mutex<crate::lease::Counts<ObjectId, RawRef>>,
     /// Who reads the connection.
     pub(crate) reading: Reading,
     /// The node's arena, when the node handed one over.
@@ -181,6 +182,13 @@ pub(crate) struct Upstream {
     /// Tasks cancelled by the worker that leased this one before their
     /// push arrived (the newest [`EARLY_CANCELS`]).
     early_cancels: Mutex<EarlyCancels>,
+}
+
+/// A spec's bytes as its message carries them, and the objects of this
+/// process's own it names, lent to the owner (see [`Upstream::share`]).
+pub(crate) struct SharedSpec {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) lent: Vec<ObjectId>,
 }
 
 /// How many early cancels a worker remembers.
@@ -235,69 +243,61 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    /// Hands the owner every object `ids` names that only this process
-    /// holds (objects put here stay here until a reference to them leaves
-    /// the process), each as a `Put`, before the message naming them goes.
-    pub(crate) fn share(&self, rt: &Arc<Inner>, ids: &[ObjectId]) -> Result<()> {
-        if ids.is_empty() {
-            return Ok(());
+    /// Lends the owner each object of this process's own that `ids` names
+    /// (those whose ids carry this runtime's tag), one count per entry, for
+    /// a message about to go that names them: the owner borrows them from
+    /// here, asks for their values when they are looked at (`Fetch`), and
+    /// gives each count back (`Release`). Returns the ids lent; a message
+    /// that does not go after all gives them back with
+    /// [`Upstream::unshare`].
+    pub(crate) fn share(&self, rt: &Arc<Inner>, ids: &[ObjectId]) -> Result<Vec<ObjectId>> {
+        let mine = rt.ids.owner();
+        let own: Vec<ObjectId> = ids.iter().copied().filter(|id| id.owner() == mine).collect();
+        if own.is_empty() {
+            return Ok(own);
         }
-        // Held until the `Put`s are out: a message naming an object that
-        // another thread is sharing waits here, so it never reaches the
-        // owner before the object does.
-        let _order = self.sharing.lock();
-        self.share_each(rt, ids)
+        // Taken before any is counted: a missing one lends nothing.
+        let held = own
+            .iter()
+            .map(|&id| RawRef::acquire(id, rt.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        let mut spare = Vec::new();
+        {
+            let mut lent = self.lent_up.lock();
+            for r in held {
+                spare.extend(lent.lend(r.id(), r));
+            }
+        }
+        // Dropped outside the lock.
+        drop(spare);
+        Ok(own)
     }
 
-    fn share_each(&self, rt: &Arc<Inner>, ids: &[ObjectId]) -> Result<()> {
+    /// Takes back what [`Upstream::share`] lent for a message that did not
+    /// go.
+    pub(crate) fn unshare(&self, ids: &[ObjectId]) {
         for &id in ids {
-            let v = match rt.store.share_maybe_pending(id) {
-                Some(Ok(Some(v))) => v,
-                // This process's own work still out (a task on a lease, a
-                // call sent straight to an actor): handed over pending, and
-                // its value once it is made. Nothing waits for it here.
-                Some(Ok(None)) => {
-                    self.replies.send(&Message::PutPending { id });
-                    self.put_when_made(rt, id);
-                    continue;
-                }
-                // An object that failed here (a direct call's error) goes
-                // to the owner as its error.
-                Some(Err(e)) => {
-                    self.replies.send(&Message::Put {
-                        id,
-                        value: WireOutcome::Failed(e),
-                    });
-                    continue;
-                }
-                None => continue,
-            };
-            let mut value = self.encode(&v);
-            // The objects it names go first.
-            if let WireOutcome::Value { refs, .. } = &value {
-                if let Err(e) = self.share_each(rt, refs) {
-                    value = WireOutcome::Failed(e);
-                }
-            }
-            if let WireOutcome::Failed(e) = value {
-                rt.store.unshare(id);
-                return Err(e);
-            }
-            self.replies.send(&Message::Put { id, value });
+            self.lent_back(id, 1);
         }
-        Ok(())
     }
 
-    /// Sends the owner the value of object `id`, handed over pending, once
-    /// it is made (from a pool thread: sharing what it names may wait for
-    /// messages). The object is kept here until then.
-    fn put_when_made(&self, rt: &Arc<Inner>, id: ObjectId) {
+    /// The owner gave back `count` counts on object `id` of this process's
+    /// own (`Release`).
+    fn lent_back(&self, id: ObjectId, count: u32) {
+        let last = self.lent_up.lock().release(id, count);
+        drop(last);
+    }
+
+    /// Answers the owner's `Fetch` of an object of this process's own once
+    /// it is made, from a pool thread (a large value waits for its slot in
+    /// shared memory, which a reader thread hands over).
+    fn serve_fetch(&self, rt: &Arc<Inner>, id: ObjectId) {
         let keep = match RawRef::acquire(id, rt.clone()) {
             Ok(r) => r,
-            Err(e) => {
-                self.replies.send(&Message::Put {
+            Err(_) => {
+                self.replies.send(&Message::Fetched {
                     id,
-                    value: WireOutcome::Failed(e),
+                    outcome: WireOutcome::Failed(Error::ObjectLost(id)),
                 });
                 return;
             }
@@ -306,19 +306,18 @@ impl Upstream {
             let rt2 = rt.clone();
             let job = Box::new(move || {
                 let Some(up) = rt2.mode.upstream() else { return };
-                // The value lives until the `Put` is out: what it names
-                // must reach the owner before their releases do.
-                let (value, _sent) = match rt2.store.peek(id, None) {
+                // The value lives until the answer is out: what it names
+                // is lent with it.
+                let (outcome, _sent) = match rt2.store.peek(id, None) {
                     Ok(Peek::Ready(v)) => (up.to_owner(&rt2, &v), Some(v)),
                     Ok(Peek::Failed(e)) | Err(e) => (WireOutcome::Failed(e), None),
                     Ok(Peek::Pending) => (WireOutcome::Failed(Error::ObjectLost(id)), None),
                 };
-                up.replies.send(&Message::Put { id, value });
+                up.replies.send(&Message::Fetched { id, outcome });
                 drop(keep);
             });
-            // Never inline: the caller may hold the sharing lock. A pool
-            // that is closed means the process is ending; its owner sees
-            // that as the owner's death.
+            // A pool that is closed means the process is ending; its owner
+            // sees that as the owner's death.
             drop(rt.pool.execute(job));
         });
     }
@@ -411,7 +410,7 @@ impl Upstream {
         &self,
         state: &Arc<TaskState>,
         actor_id: ActorId,
-        spec: Vec<u8>,
+        spec: SharedSpec,
         attempted: bool,
     ) {
         self.pending.lock().insert(state.id, state.clone());
@@ -419,7 +418,8 @@ impl Upstream {
         self.replies.send(&Message::CallActor {
             actor_id,
             task_id: state.id,
-            spec,
+            spec: spec.bytes,
+            refs: spec.lent,
             attempted,
         });
     }
@@ -726,36 +726,44 @@ impl Upstream {
             name: None,
         };
         // `_named` keeps what the spec names alive until the call is out.
-        let (_named, bytes) = self
+        let (_named, shared) = self
             .spec_for_owner(rt, &spec)
             .inspect_err(|_| rt.forget_task(state.id))?;
-        self.send_relayed(&state, actor_id, bytes, false);
+        self.send_relayed(&state, actor_id, shared, false);
         Ok(ret)
     }
 
     /// A spec as the owner receives it: values inline, references as ids,
-    /// after sharing the objects it names. The returned value keeps what
-    /// it names alive; hold it until the message is sent.
-    fn spec_for_owner(&self, rt: &Arc<Inner>, spec: &TaskSpec) -> Result<(Value, Vec<u8>)> {
+    /// after lending the owner the objects of this process's own that it
+    /// names. The returned value keeps what it names alive; hold it until
+    /// the message is sent.
+    fn spec_for_owner(&self, rt: &Arc<Inner>, spec: &TaskSpec) -> Result<(Value, SharedSpec)> {
         let named = spec.to_bytes()?;
-        let bytes = self.shared_bytes(rt, &named)?;
-        Ok((named, bytes))
+        let shared = self.shared_bytes(rt, &named)?;
+        Ok((named, shared))
     }
 
-    /// The bytes of an encoded spec, once what it names that only this
-    /// process holds is handed to the owner.
-    fn shared_bytes(&self, rt: &Arc<Inner>, named: &Value) -> Result<Vec<u8>> {
-        self.share(rt, &named.nested_object_ids())?;
-        named
-            .bytes()
-            .map(<[u8]>::to_vec)
-            .ok_or_else(|| Error::serialization("a task spec without bytes"))
+    /// The bytes of an encoded spec, once the objects of this process's
+    /// own that it names are lent to the owner.
+    fn shared_bytes(&self, rt: &Arc<Inner>, named: &Value) -> Result<SharedSpec> {
+        let Some(bytes) = named.bytes().map(<[u8]>::to_vec) else {
+            return Err(Error::serialization("a task spec without bytes"));
+        };
+        let lent = self.share(rt, &named.nested_object_ids())?;
+        Ok(SharedSpec { bytes, lent })
     }
 
     /// Asks the owner something it answers with `ObjectReady`, and waits
     /// for the answer.
-    fn ask(&self, rt: &Arc<Inner>, request: impl FnOnce(TaskId) -> Message) -> Result<Value> {
-        let (state, ret) = rt.new_task()?;
+    /// `lent`: what the request lends the owner, taken back if it cannot
+    /// go.
+    fn ask(
+        &self,
+        rt: &Arc<Inner>,
+        lent: &[ObjectId],
+        request: impl FnOnce(TaskId) -> Message,
+    ) -> Result<Value> {
+        let (state, ret) = rt.new_task().inspect_err(|_| self.unshare(lent))?;
         self.pending.lock().insert(state.id, state.clone());
         self.replies.send(&request(state.id));
         rt.get_value(&ret, None)
@@ -777,9 +785,11 @@ impl Upstream {
             name: None,
         };
         let (_named, spec) = self.spec_for_owner(rt, &spec)?;
-        self.ask(rt, |task_id| Message::SpawnActor {
+        let lent = spec.lent.clone();
+        self.ask(rt, &lent, |task_id| Message::SpawnActor {
             task_id,
-            spec,
+            spec: spec.bytes,
+            refs: spec.lent,
             options: opts.clone(),
         })?
         .take(rt)
@@ -787,7 +797,7 @@ impl Upstream {
 
     /// Has the owner look up the named actor `name`.
     pub(crate) fn get_actor(&self, rt: &Arc<Inner>, name: &str) -> Result<RawActor> {
-        self.ask(rt, |task_id| Message::GetActor {
+        self.ask(rt, &[], |task_id| Message::GetActor {
             task_id,
             name: name.to_owned(),
         })?
@@ -868,7 +878,7 @@ fn serve(socket: &str) -> Result<()> {
     let up = Arc::new(Upstream {
         replies: replies.clone(),
         pending: Mutex::default(),
-        sharing: Mutex::default(),
+        lent_up: Mutex::default(),
         reading: Reading::new(),
         shm,
         threshold,
@@ -896,6 +906,7 @@ fn serve(socket: &str) -> Result<()> {
     let peers = direct::Peers::start(&worker, token)?;
     worker.up.replies.send(&Message::Listening {
         endpoint: peers.endpoint().to_owned(),
+        tag: worker.rt.ids.owner(),
     });
     let _ = worker.up.peers.set(peers);
     // A claim with no standby thread starts a new reader.
@@ -958,6 +969,10 @@ fn serve_messages(worker: &Arc<Worker>, first: Option<Inbox>) -> Result<()> {
                 }
             }
             Some(Message::Fetched { id, outcome }) => complete(&worker.rt, id, outcome),
+            // The owner asks for, or gives back, an object of this
+            // process's own that it borrows.
+            Some(Message::Fetch { id }) => worker.up.serve_fetch(&worker.rt, id),
+            Some(Message::Release { id, count }) => worker.up.lent_back(id, count),
             Some(Message::Route { actor }) => crate::actor::learn_route(&worker.rt, &actor),
             Some(Message::Answered {
                 task_id,

@@ -385,19 +385,9 @@ impl Submitter {
         }
     }
 
-    /// Pushes a task on a lease (see [`Submitter::prepare`]).
-    fn push(&self, up: &Upstream, rt: &Arc<Inner>, lease: Arc<Lease>, task: Box<Pending>, ahead: usize) {
-        if let Some(frame) = self.prepare(up, rt, &lease, task, ahead, true) {
-            self.write(up, rt, &lease, &frame, 1);
-        }
-    }
-
     /// Readies a task's push on a lease: its frame, the task recorded as
     /// out there. `None` when the task is done with otherwise (cancelled,
-    /// failed) or its push went to a pool thread: a task whose spec names
-    /// objects may have to share them with the owner first, which may wait
-    /// for messages, so on a reader thread (`!may_block`) it is pushed
-    /// from a pool thread.
+    /// failed). `may_block`: the caller is not a reader thread.
     fn prepare(
         &self,
         up: &Upstream,
@@ -423,24 +413,20 @@ impl Submitter {
             }
         };
         let lent = named.nested_object_ids();
-        if !lent.is_empty() && !may_block {
-            // Encoded already: the pool thread sends these bytes.
-            task.named = Some(named);
-            let (rt2, lease2) = (rt.clone(), lease.clone());
-            let up2 = rt.mode.upstream().cloned()?;
-            let job = Box::new(move || up2.submitter.push(&up2, &rt2, lease2, task, ahead));
-            rt.pool.execute_or_run(job);
-            return None;
-        }
-        let frame = up.shared_bytes(rt, &named).and_then(|bytes| {
+        // What is this process's own is lent to the owner, which lends it
+        // on to the leased worker with the rest (`Lend`).
+        let frame = up.shared_bytes(rt, &named).and_then(|shared| {
             wire::encode_frame(&Message::LeasedTask {
                 lease_id: lease.id,
                 task_id: id,
-                spec: bytes,
+                spec: shared.bytes,
                 refs: crate::runtime::ref_ids(&task.spec.args),
                 cpu: task.request.get(crate::resources::CPU),
             })
-            .map_err(|e| Error::Protocol(format!("a task too large to send: {e}")))
+            .map_err(|e| {
+                up.unshare(&shared.lent);
+                Error::Protocol(format!("a task too large to send: {e}"))
+            })
         });
         let frame = match frame {
             Ok(f) => f,
