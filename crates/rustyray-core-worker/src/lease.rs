@@ -91,7 +91,7 @@ impl Owner {
 
     /// Holds `reply` to a `Fetch` of object `id`, which is not here yet: a
     /// worker that passed a reference straight to another worker lent the
-    /// object (`Lend`, or the task that makes it) on its own connection,
+    /// object (`Lend`) on its own connection,
     /// which may be read after the receiver's `Fetch`. Answered when the
     /// object comes ([`Owner::unpark`]), or `ObjectLost` after
     /// [`PARK_TIME`].
@@ -132,6 +132,11 @@ impl Owner {
         }
     }
 
+    /// Whether the worker whose ids carry `tag` is connected and alive.
+    pub(crate) fn knows(&self, tag: u64) -> bool {
+        self.lender(tag).is_some_and(|w| !w.is_dead())
+    }
+
     /// The worker whose ids carry `tag`, while it is connected.
     fn lender(&self, tag: u64) -> Option<Arc<Leased>> {
         self.by_tag.lock().get(&tag).and_then(|(w, _)| w.upgrade())
@@ -145,14 +150,23 @@ impl Owner {
             return;
         }
         if let Some(rt) = self.runtime() {
-            let pid = self.by_tag.lock().get(&id.owner()).map(|(_, pid)| *pid);
-            let owner = pid.map_or_else(
-                || "a worker process that is gone".to_owned(),
-                |pid| format!("worker process {pid}"),
-            );
-            rt.store
-                .complete(id, Err(Error::OwnerDied { object_id: id, owner }));
+            rt.store.complete(id, Err(self.owner_died(id)));
         }
+    }
+
+    /// Whether a worker whose ids carry `tag` was connected here.
+    fn had_worker(&self, tag: u64) -> bool {
+        self.by_tag.lock().contains_key(&tag)
+    }
+
+    /// `OwnerDied` for object `id`, naming the worker that owned it.
+    fn owner_died(&self, id: ObjectId) -> Error {
+        let pid = self.by_tag.lock().get(&id.owner()).map(|(_, pid)| *pid);
+        let owner = pid.map_or_else(
+            || "a worker process that is gone".to_owned(),
+            |pid| format!("worker process {pid}"),
+        );
+        Error::OwnerDied { object_id: id, owner }
     }
 
     /// Gives back to the worker that owns object `id` the `count` counts
@@ -205,9 +219,9 @@ impl OwnerService for Owner {
 }
 
 /// What the owner lends a worker and keeps for it until it says it is
-/// done: counts on the owner's objects (one per object it put or task it
-/// submitted, one per message that lent it the object) and on its actors
-/// (one per message that lent the handle).
+/// done: counts on the objects it holds (one per message that lent the
+/// worker the object, its own or one it borrows) and on its actors (one
+/// per message that lent the handle).
 #[derive(Default)]
 struct Ledger {
     borrows: Counts<ObjectId, RawRef>,
@@ -544,10 +558,10 @@ impl Leased {
             return;
         };
         for &id in refs {
-            // The lender holds the object until after its `Lend`: it is here.
-            ledger
-                .borrows
-                .lend_with(id, || RawRef::acquire(id, rt.clone()).ok());
+            // The lender holds the object until after its `Lend`: it is
+            // here (or its owner is another worker, whose own `Lend` may
+            // not be read yet).
+            ledger.borrows.lend_with(id, || rt.acquire_named(id).ok());
         }
         for &id in actors {
             ledger.actors.lend_with(id, || crate::actor::hold_actor(rt, id));
@@ -757,8 +771,12 @@ impl Leased {
                 // The worker holds a count on the object, so it is here,
                 // or on its way from the worker that passed it on.
                 match owner.ok_or(Error::Shutdown) {
-                    Ok(rt) => match RawRef::acquire(id, rt.clone()) {
+                    Ok(rt) => match rt.acquire_named(id) {
                         Ok(r) => crate::actor::reply_when_done(&rt, r, reply),
+                        // A worker's own object whose owner is gone.
+                        Err(_) if self.owner.had_worker(id.owner()) => {
+                            reply(Err(self.owner.owner_died(id)));
+                        }
                         // Not here yet: it may be on its way.
                         Err(_) if rt.check_open().is_ok() => self.owner.park(&rt, id, reply),
                         Err(e) => reply(Err(e)),
@@ -926,8 +944,8 @@ impl WorkerPeer for Leased {
     }
 }
 
-/// The value a worker sent (a put, an answer), or the error it sent
-/// instead; a bare task outcome there is a protocol error.
+/// The value a worker sent (an answer, a fetched value), or the error it
+/// sent instead; a bare task outcome there is a protocol error.
 fn value_from_wire(outcome: WireOutcome, rt: &Arc<Inner>) -> Result<Value> {
     match crate::runtime::Outcome::from_wire(outcome, rt) {
         crate::runtime::Outcome::Value(v) => Ok(v),

@@ -117,7 +117,7 @@ impl<'de> Deserialize<'de> for RawRef {
                 "an ObjectRef can only be decoded by a RustyRay runtime",
             ))
         })?;
-        RawRef::acquire(id, rt).map_err(DecodeScope::fail)
+        rt.acquire_named(id).map_err(DecodeScope::fail)
     }
 }
 

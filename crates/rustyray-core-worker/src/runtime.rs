@@ -552,6 +552,15 @@ impl Mode {
         }
     }
 
+    /// The owner the node's workers answer to, in a driver hosting the
+    /// node.
+    pub(crate) fn owner(&self) -> Option<&Arc<Owner>> {
+        match self {
+            Mode::Node(n) => Some(&n.owner),
+            Mode::Threads | Mode::Worker(_) => None,
+        }
+    }
+
     /// Gives back the `count` counts this process borrowed object `id`
     /// with to its owner (its last reference here went): a worker's owner
     /// is its uplink, a driver's the worker that owns the object.
@@ -826,11 +835,29 @@ impl Inner {
         }
     }
 
+    /// A reference on object `id`, which something this process received
+    /// names. In a driver, an object of a live worker's own that is not
+    /// here yet is taken all the same (its entry made, not fetched yet):
+    /// the worker lent it to another worker, whose message naming it was
+    /// read before the owner's `Lend` that counts the loan (the two come on
+    /// different connections).
+    pub(crate) fn acquire_named(self: &Arc<Self>, id: ObjectId) -> Result<RawRef> {
+        RawRef::acquire(id, self.clone()).or_else(|e| match self.mode.owner() {
+            Some(owner) if owner.knows(id.owner()) => {
+                self.store.expect_lent(id)?;
+                Ok(RawRef::adopt(id, self.clone()))
+            }
+            _ => Err(e),
+        })
+    }
+
     /// Holds the objects and actors a received value names, for as long as
-    /// the value lives. In a worker process they are the owner's, lent with
-    /// the message (counted until released; objects are fetched when first
-    /// looked at); in the owner they are its own, kept for the sending
-    /// worker.
+    /// the value lives. In a worker process they are lent with the message
+    /// (counted until released; objects are fetched when first looked at),
+    /// except its own lent back, held as its own. In the driver they are
+    /// its own, or borrowed already (the sending worker's own, see
+    /// `Leased::borrow_lent`), or named ahead of their lender's `Lend`
+    /// ([`Inner::acquire_named`]).
     pub(crate) fn hold_received(
         self: &Arc<Self>,
         ids: &[ObjectId],
@@ -856,7 +883,7 @@ impl Inner {
                     .borrow(id)
                     .map(|()| RawRef::adopt(id, self.clone()))
                     .inspect_err(|_| up.released(id, 1)),
-                None => RawRef::acquire(id, self.clone()),
+                None => self.acquire_named(id),
             };
             match r {
                 Ok(r) => keep.push(r.keep_alive()),

@@ -14,12 +14,14 @@
 //!   task submission (the return object), and by decoding bytes that mention
 //!   the object. A pending task's arguments and values nested in other
 //!   objects hold handles too, which is how they keep their objects alive;
-//! * `lent` (in a worker process): how many counts the owner keeps on the
-//!   object for this process. An object the owner lent here (a reference
-//!   inside a value it sent) starts `Remote`: nothing is asked for until
-//!   someone looks at it, and then the owner is asked once (`set_fetch`)
-//!   and the entry waits, `Pending`, for its answer. When the entry goes,
-//!   `release` hands back `lent` so the owner can drop that many counts;
+//! * `lent`: how many counts another process keeps on the object for this
+//!   one: in a worker, the owner (the driver) that lent it here; in the
+//!   driver, the worker whose own object it borrows. An object lent here (a
+//!   reference inside a message) starts `Remote`: nothing is asked for
+//!   until someone looks at it, and then its lender is asked once
+//!   (`set_fetch`) and the entry waits, `Pending`, for its answer. When the
+//!   entry goes, `release` hands back `lent` so the lender can drop that
+//!   many counts;
 //!   because the count lives in the entry, a loan that arrives while the
 //!   entry is going is counted in the next entry, never in the one going.
 //!
@@ -79,9 +81,8 @@ enum State {
 struct Entry {
     state: State,
     refs: u32,
-    /// Counts the owner process keeps on this object for this one (it lent
-    /// the object here, or keeps what this process made); given back, all
-    /// at once, when the entry goes.
+    /// Counts another process keeps on this object for this one (it lent
+    /// the object here); given back, all at once, when the entry goes.
     lent: u32,
 }
 
@@ -146,8 +147,9 @@ impl Store {
         }
     }
 
-    /// Sets how this store asks the owner for an object lent to it, the
-    /// first time anyone looks at it. Set once, by a worker process.
+    /// Sets how this store asks the lender for an object lent to it, the
+    /// first time anyone looks at it. Set once, by a worker process or a
+    /// driver hosting the node.
     pub(crate) fn set_fetch(&self, fetch: Box<dyn Fn(ObjectId) + Send + Sync>) {
         let _ = self.fetch.set(fetch);
     }
@@ -187,6 +189,32 @@ impl Store {
         Ok(())
     }
 
+    /// Takes a reference on an object of another process's that a message
+    /// names before its lender's own message (which counts the loan, see
+    /// [`Store::borrow`]) was read: one more reference on its entry, or a
+    /// new entry (not fetched yet) that counts no loan.
+    pub(crate) fn expect_lent(&self, id: ObjectId) -> Result<()> {
+        let mut shard = self.shard(id).lock();
+        if self.shut_down.load(Ordering::Acquire) {
+            return Err(Error::Shutdown);
+        }
+        match shard.get_mut(&id) {
+            Some(entry) => entry.refs += 1,
+            None => {
+                shard.insert(
+                    id,
+                    Entry {
+                        state: State::Remote,
+                        refs: 1,
+                        lent: 0,
+                    },
+                );
+                self.entries.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
     /// Joins a pending object another message already made here (one more
     /// reference on it), or makes it. Errors when it exists and is done.
     pub(crate) fn join_pending(&self, id: ObjectId) -> Result<()> {
@@ -210,15 +238,17 @@ impl Store {
         self.create_pending(id)
     }
 
-    /// Fails every object this store borrows from the owner whose ids
-    /// carry `tag` and has no value of yet (its owner died): `err` makes
-    /// each one's error.
+    /// Fails every object whose id carries `tag` that this store has no
+    /// value of yet (its owner, the process that minted it, died): `err`
+    /// makes each one's error. (In the driver, that includes a call a
+    /// worker sent through it and did not see answered: nobody else wants
+    /// its result.)
     pub(crate) fn fail_owned_by(&self, tag: u64, err: impl Fn(ObjectId) -> Error) {
         let mut woken = Vec::new();
         for shard in self.shards.iter() {
             let mut shard = shard.lock();
             for (id, entry) in shard.iter_mut() {
-                if id.owner() != tag || entry.lent == 0 {
+                if id.owner() != tag {
                     continue;
                 }
                 if matches!(entry.state, State::Pending(_) | State::Remote) {

@@ -177,3 +177,65 @@ fn a_shared_memory_allocation_that_fails_fails_the_put_and_loses_nothing() -> ru
     assert_eq!(ray.get(&later)?[0], 2);
     Ok(())
 }
+
+/// Returns the references it is given.
+#[rustyray::actor]
+struct Echoer;
+
+#[rustyray::actor]
+impl Echoer {
+    fn new() -> Self {
+        Echoer
+    }
+
+    fn echo(&self, refs: Vec<ObjectRef<i64>>) -> Vec<ObjectRef<i64>> {
+        refs
+    }
+}
+
+/// Passes an object of its own straight to another worker process.
+#[rustyray::actor]
+struct Passer;
+
+#[rustyray::actor]
+impl Passer {
+    fn new() -> Self {
+        Passer
+    }
+
+    fn pid(&self) -> u32 {
+        std::process::id()
+    }
+
+    /// Puts an object and passes it to `echo` in a call straight to its
+    /// process; the answer names the object, so it goes back through the
+    /// driver. Returns what came back and how many calls went straight.
+    fn pass_on(&self, echo: ActorHandle<Echoer>) -> rustyray::Result<(Vec<ObjectRef<i64>>, u64)> {
+        let ray = rustyray::current()?;
+        // One message to the driver first: its reader takes up the next
+        // one (this call's `Lend`) only after the failpoint's pause.
+        let _ = ray.get_actor::<Passer>("nobody");
+        let before = rustyray::__private::direct_calls();
+        let mine = ray.put(42_i64)?;
+        let back = ray.get(&echo.echo(vec![mine])?)?;
+        Ok((back, rustyray::__private::direct_calls() - before))
+    }
+}
+
+#[test]
+fn a_workers_object_another_worker_names_before_the_owners_lend_is_read_is_kept() -> rustyray::Result<()> {
+    let _scenario = fail::FailScenario::setup();
+    let ray = process_runtime();
+    let echo = Echoer::remote(&ray)?;
+    assert!(ray.get_timeout(&echo.echo(Vec::new())?, LONG)?.is_empty());
+    let p = Passer::remote(&ray)?;
+    let pid = ray.get_timeout(&p.pid()?, LONG)?;
+    // The driver reads the passing worker's messages late: the echoing
+    // worker's answer naming the object reaches it before the `Lend` that
+    // counts it (the two come on different connections).
+    let _late = Failpoint::set(&format!("node::recv::{pid}"), "sleep(300)");
+    let (back, direct) = ray.get_timeout(&p.pass_on(echo)?, LONG)?;
+    assert_eq!(direct, 1, "the call should go straight to the echoing process");
+    assert_eq!(ray.get_many(&back)?, vec![42]);
+    Ok(())
+}

@@ -449,9 +449,9 @@ impl Upstream {
         value
     }
 
-    /// Submits a task to the owner, which runs it as its own and keeps its
-    /// result for this process; the result's object here completes when
-    /// the owner answers.
+    /// Submits a task of this process's own, run on a worker it leases
+    /// (see `submit`); its result's object here completes when that worker
+    /// answers.
     pub(crate) fn submit_task(
         &self,
         rt: &Arc<Inner>,
@@ -823,11 +823,13 @@ impl Upstream {
     }
 }
 
-/// Completes object `id` here with the owner's answer (to a call, or to a
-/// `Fetch`).
+/// Completes object `id` here with an answer (to a call, or to a
+/// `Fetch`), on the thread reading it: never waiting here for room in the
+/// store (the messages behind, an owner's `Release` freeing objects of
+/// this process's own, are read meanwhile; see `Inner::publish_now`).
 fn complete(rt: &Arc<Inner>, id: ObjectId, outcome: WireOutcome) {
     let result = match Outcome::from_wire(outcome, rt) {
-        Outcome::Value(v) => rt.admit(v),
+        Outcome::Value(v) => return rt.publish_now(id, v),
         Outcome::Failed(e) | Outcome::NoWorker(e) => Err(e),
         Outcome::Returned(m) | Outcome::Panicked(m) | Outcome::Crashed(m) => Err(Error::invalid(m)),
     };
