@@ -154,13 +154,14 @@ impl Owner {
         }
     }
 
-    /// Whether a worker whose ids carry `tag` was connected here.
-    fn had_worker(&self, tag: u64) -> bool {
+    /// Whether a worker whose ids carry `tag` was connected here (and is
+    /// still remembered: see the sweep in `Listening`).
+    pub(crate) fn had_worker(&self, tag: u64) -> bool {
         self.by_tag.lock().contains_key(&tag)
     }
 
     /// `OwnerDied` for object `id`, naming the worker that owned it.
-    fn owner_died(&self, id: ObjectId) -> Error {
+    pub(crate) fn owner_died(&self, id: ObjectId) -> Error {
         let pid = self.by_tag.lock().get(&id.owner()).map(|(_, pid)| *pid);
         let owner = pid.map_or_else(
             || "a worker process that is gone".to_owned(),
@@ -268,11 +269,10 @@ impl<K: std::hash::Hash + Eq + Copy + std::fmt::Debug, V> Counts<K, V> {
             return;
         }
         if entry.0.is_none() {
+            // `None` when nothing is left to keep (the object or actor is
+            // gone): the count stays all the same, so the worker's release
+            // of it balances instead of leaving a debt.
             entry.0 = value();
-            if entry.0.is_none() {
-                // Nothing left to keep (the object or actor is gone).
-                self.held.remove(&key);
-            }
         }
     }
 
@@ -774,7 +774,7 @@ impl Leased {
                     Ok(rt) => match rt.acquire_named(id) {
                         Ok(r) => crate::actor::reply_when_done(&rt, r, reply),
                         // A worker's own object whose owner is gone.
-                        Err(_) if self.owner.had_worker(id.owner()) => {
+                        Err(e) if !matches!(e, Error::Shutdown) && self.owner.had_worker(id.owner()) => {
                             reply(Err(self.owner.owner_died(id)));
                         }
                         // Not here yet: it may be on its way.
@@ -1021,6 +1021,16 @@ mod tests {
         assert!(c.lend(8, Kept(dropped.clone())).is_some(), "paid, not kept");
         assert!(c.held.is_empty());
         assert_eq!(c.owed, 0);
+    }
+
+    #[test]
+    fn a_loan_of_something_gone_still_counts_so_its_release_balances() {
+        let mut c: Counts<u32, ()> = Counts::default();
+        // Nothing left to keep, but the receiver will give the count back.
+        c.lend_with(3, || None);
+        assert!(c.release(3, 1).is_none());
+        assert!(c.held.is_empty(), "balanced, nothing kept");
+        assert_eq!(c.owed, 0, "no debt left behind");
     }
 
     #[test]

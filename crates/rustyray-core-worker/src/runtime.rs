@@ -840,12 +840,19 @@ impl Inner {
     /// here yet is taken all the same (its entry made, not fetched yet):
     /// the worker lent it to another worker, whose message naming it was
     /// read before the owner's `Lend` that counts the loan (the two come on
-    /// different connections).
+    /// different connections). One of a worker that died is taken as
+    /// failed with `OwnerDied`, so what names it still arrives.
     pub(crate) fn acquire_named(self: &Arc<Self>, id: ObjectId) -> Result<RawRef> {
         RawRef::acquire(id, self.clone()).or_else(|e| match self.mode.owner() {
             Some(owner) if owner.knows(id.owner()) => {
                 self.store.expect_lent(id)?;
                 Ok(RawRef::adopt(id, self.clone()))
+            }
+            Some(owner) if owner.had_worker(id.owner()) => {
+                self.store.expect_lent(id)?;
+                let r = RawRef::adopt(id, self.clone());
+                self.store.complete(id, Err(owner.owner_died(id)));
+                Ok(r)
             }
             _ => Err(e),
         })

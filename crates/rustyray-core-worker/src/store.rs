@@ -240,9 +240,9 @@ impl Store {
 
     /// Fails every object whose id carries `tag` that this store has no
     /// value of yet (its owner, the process that minted it, died): `err`
-    /// makes each one's error. (In the driver, that includes a call a
-    /// worker sent through it and did not see answered: nobody else wants
-    /// its result.)
+    /// makes each one's error. (In the driver, that includes the result of
+    /// a call a worker sent through it: the call's result is the worker's,
+    /// so whoever holds it gets `OwnerDied`, as in Ray.)
     pub(crate) fn fail_owned_by(&self, tag: u64, err: impl Fn(ObjectId) -> Error) {
         let mut woken = Vec::new();
         for shard in self.shards.iter() {

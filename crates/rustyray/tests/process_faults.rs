@@ -207,6 +207,11 @@ impl Passer {
         std::process::id()
     }
 
+    /// How many objects this process's store holds.
+    fn entries(&self) -> rustyray::Result<u64> {
+        Ok(rustyray::current()?.store_stats().num_entries)
+    }
+
     /// Puts an object and passes it to `echo` in a call straight to its
     /// process; the answer names the object, so it goes back through the
     /// driver. Returns what came back and how many calls went straight.
@@ -230,12 +235,22 @@ fn a_workers_object_another_worker_names_before_the_owners_lend_is_read_is_kept(
     assert!(ray.get_timeout(&echo.echo(Vec::new())?, LONG)?.is_empty());
     let p = Passer::remote(&ray)?;
     let pid = ray.get_timeout(&p.pid()?, LONG)?;
+    let kept_there = ray.get_timeout(&p.entries()?, LONG)?;
+    let kept_here = ray.store_stats().num_entries;
     // The driver reads the passing worker's messages late: the echoing
     // worker's answer naming the object reaches it before the `Lend` that
     // counts it (the two come on different connections).
-    let _late = Failpoint::set(&format!("node::recv::{pid}"), "sleep(300)");
+    let late = Failpoint::set(&format!("node::recv::{pid}"), "sleep(300)");
     let (back, direct) = ray.get_timeout(&p.pass_on(echo)?, LONG)?;
+    drop(late);
     assert_eq!(direct, 1, "the call should go straight to the echoing process");
     assert_eq!(ray.get_many(&back)?, vec![42]);
+    // Every count balanced: once the driver and the workers let go, the
+    // object is gone from the driver and from its owner.
+    drop(back);
+    common::wait_until("the driver lets go of the object", || {
+        ray.store_stats().num_entries <= kept_here
+    });
+    assert_eq!(ray.get_timeout(&p.entries()?, LONG)?, kept_there);
     Ok(())
 }

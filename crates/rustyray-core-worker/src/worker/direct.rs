@@ -1083,8 +1083,9 @@ impl Routes {
             return;
         };
         complete(rt, task_id.return_object(), outcome);
-        // Out until complete: a task submitted here meanwhile that names
-        // the result waits for it before it is queued (see `is_out`).
+        // Out until answered: a task submitted here meanwhile that names
+        // the result waits for it before it is queued (see `is_out`; a
+        // value still waiting for room in the store is not waited for).
         self.calls.lock().remove(&task_id);
         sent.state.finish();
         rt.forget_task(task_id);
