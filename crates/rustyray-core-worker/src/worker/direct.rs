@@ -916,12 +916,6 @@ impl Routes {
         self.relayed_any.load(Ordering::Acquire) > 0 && self.relayed.lock().out.contains_key(&actor)
     }
 
-    /// Whether `id` is the result of a call still out on a route.
-    pub(crate) fn is_out(&self, id: ObjectId) -> bool {
-        let task = id.task();
-        task.return_object() == id && self.calls.lock().contains_key(&task)
-    }
-
     /// Asks the actor's process to cancel call `task_id`, if it is out on
     /// a route (a call still queued there does not run); false when it is
     /// not.
@@ -1083,9 +1077,6 @@ impl Routes {
             return;
         };
         complete(rt, task_id.return_object(), outcome);
-        // Out until answered: a task submitted here meanwhile that names
-        // the result waits for it before it is queued (see `is_out`; a
-        // value still waiting for room in the store is not waited for).
         self.calls.lock().remove(&task_id);
         sent.state.finish();
         rt.forget_task(task_id);

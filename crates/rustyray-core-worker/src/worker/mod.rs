@@ -327,15 +327,12 @@ impl Upstream {
         self.peers.get()
     }
 
-    /// Whether `id` is the result of this process's own work still out (a
-    /// call, straight to the actor or through the owner, or a task
-    /// submitted here).
-    pub(crate) fn is_out(&self, id: ObjectId) -> bool {
-        let relayed = || {
-            let task = id.task();
-            task.return_object() == id && self.pending.lock().contains_key(&task)
-        };
-        self.routes.is_out(id) || self.submitter.is_out(id) || relayed()
+    /// Whether `id` is this process's own object not made yet: the result
+    /// of its own work still out (a call, straight to the actor or through
+    /// the owner, or a task submitted here), or answered and waiting for
+    /// room in the store.
+    pub(crate) fn is_out(rt: &Inner, id: ObjectId) -> bool {
+        id.owner() == rt.ids.owner() && !rt.store.is_complete(id)
     }
 
     /// Records (`Some`) or forgets the id task `task` blocks under.

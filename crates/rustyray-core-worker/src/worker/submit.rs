@@ -241,7 +241,7 @@ impl Submitter {
         let deps: Vec<ObjectId> = named
             .nested_object_ids()
             .into_iter()
-            .filter(|id| up.is_out(*id))
+            .filter(|id| Upstream::is_out(rt, *id))
             .collect();
         let pending = Box::new(Pending {
             spec,
@@ -283,13 +283,6 @@ impl Submitter {
             s.tasks.insert(id, Place::Queued);
         }
         self.enqueue(up, rt, pending, true);
-    }
-
-    /// Whether `id` is the result of a task submitted here and not
-    /// finished.
-    pub(crate) fn is_out(&self, id: ObjectId) -> bool {
-        let task = id.task();
-        task.return_object() == id && self.state.lock().tasks.contains_key(&task)
     }
 
     /// Queues a task (at the back, or the front for a retry) and starts
