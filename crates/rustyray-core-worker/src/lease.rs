@@ -772,11 +772,9 @@ impl Leased {
                 // or on its way from the worker that passed it on.
                 match owner.ok_or(Error::Shutdown) {
                     Ok(rt) => match rt.acquire_named(id) {
+                        // (A dead worker's object is taken as failed with
+                        // `OwnerDied`, and answered so.)
                         Ok(r) => crate::actor::reply_when_done(&rt, r, reply),
-                        // A worker's own object whose owner is gone.
-                        Err(e) if !matches!(e, Error::Shutdown) && self.owner.had_worker(id.owner()) => {
-                            reply(Err(self.owner.owner_died(id)));
-                        }
                         // Not here yet: it may be on its way.
                         Err(_) if rt.check_open().is_ok() => self.owner.park(&rt, id, reply),
                         Err(e) => reply(Err(e)),

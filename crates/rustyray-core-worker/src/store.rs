@@ -164,6 +164,20 @@ impl Store {
     /// (counting the loan), creating it (not fetched yet) when this store
     /// has no entry for it.
     pub(crate) fn borrow(&self, id: ObjectId) -> Result<()> {
+        self.take_remote(id, 1)
+    }
+
+    /// Takes a reference on an object of another process's that a message
+    /// names before its lender's own message (which counts the loan, see
+    /// [`Store::borrow`]) was read: one more reference on its entry, or a
+    /// new entry (not fetched yet) that counts no loan.
+    pub(crate) fn expect_lent(&self, id: ObjectId) -> Result<()> {
+        self.take_remote(id, 0)
+    }
+
+    /// One more reference on object `id`, counting `lent` loans, its entry
+    /// made (`Remote`, not fetched yet) when there is none.
+    fn take_remote(&self, id: ObjectId, lent: u32) -> Result<()> {
         let mut shard = self.shard(id).lock();
         // Checked under the shard lock, as in `create_pending`.
         if self.shut_down.load(Ordering::Acquire) {
@@ -172,7 +186,7 @@ impl Store {
         match shard.get_mut(&id) {
             Some(entry) => {
                 entry.refs += 1;
-                entry.lent += 1;
+                entry.lent += lent;
             }
             None => {
                 shard.insert(
@@ -180,33 +194,7 @@ impl Store {
                     Entry {
                         state: State::Remote,
                         refs: 1,
-                        lent: 1,
-                    },
-                );
-                self.entries.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        Ok(())
-    }
-
-    /// Takes a reference on an object of another process's that a message
-    /// names before its lender's own message (which counts the loan, see
-    /// [`Store::borrow`]) was read: one more reference on its entry, or a
-    /// new entry (not fetched yet) that counts no loan.
-    pub(crate) fn expect_lent(&self, id: ObjectId) -> Result<()> {
-        let mut shard = self.shard(id).lock();
-        if self.shut_down.load(Ordering::Acquire) {
-            return Err(Error::Shutdown);
-        }
-        match shard.get_mut(&id) {
-            Some(entry) => entry.refs += 1,
-            None => {
-                shard.insert(
-                    id,
-                    Entry {
-                        state: State::Remote,
-                        refs: 1,
-                        lent: 0,
+                        lent,
                     },
                 );
                 self.entries.fetch_add(1, Ordering::Relaxed);
